@@ -1,0 +1,78 @@
+"""Argument checks shared by adapters, targets and methods.
+
+Each check raises a ``TypeError`` or ``ValueError`` that names the argument, what was given and
+what is expected, so a user never meets a shape error from deep inside torch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def check_pixel_values(pixel_values: object, name: str = "pixel_values") -> torch.Tensor:
+    """``pixel_values`` must be a float tensor ``[B, 3, H, W]``."""
+    if not isinstance(pixel_values, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor [B, 3, H, W], got {type(pixel_values).__name__}")
+    if pixel_values.dim() != 4:
+        raise ValueError(
+            f"{name}: expected 4 dimensions [B, 3, H, W], got shape {tuple(pixel_values.shape)}"
+            + (" (add a batch dimension with .unsqueeze(0))" if pixel_values.dim() == 3 else "")
+        )
+    if pixel_values.shape[1] != 3:
+        raise ValueError(
+            f"{name}: expected 3 colour channels in dimension 1 [B, 3, H, W], got shape "
+            f"{tuple(pixel_values.shape)}"
+        )
+    if not pixel_values.is_floating_point():
+        raise TypeError(f"{name}: expected a floating-point tensor, got dtype {pixel_values.dtype}")
+    return pixel_values
+
+
+def check_input_ids(
+    input_ids: object,
+    attention_mask: object = None,
+    *,
+    max_length: int | None = None,
+    name: str = "input_ids",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``input_ids`` must be an integer tensor ``[K, T]`` with K >= 1; returns ids and a mask."""
+    if not isinstance(input_ids, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor [K, T] of token ids, got {type(input_ids).__name__}")
+    if input_ids.dtype not in (torch.long, torch.int, torch.int32, torch.int64):
+        raise TypeError(f"{name}: expected integer token ids, got dtype {input_ids.dtype}")
+    if input_ids.dim() != 2:
+        raise ValueError(f"{name}: expected 2 dimensions [K, T], got shape {tuple(input_ids.shape)}")
+    if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
+        raise ValueError(f"{name}: the prompt list is empty (shape {tuple(input_ids.shape)}); give at least one text")
+    if max_length is not None and input_ids.shape[1] > max_length:
+        raise ValueError(
+            f"{name}: texts are {input_ids.shape[1]} tokens long but the model takes at most "
+            f"{max_length}; tokenise with truncation=True, max_length={max_length}"
+        )
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    if not isinstance(attention_mask, torch.Tensor):
+        raise TypeError(f"attention_mask: expected a torch.Tensor, got {type(attention_mask).__name__}")
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(
+            f"attention_mask: shape {tuple(attention_mask.shape)} differs from {name} "
+            f"{tuple(input_ids.shape)}"
+        )
+    return input_ids, attention_mask
+
+
+def check_same_batch(**tensors: torch.Tensor) -> int:
+    """All given tensors share dimension 0; returns it. Names the arguments that disagree."""
+    sizes = {name: int(t.shape[0]) for name, t in tensors.items() if t is not None}
+    if len(set(sizes.values())) > 1:
+        listing = ", ".join(f"{name} has {n}" for name, n in sizes.items())
+        raise ValueError(f"batch sizes disagree: {listing}; give one row per example in each")
+    return next(iter(sizes.values()))
+
+
+def check_target_index(target: object, n_outputs: int, what: str = "outputs") -> None:
+    """An int target must index one of ``n_outputs`` columns."""
+    if isinstance(target, bool) or (target is not None and not isinstance(target, (int, torch.Tensor, list, tuple))):
+        raise TypeError(f"target: expected an int, a list of ints or a tensor, got {type(target).__name__}")
+    if isinstance(target, int) and not -n_outputs <= target < n_outputs:
+        raise ValueError(f"target: {target} is out of range for {n_outputs} {what} (0..{n_outputs - 1})")

@@ -1,0 +1,25 @@
+"""Model adapters: one file per family, picked from the model's class by :func:`get_adapter`."""
+
+from captum_vlm.adapters.base import (
+    VLMAdapter,
+    get_adapter,
+    register_adapter,
+    supported_model_classes,
+)
+from captum_vlm.adapters.blip import BlipAdapter
+from captum_vlm.adapters.clip import CLIPAdapter
+from captum_vlm.adapters.llava import LlavaAdapter
+from captum_vlm.adapters.siglip import SiglipAdapter
+from captum_vlm.adapters.vilt import ViltAdapter
+
+__all__ = [
+    "VLMAdapter",
+    "get_adapter",
+    "register_adapter",
+    "supported_model_classes",
+    "CLIPAdapter",
+    "SiglipAdapter",
+    "BlipAdapter",
+    "ViltAdapter",
+    "LlavaAdapter",
+]

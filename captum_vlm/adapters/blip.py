@@ -1,0 +1,63 @@
+"""Adapter for BLIP (retrieval/ITM, captioning, VQA): ViT image tower and a BERT-style text
+encoder/decoder whose layers cross-attend to the image tokens."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from captum_vlm.adapters.base import VLMAdapter, register_adapter
+
+
+@register_adapter
+class BlipAdapter(VLMAdapter):
+    """BLIP: CLS-prefixed ViT; text pooled at CLS (position 0).
+
+    Cross-attention to the image lives in ``text_encoder.encoder.layer[i].crossattention``
+    (ITM, VQA question encoder) or ``text_decoder.bert.encoder.layer[i].crossattention``
+    (captioning). For VQA the answer decoder attends to the question encoder, not the image,
+    so :meth:`cross_attentions` returns the question encoder's.
+    """
+
+    family = "blip"
+    model_classes = ("BlipForImageTextRetrieval", "BlipForConditionalGeneration", "BlipForQuestionAnswering")
+    two_tower = False
+
+    def vision_model(self) -> nn.Module:
+        return self.model.vision_model
+
+    def vision_blocks(self) -> list[nn.Module]:
+        return list(self.model.vision_model.encoder.layers)
+
+    def vision_attentions(self) -> list[nn.Module]:
+        return [block.self_attn for block in self.vision_blocks()]
+
+    def patch_embedding(self) -> nn.Module:
+        return self.model.vision_model.embeddings.patch_embedding
+
+    def _patch_conv(self) -> nn.Conv2d:
+        return self.model.vision_model.embeddings.patch_embedding
+
+    def fusion_text_model(self) -> nn.Module:
+        """The BERT-style text model whose layers cross-attend to the image."""
+        if hasattr(self.model, "text_encoder"):
+            return self.model.text_encoder
+        return self.model.text_decoder.bert
+
+    def text_blocks(self) -> list[nn.Module]:
+        return list(self.fusion_text_model().encoder.layer)
+
+    def text_attentions(self) -> list[nn.Module]:
+        return [block.attention.self for block in self.text_blocks()]
+
+    def cross_attentions(self) -> list[nn.Module]:
+        return [block.crossattention.self for block in self.text_blocks()]
+
+    def text_embedding(self) -> nn.Module:
+        return self.fusion_text_model().embeddings.word_embeddings
+
+    def max_text_length(self) -> int:
+        return int(self.model.config.text_config.max_position_embeddings)
+
+    def pooled_text_position(self, input_ids, attention_mask=None) -> torch.Tensor:
+        return torch.zeros(input_ids.shape[0], dtype=torch.long)

@@ -1,0 +1,74 @@
+"""Adapter for LLaVA (``LlavaForConditionalGeneration``): a CLIP-style vision tower whose
+projected patch features replace the image placeholder tokens in the language model's input."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from captum_vlm.adapters.base import VLMAdapter, register_adapter
+
+
+@register_adapter
+class LlavaAdapter(VLMAdapter):
+    """LLaVA: image features are written into the positions where ``input_ids`` hold
+    ``config.image_token_id``; the language model's self-attention from text positions to those
+    positions is its image attention. With ``vision_feature_select_strategy="default"`` the CLS
+    feature is dropped, so the image tokens are exactly the patch grid, row by row.
+    """
+
+    family = "llava"
+    model_classes = ("LlavaForConditionalGeneration",)
+    two_tower = False
+
+    def _inner(self) -> nn.Module:
+        return self.model.model
+
+    def vision_model(self) -> nn.Module:
+        tower = self._inner().vision_tower
+        return getattr(tower, "vision_model", tower)
+
+    def vision_blocks(self) -> list[nn.Module]:
+        return list(self.vision_model().encoder.layers)
+
+    def vision_attentions(self) -> list[nn.Module]:
+        return [block.self_attn for block in self.vision_blocks()]
+
+    def patch_embedding(self) -> nn.Module:
+        return self.vision_model().embeddings.patch_embedding
+
+    def _patch_conv(self) -> nn.Conv2d:
+        return self.vision_model().embeddings.patch_embedding
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        has_cls = hasattr(self.vision_model().embeddings, "class_embedding")
+        return 1 if has_cls else 0
+
+    def text_blocks(self) -> list[nn.Module]:
+        return list(self._inner().language_model.layers)
+
+    def text_attentions(self) -> list[nn.Module]:
+        return [block.self_attn for block in self.text_blocks()]
+
+    cross_attentions = text_attentions
+
+    def text_embedding(self) -> nn.Module:
+        return self._inner().language_model.embed_tokens
+
+    def max_text_length(self) -> int:
+        return int(self.model.config.text_config.max_position_embeddings)
+
+    def pooled_text_position(self, input_ids, attention_mask=None) -> torch.Tensor:
+        """The last attended position (the one that predicts the next token)."""
+        if attention_mask is None:
+            return torch.full((input_ids.shape[0],), input_ids.shape[1] - 1, dtype=torch.long)
+        positions = torch.arange(input_ids.shape[1]).expand_as(input_ids)
+        return torch.where(attention_mask.bool(), positions, -1).max(dim=1).values
+
+    @property
+    def image_token_id(self) -> int:
+        return int(self.model.config.image_token_id)
+
+    def image_token_positions(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return input_ids == self.image_token_id

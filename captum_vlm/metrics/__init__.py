@@ -1,0 +1,31 @@
+"""Faithfulness and localization metrics for attribution maps.
+
+They know only about Captum-style forward functions and targets, so they work with any
+attribution method (ours or Captum's) and any model.
+"""
+
+from .localization import (
+    DEFAULT_TOLERANCE,
+    EnergyPointingGameResult,
+    PointingGameResult,
+    energy_pointing_game,
+    pointing_game,
+)
+from .perturbation import PerturbationCurve, curve_auc, deletion_curve, insertion_curve
+from .sanity import RandomizationResult, model_randomization_check, reinitialize, ssim
+
+__all__ = [
+    "DEFAULT_TOLERANCE",
+    "EnergyPointingGameResult",
+    "PerturbationCurve",
+    "PointingGameResult",
+    "RandomizationResult",
+    "curve_auc",
+    "deletion_curve",
+    "energy_pointing_game",
+    "insertion_curve",
+    "model_randomization_check",
+    "pointing_game",
+    "reinitialize",
+    "ssim",
+]

@@ -1,0 +1,15 @@
+"""Test settings: offline hub, one torch thread, a headless matplotlib backend."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+import sys  # noqa: E402
+
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+sys.path.insert(0, os.path.dirname(__file__))

@@ -1,0 +1,186 @@
+"""Adapter facts checked against what the real transformers models compute."""
+
+import pytest
+import tiny_models as tm
+import torch
+from torch import nn
+
+from captum_vlm.adapters import VLMAdapter, get_adapter, register_adapter, supported_model_classes
+from captum_vlm.adapters.base import _REGISTRY
+
+FACTORIES = {
+    "CLIPModel": tm.clip,
+    "SiglipModel": tm.siglip,
+    "BlipForImageTextRetrieval": tm.blip_itm,
+    "BlipForConditionalGeneration": tm.blip_caption,
+    "BlipForQuestionAnswering": tm.blip_vqa,
+    "ViltForQuestionAnswering": tm.vilt_vqa,
+    "ViltForImageAndTextRetrieval": tm.vilt_itm,
+    "LlavaForConditionalGeneration": tm.llava,
+}
+FAMILY = {
+    "CLIPModel": "clip",
+    "SiglipModel": "siglip",
+    "BlipForImageTextRetrieval": "blip",
+    "BlipForConditionalGeneration": "blip",
+    "BlipForQuestionAnswering": "blip",
+    "ViltForQuestionAnswering": "vilt",
+    "ViltForImageAndTextRetrieval": "vilt",
+    "LlavaForConditionalGeneration": "llava",
+}
+
+
+@pytest.fixture(scope="module", params=list(FACTORIES))
+def model(request):
+    return FACTORIES[request.param]()
+
+
+def test_registry_picks_family(model):
+    adapter = get_adapter(model)
+    assert adapter.family == FAMILY[type(model).__name__]
+    assert adapter.model is model
+    assert get_adapter(adapter) is adapter
+    assert set(FACTORIES) <= set(supported_model_classes())
+
+
+def test_unsupported_model_lists_supported_classes():
+    with pytest.raises(TypeError) as err:
+        get_adapter(nn.Linear(2, 2))
+    message = str(err.value)
+    assert "Linear" in message and "CLIPModel" in message and "register_adapter" in message
+    with pytest.raises(TypeError, match="model: expected a torch.nn.Module"):
+        get_adapter("clip")
+
+
+def test_custom_adapter_registration():
+    class Toy(nn.Module):
+        pass
+
+    @register_adapter
+    class ToyAdapter(VLMAdapter):
+        family = "toy"
+        model_classes = ("Toy",)
+
+    try:
+        assert isinstance(get_adapter(Toy()), ToyAdapter)
+    finally:
+        del _REGISTRY["Toy"]
+    with pytest.raises(ValueError, match="model_classes"):
+        register_adapter(type("Empty", (VLMAdapter,), {}))
+
+
+def _vision_tokens(model, pixel_values):
+    """Length of the vision sequence the model really produces for these pixels."""
+    name = type(model).__name__
+    if name.startswith("Vilt"):
+        ids, mask = tm.text_ids(pixel_values.shape[0], 6)
+        out = model(input_ids=ids, attention_mask=mask, pixel_values=pixel_values, output_hidden_states=True)
+        return out.hidden_states[-1].shape[1] - ids.shape[1]
+    adapter = get_adapter(model)
+    out = adapter.vision_model()(pixel_values=pixel_values, interpolate_pos_encoding=True)
+    return out.last_hidden_state.shape[1]
+
+
+@pytest.mark.parametrize("size", [(64, 64), (64, 96)])
+def test_patch_grid_matches_real_sequence(model, size):
+    adapter = get_adapter(model)
+    pixels = tm.pixels(1, *size)
+    rows, cols = adapter.patch_grid(pixels)
+    assert (rows, cols) == (size[0] // tm.PATCH, size[1] // tm.PATCH)
+    with torch.no_grad():
+        n_tokens = _vision_tokens(model, pixels)
+    assert n_tokens == adapter.num_prefix_tokens + rows * cols
+
+
+def test_prefix_tokens():
+    assert get_adapter(tm.clip()).num_prefix_tokens == 1
+    assert get_adapter(tm.siglip()).num_prefix_tokens == 0
+    assert get_adapter(tm.blip_itm()).num_prefix_tokens == 1
+    assert get_adapter(tm.llava()).num_prefix_tokens == 1
+
+
+def test_clip_pooled_position_is_models_pooling():
+    model = tm.clip()
+    ids, mask = tm.text_ids(3, 9)
+    out = model.text_model(input_ids=ids, attention_mask=mask)
+    pos = get_adapter(model).pooled_text_position(ids, mask)
+    assert pos.tolist() == [8, 7, 8]  # the EOS of each row
+    picked = out.last_hidden_state[torch.arange(3), pos]
+    torch.testing.assert_close(picked, out.pooler_output)
+
+
+def test_clip_missing_eos_is_a_clear_error():
+    model = tm.clip()
+    ids = torch.full((2, 5), 7)
+    with pytest.raises(ValueError, match="input_ids: rows \\[0, 1\\] hold no EOS"):
+        get_adapter(model).pooled_text_position(ids)
+
+
+def test_siglip_pooled_position_is_models_pooling():
+    model = tm.siglip()
+    ids, mask = tm.text_ids(2, 7)
+    out = model.text_model(input_ids=ids, attention_mask=mask)
+    pos = get_adapter(model).pooled_text_position(ids, mask)
+    assert pos.tolist() == [6, 6]
+    picked = model.text_model.head(out.last_hidden_state[torch.arange(2), pos])
+    torch.testing.assert_close(picked, out.pooler_output)
+
+
+def test_blip_pooled_position_is_itm_input():
+    model = tm.blip_itm()
+    ids, mask = tm.text_ids(2, 7)
+    pixels = tm.pixels(2)
+    adapter = get_adapter(model)
+    with torch.no_grad():
+        image = model.vision_model(pixel_values=pixels).last_hidden_state
+        text = model.text_encoder(
+            input_ids=ids,
+            attention_mask=mask,
+            encoder_hidden_states=image,
+            encoder_attention_mask=torch.ones(image.shape[:-1], dtype=torch.long),
+        ).last_hidden_state
+        pos = adapter.pooled_text_position(ids, mask)
+        score = model.itm_head(text[torch.arange(2), pos])
+        expected = model(input_ids=ids, pixel_values=pixels, attention_mask=mask).itm_score
+    torch.testing.assert_close(score, expected)
+    assert len(adapter.cross_attentions()) == 2
+
+
+def test_llava_image_positions_and_pooling():
+    model = tm.llava()
+    adapter = get_adapter(model)
+    ids = torch.tensor([[tm.BOS, 9] + [tm.LLAVA_IMAGE_TOKEN] * 16 + [11, 12, tm.PAD]])
+    mask = (ids != tm.PAD).long()
+    positions = adapter.image_token_positions(ids)
+    assert positions.sum() == 16 and positions[0, 2:18].all()
+    assert adapter.pooled_text_position(ids, mask).tolist() == [19]
+    # the number of image tokens the model needs is the patch grid of its vision tower
+    rows, cols = adapter.patch_grid(tm.pixels(1))
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask, pixel_values=tm.pixels(1))  # raises on a count mismatch
+    assert rows * cols == 16
+
+
+def test_vilt_image_sequence_start():
+    adapter = get_adapter(tm.vilt_itm())
+    ids, _ = tm.text_ids(1, 6)
+    assert adapter.image_sequence_start(ids) == 6
+    assert adapter.cross_attentions() == adapter.vision_attentions()
+
+
+def test_text_embedding_is_the_models_input_embedding(model):
+    adapter = get_adapter(model)
+    embedding = adapter.text_embedding()
+    assert isinstance(embedding, nn.Embedding)
+    assert embedding.num_embeddings == tm.VOCAB
+
+
+@pytest.mark.parametrize("bad, error, match", [
+    (torch.zeros(3, 32, 32), ValueError, "pixel_values: expected 4 dimensions"),
+    (torch.zeros(1, 1, 32, 32), ValueError, "pixel_values: expected 3 colour channels"),
+    (torch.zeros(1, 3, 32, 32, dtype=torch.long), TypeError, "floating-point"),
+    ([[0.0]], TypeError, "pixel_values: expected a torch.Tensor"),
+])
+def test_patch_grid_rejects_bad_pixels(bad, error, match):
+    with pytest.raises(error, match=match):
+        get_adapter(tm.clip()).patch_grid(bad)

@@ -1,0 +1,178 @@
+"""Random-initialised small models of the real transformers classes, for tests.
+
+The code path is the one a user with a hub checkpoint takes; only the size differs.
+Special-token ids are kept inside the small vocabulary (PAD 0, UNK 1, BOS 2, EOS 3).
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import (
+    BlipConfig,
+    BlipForConditionalGeneration,
+    BlipForImageTextRetrieval,
+    BlipForQuestionAnswering,
+    CLIPConfig,
+    CLIPModel,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    SiglipConfig,
+    SiglipModel,
+    ViltConfig,
+    ViltForImageAndTextRetrieval,
+    ViltForQuestionAnswering,
+)
+
+VOCAB = 64
+PAD, UNK, BOS, EOS = 0, 1, 2, 3
+IMAGE_SIZE = 32
+PATCH = 8
+HIDDEN = 32
+HEADS = 4
+
+
+def _vision(**extra) -> dict:
+    cfg = dict(
+        hidden_size=HIDDEN,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=HEADS,
+        image_size=IMAGE_SIZE,
+        patch_size=PATCH,
+        initializer_range=0.02,
+    )
+    cfg.update(extra)
+    return cfg
+
+
+def _text(**extra) -> dict:
+    cfg = dict(
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=HEADS,
+        max_position_embeddings=24,
+        pad_token_id=PAD,
+        bos_token_id=BOS,
+        eos_token_id=EOS,
+        initializer_range=0.02,
+    )
+    cfg.update(extra)
+    return cfg
+
+
+def _finish(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    return model.eval()
+
+
+def clip(seed: int = 0, **kwargs) -> CLIPModel:
+    torch.manual_seed(seed)
+    config = CLIPConfig(text_config=_text(), vision_config=_vision(), projection_dim=16)
+    return _finish(CLIPModel(config, **kwargs), seed)
+
+
+def siglip(seed: int = 0) -> SiglipModel:
+    torch.manual_seed(seed)
+    config = SiglipConfig(text_config=_text(projection_size=HIDDEN), vision_config=_vision())
+    return _finish(SiglipModel(config), seed)
+
+
+def _blip_config() -> BlipConfig:
+    text = _text(sep_token_id=EOS, encoder_hidden_size=HIDDEN, max_position_embeddings=24)
+    return BlipConfig(text_config=text, vision_config=_vision(), projection_dim=16, image_text_hidden_size=16)
+
+
+def blip_itm(seed: int = 0) -> BlipForImageTextRetrieval:
+    torch.manual_seed(seed)
+    return _finish(BlipForImageTextRetrieval(_blip_config()), seed)
+
+
+def blip_caption(seed: int = 0) -> BlipForConditionalGeneration:
+    torch.manual_seed(seed)
+    return _finish(BlipForConditionalGeneration(_blip_config()), seed)
+
+
+def blip_vqa(seed: int = 0) -> BlipForQuestionAnswering:
+    torch.manual_seed(seed)
+    return _finish(BlipForQuestionAnswering(_blip_config()), seed)
+
+
+def _vilt_config(**extra) -> ViltConfig:
+    cfg = dict(
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        num_hidden_layers=2,
+        num_attention_heads=HEADS,
+        intermediate_size=64,
+        image_size=IMAGE_SIZE,
+        patch_size=PATCH,
+        max_position_embeddings=24,
+        pad_token_id=PAD,
+        initializer_range=0.02,
+        max_image_length=-1,
+    )
+    cfg.update(extra)
+    return ViltConfig(**cfg)
+
+
+def vilt_vqa(seed: int = 0, num_labels: int = 5) -> ViltForQuestionAnswering:
+    torch.manual_seed(seed)
+    config = _vilt_config(num_labels=num_labels, id2label={i: f"a{i}" for i in range(num_labels)},
+                         label2id={f"a{i}": i for i in range(num_labels)})
+    return _finish(ViltForQuestionAnswering(config), seed)
+
+
+def vilt_itm(seed: int = 0) -> ViltForImageAndTextRetrieval:
+    torch.manual_seed(seed)
+    return _finish(ViltForImageAndTextRetrieval(_vilt_config()), seed)
+
+
+LLAVA_IMAGE_TOKEN = 60
+
+
+def llava(seed: int = 0) -> LlavaForConditionalGeneration:
+    torch.manual_seed(seed)
+    text = dict(
+        model_type="llama",
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=HEADS,
+        num_key_value_heads=HEADS,
+        max_position_embeddings=128,
+        pad_token_id=PAD,
+        bos_token_id=BOS,
+        eos_token_id=EOS,
+        initializer_range=0.02,
+    )
+    vision = dict(model_type="clip_vision_model", **_vision(projection_dim=16))
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=LLAVA_IMAGE_TOKEN,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+    )
+    return _finish(LlavaForConditionalGeneration(config), seed)
+
+
+def text_ids(batch: int, length: int, seed: int = 0, eos: int = EOS) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random token ids ``[BOS, w..., EOS, PAD...]`` with varied lengths, and their attention mask."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.full((batch, length), PAD, dtype=torch.long)
+    mask = torch.zeros(batch, length, dtype=torch.long)
+    for b in range(batch):
+        n = length - (b % 2)  # alternate full and one-shorter rows
+        ids[b, 0] = BOS
+        ids[b, 1 : n - 1] = torch.randint(4, 50, (n - 2,), generator=g)
+        ids[b, n - 1] = eos
+        mask[b, :n] = 1
+    return ids, mask
+
+
+def pixels(batch: int, height: int = IMAGE_SIZE, width: int = IMAGE_SIZE, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 3, height, width, generator=g)
