@@ -9,7 +9,7 @@ export OMP_WAIT_POLICY := PASSIVE
 export OMP_NUM_THREADS ?= 1
 export MPLBACKEND := Agg
 
-.PHONY: setup demo test lint clean
+.PHONY: setup browser demo test clean
 
 setup: $(VENV)/.installed
 
@@ -23,7 +23,13 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 demo: setup
 	$(VENV)/bin/captum-vlm demo --out demo-output
 
-test: setup
+# The HTML report test drives Debian's Chromium (no browser download): install it when missing.
+browser:
+	@command -v chromium >/dev/null 2>&1 || (apt-get install -y -q chromium >/dev/null 2>&1 || \
+		(apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null)) || \
+		echo "warning: could not install chromium; the report browser test will be skipped"
+
+test: setup browser
 	$(PY) -m ruff check captum_vlm tests benchmarks
 	$(PY) -m pytest -q
 

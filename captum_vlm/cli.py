@@ -1,31 +1,156 @@
-"""The ``captum-vlm`` command."""
+"""The ``captum-vlm`` command.
+
+    captum-vlm explain IMAGE --text "a red circle" --text "a blue square" \\
+        [--model zoo:shapes-clip|PATH] [--method grad-eclip ...] --out report.html [--png DIR]
+    captum-vlm zoo list
+    captum-vlm demo [--out DIR]
+
+Bad input (image path, unreadable image, unknown method or model) prints one line and exits 2.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
+
+DEFAULT_MODEL = "zoo:shapes-clip"
+DEMO_TEXTS = ("a red circle", "a green square", "a blue triangle", "a yellow circle")
+
+
+class UsageError(Exception):
+    """A problem with what the user asked for: one line, exit code 2."""
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from captum_vlm.explain import METHODS
+
+    methods = "\n".join(f"  {name:<22} {spec.summary}" for name, spec in METHODS.items())
     parser = argparse.ArgumentParser(
         prog="captum-vlm",
         description="Explain vision-language models (CLIP, SigLIP, BLIP, ViLT, LLaVA) with Captum.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+        '  captum-vlm explain photo.png --text "a red circle" --text "a blue square" --out report.html\n'
+        "  captum-vlm zoo list\n  captum-vlm demo --out demo-output",
     )
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{explain,zoo,demo}")
+
+    explain = sub.add_parser(
+        "explain",
+        help="explain an image against texts; writes an HTML report",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Run one or more attribution methods and write a self-contained HTML report.",
+        epilog=f"methods:\n{methods}",
+    )
+    explain.add_argument("image", help="path of the image (PNG, JPEG, ...)")
+    explain.add_argument("--text", action="append", required=True, metavar="TEXT",
+                         help="a prompt or caption; repeat for several")
+    explain.add_argument("--model", default=DEFAULT_MODEL,
+                         help=f"zoo:NAME for a bundled model or a local checkpoint folder (default {DEFAULT_MODEL})")
+    explain.add_argument("--method", action="append", metavar="NAME",
+                         help="attribution method; repeat for several (default: grad-eclip)")
+    explain.add_argument("--target", type=int, action="append", metavar="K",
+                         help="index of a text to explain; repeat for several (default: all)")
+    explain.add_argument("--out", default="report.html", help="HTML report to write (default report.html)")
+    explain.add_argument("--png", metavar="DIR", help="also save one PNG per map and explanation.json here")
+    explain.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    zoo = sub.add_parser("zoo", help="the bundled models")
+    zoo.add_argument("action", choices=["list"], help="list: name and description of each bundled model")
+
     demo = sub.add_parser("demo", help="explain the bundled zoo model on a bundled scene")
-    demo.add_argument("--out", default="demo-output", help="folder for the demo's output")
+    demo.add_argument("--out", default="demo-output", help="folder for the report and PNGs (default demo-output)")
     return parser
 
 
+def load_model(spec: str):
+    """``zoo:NAME`` or a local folder -> ``(model, processor)``."""
+    from captum_vlm import zoo
+
+    if spec.startswith("zoo:"):
+        name = spec[4:]
+        if name not in zoo.list_models():
+            raise UsageError(f"unknown zoo model {name!r}; available: {', '.join(zoo.list_models()) or 'none'}")
+        return zoo.load(name)
+    path = Path(spec)
+    if not path.is_dir():
+        raise UsageError(f"model {spec!r} is neither zoo:NAME nor a local checkpoint folder")
+    try:
+        return zoo.load(path)
+    except Exception as err:  # noqa: BLE001 - any loader failure is the user's model, one line
+        raise UsageError(f"cannot load model from {spec}: {err}") from err
+
+
+def open_image(path: str):
+    from PIL import Image, UnidentifiedImageError
+
+    if not Path(path).is_file():
+        raise UsageError(f"image not found: {path}")
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (UnidentifiedImageError, OSError) as err:
+        raise UsageError(f"cannot read image {path}: {err}") from err
+
+
+def run_explain(image_path: str, texts: list[str], model_spec: str, methods: list[str] | None,
+                targets: list[int] | None, out: str, png_dir: str | None, quiet: bool) -> Path:
+    from captum_vlm.explain import METHODS, explain
+
+    methods = methods or ["grad-eclip"]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise UsageError(f"unknown method {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+    image = open_image(image_path)
+    model, processor = load_model(model_spec)
+    try:
+        explanation = explain(model, processor, image, texts, methods=methods, target=targets,
+                              model_name=model_spec.removeprefix("zoo:"), show_progress=not quiet)
+    except ValueError as err:
+        raise UsageError(str(err)) from err
+    out_path = Path(out)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    explanation.to_html(out_path)
+    if png_dir:
+        explanation.save(png_dir)
+    return out_path
+
+
 def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args = build_parser().parse_args(argv)
-    if args.command == "demo":
-        print(
-            "captum-vlm demo: the bundled zoo model is not trained yet (issue: Zoo). "
-            "This placeholder says so; nothing was written."
-        )
+    try:
+        if args.command == "zoo":
+            from captum_vlm import zoo
+
+            for name, description in zoo.list_models().items():
+                print(f"{name:<20} {description}")
+            return 0
+        if args.command == "demo":
+            return run_demo(args.out)
+        out = run_explain(args.image, args.text, args.model, args.method, args.target, args.out, args.png, args.quiet)
+        print(f"wrote {out}" + (f" and PNGs in {args.png}" if args.png else ""))
         return 0
-    return 2
+    except UsageError as err:
+        print(f"captum-vlm: error: {err}", file=sys.stderr)
+        return 2
+
+
+def run_demo(out_dir: str) -> int:
+    """Explain the bundled ``shapes-clip`` on the bundled scene with every two-tower method."""
+    from importlib.resources import files
+
+    from captum_vlm.explain import method_names
+
+    scene = files("captum_vlm.zoo") / "assets" / "demo-scene.png"
+    out = Path(out_dir)
+    report = run_explain(str(scene), list(DEMO_TEXTS), DEFAULT_MODEL, method_names("clip"), None,
+                         str(out / "report.html"), str(out), quiet=False)
+    print(f"demo: shapes-clip explained on {scene.name} against {len(DEMO_TEXTS)} prompts")
+    print(f"demo: open {report.resolve()} in a browser; PNGs and explanation.json are in {out.resolve()}")
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,421 @@
+"""The convenience layer: ``explain(model, processor, image, texts, methods=[...])``.
+
+It picks the adapter and the target, runs the methods (found by name in :data:`METHODS`), and
+returns an :class:`Explanation` holding maps, token scores, model scores and metadata, which
+draws (``.plot()``), writes a self-contained report (``.to_html(path)``), saves PNGs + JSON
+(``.save(dir)``) and shows itself in a notebook.
+
+Example:
+    >>> import captum_vlm as cv                                                 # doctest: +SKIP
+    >>> model, processor = cv.zoo.load("shapes-clip")                           # doctest: +SKIP
+    >>> report = cv.explain(model, processor, image, ["a red circle", "a blue square"],
+    ...                     methods=["grad-eclip", "rollout"])                  # doctest: +SKIP
+    >>> report.to_html("report.html")                                          # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import importlib
+import io
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+from tqdm.auto import tqdm
+
+from captum_vlm.adapters import get_adapter
+
+__all__ = ["Explanation", "MapRecord", "MethodSpec", "METHODS", "register_method", "explain", "method_names"]
+
+
+# ----------------------------------------------------------------------------------------------
+# The method registry
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class MapRecord:
+    """One map: what ``method`` says about ``target``.
+
+    Args:
+        method: registry name of the method.
+        target: the prompt, word or answer token explained.
+        grid: the map on the model's patch grid ``(h, w)``.
+        details: labels for figures: layers, head aggregation, target...
+        tokens: token strings when the method also scores the text.
+        token_scores: one score per token.
+    """
+
+    method: str
+    target: str
+    grid: np.ndarray
+    details: dict[str, str] = field(default_factory=dict)
+    tokens: list[str] | None = None
+    token_scores: np.ndarray | None = None
+
+
+@dataclass
+class MethodSpec:
+    """A method as the convenience layer and the CLI see it.
+
+    Args:
+        name: registry name (``"grad-eclip"``).
+        summary: one line for ``--help`` and listings.
+        limits: what the method cannot tell, shown in reports.
+        families: adapter families it supports (``"clip"``, ``"siglip"``, ...).
+        run: ``run(context) -> list[MapRecord]``.
+    """
+
+    name: str
+    summary: str
+    limits: str
+    families: tuple[str, ...]
+    run: Callable[[ExplainContext], list[MapRecord]]
+
+
+METHODS: dict[str, MethodSpec] = {}
+
+
+def register_method(
+    name: str, *, summary: str, limits: str, families: Sequence[str]
+) -> Callable[[Callable[[ExplainContext], list[MapRecord]]], Callable]:
+    """Decorator: register ``run(context) -> list[MapRecord]`` under ``name``.
+
+    Example:
+        >>> @register_method("my-method", summary="...", limits="...", families=["clip"])
+        ... def run_my_method(context):
+        ...     return []
+    """
+
+    def wrap(run):
+        METHODS[name] = MethodSpec(name, summary, limits, tuple(families), run)
+        return run
+
+    return wrap
+
+
+def method_names(family: str | None = None) -> list[str]:
+    """Registered method names, optionally only those supporting ``family``."""
+    return [n for n, s in METHODS.items() if family is None or family in s.families]
+
+
+@dataclass
+class ExplainContext:
+    """What a registered method gets: the model, its adapter, processed inputs, the texts and
+    which of them to explain."""
+
+    model: nn.Module
+    adapter: Any
+    inputs: dict[str, torch.Tensor]
+    texts: list[str]
+    targets: list[int]
+    tokens: list[list[str]]
+    show_progress: bool = False
+
+
+def _attr_class(name: str):
+    return getattr(importlib.import_module("captum_vlm.attr"), name)
+
+
+def _layers_label(method: Any) -> str:
+    layers = getattr(method, "layers", None)
+    if layers is None:
+        return "last"
+    return ", ".join(str(layer) for layer in (layers if isinstance(layers, (list, tuple)) else [layers]))
+
+
+def _two_tower_runner(class_name: str, heads: str, **kwargs) -> Callable[[ExplainContext], list[MapRecord]]:
+    """Run a two-tower image method for every explained prompt with one image forward."""
+
+    def run(context: ExplainContext) -> list[MapRecord]:
+        method = _attr_class(class_name)(context.model, **kwargs)
+        ids, mask = context.inputs["input_ids"], context.inputs["attention_mask"]
+        grids = method.attribute_prompts(
+            context.inputs["pixel_values"], additional_forward_args=(ids, mask), prompts=context.targets,
+            return_grid=True,
+        )[0]
+        records = []
+        for k, grid in zip(context.targets, grids):
+            details = {"layers": _layers_label(method), "heads": heads, "target": f"prompt {k}: {context.texts[k]}"}
+            records.append(MapRecord(class_name, context.texts[k], grid.numpy(), details))
+        return records
+
+    return run
+
+
+_TWO_TOWER = ("clip", "siglip")
+for _name, _cls, _heads, _summary, _limits in [
+    ("grad-eclip", "GradECLIP", "all (real multi-head forward)",
+     "Grad-ECLIP: gradient-weighted values at the pooled token, loosened attention (Zhao et al. 2024)",
+     "Shows which patches raise the image-text cosine at the chosen block; blind to what earlier "
+     "blocks mixed into each patch token."),
+    ("raw-attention", "RawAttention", "mean",
+     "Attention of the pooled token to the patches at chosen layers",
+     "Attention is not explanation: it says where the pooled token reads from, not what changed the score."),
+    ("rollout", "AttentionRollout", "mean",
+     "Attention rollout through the layers (Abnar & Zuidema 2020)",
+     "Class-agnostic: the same map for every prompt."),
+    ("relevancy", "GradientWeightedRelevancy", "grad-weighted mean",
+     "Gradient-weighted attention relevancy (Chefer et al. 2021)",
+     "Positive gradient × attention only; ignores MLP and value paths."),
+]:
+    register_method(_name, summary=_summary, limits=_limits, families=_TWO_TOWER)(
+        _two_tower_runner(_cls, _heads)
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# The Explanation
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class Explanation:
+    """Maps, token scores, model scores and metadata of one image and its texts.
+
+    Args:
+        image: the original image.
+        texts: the prompts or captions.
+        records: the maps, one per (method, target).
+        scores: ``{text: score}`` of the model (probability over prompts for CLIP, sigmoid for
+            SigLIP).
+        score_kind: what ``scores`` holds.
+        model_name: the model's name for titles.
+        crop_box: region of ``image`` that the processor kept ``(left, top, right, bottom)``.
+        notes: ``{method: limits}``.
+    """
+
+    image: Image.Image
+    texts: list[str]
+    records: list[MapRecord]
+    scores: dict[str, float]
+    score_kind: str
+    model_name: str
+    crop_box: tuple[float, float, float, float] | None = None
+    notes: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def methods(self) -> list[str]:
+        return list(dict.fromkeys(r.method for r in self.records))
+
+    def maps(self, method: str | None = None) -> dict[str, np.ndarray]:
+        """``{"method: target": grid}`` of every map (of one method if given)."""
+        return {f"{r.method}: {r.target}": r.grid for r in self.records if method in (None, r.method)}
+
+    def plot(self, method: str | None = None, ncols: int = 4):
+        """All maps (or one method's) over the image, side by side. Returns a Figure."""
+        from captum_vlm.viz import overlay_grid
+
+        maps = self.maps(method)
+        if not maps:
+            raise ValueError(f"method: {method!r} is not in this explanation; it holds {self.methods}")
+        return overlay_grid(self.image, maps, ncols=min(ncols, len(maps)), title=self.model_name,
+                            crop_box=self.crop_box)
+
+    def _record_png(self, record: MapRecord) -> bytes:
+        import matplotlib.pyplot as plt
+
+        from captum_vlm.viz import overlay
+
+        fig = overlay(self.image, record.grid, method=record.method, layers=record.details.get("layers"),
+                      heads=record.details.get("heads"), target=record.target, crop_box=self.crop_box)
+        try:
+            return _png(fig)
+        finally:
+            plt.close(fig)
+
+    def to_html(self, path: str | Path | None = None) -> str:
+        """The self-contained HTML report; written to ``path`` when given. Returns the HTML."""
+        from captum_vlm.viz.report import ReportView, render_report
+
+        views = [
+            ReportView(r.method, r.target, self._record_png(r), r.details, r.tokens,
+                       None if r.token_scores is None else list(map(float, r.token_scores)))
+            for r in self.records
+        ]
+        buffer = io.BytesIO()
+        self.image.convert("RGB").save(buffer, format="PNG")
+        page = render_report(
+            f"captum-vlm: {self.model_name}", buffer.getvalue(), views, scores=self.scores,
+            score_label=self.score_kind, notes=self.notes,
+            meta={"model": self.model_name, "image": f"{self.image.width}×{self.image.height}"},
+        )
+        if path is not None:
+            Path(path).write_text(page, encoding="utf-8")
+        return page
+
+    def _repr_html_(self) -> str:
+        return self.to_html()
+
+    def to_dict(self) -> dict:
+        """Everything but the image, as JSON-ready data."""
+        return {
+            "model": self.model_name,
+            "texts": self.texts,
+            "scores": self.scores,
+            "score_kind": self.score_kind,
+            "crop_box": self.crop_box,
+            "maps": [
+                {
+                    "method": r.method,
+                    "target": r.target,
+                    "details": r.details,
+                    "grid": np.asarray(r.grid, dtype=float).tolist(),
+                    "tokens": r.tokens,
+                    "token_scores": None if r.token_scores is None else np.asarray(r.token_scores, float).tolist(),
+                }
+                for r in self.records
+            ],
+        }
+
+    def save(self, directory: str | Path) -> list[Path]:
+        """Write one PNG per map and ``explanation.json``. Returns the paths written."""
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        written = []
+        for i, record in enumerate(self.records):
+            path = out / f"{i:02d}-{_slug(record.method)}-{_slug(record.target)}.png"
+            path.write_bytes(self._record_png(record))
+            written.append(path)
+        path = out / "explanation.json"
+        path.write_text(json.dumps(self.to_dict(), indent=1), encoding="utf-8")
+        return [*written, path]
+
+
+def _png(fig) -> bytes:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+    return buffer.getvalue()
+
+
+def _slug(text: str) -> str:
+    keep = "".join(c if c.isalnum() else "-" for c in text.lower())
+    return "-".join(part for part in keep.split("-") if part)[:40] or "x"
+
+
+# ----------------------------------------------------------------------------------------------
+# explain()
+# ----------------------------------------------------------------------------------------------
+def _as_image(image: Any) -> Image.Image:
+    if isinstance(image, (str, Path)):
+        return Image.open(image).convert("RGB")
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    if isinstance(image, np.ndarray) and image.ndim == 3:
+        return Image.fromarray(image if image.dtype == np.uint8 else (np.clip(image, 0, 1) * 255).astype(np.uint8))
+    raise TypeError(f"image: expected a PIL image, an (H, W, 3) array or a path, got {type(image).__name__}")
+
+
+def processor_crop_box(processor: Any, size: tuple[int, int]) -> tuple[float, float, float, float] | None:
+    """Region of an image of ``size`` (width, height) that ``processor`` keeps after resize and
+    centre crop, in original pixels; ``None`` when it keeps (a resized copy of) the whole image."""
+    from captum_vlm.viz import resize_crop_box
+
+    ip = getattr(processor, "image_processor", processor)
+    if not getattr(ip, "do_center_crop", False):
+        return None
+    resize = getattr(ip, "size", None) or {}
+    crop = getattr(ip, "crop_size", None) or {}
+    if "shortest_edge" in resize:
+        resize_to: int | tuple[int, int] = int(resize["shortest_edge"])
+    elif "height" in resize:
+        resize_to = (int(resize["width"]), int(resize["height"]))
+    else:
+        return None
+    crop_to = (int(crop.get("width", 0)), int(crop.get("height", 0)))
+    if not all(crop_to):
+        return None
+    return resize_crop_box(size, resize_to, crop_to)
+
+
+def _model_name(model: nn.Module) -> str:
+    path = getattr(model, "name_or_path", "") or getattr(getattr(model, "config", None), "_name_or_path", "")
+    return Path(path).name if path else type(model).__name__
+
+
+def explain(
+    model: nn.Module,
+    processor: Any,
+    image: Any,
+    texts: Sequence[str],
+    methods: Sequence[str] = ("grad-eclip",),
+    target: int | Sequence[int] | None = None,
+    *,
+    model_name: str | None = None,
+    show_progress: bool = False,
+) -> Explanation:
+    """Explain how ``model`` relates ``image`` to ``texts`` with one or more methods.
+
+    Args:
+        model: a supported transformers model (see :func:`captum_vlm.adapters.supported_model_classes`).
+        processor: its processor (``processor(images=..., text=[...], return_tensors="pt", padding=True)``).
+        image: a PIL image, an ``(H, W, 3)`` array or a path.
+        texts: the prompts (two-tower models: each explained against the image).
+        methods: registry names, see :func:`method_names`.
+        target: which prompts to explain (index or list); ``None`` explains all.
+        model_name: name for titles (default: the checkpoint's folder or the class name).
+        show_progress: a tqdm bar over methods.
+
+    Returns:
+        An :class:`Explanation`.
+    """
+    adapter = get_adapter(model)
+    picture = _as_image(image)
+    if isinstance(texts, str) or not isinstance(texts, Sequence) or not texts:
+        raise ValueError(f"texts: expected a non-empty list of strings, got {texts!r}")
+    if not all(isinstance(t, str) and t.strip() for t in texts):
+        raise ValueError(f"texts: every text must be a non-empty string, got {list(texts)!r}")
+    if isinstance(methods, str):
+        methods = [methods]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise ValueError(f"methods: unknown {unknown or methods!r}; choose from {method_names()}")
+    unsupported = [m for m in methods if adapter.family not in METHODS[m].families]
+    if unsupported:
+        raise ValueError(
+            f"methods: {unsupported} do not support {type(model).__name__}; for it use "
+            f"{method_names(adapter.family)}"
+        )
+    if target is None:
+        targets = list(range(len(texts)))
+    else:
+        targets = [target] if isinstance(target, int) else list(target)
+        bad = [t for t in targets if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < len(texts)]
+        if bad or not targets:
+            raise ValueError(f"target: {bad or targets} out of range for {len(texts)} texts (0..{len(texts) - 1})")
+    # SigLIP pools the last position and is trained on texts padded to the full length
+    padding = "max_length" if adapter.family == "siglip" else True
+    inputs = processor(images=picture, text=list(texts), return_tensors="pt", padding=padding)
+    tokenizer = getattr(processor, "tokenizer", processor)
+    tokens = [tokenizer.convert_ids_to_tokens(row.tolist()) for row in inputs["input_ids"]]
+    context = ExplainContext(model, adapter, dict(inputs), list(texts), targets, tokens, show_progress)
+    records: list[MapRecord] = []
+    for name in tqdm(methods, desc="methods", disable=not show_progress):
+        for record in METHODS[name].run(context):
+            record.method = name
+            records.append(record)
+    scores, kind = _model_scores(model, adapter, inputs, texts)
+    return Explanation(
+        image=picture,
+        texts=list(texts),
+        records=records,
+        scores=scores,
+        score_kind=kind,
+        model_name=model_name or _model_name(model),
+        crop_box=processor_crop_box(processor, picture.size),
+        notes={m: METHODS[m].limits for m in methods},
+    )
+
+
+def _model_scores(model, adapter, inputs, texts) -> tuple[dict[str, float], str]:
+    from captum_vlm.targets import ImageTextSimilarity
+
+    with torch.no_grad():
+        if getattr(adapter, "two_tower", False):
+            logits = ImageTextSimilarity(model)(inputs["pixel_values"], inputs["input_ids"], inputs["attention_mask"])[0]
+            if adapter.family == "siglip":
+                return dict(zip(texts, torch.sigmoid(logits).tolist())), "sigmoid probability"
+            return dict(zip(texts, logits.softmax(-1).tolist())), "probability over prompts"
+    return {}, "score"
