@@ -33,9 +33,7 @@ def _batch_masks(mask: Tensor) -> Tensor:
     if mask.ndim == 2:
         mask = mask.unsqueeze(0)
     if mask.ndim != 3:
-        raise ValueError(
-            f"mask must have shape (H, W) or (B, H, W), got shape {tuple(mask.shape)}"
-        )
+        raise ValueError(f"mask must have shape (H, W) or (B, H, W), got shape {tuple(mask.shape)}")
     if not torch.all((mask == 0) | (mask == 1)):
         raise ValueError("mask must be binary (bool or 0/1 values); got other values")
     mask = mask.bool()
@@ -151,7 +149,11 @@ def check_target(target: TargetType, batch: int) -> None:
     if isinstance(target, Tensor) and target.ndim == 0:
         return
     if isinstance(target, tuple):
-        raise TypeError("target must be None, an int or one int per example; tuples are not supported")
+        raise TypeError(
+            "target must be None, an int or one int per example; tuples are not supported"
+        )
     n = len(target)
     if n != batch:
-        raise ValueError(f"target has {n} entries but inputs hold {batch} examples; pass one per example")
+        raise ValueError(
+            f"target has {n} entries but inputs hold {batch} examples; pass one per example"
+        )

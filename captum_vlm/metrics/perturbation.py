@@ -148,7 +148,9 @@ def _patch_ranks(maps: Tensor, patch: tuple[int, int]) -> tuple[Tensor, int]:
 def _patch_size(patch_size: int | tuple[int, int], size: tuple[int, int]) -> tuple[int, int]:
     pair = (patch_size, patch_size) if isinstance(patch_size, int) else tuple(patch_size)
     if len(pair) != 2 or not all(isinstance(p, int) and p >= 1 for p in pair):
-        raise ValueError(f"patch_size must be a positive int or (height, width); got {patch_size!r}")
+        raise ValueError(
+            f"patch_size must be a positive int or (height, width); got {patch_size!r}"
+        )
     if pair[0] > size[0] or pair[1] > size[1]:
         raise ValueError(f"patch_size {pair} is larger than the inputs {size[0]}x{size[1]}")
     return pair
@@ -174,7 +176,9 @@ def _perturbation_curve(
     if inputs.ndim == 3:
         inputs = inputs.unsqueeze(0)
     if inputs.ndim != 4:
-        raise ValueError(f"inputs must have shape (B, C, H, W) or (C, H, W); got {tuple(inputs.shape)}")
+        raise ValueError(
+            f"inputs must have shape (B, C, H, W) or (C, H, W); got {tuple(inputs.shape)}"
+        )
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     batch, _, height, width = inputs.shape
@@ -204,7 +208,10 @@ def _perturbation_curve(
 
     scores = torch.empty(batch, steps + 1, dtype=torch.float64)
     chunks = range(0, steps + 1, batch_size)
-    with torch.no_grad(), tqdm(total=batch * len(chunks), desc=mode, disable=not show_progress) as bar:
+    with (
+        torch.no_grad(),
+        tqdm(total=batch * len(chunks), desc=mode, disable=not show_progress) as bar,
+    ):
         for b in range(batch):
             for start in chunks:
                 k = torch.arange(start, min(start + batch_size, steps + 1), device=inputs.device)
@@ -226,7 +233,9 @@ def _perturbation_curve(
 
     auc = curve_auc(scores)
     fractions = torch.arange(steps + 1, dtype=torch.float64) / steps
-    return PerturbationCurve(fractions=fractions, scores=scores, auc=auc, mean_auc=auc.mean().item())
+    return PerturbationCurve(
+        fractions=fractions, scores=scores, auc=auc, mean_auc=auc.mean().item()
+    )
 
 
 _ARGS_DOC = """
@@ -279,7 +288,8 @@ def deletion_curve(
     """Deletion curve and AUC (Petsiuk et al. 2018, RISE); lower AUC is more faithful.
 
     Patches are replaced by the baseline in order of decreasing attribution (most relevant
-    first; negative values last), and the target score is recorded after each step.
+    first; negative values last), and the target score is recorded after each step. The
+    default baseline is 0, which for normalised ``pixel_values`` is the data set's mean colour.
     {args}
     Example:
         >>> f = lambda x: x.sum(dim=(1, 2, 3))
@@ -311,7 +321,8 @@ def insertion_curve(
     """Insertion curve and AUC (Petsiuk et al. 2018, RISE); higher AUC is more faithful.
 
     Starts from the baseline (a blurred image by default, as in RISE) and reveals the
-    original patches in order of decreasing attribution, recording the target score.
+    original patches in order of decreasing attribution, recording the target score. The
+    last point is the unperturbed input.
     {args}
     Example:
         >>> f = lambda x: x.sum(dim=(1, 2, 3))

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from scipy.stats import spearmanr
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 
 @dataclass
@@ -64,7 +65,9 @@ def ssim(a: Tensor, b: Tensor, window: int = 7) -> float:
         Mean SSIM, 1.0 for identical maps.
     """
     if a.shape != b.shape:
-        raise ValueError(f"maps to compare must have the same shape; got {tuple(a.shape)} and {tuple(b.shape)}")
+        raise ValueError(
+            f"maps to compare must have the same shape; got {tuple(a.shape)} and {tuple(b.shape)}"
+        )
     if a.ndim < 2:
         raise ValueError(f"ssim needs maps with at least 2 dimensions; got shape {tuple(a.shape)}")
 
@@ -87,11 +90,21 @@ def ssim(a: Tensor, b: Tensor, window: int = 7) -> float:
 
 
 def reinitialize(module: nn.Module) -> None:
-    """Re-initialise a module's parameters in place.
+    """Re-initialise a module's parameters in place (the default for the randomisation check).
 
     Every submodule with a ``reset_parameters`` method resets itself (PyTorch's default
-    initialisation); parameters left over (e.g. a bare ``nn.Parameter`` such as a class
-    embedding) are drawn from a truncated normal with std 0.02.
+    initialisation: random weights for linear/conv/embedding layers, ones and zeros for
+    norms, as Adebayo et al. re-initialise to the initial distribution); parameters left
+    over (e.g. a bare ``nn.Parameter`` such as a class embedding) are drawn from a truncated
+    normal with std 0.02.
+
+    Args:
+        module: the module to re-initialise.
+
+    Example:
+        >>> layer = nn.Linear(2, 2); old = layer.weight.clone()
+        >>> reinitialize(layer); bool(torch.equal(layer.weight, old))
+        False
     """
     done: set[int] = set()
     for sub in module.modules():
@@ -143,6 +156,7 @@ def model_randomization_check(
     compute_ssim: bool = False,
     reinit: Callable[[nn.Module], None] = reinitialize,
     seed: int = 0,
+    show_progress: bool = False,
 ) -> RandomizationResult:
     """Model-parameter randomisation test (Adebayo et al. 2018).
 
@@ -167,6 +181,7 @@ def model_randomization_check(
         reinit: function that re-initialises a module in place; default
             :func:`reinitialize`.
         seed: seed for the re-initialisation (the global RNG state is restored after).
+        show_progress: draw a tqdm bar over the steps.
 
     Returns:
         :class:`RandomizationResult`.
@@ -184,7 +199,9 @@ def model_randomization_check(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not callable(explain_fn):
-        raise TypeError(f"explain_fn must be callable as explain_fn(model, inputs), got {explain_fn!r}")
+        raise TypeError(
+            f"explain_fn must be callable as explain_fn(model, inputs), got {explain_fn!r}"
+        )
     names = _layer_names(model, layers)
 
     def run(m: nn.Module) -> Tensor:
@@ -198,7 +215,7 @@ def model_randomization_check(
     maps = [run(work)]
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        for name in names:
+        for name in tqdm(names, desc="randomization", disable=not show_progress):
             if not cascading:
                 work = copy.deepcopy(model)
             reinit(work.get_submodule(name))
