@@ -226,8 +226,10 @@ class Explanation:
         finally:
             plt.close(fig)
 
-    def to_html(self, path: str | Path | None = None) -> str:
-        """The self-contained HTML report; written to ``path`` when given. Returns the HTML."""
+    def to_html(self, path: str | Path | None = None, full_page: bool = True) -> str:
+        """The self-contained HTML report; written to ``path`` when given. Returns the HTML.
+
+        ``full_page=False`` gives the ``<div>`` fragment that notebooks show."""
         from captum_vlm.viz.report import ReportView, render_report
 
         views = [
@@ -241,13 +243,14 @@ class Explanation:
             f"captum-vlm: {self.model_name}", buffer.getvalue(), views, scores=self.scores,
             score_label=self.score_kind, notes=self.notes,
             meta={"model": self.model_name, "image": f"{self.image.width}×{self.image.height}"},
+            full_page=full_page,
         )
         if path is not None:
             Path(path).write_text(page, encoding="utf-8")
         return page
 
     def _repr_html_(self) -> str:
-        return self.to_html()
+        return self.to_html(full_page=False)
 
     def to_dict(self) -> dict:
         """Everything but the image, as JSON-ready data."""

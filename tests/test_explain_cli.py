@@ -70,7 +70,7 @@ def test_explanation_draws_saves_and_reports(saved_clip, image_file, tmp_path):
     np.testing.assert_allclose(np.array(data["maps"][1]["grid"]), result.records[1].grid)
     page = result.to_html(tmp_path / "r.html")
     assert "<b>bold</b>" not in page and (tmp_path / "r.html").read_text() == page
-    assert result._repr_html_().startswith("<!DOCTYPE html>")
+    assert result._repr_html_().startswith("<div class=\"cv-report\"")
     with pytest.raises(ValueError, match="method: 'rollout' is not in this explanation"):
         result.plot("rollout")
 

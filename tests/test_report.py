@@ -32,7 +32,15 @@ def test_report_escapes_text_and_is_self_contained():
     assert "<img src=x" not in page
     assert page.count("<img") == 2  # the input image and the map slot, nothing injected
     assert "http://" not in page and "https://" not in page
-    assert "</script><" not in page.split('id="report-data">')[1].split("</script>")[0]
+    data_block = page.split('data-part="report-data">')[1].split("</script>")[0]
+    assert "<" not in data_block  # every "<" in the data is escaped, so nothing can close the block
+
+
+def test_report_fragment_for_notebooks_has_unique_ids():
+    first = render_report("a", png(0), views(), full_page=False)
+    second = render_report("a", png(0), views(), full_page=False)
+    assert first.startswith('<div class="cv-report" id="cv-report-') and "<html" not in first
+    assert first.split('"')[3] != second.split('"')[3]
 
 
 def test_report_rejects_bad_input():
@@ -67,15 +75,15 @@ def test_report_renders_in_chromium_and_clicks_switch_maps(tmp_path):
             page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
             page.on("pageerror", lambda e: problems.append(str(e)))
             page.goto(path.as_uri())
-            first = page.get_attribute("#map", "src")
-            assert page.get_attribute("#map", "data-target") == "a red circle"
-            assert page.locator("#tokens span").count() == 3
-            assert page.locator("#tokens span").nth(2).text_content() == XSS  # shown as text
-            page.locator(f'#targets button[data-value="{XSS}"]').click()
-            second = page.get_attribute("#map", "src")
-            assert page.get_attribute("#map", "data-target") == XSS
-            page.locator('#methods button[data-value="rollout"]').click()
-            third = page.get_attribute("#map", "src")
+            first = page.get_attribute("[data-part=map]", "src")
+            assert page.get_attribute("[data-part=map]", "data-target") == "a red circle"
+            assert page.locator("[data-part=tokens] span").count() == 3
+            assert page.locator("[data-part=tokens] span").nth(2).text_content() == XSS  # shown as text
+            page.locator(f'[data-part=targets] button[data-value="{XSS}"]').click()
+            second = page.get_attribute("[data-part=map]", "src")
+            assert page.get_attribute("[data-part=map]", "data-target") == XSS
+            page.locator('[data-part=methods] button[data-value="rollout"]').click()
+            third = page.get_attribute("[data-part=map]", "src")
             assert page.locator("img").count() == 2
         finally:
             browser.close()

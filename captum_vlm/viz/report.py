@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import html
 import json
+import uuid
 from dataclasses import dataclass, field
 
 __all__ = ["ReportView", "render_report"]
@@ -54,20 +55,23 @@ def _safe_json(value: object) -> str:
 
 
 _STYLE = """
-body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:1.5rem;color:#222;max-width:1100px}
-h1{font-size:1.3rem;margin:0 0 .3rem} .meta{color:#555;font-size:.9rem;margin-bottom:1rem}
-.row{display:flex;gap:1.5rem;flex-wrap:wrap;align-items:flex-start}
-.panel img{max-width:420px;width:100%;image-rendering:auto;border:1px solid #ddd}
-.buttons button{margin:.15rem;padding:.3rem .6rem;border:1px solid #888;background:#f6f6f6;border-radius:4px;cursor:pointer}
-.buttons button.active{background:#2b6cb0;color:#fff;border-color:#2b6cb0}
-table{border-collapse:collapse;font-size:.9rem} td,th{border-bottom:1px solid #ddd;padding:.2rem .6rem;text-align:left}
-.tok{display:inline-block;padding:.1rem .25rem;margin:.1rem;border-radius:3px}
-.note{color:#555;font-size:.85rem;max-width:60ch} .details{font-size:.85rem;color:#333}
+.cv-report{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:1rem 0;color:#222;max-width:1100px}
+.cv-report h1{font-size:1.3rem;margin:0 0 .3rem} .cv-report .meta{color:#555;font-size:.9rem;margin-bottom:1rem}
+.cv-report .row{display:flex;gap:1.5rem;flex-wrap:wrap;align-items:flex-start}
+.cv-report .panel img{max-width:420px;width:100%;border:1px solid #ddd}
+.cv-report .buttons button{margin:.15rem;padding:.3rem .6rem;border:1px solid #888;background:#f6f6f6;border-radius:4px;cursor:pointer}
+.cv-report .buttons button.active{background:#2b6cb0;color:#fff;border-color:#2b6cb0}
+.cv-report table{border-collapse:collapse;font-size:.9rem}
+.cv-report td,.cv-report th{border-bottom:1px solid #ddd;padding:.2rem .6rem;text-align:left}
+.cv-report .tok{display:inline-block;padding:.1rem .25rem;margin:.1rem;border-radius:3px}
+.cv-report .note{color:#555;font-size:.85rem;max-width:60ch} .cv-report .details{font-size:.85rem;color:#333}
 """
 
 _SCRIPT = """
 (function(){
-  const data = JSON.parse(document.getElementById('report-data').textContent);
+  const root = document.getElementById('__ROOT__');
+  const $ = (name) => root.querySelector('[data-part="' + name + '"]');
+  const data = JSON.parse($('report-data').textContent);
   const state = {method: data.methods[0], target: data.targets[0]};
   function el(tag, text, cls){const e=document.createElement(tag); if(text!==undefined) e.textContent=text; if(cls) e.className=cls; return e;}
   function find(){return data.views.find(v => v.method===state.method && v.target===state.target)
@@ -77,28 +81,28 @@ _SCRIPT = """
   function show(){
     const v = find(); if(!v) return;
     state.target = v.target;
-    const img = document.getElementById('map');
+    const img = $('map');
     img.src = v.png; img.alt = v.method + ': ' + v.target; img.dataset.method = v.method; img.dataset.target = v.target;
-    document.getElementById('map-title').textContent = v.method + ' \\u2014 ' + v.target;
-    const det = document.getElementById('details'); det.replaceChildren();
+    $('map-title').textContent = v.method + ' \\u2014 ' + v.target;
+    const det = $('details'); det.replaceChildren();
     Object.entries(v.details).forEach(([k, val]) => {const li=el('li'); li.append(el('b', k + ': '), el('span', val)); det.append(li);});
-    const toks = document.getElementById('tokens'); toks.replaceChildren();
+    const toks = $('tokens'); toks.replaceChildren();
     if (v.tokens){ const m = Math.max(...v.token_scores.map(Math.abs));
       v.tokens.forEach((t,i) => {const s=el('span', t, 'tok'); s.style.background=colour(v.token_scores[i], m);
         s.title = v.token_scores[i].toFixed(4); toks.append(s);}); }
-    document.getElementById('note').textContent = data.notes[v.method] || '';
-    document.querySelectorAll('[data-kind]').forEach(b => b.classList.toggle('active',
+    $('note').textContent = data.notes[v.method] || '';
+    root.querySelectorAll('[data-kind]').forEach(b => b.classList.toggle('active',
       (b.dataset.kind==='method' && b.dataset.value===state.method) || (b.dataset.kind==='target' && b.dataset.value===state.target)));
   }
   function buttons(id, kind, values){
-    const box = document.getElementById(id);
+    const box = $(id);
     values.forEach(val => {const b = el('button', val); b.dataset.kind = kind; b.dataset.value = val;
       b.addEventListener('click', () => {state[kind]=val; show();});
       box.append(b);});
   }
   buttons('methods', 'method', data.methods);
   buttons('targets', 'target', data.targets);
-  const table = document.getElementById('scores');
+  const table = $('scores');
   Object.entries(data.scores).forEach(([k, s]) => {const tr=el('tr'); tr.append(el('td', k), el('td', Number(s).toFixed(4))); table.append(tr);});
   show();
 })();
@@ -114,6 +118,7 @@ def render_report(
     score_label: str = "score",
     notes: dict[str, str] | None = None,
     meta: dict[str, str] | None = None,
+    full_page: bool = True,
 ) -> str:
     """Build the report page.
 
@@ -125,6 +130,8 @@ def render_report(
         score_label: column heading of ``scores``.
         notes: ``{method: text}`` — what the method can and cannot tell.
         meta: ``{label: value}`` shown under the title (model, image size...).
+        full_page: a whole HTML document; ``False`` gives a ``<div>`` fragment for notebooks
+            (every element is looked up inside it, so several reports can share a page).
 
     Returns:
         The HTML text; write it to a ``.html`` file and open it anywhere, or show it in Jupyter.
@@ -153,22 +160,28 @@ def render_report(
         "notes": {str(k): str(n) for k, n in (notes or {}).items()},
     }
     esc = html.escape
+    root = f"cv-report-{uuid.uuid4().hex[:12]}"
     meta_line = " · ".join(f"{esc(str(k))}: {esc(str(v))}" for k, v in (meta or {}).items())
-    return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>
-<style>{_STYLE}</style></head>
-<body>
+    body = f"""<div class="cv-report" id="{root}">
+<style>{_STYLE}</style>
 <h1>{esc(title)}</h1>
 <div class="meta">{meta_line}</div>
-<h3>Method</h3><div id="methods" class="buttons"></div>
-<h3>Prompt / word</h3><div id="targets" class="buttons"></div>
+<h3>Method</h3><div data-part="methods" class="buttons"></div>
+<h3>Prompt / word</h3><div data-part="targets" class="buttons"></div>
 <div class="row">
-  <div class="panel"><h3>Input</h3><img id="input" src="{_data_uri(image_png)}" alt="input image"></div>
-  <div class="panel"><h3 id="map-title"></h3><img id="map" alt=""><ul id="details" class="details"></ul>
-    <div id="tokens"></div><p id="note" class="note"></p></div>
+  <div class="panel"><h3>Input</h3><img data-part="input" src="{_data_uri(image_png)}" alt="input image"></div>
+  <div class="panel"><h3 data-part="map-title"></h3><img data-part="map" alt=""><ul data-part="details" class="details"></ul>
+    <div data-part="tokens"></div><p data-part="note" class="note"></p></div>
 </div>
-<h3>Model scores</h3><table><thead><tr><th>text</th><th>{esc(score_label)}</th></tr></thead><tbody id="scores"></tbody></table>
-<script type="application/json" id="report-data">{_safe_json(data)}</script>
-<script>{_SCRIPT}</script>
+<h3>Model scores</h3><table><thead><tr><th>text</th><th>{esc(score_label)}</th></tr></thead><tbody data-part="scores"></tbody></table>
+<script type="application/json" data-part="report-data">{_safe_json(data)}</script>
+<script>{_SCRIPT.replace("__ROOT__", root)}</script>
+</div>"""
+    if not full_page:
+        return body
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title></head>
+<body>
+{body}
 </body></html>
 """
