@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 DEFAULT_MODEL = "zoo:shapes-clip"
-DEMO_TEXTS = ("a red circle", "a green square", "a blue triangle", "a yellow circle")
+DEMO_TEXTS = ("a red circle", "a blue square", "a yellow triangle", "a green circle")
 
 
 class UsageError(Exception):
