@@ -1,0 +1,481 @@
+"""Shared plumbing for the fusion-model methods (cross-attention Grad-CAM, bi-modal relevancy).
+
+Fusion models let text attend to the image: BLIP (ITM, captioning, VQA) through cross-attention,
+ViLT and LLaVA through one joint sequence. Both methods here record attention probabilities and
+their gradients for one or more scores, turn them into *row maps* ``[B, Q, K]`` (one row per text
+query position, one column per key), and read the image columns onto the patch grid.
+
+What is explained depends on the model class (the "kind"):
+
+* ``"match"`` -- ``BlipForImageTextRetrieval``, ``ViltForImageAndTextRetrieval``: the match logit
+  (:class:`captum_vlm.targets.MatchLogit`), one number per example; ``target`` must be ``None``.
+  Per-token maps are the rows of the caption's tokens, aligned with ``input_ids``.
+* ``"answer"`` -- ``ViltForQuestionAnswering``: the logit of answer ``target`` (a label id, one per
+  example or one for all). Per-token maps are the rows of the question's tokens.
+* ``"tokens"`` -- ``BlipForConditionalGeneration``, ``BlipForQuestionAnswering``,
+  ``LlavaForConditionalGeneration``: the teacher-forced log-probability of each scored token
+  (:class:`captum_vlm.targets.TokenLogProbs`); ``target`` picks positions in ``input_ids`` (in
+  ``answer_ids`` for BLIP VQA), ``None`` means every scored position. Token ``t`` gets its own
+  backward pass and its own map, aligned with the token sequence.
+
+Shapes follow :mod:`captum_vlm.attr._base`: ``attribute`` returns ``[B, 3, H, W]`` like
+``pixel_values`` (``[B, h, w]`` with ``return_grid=True``); ``attribute_tokens`` returns
+``[B, T, 3, H, W]`` (``[B, T, h, w]``), T the token axis above, or one map per word when
+``word_ids``/``token_groups`` are given.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+
+import torch
+from captum.attr import Attribution
+from captum.log import log_usage
+from torch import nn
+
+from captum_vlm._checks import check_input_ids, check_same_batch
+from captum_vlm.adapters import get_adapter
+from captum_vlm.attr._base import UPSAMPLE_MODES, _as_pixels, upsample_grid
+from captum_vlm.hooks import capture
+from captum_vlm.targets import AnswerLogits, MatchLogit, TokenLogProbs
+
+__all__ = ["FUSION_KINDS", "FusionAttribution", "FusionInputs", "averaged_gradient_attention"]
+
+FUSION_KINDS: dict[str, str] = {
+    "BlipForImageTextRetrieval": "match",
+    "ViltForImageAndTextRetrieval": "match",
+    "ViltForQuestionAnswering": "answer",
+    "BlipForConditionalGeneration": "tokens",
+    "BlipForQuestionAnswering": "tokens",
+    "LlavaForConditionalGeneration": "tokens",
+}
+
+
+def averaged_gradient_attention(attention: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """Head mean of the positive part of gradient times attention, ``E_h[(grad * A)^+]``.
+
+    Args:
+        attention: probabilities ``[B, heads, Q, K]``.
+        grad: their gradient, same shape.
+
+    Returns:
+        ``[B, Q, K]`` in float32 (half-precision models included).
+
+    Example:
+        >>> a = torch.full((1, 2, 1, 2), 0.5); g = torch.tensor([[[[1., -1.]], [[3., 1.]]]])
+        >>> averaged_gradient_attention(a, g)
+        tensor([[[1.0000, 0.2500]]])
+    """
+    return (grad.float() * attention.float()).clamp(min=0).mean(dim=1)
+
+
+@dataclass
+class FusionInputs:
+    """Checked inputs of one ``attribute`` call.
+
+    Attributes:
+        pixel_values: ``[B, 3, H, W]``.
+        args: what the forward function takes after ``pixel_values``.
+        input_ids, attention_mask: the text ``[B, T]`` (the question for VQA).
+        tokens, token_mask: the per-token axis (``input_ids``, or ``answer_ids`` for BLIP VQA) and
+            which of its positions can have a map (``[B, T]`` bool).
+        query_mask: which query rows of the recorded attention are text ``[B, Q]`` (bool).
+        grid: patch grid ``(h, w)``.
+        patch_index: ViLT only, the grid ``(row, col)`` of each image token ``[B, P, 2]``.
+    """
+
+    pixel_values: torch.Tensor
+    args: tuple
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    tokens: torch.Tensor
+    token_mask: torch.Tensor
+    query_mask: torch.Tensor
+    grid: tuple[int, int]
+    patch_index: torch.Tensor | None = None
+
+
+@contextmanager
+def _transformers_hooks_reinstalled(model: nn.Module) -> Iterator[None]:
+    """Work around a gap in :func:`captum_vlm.hooks.preserved_model_state`: transformers installs
+    its output-capturing hooks lazily on a model's first forward and marks the module
+    (``_output_capturing_hooks_installed``); the scope removes those hooks on exit but not the
+    mark, so a model first run inside the scope would later lose ``hidden_states`` (LLaVA then
+    fails). Forgetting the mark on exit makes transformers install the hooks again when needed."""
+    flag = "_output_capturing_hooks_installed"
+    unmarked = [m for m in model.modules() if not getattr(m, flag, False)]
+    try:
+        yield
+    finally:
+        for module in unmarked:
+            if flag in vars(module):
+                delattr(module, flag)
+
+
+def _text_requires_grad(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+    # with frozen parameters, make text-only attention (e.g. BLIP's first text layer) differentiable;
+    # the clone keeps the result a non-leaf, as models add to it in place
+    if output.requires_grad:
+        return output
+    return output.detach().requires_grad_(True).clone()
+
+
+class FusionAttribution(Attribution):
+    """Base of the fusion-model image methods; subclasses implement ``_modules``, ``_row_maps``
+    and ``_reduce_rows`` (see the module docstring for what is explained per model class)."""
+
+    def __init__(self, model: nn.Module):
+        self.adapter = get_adapter(model)
+        self.model = self.adapter.model
+        name = type(self.model).__name__
+        if name not in FUSION_KINDS:
+            raise TypeError(
+                f"model: {type(self).__name__} explains fusion models ({', '.join(FUSION_KINDS)}), got "
+                f"{name}; for two-tower models (CLIP, SigLIP) use GradECLIP or another image method"
+            )
+        self.kind = FUSION_KINDS[name]
+        self.blip_vqa = name == "BlipForQuestionAnswering"  # the only one with answer_ids
+        if self.kind == "match":
+            forward_func = MatchLogit(self.model)
+        elif self.kind == "answer":
+            forward_func = AnswerLogits(self.model)
+        else:
+            forward_func = TokenLogProbs(self.model)
+        super().__init__(forward_func)
+
+    # ----- what subclasses implement ----------------------------------------------------------
+    def _modules(self) -> list[nn.Module]:
+        """Attention modules to record, in the order ``_row_maps`` expects them."""
+        raise NotImplementedError
+
+    def _row_maps(
+        self, attentions: list[torch.Tensor], grads: list[torch.Tensor], inputs: FusionInputs
+    ) -> torch.Tensor:
+        """Row maps ``[B, Q, K]`` from one score's recorded attentions and gradients."""
+        raise NotImplementedError
+
+    def _reduce_rows(self, rows: torch.Tensor, inputs: FusionInputs, position: int | None) -> torch.Tensor:
+        """One map ``[B, K]`` from row maps: the whole-text map of a match/answer score
+        (``position=None``) or the map of the token at ``position`` from its own score."""
+        raise NotImplementedError
+
+    # ----- public API -------------------------------------------------------------------------
+    @log_usage()  # Captum's NoiseTunnel calls attribute.__wrapped__
+    def attribute(
+        self,
+        inputs: torch.Tensor,
+        target: int | Sequence[int] | torch.Tensor | None = None,
+        additional_forward_args: tuple | None = None,
+        return_grid: bool = False,
+        upsample: str = "nearest",
+    ) -> torch.Tensor:
+        """One image map per example: the match/answer score over the whole text, or for token
+        models the mean of the chosen tokens' maps.
+
+        Args:
+            inputs: ``pixel_values`` ``[B, 3, H, W]``.
+            target: ``None`` for match models; the answer label id(s) for ViLT VQA; for token
+                models the position(s) to explain (an int or a list of ints), ``None`` for all
+                scored positions.
+            additional_forward_args: ``(input_ids, attention_mask)``; for BLIP VQA
+                ``(input_ids, attention_mask, answer_ids[, answer_attention_mask])``.
+            return_grid: return the patch grid ``[B, h, w]`` instead of ``[B, 3, H, W]``.
+            upsample: ``"nearest"`` or ``"bilinear"`` (ignored with ``return_grid``).
+
+        Returns:
+            ``[B, 3, H, W]`` (or ``[B, h, w]``).
+
+        Example:
+            >>> heat = method.attribute(pixel_values, additional_forward_args=(ids, mask))  # doctest: +SKIP
+        """
+        prepared, positions = self._prepare(inputs, target, additional_forward_args, upsample)
+        _, _, aggregate = self._maps(prepared, target, positions)
+        return self._finish(aggregate, prepared, return_grid, upsample)
+
+    def attribute_tokens(
+        self,
+        inputs: torch.Tensor,
+        target: int | Sequence[int] | torch.Tensor | None = None,
+        additional_forward_args: tuple | None = None,
+        word_ids: Sequence | None = None,
+        token_groups: Sequence[Sequence[int]] | None = None,
+        return_grid: bool = False,
+        upsample: str = "nearest",
+    ) -> torch.Tensor:
+        """One image map per token (or per word), aligned with the token axis.
+
+        Positions without a map (padding; for token models, positions not explained or not
+        scored) are all zero.
+
+        Args:
+            inputs, target, additional_forward_args, return_grid, upsample: as in :meth:`attribute`.
+            word_ids: merge sub-tokens into words: the tokenizer's ``encoding.word_ids()`` (one
+                entry per token, ``None`` for special tokens), or one such list per example. Word
+                ``w``'s map is the mean of its tokens' maps (over tokens that have one).
+            token_groups: merge by explicit groups of token positions instead, the same for every
+                example; group ``g``'s map is the mean of its tokens' maps.
+
+        Returns:
+            ``[B, T, 3, H, W]`` (or ``[B, T, h, w]``); with words ``[B, W, ...]``, W the number of
+            words (groups), words missing from shorter examples zero.
+
+        Example:
+            >>> maps = method.attribute_tokens(pixel_values, additional_forward_args=(ids, mask),  # doctest: +SKIP
+            ...                                word_ids=encoding.word_ids())
+        """
+        prepared, positions = self._prepare(inputs, target, additional_forward_args, upsample)
+        groups = _word_groups(word_ids, token_groups, prepared.tokens.shape)
+        per_token, has_map, _ = self._maps(prepared, target, positions)
+        if groups is not None:
+            per_token = _merge(per_token, has_map, groups)
+        return self._finish(per_token, prepared, return_grid, upsample)
+
+    # ----- plumbing ---------------------------------------------------------------------------
+    def _prepare(self, inputs, target, additional_forward_args, upsample) -> tuple[FusionInputs, list[int]]:
+        pixel_values = _as_pixels(inputs)
+        if upsample not in UPSAMPLE_MODES:
+            raise ValueError(f"upsample: expected one of {UPSAMPLE_MODES}, got {upsample!r}")
+        args = _as_args(additional_forward_args, 4 if self.blip_vqa else 2)
+        max_length = self.adapter.max_text_length()
+        ids, mask = check_input_ids(args[0], args[1] if len(args) > 1 else None, max_length=max_length)
+        check_same_batch(pixel_values=pixel_values, input_ids=ids)
+        grid = self.adapter.patch_grid(pixel_values)
+        if min(grid) < 1:
+            raise ValueError(f"inputs: image {tuple(pixel_values.shape[-2:])} is smaller than one patch")
+        query_mask = mask.bool()
+        if self.blip_vqa:
+            if len(args) < 3 or args[2] is None:
+                raise ValueError(
+                    "additional_forward_args: BlipForQuestionAnswering needs "
+                    "(input_ids, attention_mask, answer_ids[, answer_attention_mask])"
+                )
+            answer_ids, answer_mask = check_input_ids(
+                args[2], args[3] if len(args) > 3 else None, max_length=max_length, name="answer_ids"
+            )
+            check_same_batch(pixel_values=pixel_values, answer_ids=answer_ids)
+            forward_args = (ids, mask, answer_ids, answer_mask)
+            tokens = answer_ids.clone()
+            tokens[:, 0] = self.model.config.text_config.bos_token_id
+            token_mask = self.forward_func.score_mask(tokens, answer_mask)
+        else:
+            forward_args = (ids, mask)
+            tokens, token_mask = ids, mask.bool()
+            if self.kind == "tokens":
+                token_mask = self.forward_func.score_mask(ids, mask)
+            if self.adapter.family == "llava":
+                query_mask = query_mask & ~self.adapter.image_token_positions(ids)
+        prepared = FusionInputs(pixel_values, forward_args, ids, mask, tokens, token_mask, query_mask, grid)
+        return prepared, self._positions(target, prepared)
+
+    def _positions(self, target, inputs: FusionInputs) -> list[int]:
+        """Validate ``target``; for token models return the positions to explain."""
+        if self.kind == "match":
+            if target is not None:
+                raise ValueError(
+                    f"target: {type(self.model).__name__} gives one match logit per example; pass "
+                    f"target=None (got {target!r})"
+                )
+            return []
+        if self.kind == "answer":
+            _answer_targets(target, inputs.input_ids.shape[0], int(self.model.config.num_labels))
+            return []
+        length = inputs.tokens.shape[1]
+        if target is None:
+            positions = [t for t in range(length) if bool(inputs.token_mask[:, t].any())]
+            if not positions:
+                raise ValueError("target: no token is scored (texts of one token, or score_from past the end)")
+            return positions
+        if isinstance(target, torch.Tensor):
+            if target.dim() > 1 or target.is_floating_point():
+                raise TypeError(f"target: expected an int tensor of positions [] or [n], got {target.dtype} "
+                                f"{tuple(target.shape)}")
+            target = target.tolist()
+        if isinstance(target, int) and not isinstance(target, bool):
+            target = [target]
+        if not isinstance(target, (list, tuple)) or not target:
+            raise TypeError(f"target: expected a token position or a list of positions, got {target!r}")
+        positions = []
+        for t in target:
+            if isinstance(t, bool) or not isinstance(t, int):
+                raise TypeError(f"target: expected int positions, got {t!r}")
+            if not -length < t < length or t % length == 0:
+                raise ValueError(
+                    f"target: position {t} has no prediction; token positions run 1..{length - 1} "
+                    "(position 0 is the start token)"
+                )
+            positions.append(t % length)
+        return sorted(set(positions))
+
+    def _maps(
+        self, inputs: FusionInputs, target, positions: list[int]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-token grids ``[B, T, h, w]``, which tokens have one ``[B, T]`` and the aggregate
+        grid ``[B, h, w]``."""
+        modules = self._modules()
+        pixels = inputs.pixel_values.detach().clone().requires_grad_(True)
+        b, length = inputs.tokens.shape
+        with ExitStack() as stack:
+            stack.enter_context(_transformers_hooks_reinstalled(self.model))
+            record = stack.enter_context(capture(self.model, attentions=modules, grads=False, freeze_parameters=True))
+            stack.enter_context(torch.enable_grad())
+            patch_calls = stack.enter_context(self.adapter.recorded_patch_index()) if self.adapter.family == "vilt" else None
+            self.adapter.text_embedding().register_forward_hook(_text_requires_grad)  # capture removes it
+            output = self.forward_func(pixels, *inputs.args)
+            if patch_calls is not None:
+                inputs.patch_index = patch_calls[-1]
+            attentions = record.attentions
+            if self.kind == "tokens":
+                per_token = None
+                for t in positions:
+                    rows = self._row_maps(attentions, _grads(output[:, t].sum(), attentions), inputs)
+                    reduced = self._reduce_rows(rows, inputs, t).detach()
+                    if per_token is None:
+                        per_token = reduced.new_zeros(b, length, reduced.shape[-1])
+                    per_token[:, t] = reduced
+                per_token = per_token * inputs.token_mask[:, :, None]
+                chosen = torch.zeros_like(inputs.token_mask)
+                chosen[:, positions] = True
+                has_map = chosen & inputs.token_mask
+                aggregate = per_token.sum(1) / has_map.sum(1, keepdim=True).clamp_min(1)
+            else:
+                if self.kind == "answer":
+                    labels = _answer_targets(target, b, output.shape[1]).to(output.device)
+                    score = output.gather(1, labels[:, None]).sum()
+                else:
+                    score = output.sum()
+                rows = self._row_maps(attentions, _grads(score, attentions), inputs).detach()
+                has_map = inputs.token_mask
+                per_token = rows[:, :length] * has_map[:, :, None]
+                aggregate = self._reduce_rows(rows, inputs, None)
+        return self._to_grid(per_token, inputs), has_map, self._to_grid(aggregate[:, None], inputs)[:, 0]
+
+    def _to_grid(self, values: torch.Tensor, inputs: FusionInputs) -> torch.Tensor:
+        """Image columns of ``values`` ``[B, R, K]`` onto the patch grid ``[B, R, h, w]``."""
+        (h, w), b, r = inputs.grid, values.shape[0], values.shape[1]
+        family = self.adapter.family
+        if family == "vilt":
+            image = values[..., inputs.input_ids.shape[1] + 1 :]  # after the text and the image CLS
+            index = inputs.patch_index.to(values.device)
+            flat = (index[..., 0] * w + index[..., 1])[:, None, :].expand(b, r, -1)
+            grid = values.new_zeros(b, r, h * w).scatter_add_(-1, flat, image)
+            return grid.reshape(b, r, h, w)
+        if family == "llava":
+            positions = self.adapter.image_token_positions(inputs.input_ids)
+            image = torch.stack([values[i][:, positions[i]] for i in range(b)])
+        else:
+            image = values
+        prefix = self.adapter.num_prefix_tokens
+        if image.shape[-1] == h * w + prefix:
+            image = image[..., prefix:]
+        if image.shape[-1] != h * w:
+            raise ValueError(
+                f"inputs: the model saw {image.shape[-1]} image tokens but the {h}x{w} patch grid of "
+                f"pixel_values {tuple(inputs.pixel_values.shape)} has {h * w}"
+            )
+        return image.reshape(b, r, h, w)
+
+    def _finish(self, grid: torch.Tensor, inputs: FusionInputs, return_grid: bool, upsample: str) -> torch.Tensor:
+        grid = grid.to(inputs.pixel_values.dtype)
+        if return_grid:
+            return grid
+        return upsample_grid(grid, tuple(inputs.pixel_values.shape[-2:]), self.adapter.patch_size(), upsample)
+
+
+def _grads(score: torch.Tensor, attentions: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``d score / d A`` for each recorded attention (zeros where the score does not depend on it)."""
+    needed = [i for i, a in enumerate(attentions) if a.requires_grad]
+    found = torch.autograd.grad(score, [attentions[i] for i in needed], retain_graph=True, allow_unused=True)
+    grads = [torch.zeros_like(a) for a in attentions]
+    for i, g in zip(needed, found):
+        if g is not None:
+            grads[i] = g
+    return grads
+
+
+def _as_args(additional_forward_args: object, most: int) -> tuple:
+    if isinstance(additional_forward_args, torch.Tensor):
+        return (additional_forward_args,)
+    if not isinstance(additional_forward_args, (tuple, list)) or not 1 <= len(additional_forward_args) <= most:
+        wanted = "(input_ids, attention_mask, answer_ids[, answer_attention_mask])" if most == 4 else "(input_ids, attention_mask)"
+        raise TypeError(
+            f"additional_forward_args: expected {wanted} from the processor, got "
+            f"{type(additional_forward_args).__name__}"
+            + (f" of length {len(additional_forward_args)}" if isinstance(additional_forward_args, (tuple, list)) else "")
+        )
+    return tuple(additional_forward_args)
+
+
+def _answer_targets(target: object, batch: int, n_answers: int) -> torch.Tensor:
+    """ViLT VQA ``target`` (label id, one per example) to ``[B]`` long."""
+    if target is None:
+        raise ValueError(
+            "target: say which answer to explain, its label id (model.config.label2id[answer]), one "
+            "int or one per example"
+        )
+    if isinstance(target, torch.Tensor):
+        if target.dim() > 1 or target.is_floating_point():
+            raise TypeError(f"target: expected an integer tensor [] or [B], got {target.dtype} {tuple(target.shape)}")
+        target = target.tolist()
+    if isinstance(target, int) and not isinstance(target, bool):
+        target = [target] * batch
+    if not isinstance(target, (list, tuple)):
+        raise TypeError(f"target: expected an answer label id or a list of them, got {type(target).__name__}")
+    if len(target) != batch:
+        raise ValueError(f"target: {len(target)} answers for {batch} examples; give one per example or one int")
+    for t in target:
+        if isinstance(t, bool) or not isinstance(t, int):
+            raise TypeError(f"target: expected int label ids, got {t!r}")
+        if not 0 <= t < n_answers:
+            raise ValueError(f"target: answer id {t} is out of range for {n_answers} answers (0..{n_answers - 1})")
+    return torch.tensor(target, dtype=torch.long)
+
+
+def _word_groups(word_ids, token_groups, shape: torch.Size) -> list[list[list[int]]] | None:
+    """Token positions of each word, per example: ``groups[b][w]``."""
+    b, length = shape
+    if word_ids is not None and token_groups is not None:
+        raise ValueError("word_ids, token_groups: give one way of merging tokens into words, not both")
+    if token_groups is not None:
+        if not isinstance(token_groups, (list, tuple)) or not token_groups or not all(
+            isinstance(g, (list, tuple)) and g for g in token_groups
+        ):
+            raise TypeError(f"token_groups: expected a non-empty list of non-empty lists of positions, got {token_groups!r}")
+        for group in token_groups:
+            for p in group:
+                if isinstance(p, bool) or not isinstance(p, int) or not 0 <= p < length:
+                    raise ValueError(f"token_groups: position {p!r} is not a token position 0..{length - 1}")
+        return [[list(g) for g in token_groups] for _ in range(b)]
+    if word_ids is None:
+        return None
+    if not isinstance(word_ids, (list, tuple)) or not word_ids:
+        raise TypeError(f"word_ids: expected the tokenizer's word_ids() list (or one per example), got {word_ids!r}")
+    rows = list(word_ids) if isinstance(word_ids[0], (list, tuple)) else [list(word_ids)] * b
+    if len(rows) != b:
+        raise ValueError(f"word_ids: {len(rows)} lists for {b} examples; give one per example or one for all")
+    groups = []
+    for row in rows:
+        if len(row) != length:
+            raise ValueError(f"word_ids: {len(row)} entries for {length} tokens; give one per token (None for special)")
+        words: dict[int, list[int]] = {}
+        for p, w in enumerate(row):
+            if w is None:
+                continue
+            if isinstance(w, bool) or not isinstance(w, int):
+                raise TypeError(f"word_ids: expected ints or None, got {w!r}")
+            words.setdefault(w, []).append(p)
+        groups.append([words[w] for w in sorted(words)])
+    return groups
+
+
+def _merge(per_token: torch.Tensor, has_map: torch.Tensor, groups: list[list[list[int]]]) -> torch.Tensor:
+    """Mean of each group's token maps over its tokens that have one: ``[B, T, ...]`` to ``[B, W, ...]``."""
+    n_words = max(len(g) for g in groups)
+    out = per_token.new_zeros(per_token.shape[0], n_words, *per_token.shape[2:])
+    for i, words in enumerate(groups):
+        for w, positions in enumerate(words):
+            keep = [p for p in positions if has_map[i, p]]
+            if keep:
+                out[i, w] = per_token[i, keep].mean(0)
+    return out

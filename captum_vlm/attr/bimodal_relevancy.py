@@ -1,0 +1,145 @@
+"""Bi-modal relevancy propagation (Chefer et al. 2021) for fusion models."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from captum_vlm.attr._fusion import FusionAttribution, FusionInputs, averaged_gradient_attention
+
+__all__ = ["BimodalRelevancy", "normalised_self_relevancy"]
+
+IMAGE_RELEVANCY = ("vision", "identity")
+
+
+def normalised_self_relevancy(relevancy: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """The paper's normalisation of a self-relevancy map before a co-attention step:
+    ``R_bar = rownorm(R - I) + I`` (each row of ``R - I`` scaled to sum 1; all-zero rows stay 0).
+
+    Args:
+        relevancy: ``[B, N, N]``, identity plus non-negative additions.
+
+    Returns:
+        ``[B, N, N]``.
+
+    Example:
+        >>> normalised_self_relevancy(torch.tensor([[[3., 2.], [0., 1.]]]))
+        tensor([[[1.5000, 0.5000],
+                 [0.0000, 1.0000]]])
+    """
+    eye = torch.eye(relevancy.shape[-1], dtype=relevancy.dtype, device=relevancy.device)
+    residual = relevancy - eye
+    return residual / residual.sum(dim=-1, keepdim=True).clamp_min(eps) + eye
+
+
+class BimodalRelevancy(FusionAttribution):
+    """Relevancy propagation of Chefer, Gur and Wolf, "Generic Attention-model Explainability for
+    Interpreting Bi-Modal and Encoder-Decoder Transformers", ICCV 2021.
+
+    Every recorded attention map becomes ``A_bar = E_h[(grad * A)^+]`` (rule 5: gradient of the
+    explained score times the attention, positive part, mean over heads). Relevancy maps start as identities (within a modality) and zeros
+    (across) and are updated layer by layer, first to last:
+
+    * self-attention over tokens s (rules 6-7): ``R_ss += A_bar R_ss`` and ``R_sq += A_bar R_sq``;
+    * co-attention of queries s over keys q (rules 10-11):
+      ``R_sq += R_bar_ss^T A_bar R_bar_qq`` and ``R_ss += A_bar R_qs``, with the normalisation
+      of eqs. 8-9, ``R_bar = rownorm(R - I) + I`` (:func:`normalised_self_relevancy`).
+
+    Which rules apply per family:
+
+    * BLIP (ITM, captioning): the image self-relevancy ``R_ii`` comes first, either propagated
+      through the vision tower's self-attention with rule 6 (``image_relevancy="vision"``, the
+      default) or fixed at the identity (``"identity"``). Then each text layer applies the
+      self-attention rules to the text (``R_tt``, ``R_ti``) and the co-attention rule 10 for its
+      cross-attention (text queries, image keys). Rule 11 adds ``A_bar R_it`` with ``R_it = 0``:
+      BLIP's image never attends to the text, so ``R_tt`` gets nothing from it.
+    * ViLT, LLaVA: one joint sequence, so only the self-attention rule over every layer,
+      ``R += A_bar R``; the text rows are read over the image columns (ViLT's patch order recovered
+      from the forward; LLaVA's image-token positions). LLaVA's vision tower is not propagated:
+      its image tokens count as the inputs.
+    * ``BlipForQuestionAnswering`` is not supported: its answer decoder attends to the question
+      encoder, not to the image, so the answer's relevancy would have to be chained through the
+      decoder's attention, which the BLIP adapter does not expose; use
+      :class:`CrossAttentionGradCAM`.
+
+    Read-out (columns: image tokens, image CLS dropped): for match models and ViLT VQA, token
+    ``q``'s map is row ``q`` of the text-to-image relevancy and :meth:`attribute` returns the row of
+    the token the head reads (position 0, CLS); for token models the map of token ``t`` is row
+    ``t - 1`` (the position that predicts it) under the gradient of its own log-probability, and
+    :meth:`attribute` returns the mean over the chosen tokens.
+
+    Shapes: as :class:`CrossAttentionGradCAM` (``[B, 3, H, W]``, ``return_grid=True`` for
+    ``[B, h, w]``; ``attribute_tokens`` for one map per token or word).
+
+    Args:
+        model: ``BlipForImageTextRetrieval``, ``BlipForConditionalGeneration``,
+            ``ViltForQuestionAnswering``, ``ViltForImageAndTextRetrieval`` or
+            ``LlavaForConditionalGeneration``.
+        image_relevancy: BLIP only: ``"vision"`` (propagate through the vision tower) or
+            ``"identity"``; ``None`` means ``"vision"`` for BLIP.
+
+    Example:
+        >>> explainer = BimodalRelevancy(blip_itm)                                      # doctest: +SKIP
+        >>> heat = explainer.attribute(pixel_values, additional_forward_args=(ids, mask))   # doctest: +SKIP
+    """
+
+    def __init__(self, model: nn.Module, image_relevancy: str | None = None):
+        super().__init__(model)
+        if self.blip_vqa:
+            raise TypeError(
+                "model: BimodalRelevancy does not support BlipForQuestionAnswering (its answer decoder "
+                "attends to the question, not the image); use CrossAttentionGradCAM"
+            )
+        self.two_streams = self.adapter.family == "blip"
+        if image_relevancy is not None and not self.two_streams:
+            raise ValueError(
+                f"image_relevancy: only BLIP keeps a separate image stream; {type(self.model).__name__} "
+                "has one joint sequence, leave it None"
+            )
+        if image_relevancy is None:
+            image_relevancy = "vision"
+        if image_relevancy not in IMAGE_RELEVANCY:
+            raise ValueError(f"image_relevancy: expected one of {IMAGE_RELEVANCY}, got {image_relevancy!r}")
+        self.image_relevancy = image_relevancy
+
+    def _modules(self) -> list[nn.Module]:
+        if not self.two_streams:
+            return self.adapter.text_attentions()
+        vision = self.adapter.vision_attentions() if self.image_relevancy == "vision" else []
+        return vision + self.adapter.text_attentions() + self.adapter.cross_attentions()
+
+    def _row_maps(self, attentions: list[torch.Tensor], grads: list[torch.Tensor], inputs: FusionInputs) -> torch.Tensor:
+        a_bar = [averaged_gradient_attention(a, g) for a, g in zip(attentions, grads)]
+        if not self.two_streams:
+            return _self_attention_relevancy(a_bar)
+        n_text = len(self.adapter.text_attentions())
+        n_vision = len(a_bar) - 2 * n_text
+        vision, text, cross = a_bar[:n_vision], a_bar[n_vision : n_vision + n_text], a_bar[n_vision + n_text :]
+        batch, t, n = cross[0].shape
+        r_ii = _self_attention_relevancy(vision) if vision else _eye(batch, n, cross[0])
+        r_ii_bar = normalised_self_relevancy(r_ii)
+        r_tt, r_ti = _eye(batch, t, cross[0]), cross[0].new_zeros(batch, t, n)
+        for a_tt, a_ti in zip(text, cross):
+            r_tt, r_ti = r_tt + a_tt @ r_tt, r_ti + a_tt @ r_ti  # rules 6-7
+            r_ti = r_ti + normalised_self_relevancy(r_tt).transpose(-1, -2) @ a_ti @ r_ii_bar  # rule 10
+        return r_ti
+
+    def _reduce_rows(self, rows: torch.Tensor, inputs: FusionInputs, position: int | None) -> torch.Tensor:
+        batch = torch.arange(rows.shape[0], device=rows.device)
+        if position is None:
+            pooled = self.adapter.pooled_text_position(inputs.input_ids, inputs.attention_mask).to(rows.device)
+            return rows[batch, pooled.long()]
+        return rows[:, position - 1]
+
+
+def _eye(batch: int, n: int, like: torch.Tensor) -> torch.Tensor:
+    return torch.eye(n, dtype=like.dtype, device=like.device).expand(batch, n, n).clone()
+
+
+def _self_attention_relevancy(a_bar: list[torch.Tensor]) -> torch.Tensor:
+    """Rule 6 over a stack of self-attention layers: ``R = I; R += A_bar R`` for each."""
+    batch, n, _ = a_bar[0].shape
+    relevancy = _eye(batch, n, a_bar[0])
+    for a in a_bar:
+        relevancy = relevancy + a @ relevancy
+    return relevancy

@@ -1,0 +1,579 @@
+"""Token-level Integrated Gradients on the embedding layers, for every family.
+
+IG runs at the *output* of the text-embedding layer and of the patch-embedding layer (Captum's
+:class:`~captum.attr.LayerIntegratedGradients`), so ``input_ids`` reach the model intact: LLaVA's
+image placeholders stay where they are and are filled with image features as usual, and a
+caption scored by :class:`~captum_vlm.targets.TokenLogProbs` is still the caption being scored.
+
+The helpers at the bottom (default target per family, splitting ``additional_forward_args``,
+special tokens kept in text baselines, picking ``target`` columns) are shared with
+:mod:`captum_vlm.attr.occlusion`.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+from captum.attr import GradientAttribution, LayerIntegratedGradients
+from captum.log import log_usage
+from torch import nn
+from tqdm.auto import tqdm
+
+from captum_vlm._checks import check_input_ids, check_pixel_values, check_same_batch
+from captum_vlm.adapters import get_adapter
+from captum_vlm.attr._base import UPSAMPLE_MODES, normalise_targets, upsample_grid
+from captum_vlm.hooks import preserved_model_state
+from captum_vlm.targets import (
+    AnswerLogits,
+    ImageTextSimilarity,
+    MatchLogit,
+    TextImageSimilarity,
+    TokenLogProbs,
+    _Target,
+)
+
+__all__ = ["TokenIntegratedGradients", "default_target", "text_baseline_ids", "model_scope"]
+
+MODALITIES = ("image", "text", "both")
+IG_METHODS = ("gausslegendre", "riemann_trapezoid", "riemann_left", "riemann_right", "riemann_middle")
+
+
+class TokenIntegratedGradients(GradientAttribution):
+    """Integrated Gradients over text tokens, image patches, or both on one path.
+
+    IG (Sundararajan, Taly & Yan, *Axiomatic Attribution for Deep Networks*, ICML 2017) integrates
+    the gradient of the target along the straight path from a baseline to the input. Here the path
+    runs in embedding space:
+
+    * ``modality="text"``: the output of the token-embedding layer. The baseline keeps the special
+      tokens (BOS/CLS at position 0, EOS/SEP, the pooled position such as CLIP's EOS, LLaVA's image
+      placeholders, padding) and puts the pad token everywhere else (see :func:`text_baseline_ids`).
+      Scores are summed over the embedding dimension: one value per token of ``input_ids``.
+    * ``modality="image"``: the output of the patch-embedding layer, baseline = the patch embedding
+      of ``baselines`` (zeros by default, the mean colour after the processor's normalisation),
+      summed per patch and spread over the patch's pixels.
+    * ``modality="both"``: text and patch embeddings are scaled together by the same ``alpha``, so
+      the two maps share one budget: ``sum(image) + sum(text) = f(x) - f(baselines)`` up to the
+      convergence delta, and the modalities' shares are comparable.
+
+    The text side is always ``input_ids`` from ``additional_forward_args``. For two-tower models
+    (CLIP, SigLIP) with K prompts, the text map of image ``b`` holds the tokens of the prompt it
+    explains, ``input_ids[target[b]]``; for fusion models row ``b`` of the text map is aligned with
+    ``input_ids[b]``.
+
+    Args:
+        model: a supported vision-language model (its default target is used, see
+            :func:`default_target`), or a target from :mod:`captum_vlm.targets` (e.g.
+            ``TokenLogProbs(model, reduction="sum", score_from=5)``) to explain something else.
+        multiply_by_inputs: multiply the averaged gradients by ``input - baseline`` (IG proper); with
+            ``False`` the result is the path-averaged gradient.
+
+    Example:
+        >>> ig = TokenIntegratedGradients(clip_model)                        # doctest: +SKIP
+        >>> image, text = ig.attribute(pixel_values, target=0, modality="both",  # doctest: +SKIP
+        ...                            additional_forward_args=(input_ids, attention_mask))
+    """
+
+    def __init__(self, model: nn.Module | _Target, multiply_by_inputs: bool = True):
+        self.target_fn = default_target(model)
+        self.adapter = self.target_fn.adapter
+        self.model = self.adapter.model
+        self.two_tower = bool(getattr(self.adapter, "two_tower", False))
+        self._multiply_by_inputs = multiply_by_inputs
+        self._want_delta = False
+        self._interpolate = bool(getattr(self.target_fn, "interpolate_pos_encoding", False))
+        super().__init__(self.target_fn)
+
+    @property
+    def multiplies_by_inputs(self) -> bool:
+        return self._multiply_by_inputs
+
+    def has_convergence_delta(self) -> bool:
+        return True
+
+    @log_usage()  # Captum's NoiseTunnel calls attribute.__wrapped__
+    def attribute(  # type: ignore[override]
+        self,
+        inputs: torch.Tensor,
+        target: int | Sequence[int] | torch.Tensor | None = None,
+        additional_forward_args: tuple | None = None,
+        modality: str = "image",
+        baselines: torch.Tensor | float | None = None,
+        text_baseline: int | torch.Tensor | None = None,
+        keep_token_ids: Sequence[int] = (),
+        n_steps: int = 50,
+        method: str = "gausslegendre",
+        internal_batch_size: int | None = None,
+        return_convergence_delta: bool = False,
+        return_grid: bool = False,
+        upsample: str = "nearest",
+        show_progress: bool = False,
+    ):
+        """Attribute the target to tokens, patches, or both.
+
+        Args:
+            inputs: ``pixel_values`` ``[B, 3, H, W]``.
+            target: which output to explain, as in Captum: for two-tower models the prompt index
+                (int, one per image, or ``[B]`` tensor); for ``AnswerLogits`` the answer id; for a
+                per-token ``TokenLogProbs`` the token column; ``None`` for one-number scores
+                (match logit, summed log-probability).
+            additional_forward_args: ``(input_ids, attention_mask, *extra)`` as the target takes
+                them (BLIP VQA: ``(..., answer_ids, answer_attention_mask)``).
+            modality: ``"image"``, ``"text"`` or ``"both"``.
+            baselines: pixel baseline (a float or a tensor shaped like ``inputs``); default 0.
+            text_baseline: the token id that replaces non-special tokens (default: the model's pad
+                token), or a whole baseline ``input_ids`` tensor.
+            keep_token_ids: more token ids to keep in the baseline (e.g. a tokenizer's CLS/SEP
+                that the model config does not name).
+            n_steps: integration steps.
+            method: Captum's integration rule (``"gausslegendre"``, ``"riemann_trapezoid"``...).
+            internal_batch_size: at most this many interpolated examples per forward (bounds
+                memory); ``None`` runs all steps at once.
+            return_convergence_delta: also return ``sum(attributions) - (f(x) - f(baseline))``
+                per image ``[B]``.
+            return_grid: give the image map as the patch grid ``[B, h, w]``.
+            upsample: ``"nearest"`` or ``"bilinear"`` for the pixel-shaped image map.
+            show_progress: draw a tqdm bar over the forward passes.
+
+        Returns:
+            ``"image"``: ``[B, 3, H, W]`` (or ``[B, h, w]``); ``"text"``: ``[B, T]``; ``"both"``:
+            the tuple ``(image, text)``. With ``return_convergence_delta``: ``(that, delta)``.
+
+        Example:
+            >>> ig = TokenIntegratedGradients(blip_itm)                      # doctest: +SKIP
+            >>> tokens = ig.attribute(pixel_values, modality="text",         # doctest: +SKIP
+            ...                       additional_forward_args=(ids, mask))
+        """
+        pixel_values = check_pixel_values(_single_input(inputs), name="inputs")
+        if modality not in MODALITIES:
+            raise ValueError(f"modality: expected one of {MODALITIES}, got {modality!r}")
+        if upsample not in UPSAMPLE_MODES:
+            raise ValueError(f"upsample: expected one of {UPSAMPLE_MODES}, got {upsample!r}")
+        if isinstance(n_steps, bool) or not isinstance(n_steps, int) or n_steps < 1:
+            raise ValueError(f"n_steps: expected an int >= 1, got {n_steps!r}")
+        if method not in IG_METHODS:
+            raise ValueError(f"method: expected one of {IG_METHODS}, got {method!r}")
+        if internal_batch_size is not None and (
+            isinstance(internal_batch_size, bool) or not isinstance(internal_batch_size, int) or internal_batch_size < 1
+        ):
+            raise ValueError(f"internal_batch_size: expected None or an int >= 1, got {internal_batch_size!r}")
+        ids, mask, extra = split_forward_args(self.adapter, additional_forward_args)
+        if not self.two_tower:
+            check_same_batch(inputs=pixel_values, input_ids=ids)
+        pixel_base = _pixel_baseline(baselines, pixel_values)
+        text_base = None
+        if modality != "image":
+            text_base = text_baseline_ids(self.adapter, ids, mask, text_baseline, keep_token_ids)
+
+        self._want_delta = return_convergence_delta
+        with model_scope(self.model, freeze_parameters=True), torch.enable_grad():
+            if self.two_tower:
+                rows = normalise_targets(target, pixel_values.shape[0], ids.shape[0])
+                image, text, delta = self._two_tower(
+                    pixel_values, pixel_base, ids, mask, text_base, rows, modality,
+                    n_steps, method, internal_batch_size, show_progress,
+                )
+            else:
+                image, text, delta = self._fusion(
+                    pixel_values, pixel_base, ids, mask, extra, text_base, target, modality,
+                    n_steps, method, internal_batch_size, show_progress,
+                )
+        if image is not None and not return_grid:
+            image = upsample_grid(image, tuple(pixel_values.shape[-2:]), self.adapter.patch_size(), upsample)
+        out = {"image": image, "text": text, "both": (image, text)}[modality]
+        return (out, delta) if return_convergence_delta else out
+
+    # ----- two-tower models (CLIP, SigLIP) -----------------------------------------------------
+    def _two_tower(self, pixels, pixel_base, ids, mask, text_base, rows, modality, n_steps, method, ibs, progress):
+        adapter = self.adapter
+        n_prompts = ids.shape[0]
+        if modality == "image":
+            similarity = ImageTextSimilarity(self.model)
+            text = similarity.text_embeds(ids, mask)
+
+            def forward(pix):
+                return adapter.similarity_logits(adapter.image_embeds(pix, self._interpolate), text)
+
+            grids, delta = self._integrate(
+                forward, [adapter.patch_embedding()], (pixels,), (pixel_base,), (), rows.tolist(),
+                n_steps, method, ibs, progress,
+            )
+            return _patch_sum(grids[0], adapter.patch_grid(pixels)), None, delta
+
+        # text and both: one image at a time, so each prompt's gradient belongs to one image
+        images, texts, deltas = [], [], []
+        for b in range(pixels.shape[0]):
+            pix = pixels[b : b + 1]
+            fixed_image = None
+            if modality == "text":
+                with torch.no_grad():
+                    fixed_image = adapter.image_embeds(pix, self._interpolate)
+
+            def forward(*args, fixed_image=fixed_image):
+                if fixed_image is None:
+                    pix_steps, ids_steps, mask_steps = args
+                    image = adapter.image_embeds(pix_steps, self._interpolate)
+                else:
+                    ids_steps, mask_steps = args
+                    image = fixed_image
+                text = adapter.text_embeds(ids_steps, mask_steps)
+                return _paired_logits(adapter, image, text, n_prompts)
+
+            k = int(rows[b])
+            if modality == "text":
+                layers, inps, bases, rest = [adapter.text_embedding()], (ids,), (text_base,), (mask,)
+            else:
+                layers = [adapter.patch_embedding(), adapter.text_embedding()]
+                inps, bases, rest = (pix, ids), (pixel_base[b : b + 1], text_base), (mask,)
+            attrs, delta = self._integrate(forward, layers, inps, bases, rest, k, n_steps, method, ibs, progress)
+            texts.append(attrs[-1].sum(-1)[k])
+            if modality == "both":
+                images.append(_patch_sum(attrs[0], adapter.patch_grid(pix))[0])
+            deltas.append(None if delta is None else delta[0])
+        image = torch.stack(images) if images else None
+        return image, torch.stack(texts), (None if deltas[0] is None else torch.stack(deltas))
+
+    # ----- fusion models (BLIP, ViLT, LLaVA) --------------------------------------------------
+    def _fusion(self, pixels, pixel_base, ids, mask, extra, text_base, target, modality, n_steps, method, ibs, progress):
+        adapter, call = self.adapter, self.target_fn
+        if modality == "image":
+            layers, inps, bases, rest = [adapter.patch_embedding()], (pixels,), (pixel_base,), (ids, mask, *extra)
+            forward = call
+        elif modality == "text":
+            layers, inps, bases, rest = [adapter.text_embedding()], (ids,), (text_base,), (pixels, mask, *extra)
+
+            def forward(ids_steps, pix_steps, *others):
+                return call(pix_steps, ids_steps, *others)
+
+        else:
+            layers = [adapter.patch_embedding(), adapter.text_embedding()]
+            inps, bases, rest = (pixels, ids), (pixel_base, text_base), (mask, *extra)
+            forward = call
+        with torch.no_grad():
+            check_output_target(call(pixels, ids, mask, *extra), target)
+        attrs, delta = self._integrate(forward, layers, inps, bases, rest, target, n_steps, method, ibs, progress)
+        image = _patch_sum(attrs[0], adapter.patch_grid(pixels)) if modality != "text" else None
+        text = attrs[-1].sum(-1) if modality != "image" else None
+        return image, text, delta
+
+    # ----- the integration itself ---------------------------------------------------------------
+    def _integrate(self, forward, layers, inputs, baselines, rest, target, n_steps, method, ibs, progress):
+        """LayerIntegratedGradients on ``layers`` jointly; returns per-layer attributions (the
+        layer outputs' shapes) and the convergence delta per example."""
+        batch = inputs[0].shape[0]
+        steps_per_pass = n_steps if ibs is None else max(1, ibs // batch)
+        total = 2 + math.ceil(n_steps / steps_per_pass)
+        bar = tqdm(total=total, desc="TokenIntegratedGradients", disable=not progress, leave=False)
+
+        def counted(*args):
+            # registered after Captum's own hooks, so it copies what they return: some models add
+            # position embeddings in place (BLIP's text embeddings), which a leaf cannot take
+            handles = [layer.register_forward_hook(_copy_output) for layer in layers]
+            try:
+                bar.update(1)
+                return forward(*args)
+            finally:
+                for handle in handles:
+                    handle.remove()
+
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Multiple layers provided")
+                lig = LayerIntegratedGradients(counted, layers if len(layers) > 1 else layers[0],
+                                               multiply_by_inputs=self._multiply_by_inputs)
+                attrs = lig.attribute(
+                    inputs, baselines=baselines, target=target, additional_forward_args=rest or None,
+                    n_steps=n_steps, method=method, internal_batch_size=ibs,
+                )
+        finally:
+            bar.close()
+        attrs = [a[0] if isinstance(a, (tuple, list)) else a for a in (attrs if len(layers) > 1 else [attrs])]
+        attrs = [a.detach() for a in attrs]
+        if not self._want_delta:
+            return attrs, None
+        end, start = _endpoints(forward, layers, inputs, baselines, rest)
+        change = select_target(end, target) - select_target(start, target)
+        total_attr = sum(_example_sums(a, change.shape[0]) for a in attrs)
+        return attrs, total_attr - change
+
+
+# ----- helpers shared with occlusion --------------------------------------------------------------
+
+_CAPTURE_FLAG = "_output_capturing_hooks_installed"
+
+
+@contextmanager
+def model_scope(model: nn.Module, freeze_parameters: bool = False) -> Iterator[nn.Module]:
+    """:func:`~captum_vlm.hooks.preserved_model_state`, plus transformers' lazily installed
+    output-capturing hooks: they are installed once and marked by a flag on the module; the scope
+    removes the hooks, so the flag must go back too, or ``output_hidden_states`` (LLaVA's feature
+    layer) comes back empty on later calls.
+    """
+    flags = {id(m): vars(m).get(_CAPTURE_FLAG) for m in model.modules()}
+    try:
+        with preserved_model_state(model, freeze_parameters=freeze_parameters):
+            yield model
+    finally:
+        for module in model.modules():
+            before = flags.get(id(module))
+            if before is None:
+                vars(module).pop(_CAPTURE_FLAG, None)
+            else:
+                setattr(module, _CAPTURE_FLAG, before)
+
+
+def default_target(model: nn.Module | _Target) -> _Target:
+    """The target a method explains when given a bare model.
+
+    * CLIP, SigLIP: :class:`~captum_vlm.targets.ImageTextSimilarity` (``target=k``: prompt k);
+    * BLIP retrieval, ViLT retrieval: :class:`~captum_vlm.targets.MatchLogit` (``target=None``);
+    * ViLT VQA: :class:`~captum_vlm.targets.AnswerLogits` (``target``: answer id);
+    * BLIP captioning, BLIP VQA, LLaVA: ``TokenLogProbs(model, reduction="sum")`` (``target=None``).
+
+    A target instance is returned as it is.
+    """
+    if isinstance(model, TextImageSimilarity):
+        raise TypeError(
+            "model: TextImageSimilarity takes input_ids first; these methods take pixel_values first, so "
+            "pass the model (or ImageTextSimilarity) and choose the text side with modality='text'"
+        )
+    if isinstance(model, _Target):
+        return model
+    adapter = get_adapter(model)
+    name = type(adapter.model).__name__
+    if getattr(adapter, "two_tower", False):
+        return ImageTextSimilarity(adapter.model)
+    if name in MatchLogit._FAMILIES:
+        return MatchLogit(adapter.model)
+    if name == "ViltForQuestionAnswering":
+        return AnswerLogits(adapter.model)
+    if name in TokenLogProbs._FAMILIES:
+        return TokenLogProbs(adapter.model, reduction="sum")
+    raise TypeError(f"model: no default target for {name}; pass a target from captum_vlm.targets")
+
+
+def split_forward_args(adapter, additional_forward_args) -> tuple[torch.Tensor, torch.Tensor, tuple]:
+    """``additional_forward_args`` -> ``(input_ids, attention_mask, extra)``, checked."""
+    args = additional_forward_args
+    if isinstance(args, torch.Tensor):
+        args = (args,)
+    if not isinstance(args, (tuple, list)) or not args:
+        raise TypeError(
+            "additional_forward_args: expected (input_ids, attention_mask, ...) from the processor, got "
+            f"{type(additional_forward_args).__name__}"
+        )
+    mask = args[1] if len(args) > 1 else None
+    ids, mask = check_input_ids(args[0], mask, max_length=adapter.max_text_length())
+    return ids, mask, tuple(args[2:])
+
+
+def _config_token_ids(model: nn.Module) -> dict[str, int]:
+    found: dict[str, int] = {}
+    configs = [model.config] + [getattr(model.config, key, None) for key in ("text_config",)]
+    for config in configs:
+        if config is None:
+            continue
+        for key in ("pad_token_id", "bos_token_id", "eos_token_id", "sep_token_id", "cls_token_id",
+                    "decoder_start_token_id", "image_token_id", "image_token_index"):
+            value = getattr(config, key, None)
+            if isinstance(value, int) and not isinstance(value, bool):
+                found.setdefault(key, value)
+    return found
+
+
+def special_token_mask(
+    adapter, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep_token_ids: Sequence[int] = ()
+) -> torch.Tensor:
+    """Positions a text baseline or a text occlusion must leave alone ``[B, T]`` (bool): position
+    0 (BOS/CLS), the config's special tokens (BOS, EOS, SEP, CLS, image placeholder), the pooled
+    position, padding, and ``keep_token_ids``."""
+    ids_found = _config_token_ids(adapter.model)
+    special = {v for k, v in ids_found.items() if k != "pad_token_id"} | {int(t) for t in keep_token_ids}
+    keep = torch.zeros_like(input_ids, dtype=torch.bool)
+    for token in special:
+        keep |= input_ids == token
+    keep[:, 0] = True
+    keep |= ~attention_mask.bool()
+    pooled = adapter.pooled_text_position(input_ids, attention_mask).to(input_ids.device)
+    keep[torch.arange(input_ids.shape[0], device=input_ids.device), pooled] = True
+    return keep
+
+
+def pad_token_id(adapter) -> int | None:
+    """The model's pad token id from its config (or text config), if it names one."""
+    return _config_token_ids(adapter.model).get("pad_token_id")
+
+
+def text_baseline_ids(
+    adapter,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    text_baseline: int | torch.Tensor | None = None,
+    keep_token_ids: Sequence[int] = (),
+) -> torch.Tensor:
+    """The text baseline: ``input_ids`` with every non-special token replaced.
+
+    Args:
+        adapter: the model's adapter.
+        input_ids, attention_mask: ``[K, T]``.
+        text_baseline: replacement token id (default: the pad token), or a full baseline tensor
+            shaped like ``input_ids`` (returned after a shape check).
+        keep_token_ids: more token ids to keep.
+
+    Returns:
+        Baseline ids ``[K, T]`` whose pooled position equals that of ``input_ids``.
+
+    Example:
+        >>> text_baseline_ids(get_adapter(clip), ids, mask)     # doctest: +SKIP
+        tensor([[49406,     1,     1, 49407]])
+    """
+    if isinstance(text_baseline, torch.Tensor):
+        if text_baseline.shape != input_ids.shape or text_baseline.is_floating_point():
+            raise ValueError(
+                f"text_baseline: expected integer ids shaped like input_ids {tuple(input_ids.shape)}, got "
+                f"{text_baseline.dtype} {tuple(text_baseline.shape)}"
+            )
+        return text_baseline.to(input_ids.device)
+    if text_baseline is None:
+        text_baseline = pad_token_id(adapter)
+        if text_baseline is None:
+            raise ValueError("text_baseline: the model config names no pad token; pass a token id")
+    if isinstance(text_baseline, bool) or not isinstance(text_baseline, int):
+        raise TypeError(f"text_baseline: expected a token id (int) or a tensor, got {type(text_baseline).__name__}")
+    keep = special_token_mask(adapter, input_ids, attention_mask, keep_token_ids)
+    baseline = torch.where(keep, input_ids, torch.full_like(input_ids, text_baseline))
+    before = adapter.pooled_text_position(input_ids, attention_mask)
+    after = adapter.pooled_text_position(baseline, attention_mask)
+    if not torch.equal(before, after):
+        raise ValueError(
+            f"text_baseline: token {text_baseline} moves the pooled position ({before.tolist()} -> "
+            f"{after.tolist()}); pass another token id or a baseline tensor"
+        )
+    return baseline
+
+
+def check_output_target(output: torch.Tensor, target) -> None:
+    """``target`` must fit the forward output: None for ``[B]``, valid columns for ``[B, C]``."""
+    if output.dim() == 1:
+        if target is not None:
+            raise ValueError(
+                f"target: this score is one number per example (shape {tuple(output.shape)}); pass target=None"
+            )
+        return
+    columns = output.shape[1]
+    if target is None:
+        if columns != 1:
+            raise ValueError(f"target: the output has {columns} columns; say which to explain (target=...)")
+        return
+    values = target.flatten().tolist() if isinstance(target, torch.Tensor) else target
+    values = values if isinstance(values, (list, tuple)) else [values]
+    for value in values:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"target: expected ints, got {value!r}")
+        if not -columns <= value < columns:
+            raise ValueError(f"target: {value} is out of range for {columns} outputs (0..{columns - 1})")
+    if len(values) not in (1, output.shape[0]):
+        raise ValueError(f"target: {len(values)} targets for {output.shape[0]} examples; give one per example")
+
+
+def select_target(output: torch.Tensor, target) -> torch.Tensor:
+    """One score per row of ``output``: the ``target`` column (int, per-row list or tensor);
+    rows past the targets' length reuse them cyclically (Captum's expanded batches)."""
+    if output.dim() == 1:
+        return output
+    if target is None:
+        return output[:, 0]
+    if isinstance(target, int):
+        return output[:, target]
+    index = torch.as_tensor(target, dtype=torch.long, device=output.device).flatten()
+    if index.numel() == 1:
+        return output[:, int(index)]
+    index = index.repeat(output.shape[0] // index.numel())
+    return output.gather(1, index[:, None])[:, 0]
+
+
+def _single_input(inputs):
+    if isinstance(inputs, (tuple, list)):
+        if len(inputs) != 1:
+            raise ValueError(f"inputs: expected pixel_values alone, got a tuple of {len(inputs)}")
+        return inputs[0]
+    return inputs
+
+
+def _pixel_baseline(baselines, pixel_values: torch.Tensor) -> torch.Tensor:
+    if baselines is None:
+        return torch.zeros_like(pixel_values)
+    if isinstance(baselines, (int, float)) and not isinstance(baselines, bool):
+        return torch.full_like(pixel_values, float(baselines))
+    if isinstance(baselines, torch.Tensor):
+        if baselines.dim() == 0:
+            return torch.full_like(pixel_values, float(baselines))
+        try:
+            return torch.broadcast_to(baselines, pixel_values.shape).to(pixel_values)
+        except RuntimeError:
+            pass
+    raise ValueError(
+        f"baselines: expected a number or a tensor broadcastable to {tuple(pixel_values.shape)}, got {baselines!r}"
+    )
+
+
+def _patch_sum(layer_attr: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """Patch-embedding attributions (``[B, D, h, w]`` or ``[B, N, D]``) summed per patch ``[B, h, w]``."""
+    if layer_attr.dim() == 4:
+        return layer_attr.sum(1)
+    return layer_attr.sum(-1).reshape(layer_attr.shape[0], *grid)
+
+
+def _example_sums(attr: torch.Tensor, batch: int) -> torch.Tensor:
+    """Total attribution per example; a layer with more rows than examples (the K prompts of a
+    two-tower model, explained for one image) counts all its rows for that image."""
+    sums = attr.reshape(attr.shape[0], -1).sum(1)
+    return sums if sums.shape[0] == batch else sums.sum().expand(batch)
+
+
+def _paired_logits(adapter, image: torch.Tensor, text: torch.Tensor, n_prompts: int) -> torch.Tensor:
+    """Similarity logits where the ``s``-th copy of the image meets the ``s``-th copy of the K
+    prompts (Captum stacks IG steps along dimension 0): ``[steps, K]``."""
+    logits = adapter.similarity_logits(image, text)  # [S_img, S_txt * K]
+    steps = text.shape[0] // n_prompts
+    if image.shape[0] == 1:
+        return logits.reshape(steps, n_prompts)
+    logits = logits.reshape(image.shape[0], steps, n_prompts)
+    return logits[torch.arange(steps), torch.arange(steps)]
+
+
+def _copy_output(module: nn.Module, args, output: torch.Tensor) -> torch.Tensor:
+    return output.clone()
+
+
+def _endpoints(forward: Callable, layers, inputs, baselines, rest) -> tuple[torch.Tensor, torch.Tensor]:
+    """``f`` at the input and at the path's start (the layers' outputs at the baseline, the rest
+    of the forward run on the real inputs, as IG's path does)."""
+    recorded: dict[int, torch.Tensor] = {}
+
+    def record(i):
+        return lambda module, args, output: recorded.__setitem__(i, output.detach().clone())
+
+    def replace(i):
+        return lambda module, args, output: recorded[i].clone()
+
+    with torch.no_grad():
+        end = forward(*inputs, *rest)
+        handles = [layer.register_forward_hook(record(i)) for i, layer in enumerate(layers)]
+        try:
+            forward(*baselines, *rest)
+        finally:
+            for handle in handles:
+                handle.remove()
+        handles = [layer.register_forward_hook(replace(i)) for i, layer in enumerate(layers)]
+        try:
+            start = forward(*inputs, *rest)
+        finally:
+            for handle in handles:
+                handle.remove()
+    return end, start
+
