@@ -50,6 +50,8 @@ TWO_TOWER = ("CLIPModel", "SiglipModel")
 METHODS = {
     "Grad-ECLIP": lambda m: GradECLIP(m),
     "Grad-ECLIP (paper)": lambda m: GradECLIP(m, mode="paper"),
+    "Grad-ECLIP, last 3 blocks": lambda m: GradECLIP(m, layers=[-3, -2, -1]),
+    "Grad-ECLIP, all blocks": lambda m: GradECLIP(m, layers=list(range(-len(m.vision_model.encoder.layers), 0))),
     "Raw attention (mean)": lambda m: RawAttention(m),
     "Raw attention (grad)": lambda m: RawAttention(m, head_fusion="grad"),
     "Attention rollout": lambda m: AttentionRollout(m),

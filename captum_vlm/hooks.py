@@ -33,6 +33,9 @@ _HOOK_DICTS = (
     "_backward_pre_hooks",
     "_state_dict_hooks",
 )
+# transformers installs its output-recording hooks lazily, once, and marks the module with this
+# flag; removing the hooks without the flag would leave outputs such as hidden states empty
+_TRANSFORMERS_HOOK_FLAGS = ("_output_capturing_hooks_installed",)
 
 
 def _configs(model: nn.Module) -> list:
@@ -61,6 +64,10 @@ def preserved_model_state(model: nn.Module, *, freeze_parameters: bool = False) 
     """Restore hooks, ``requires_grad``, ``.grad``, train/eval mode and attention
     implementation of ``model`` when the block ends, however it ends.
 
+    Hooks added inside the block are removed, transformers' lazily installed output-recording
+    hooks included (with the flag that marks them, so transformers installs them again when
+    next needed).
+
     Args:
         model: any ``nn.Module``.
         freeze_parameters: inside the block, set ``requires_grad=False`` on every parameter
@@ -72,6 +79,7 @@ def preserved_model_state(model: nn.Module, *, freeze_parameters: bool = False) 
     modules = list(model.modules())
     params = list(model.parameters())
     hooks = [{name: set(getattr(m, name, {}) or {}) for name in _HOOK_DICTS} for m in modules]
+    flags = [{name: vars(m)[name] for name in _TRANSFORMERS_HOOK_FLAGS if name in vars(m)} for m in modules]
     training = [m.training for m in modules]
     requires_grad = [p.requires_grad for p in params]
     grads = [p.grad for p in params]
@@ -89,6 +97,12 @@ def preserved_model_state(model: nn.Module, *, freeze_parameters: bool = False) 
                 if registry:
                     for key in [k for k in registry if k not in keys]:
                         del registry[key]
+        for m, saved_flags in zip(modules, flags):
+            for name in _TRANSFORMERS_HOOK_FLAGS:
+                if name in saved_flags:
+                    setattr(m, name, saved_flags[name])
+                else:
+                    vars(m).pop(name, None)
         for m, mode in zip(modules, training):
             m.training = mode
         for p, flag, grad in zip(params, requires_grad, grads):

@@ -188,3 +188,21 @@ def test_missing_gradient_is_a_clear_error():
             model.vision_model(pixel_values=tm.pixels(1))
     with pytest.raises(RuntimeError, match="no gradient reached attention module 0"):
         _ = rec.attention_grads
+
+
+def test_transformers_output_recording_hooks_come_back_usable():
+    """LLaVA reads its vision features from hidden states that transformers records with hooks it
+    installs on first use; a scope that removes them must let transformers install them again."""
+    model = tm.llava()
+    reference = copy.deepcopy(model)
+    ids = torch.tensor([[tm.BOS] + [tm.LLAVA_IMAGE_TOKEN] * 16 + [9, 10]])
+    pixels = tm.pixels(1)
+    before = snapshot(model)
+    with torch.no_grad():
+        with preserved_model_state(model):
+            model(input_ids=ids, pixel_values=pixels)  # first forward: hooks installed here
+        assert_unchanged(model, before)
+        after = model(input_ids=ids, pixel_values=pixels, output_hidden_states=True)
+        expected = reference(input_ids=ids, pixel_values=pixels, output_hidden_states=True)
+    torch.testing.assert_close(after.logits, expected.logits)
+    assert len(after.hidden_states) == len(expected.hidden_states) == 3
