@@ -166,12 +166,13 @@ def pointing(n_scenes: int) -> None:
 
 
 def zoo_table(model, processor, n_scenes: int) -> None:
-    """Pointing game (object mask of the one object), deletion AUC of the target's probability
-    over the 12 zero-shot prompts, and CPU time per image, on ``n_scenes`` one-object scenes."""
+    """Pointing game (mask of the object the target prompt names, in scenes of two objects),
+    deletion AUC of the target's logit against the 12 zero-shot prompts, the grounding test, and CPU time per
+    image, on ``n_scenes`` scenes."""
     from captum_vlm import zoo
 
     texts = zoo.scenes.zero_shot_prompts()
-    scenes = zoo.scenes.make_scenes(seed=12345, count=n_scenes, n_objects=1)
+    scenes = zoo.scenes.make_scenes(seed=12345, count=n_scenes, n_objects=2)
     ig, occ = TokenIntegratedGradients(model), CausalOcclusion(model)
     sim = ImageTextSimilarity(model)
     methods = {
@@ -182,10 +183,8 @@ def zoo_table(model, processor, n_scenes: int) -> None:
                                                                    intervention="paint", perturbations_per_eval=16),
     }
 
-    def probability(pix, input_ids, attention_mask):
-        return sim(pix, input_ids, attention_mask).softmax(-1)
-
-    results = {name: {"maps": [], "auc": [], "seconds": 0.0} for name in methods}
+    results = {name: {"maps": [], "auc": [], "seconds": 0.0, "grounded": [], "flip": [], "flip_random": []}
+               for name in methods}
     masks, correct = [], 0
     for scene in scenes:
         inputs = processor(images=scene.pil(), text=texts, return_tensors="pt", padding=True)
@@ -201,19 +200,29 @@ def zoo_table(model, processor, n_scenes: int) -> None:
             results[name]["seconds"] += time.process_time() - start
             results[name]["maps"].append(heat[0])
             patch = model.config.vision_config.patch_size
-            curve = deletion_curve(probability, pix, heat, target=k, additional_forward_args=args,
+            curve = deletion_curve(sim, pix, heat, target=k, additional_forward_args=args,
                                    patch_size=patch, steps=16, baseline=0.0)
             results[name]["auc"].append(curve.mean_auc)
+            verdict = occ.grounding_test(pix, heat, target=k, additional_forward_args=args, fraction=0.25,
+                                         n_random=5, seed=0)
+            results[name]["grounded"].append(float(verdict.grounded.float().mean()))
+            results[name]["flip"].append(verdict.flip_rate_relevant)
+            results[name]["flip_random"].append(verdict.flip_rate_random)
     mask = torch.stack(masks)
-    print(f"{n_scenes} one-object scenes (seed 12345), target = the object's prompt among 12; zero-shot accuracy "
-          f"{correct / n_scenes:.2f}; deletion over 16 steps of 1/16 of the patches, baseline 0, score = softmax prob.")
-    print(f"{'method':>44} {'pointing game':>14} {'deletion AUC':>13} {'CPU s/image':>12}")
+    print(f"{n_scenes} two-object scenes (seed 12345), target = the first object's prompt among 12, mask = that "
+          f"object; the target prompt is the top-1 prompt in {correct}/{n_scenes} scenes; "
+          "deletion over 16 steps of 1/16 of the patches, baseline 0, score = the target's logit.")
+    print("grounding test: drop the top 25% patches of the map vs 5 draws of 25% random patches")
+    print(f"{'method':>44} {'pointing game':>14} {'deletion AUC':>13} {'CPU s/image':>12} {'grounded':>9} "
+          f"{'flip top':>9} {'flip random':>12}")
     for name, r in results.items():
         heat = torch.stack(r["maps"])
         if heat.shape[-2:] != mask.shape[-2:]:
             heat = torch.nn.functional.interpolate(heat, size=mask.shape[-2:], mode="nearest")
         hits = pointing_game(heat, mask).mean
-        print(f"{name:>44} {hits:>14.3f} {sum(r['auc']) / len(r['auc']):>13.3f} {r['seconds'] / n_scenes:>12.3f}")
+        mean = lambda values: sum(values) / len(values)  # noqa: E731
+        print(f"{name:>44} {hits:>14.3f} {mean(r['auc']):>13.3f} {r['seconds'] / n_scenes:>12.3f} "
+              f"{mean(r['grounded']):>9.2f} {mean(r['flip']):>9.2f} {mean(r['flip_random']):>12.2f}")
 
 
 def main() -> None:

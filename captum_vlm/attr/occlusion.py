@@ -32,12 +32,12 @@ from captum_vlm.attr.token_ig import (
     _single_input,
     check_output_target,
     default_target,
-    model_scope,
     pad_token_id,
     select_target,
     special_token_mask,
     split_forward_args,
 )
+from captum_vlm.hooks import preserved_model_state
 from captum_vlm.targets import MatchLogit, TokenLogProbs, _Target
 
 __all__ = ["CausalOcclusion", "GroundingResult"]
@@ -206,7 +206,7 @@ class CausalOcclusion(PerturbationAttribution):
                     "text_intervention: 'delete' shifts the tokens this TokenLogProbs target scores; use 'replace'"
                 )
             captum_target = self._check_target(pixel_values, ids, mask, extra, target)
-            with model_scope(self.model), torch.no_grad():
+            with preserved_model_state(self.model), torch.no_grad():
                 return self._text(pixel_values, ids, mask, extra, captum_target, text_intervention,
                                   text_baseline, keep_token_ids, perturbations_per_eval, show_progress)
 
@@ -218,7 +218,7 @@ class CausalOcclusion(PerturbationAttribution):
         if window[0] > grid[0] or window[1] > grid[1]:
             raise ValueError(f"window: {window} patches is larger than the {grid} patch grid")
         captum_target = self._check_target(pixel_values, ids, mask, extra, target)
-        with model_scope(self.model), torch.no_grad():
+        with preserved_model_state(self.model), torch.no_grad():
             if intervention == "drop":
                 forward, rest = self._drop_forward(ids, mask, extra)
                 keep = torch.ones(pixel_values.shape[0], *grid, device=pixel_values.device)
@@ -301,7 +301,7 @@ class CausalOcclusion(PerturbationAttribution):
         randoms = [torch.stack([torch.randperm(n, generator=generator)[:k] for _ in range(b)]) for _ in range(n_random)]
         keeps = [_keep_mask(idx, b, grid, pixel_values.device) for idx in [relevant, *randoms]]
 
-        with model_scope(self.model), torch.no_grad():
+        with preserved_model_state(self.model), torch.no_grad():
             outputs = [self._masked_output(pixel_values, keep, ids, mask, extra, intervention, baselines)
                        for keep in [torch.ones_like(keeps[0]), *keeps]]
         scores = [select_target(o, captum_target) for o in outputs]
@@ -330,7 +330,7 @@ class CausalOcclusion(PerturbationAttribution):
         """Validate ``target``; returns it in the form Captum takes (a per-image list for two-tower)."""
         if self.two_tower:
             return normalise_targets(target, pixel_values.shape[0], ids.shape[0]).tolist()
-        with model_scope(self.model), torch.no_grad():
+        with preserved_model_state(self.model), torch.no_grad():
             check_output_target(self.target_fn(pixel_values, ids, mask, *extra), target)
         return target
 

@@ -14,8 +14,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 
 import torch
 from captum.attr import GradientAttribution, LayerIntegratedGradients
@@ -36,7 +35,7 @@ from captum_vlm.targets import (
     _Target,
 )
 
-__all__ = ["TokenIntegratedGradients", "default_target", "text_baseline_ids", "model_scope"]
+__all__ = ["TokenIntegratedGradients", "default_target", "text_baseline_ids"]
 
 MODALITIES = ("image", "text", "both")
 IG_METHODS = ("gausslegendre", "riemann_trapezoid", "riemann_left", "riemann_right", "riemann_middle")
@@ -170,7 +169,7 @@ class TokenIntegratedGradients(GradientAttribution):
             text_base = text_baseline_ids(self.adapter, ids, mask, text_baseline, keep_token_ids)
 
         self._want_delta = return_convergence_delta
-        with model_scope(self.model, freeze_parameters=True), torch.enable_grad():
+        with preserved_model_state(self.model, freeze_parameters=True), torch.enable_grad():
             if self.two_tower:
                 rows = normalise_targets(target, pixel_values.shape[0], ids.shape[0])
                 image, text, delta = self._two_tower(
@@ -302,28 +301,6 @@ class TokenIntegratedGradients(GradientAttribution):
 
 
 # ----- helpers shared with occlusion --------------------------------------------------------------
-
-_CAPTURE_FLAG = "_output_capturing_hooks_installed"
-
-
-@contextmanager
-def model_scope(model: nn.Module, freeze_parameters: bool = False) -> Iterator[nn.Module]:
-    """:func:`~captum_vlm.hooks.preserved_model_state`, plus transformers' lazily installed
-    output-capturing hooks: they are installed once and marked by a flag on the module; the scope
-    removes the hooks, so the flag must go back too, or ``output_hidden_states`` (LLaVA's feature
-    layer) comes back empty on later calls.
-    """
-    flags = {id(m): vars(m).get(_CAPTURE_FLAG) for m in model.modules()}
-    try:
-        with preserved_model_state(model, freeze_parameters=freeze_parameters):
-            yield model
-    finally:
-        for module in model.modules():
-            before = flags.get(id(module))
-            if before is None:
-                vars(module).pop(_CAPTURE_FLAG, None)
-            else:
-                setattr(module, _CAPTURE_FLAG, before)
 
 
 def default_target(model: nn.Module | _Target) -> _Target:
