@@ -168,6 +168,42 @@ for _name, _cls, _heads, _summary, _limits in [
     )
 
 
+def _per_target_runner(class_name: str, details: dict[str, str], **attribute_kwargs):
+    """Run a method with Captum's ``attribute`` once per explained prompt (IG, occlusion)."""
+
+    def run(context: ExplainContext) -> list[MapRecord]:
+        method = _attr_class(class_name)(context.model)
+        ids, mask = context.inputs["input_ids"], context.inputs["attention_mask"]
+        records = []
+        for k in context.targets:
+            grid = method.attribute(
+                context.inputs["pixel_values"], target=k, additional_forward_args=(ids, mask),
+                return_grid=True, show_progress=context.show_progress, **attribute_kwargs,
+            )[0]
+            records.append(MapRecord(class_name, context.texts[k], grid.detach().numpy(),
+                                     {**details, "target": f"prompt {k}: {context.texts[k]}"}))
+        return records
+
+    return run
+
+
+register_method(
+    "integrated-gradients",
+    summary="Integrated Gradients on the patch embeddings, summed per patch (Sundararajan et al. 2017)",
+    limits="Depends on the baseline (zero patch embeddings here); completeness holds for the whole "
+    "path, not for single patches.",
+    families=_TWO_TOWER,
+)(_per_target_runner("TokenIntegratedGradients", {"layers": "patch embedding", "heads": "n/a"},
+                     modality="image", n_steps=32, internal_batch_size=16))
+register_method(
+    "occlusion",
+    summary="Causal occlusion: drop each patch token and measure the score's fall (Zeiler & Fergus 2014)",
+    limits="One patch at a time: misses effects that need several patches removed together.",
+    families=_TWO_TOWER,
+)(_per_target_runner("CausalOcclusion", {"layers": "input patches", "heads": "n/a"},
+                     intervention="drop", window=1))
+
+
 # ----------------------------------------------------------------------------------------------
 # The Explanation
 # ----------------------------------------------------------------------------------------------

@@ -136,3 +136,20 @@ def test_cli_help_lists_methods(capsys):
     out = capsys.readouterr().out
     for name in method_names():
         assert name in out
+
+
+def test_explain_ig_and_occlusion_equal_their_classes(saved_clip, image_file):
+    from captum_vlm.attr import CausalOcclusion, TokenIntegratedGradients
+
+    _, model, processor = saved_clip
+    image = Image.open(image_file)
+    result = explain(model, processor, image, TEXTS[:2], methods=["integrated-gradients", "occlusion"], target=1)
+    inputs = processor(images=image, text=TEXTS[:2], return_tensors="pt", padding=True)
+    args = (inputs["input_ids"], inputs["attention_mask"])
+    ig = TokenIntegratedGradients(model).attribute(inputs["pixel_values"], target=1, additional_forward_args=args,
+                                                   n_steps=32, return_grid=True)[0]
+    occ = CausalOcclusion(model).attribute(inputs["pixel_values"], target=1, additional_forward_args=args,
+                                           return_grid=True)[0]
+    assert [r.method for r in result.records] == ["integrated-gradients", "occlusion"]
+    np.testing.assert_allclose(result.records[0].grid, ig.numpy(), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(result.records[1].grid, occ.numpy(), rtol=1e-5, atol=1e-7)
