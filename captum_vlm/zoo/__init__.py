@@ -1,0 +1,110 @@
+"""Small vision-language models trained here on synthetic scenes, loaded offline.
+
+    >>> from captum_vlm import zoo
+    >>> zoo.list_models()                      # {"shapes-clip": "CLIPModel (...) on ...", ...}
+    >>> model, processor = zoo.load("shapes-clip")
+    >>> scene = zoo.scenes.make_scene(0)
+    >>> inputs = processor(images=scene.pil(), text=zoo.scenes.zero_shot_prompts(),
+    ...                    return_tensors="pt", padding=True)
+    >>> model(**inputs).logits_per_image
+
+The models are stock ``transformers`` classes (``CLIPModel``, ``SiglipModel``) with their own
+processors, so code written for a hub checkpoint runs unchanged. See ``zoo/README.md`` for the model
+cards and ``python -m captum_vlm.zoo.train NAME`` to retrain one.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from . import scenes
+
+MODELS_DIR = Path(__file__).parent / "models"
+ZERO_SHOT_FLOOR = 0.95  # held-out zero-shot top-1 a shipped two-tower model should reach
+
+__all__ = ["MODELS_DIR", "list_models", "load", "model_dir", "scenes"]
+
+
+def _description(folder: Path) -> str:
+    """One-line description from the model's ``training.json`` (empty when missing)."""
+    try:
+        log = json.loads((folder / "training.json").read_text())
+    except (OSError, ValueError):
+        return ""
+    text = log.get("recipe", {}).get("description", "")
+    held = log.get("heldout", {})
+    if "zero_shot" in held:
+        text += f"; held-out zero-shot {held['zero_shot']:.3f}, binding {held['binding']:.3f}"
+        if held["zero_shot"] < ZERO_SHOT_FLOOR:
+            text += f" (below the {ZERO_SHOT_FLOOR} floor, see zoo/README.md)"
+    return text
+
+
+def list_models() -> dict[str, str]:
+    """The bundled models.
+
+    Returns:
+        ``{name: one-line description}`` for every model folder that holds weights, sorted by name.
+    """
+    found = {}
+    if MODELS_DIR.is_dir():
+        for folder in sorted(MODELS_DIR.iterdir()):
+            if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
+                found[folder.name] = _description(folder)
+    return found
+
+
+def model_dir(name_or_path: str | Path) -> Path:
+    """The folder of a zoo model name or of a local model directory.
+
+    Args:
+        name_or_path: a zoo name ("shapes-clip") or a directory with ``config.json``.
+
+    Returns:
+        The folder.
+
+    Raises:
+        ValueError: for an unknown name; the message lists the available ones.
+    """
+    path = Path(name_or_path)
+    if path.is_dir() and (path / "config.json").is_file():
+        return path
+    available = list_models()
+    if str(name_or_path) in available:
+        return MODELS_DIR / str(name_or_path)
+    names = ", ".join(sorted(available)) or "none"
+    raise ValueError(
+        f"unknown zoo model {str(name_or_path)!r}: pass one of [{names}] "
+        "or a local directory that holds config.json"
+    )
+
+
+def load(name_or_path: str | Path, **model_kwargs):
+    """Load a zoo model and its processor from local files (no network).
+
+    Args:
+        name_or_path: a zoo name ("shapes-clip", see :func:`list_models`) or a local directory
+            written by ``save_pretrained`` (model and processor).
+        **model_kwargs: passed to ``from_pretrained`` of the model, e.g.
+            ``attn_implementation="eager"``.
+
+    Returns:
+        ``(model, processor)``; the model is in eval mode.
+
+    Raises:
+        ValueError: for an unknown name.
+    """
+    import transformers
+    from transformers import AutoConfig, AutoModel, AutoProcessor
+
+    folder = model_dir(name_or_path)
+    # the class that saved the weights (e.g. BlipForImageTextRetrieval), not the bare AutoModel
+    architectures = AutoConfig.from_pretrained(folder, local_files_only=True).architectures or []
+    model_class = getattr(transformers, architectures[0], None) if architectures else None
+    model = (model_class or AutoModel).from_pretrained(
+        folder, local_files_only=True, **model_kwargs
+    )
+    processor = AutoProcessor.from_pretrained(folder, local_files_only=True)
+    model.eval()
+    return model, processor

@@ -38,6 +38,12 @@ _RGB = {
 }
 
 
+# Similar areas for a nominal radius r: the drawn half side of a square is 0.88 r, the
+# circumradius of a triangle 1.25 r; _BOUND is the circumradius over that drawn extent.
+_EXTENT = {"circle": 1.0, "square": 0.88, "triangle": 1.25}
+_BOUND = {"circle": 1.0, "square": 2**0.5, "triangle": 1.0}
+
+
 class SceneObject(NamedTuple):
     """One object of a scene; unpacks as ``colour, shape, mask``.
 
@@ -79,7 +85,7 @@ class Scene:
 
     def pil(self) -> Image.Image:
         """Return the image as a ``PIL.Image`` (RGB)."""
-        return Image.fromarray(self.image, mode="RGB")
+        return Image.fromarray(self.image)
 
 
 def phrase(colour: str, shape: str) -> str:
@@ -215,9 +221,7 @@ def _background(rng: np.random.Generator, hw: tuple[int, int]) -> np.ndarray:
     # low-frequency blotches: a coarse random grid, upsampled bilinearly
     g = int(rng.integers(3, 7))
     coarse = rng.normal(0.0, rng.uniform(0.01, 0.06), size=(g, g)).astype(np.float32)
-    blot = np.asarray(
-        Image.fromarray(coarse, mode="F").resize((w, h), Image.Resampling.BILINEAR)
-    )
+    blot = np.asarray(Image.fromarray(coarse).resize((w, h), Image.Resampling.BILINEAR))
     img = img + blot[:, :, None]
     if rng.random() < 0.3:  # faint stripes in a random direction
         period, phase, theta = rng.uniform(4, 16), rng.uniform(0, 2 * np.pi), rng.uniform(0, np.pi)
@@ -290,7 +294,8 @@ def make_scene(
     shrink = 1.0
     while True:  # draw radii and positions; shrink when the objects do not fit
         radii = list(rng.uniform(*scale, size=len(labels)) * side * shrink)
-        centres = _place(rng, hw, radii)
+        # placed by the circumscribed circle of each drawn shape, so shapes never overlap
+        centres = _place(rng, hw, [r * _EXTENT[s] * _BOUND[s] for r, (_, s) in zip(radii, labels)])
         if centres is not None:
             break
         shrink *= 0.9
@@ -300,8 +305,7 @@ def make_scene(
     objects = []
     for (c, s), r, (cy, cx) in zip(labels, radii, centres):
         angle = 0.0 if s == "circle" else np.deg2rad(rng.uniform(-max_angle, max_angle))
-        # similar areas: squares a bit smaller, triangles a bit larger than the disc radius
-        extent = {"circle": r, "square": 0.88 * r, "triangle": 1.25 * r}[s]
+        extent = r * _EXTENT[s]
         cov = _coverage(s, cy, cx, extent, angle, hw, ss)
         alpha = cov[:, :, None]
         img = img * (1.0 - alpha) + _object_rgb(rng, c)[None, None, :] * alpha

@@ -1,0 +1,556 @@
+"""Train the zoo models on synthetic scenes.
+
+Reproduce a shipped model (writes weights, config and processor into ``zoo/models/<name>/``)::
+
+    OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE HF_HUB_OFFLINE=1 \\
+        python -m captum_vlm.zoo.train shapes-clip
+
+The recipe (see :data:`RECIPES`) is a stock ``transformers.CLIPModel`` / ``SiglipModel`` with a small
+config, trained contrastively on scenes drawn on the fly. The loss has no false negatives (a
+caption is true for an image when its objects are a subset of the image's objects; such pairs are
+masked out of the CLIP softmax, and are positives for SigLIP) and batches carry hard negatives:
+single-object images that share a colour or a shape, partner images with one small edit (colours
+swapped between two objects, one colour or shape changed) and text-only negatives made by the
+same edits of the batch captions (mostly binding swaps).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import tempfile
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm.auto import tqdm
+
+from .processing import (
+    BOS_ID,
+    EOS_ID,
+    PAD_ID,
+    build_clip_processor,
+    build_siglip_processor,
+    images_to_pixel_values,
+    vocabulary,
+)
+from .scenes import COLOURS, SHAPES, all_labels, caption_for, make_scene, make_scenes, phrase
+
+MODELS_DIR = Path(__file__).parent / "models"
+Label = tuple[str, str]
+
+
+@dataclass
+class Recipe:
+    """Everything that defines a zoo model's training run.
+
+    Attributes:
+        family: "clip" or "siglip".
+        steps: optimiser steps.
+        seed: seed of torch and of the training-scene stream.
+        lr: peak learning rate (linear warm-up, then cosine to 0).
+        warmup: warm-up steps.
+        batch: images per batch (an upper bound: the no-false-negative rule may stop earlier).
+        image_size: model input side in pixels.
+        patch: ViT patch size in pixels.
+        vision_layers, text_layers, hidden, heads: transformer sizes (both towers share hidden).
+        projection: joint embedding size (CLIP only).
+        weight_decay: AdamW weight decay (not on biases, norms, embeddings, logit scale/bias).
+        description: one line for ``zoo.list_models()``.
+    """
+
+    family: str = "clip"
+    steps: int = 5000
+    seed: int = 0
+    lr: float = 5e-4
+    warmup: int = 100
+    batch: int = 32
+    image_size: int = 64
+    patch: int = 8
+    vision_layers: int = 4
+    text_layers: int = 2
+    hidden: int = 128
+    heads: int = 4
+    projection: int = 128
+    weight_decay: float = 0.05
+    description: str = ""
+
+
+RECIPES: dict[str, Recipe] = {
+    "shapes-clip": Recipe(
+        family="clip",
+        description="CLIPModel (ViT 4x128, 64 px, 8-px patches) on coloured-shape scenes",
+    ),
+    "shapes-siglip": Recipe(
+        family="siglip",
+        description="SiglipModel (ViT 4x128, 64 px, 8-px patches) on coloured-shape scenes",
+    ),
+}
+
+
+# --------------------------------------------------------------------------- models
+
+
+def build_model(recipe: Recipe) -> torch.nn.Module:
+    """A randomly initialised stock ``CLIPModel`` or ``SiglipModel`` of the recipe's size.
+
+    Args:
+        recipe: the recipe.
+
+    Returns:
+        The model, in train mode.
+    """
+    vocab_size = len(vocabulary())
+    text = dict(
+        vocab_size=vocab_size,
+        hidden_size=recipe.hidden,
+        intermediate_size=4 * recipe.hidden,
+        num_hidden_layers=recipe.text_layers,
+        num_attention_heads=recipe.heads,
+        pad_token_id=PAD_ID,
+        bos_token_id=BOS_ID,
+        eos_token_id=EOS_ID,
+    )
+    vision = dict(
+        hidden_size=recipe.hidden,
+        intermediate_size=4 * recipe.hidden,
+        num_hidden_layers=recipe.vision_layers,
+        num_attention_heads=recipe.heads,
+        image_size=recipe.image_size,
+        patch_size=recipe.patch,
+        num_channels=3,
+    )
+    if recipe.family == "clip":
+        from transformers import CLIPConfig, CLIPModel
+
+        config = CLIPConfig(
+            text_config=dict(text, max_position_embeddings=32, projection_dim=recipe.projection),
+            vision_config=dict(vision, projection_dim=recipe.projection),
+            projection_dim=recipe.projection,
+        )
+        return CLIPModel(config)
+    if recipe.family == "siglip":
+        from transformers import SiglipConfig, SiglipModel
+
+        config = SiglipConfig(
+            text_config=dict(text, max_position_embeddings=16, projection_size=recipe.hidden),
+            vision_config=vision,
+        )
+        model = SiglipModel(config)
+        with torch.no_grad():  # the SigLIP paper's start: t = 10, b = -10 (transformers: 1, 0)
+            model.logit_scale.fill_(math.log(10.0))
+            model.logit_bias.fill_(-10.0)
+        return model
+    raise ValueError(f"unknown family {recipe.family!r}; use 'clip' or 'siglip'")
+
+
+def build_processor(recipe: Recipe):
+    """The processor matching :func:`build_model` (``CLIPProcessor`` or ``SiglipProcessor``)."""
+    if recipe.family == "clip":
+        return build_clip_processor(recipe.image_size)
+    return build_siglip_processor(recipe.image_size)
+
+
+def text_kwargs(family: str) -> dict:
+    """Tokenizer keyword arguments for a family: SigLIP pools the last position, so pad to max."""
+    return {"padding": "max_length"} if family == "siglip" else {"padding": True}
+
+
+# --------------------------------------------------------------------------- batches
+
+
+def _is_true(caption: Sequence[Label], objects: Sequence[Label]) -> bool:
+    """A caption is true for an image when its objects are a subset of the image's objects."""
+    return set(caption) <= set(objects)
+
+
+def _edit(rng: np.random.Generator, labels: list[Label]) -> list[Label] | None:
+    """One small edit: swap colours of two objects, or change one colour, or change one shape."""
+    kind = rng.integers(3)
+    out = list(labels)
+    if kind == 0:
+        pairs = [
+            (i, j)
+            for i in range(len(out))
+            for j in range(i + 1, len(out))
+            if out[i][0] != out[j][0] and out[i][1] != out[j][1]
+        ]
+        if not pairs:
+            return None
+        i, j = pairs[rng.integers(len(pairs))]
+        out[i], out[j] = (labels[j][0], labels[i][1]), (labels[i][0], labels[j][1])
+    else:
+        i = int(rng.integers(len(out)))
+        c, s = out[i]
+        if kind == 1:
+            c = str(rng.choice([x for x in COLOURS if x != c]))
+        else:
+            s = str(rng.choice([x for x in SHAPES if x != s]))
+        out[i] = (c, s)
+    return out if len(set(out)) == len(out) and set(out) != set(labels) else None
+
+
+class BatchMaker:
+    """Draws contrastive batches without false negatives, with hard negatives.
+
+    Args:
+        seed: seed of the scene stream (``np.random.default_rng([seed, 1])``, disjoint from the
+            plain integer seeds used for evaluation).
+        batch: largest number of images per batch.
+        image_size: model input side; 20% of scenes are drawn at another size and resized.
+    """
+
+    def __init__(self, seed: int, batch: int, image_size: int) -> None:
+        self.rng = np.random.default_rng([seed, 1])
+        self.batch = batch
+        self.image_size = image_size
+
+    def _draw(self, labels: list[Label]) -> np.ndarray:
+        """Render a scene with these objects at the model size (sometimes via another size)."""
+        rng, side = self.rng, self.image_size
+        if rng.random() < 0.2:
+            size = tuple(int(v) for v in rng.integers(side * 3 // 4, side * 3 // 2 + 1, size=2))
+            img = make_scene(rng, size=size, labels=labels).image
+            return np.asarray(Image.fromarray(img).resize((side, side), Image.Resampling.BILINEAR))
+        return make_scene(rng, size=side, labels=labels).image
+
+    def labels(self) -> tuple[list[list[Label]], list[list[Label]]]:
+        """Choose the batch's image objects and its texts (no drawing).
+
+        The first N texts are the images' captions, the rest are text-only negatives.
+
+        Returns:
+            (objects of each image, objects named by each text), as label lists.
+        """
+        rng = self.rng
+        objects: list[list[Label]] = []
+        captions: list[list[Label]] = []
+        # single objects sharing a colour (all shapes) or sharing a shape (all colours), so that
+        # neither colour nor shape alone separates them
+        if rng.random() < 0.5:
+            colour = str(rng.choice(COLOURS))
+            singles = [(colour, s) for s in SHAPES]
+        else:
+            shape = str(rng.choice(SHAPES))
+            singles = [(c, shape) for c in COLOURS]
+        n_single = max(len(singles), self.batch // 4)
+        pool = all_labels()
+        singles += [pool[i] for i in rng.choice(len(pool), n_single - len(singles))]
+        for lab in singles:
+            objects.append([lab])
+            captions.append([lab])
+        while len(objects) < self.batch:
+            n = int(rng.choice([2, 3], p=[0.55, 0.45]))
+            obj = [pool[i] for i in rng.choice(len(pool), size=n, replace=False)]
+            if rng.random() < 0.2:  # caption names a random subset, in random order
+                k = int(rng.integers(1, n))
+                cap = [obj[i] for i in rng.permutation(n)[:k]]
+            else:
+                cap = [obj[i] for i in rng.permutation(n)]
+            objects.append(obj)
+            captions.append(cap)
+            partner = _edit(rng, obj) if rng.random() < 0.5 else None
+            if partner is not None and len(objects) < self.batch:  # one small edit
+                objects.append(partner)
+                captions.append([partner[i] for i in rng.permutation(n)])
+        # text-only negatives: one small edit (often a binding swap) of multi-object captions
+        for cap in list(captions):
+            if len(cap) > 1 and rng.random() < 0.5:
+                neg = _edit(rng, cap)
+                if neg is not None:
+                    captions.append(neg)
+        return objects, captions
+
+    def __call__(self) -> tuple[torch.Tensor, list[str], torch.Tensor]:
+        """Draw one batch.
+
+        Returns:
+            pixel_values ``(N, 3, S, S)``; texts (the N captions, then text-only negatives);
+            ``truth`` ``(N, T)`` bool, True where text j is true for image i.
+        """
+        objects, captions = self.labels()
+        images = [self._draw(o) for o in objects]
+        truth = torch.tensor([[_is_true(c, o) for c in captions] for o in objects])
+        return images_to_pixel_values(images), [caption_for(c) for c in captions], truth
+
+
+# --------------------------------------------------------------------------- loss and eval
+
+
+def _features(model: torch.nn.Module, out) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalised image and text embeddings from a model output."""
+    return F.normalize(out.image_embeds, dim=-1), F.normalize(out.text_embeds, dim=-1)
+
+
+def contrastive_loss(
+    model: torch.nn.Module,
+    family: str,
+    pixel_values: torch.Tensor,
+    text: dict[str, torch.Tensor],
+    truth: torch.Tensor,
+) -> torch.Tensor:
+    """Image-text loss without false negatives.
+
+    Text i (i < N) is the caption of image i; texts beyond N are negatives only. ``truth[i, j]``
+    says whether text j is true for image i (its objects are a subset of the image's).
+    CLIP: symmetric cross-entropy in which pairs that are true but not the diagonal are masked
+    out (neither positive nor negative). SigLIP: pairwise sigmoid loss with every true pair
+    positive.
+
+    Args:
+        model: ``CLIPModel`` or ``SiglipModel``.
+        family: "clip" or "siglip".
+        pixel_values: ``(N, 3, S, S)``.
+        text: tokenizer output for the T texts.
+        truth: bool ``(N, T)``.
+
+    Returns:
+        Scalar loss.
+    """
+    out = model(pixel_values=pixel_values, **text)
+    img, txt = _features(model, out)
+    n = img.shape[0]
+    logits = model.logit_scale.exp() * img @ txt.T  # (N, T)
+    if family == "siglip":
+        logits = logits + model.logit_bias
+        sign = truth.float() * 2.0 - 1.0
+        return -F.logsigmoid(sign * logits).sum() / n
+    diagonal = torch.zeros_like(truth)
+    diagonal[:, :n] = torch.eye(n, dtype=torch.bool)
+    masked = logits.masked_fill(truth & ~diagonal, float("-inf"))
+    target = torch.arange(n)
+    return 0.5 * (F.cross_entropy(masked, target) + F.cross_entropy(masked[:, :n].T, target))
+
+
+@torch.no_grad()
+def similarity(model, processor, images: list, texts: list[str], family: str) -> torch.Tensor:
+    """Image-text logits ``(len(images), len(texts))`` through the processor, as a user would.
+
+    Args:
+        model: a zoo model in eval mode.
+        processor: its processor.
+        images: PIL images or uint8 arrays.
+        texts: prompts.
+        family: "clip" or "siglip".
+
+    Returns:
+        ``logits_per_image``.
+    """
+    inputs = processor(images=images, text=texts, return_tensors="pt", **text_kwargs(family))
+    return model(**inputs).logits_per_image
+
+
+@torch.no_grad()
+def evaluate(
+    model, processor, seed: int, n: int = 400, family: str = "clip", batch: int = 100
+) -> dict[str, float]:
+    """Held-out accuracies on scenes from ``seed`` (use seeds never used in training).
+
+    - ``zero_shot``: single-object scenes; top-1 over all colour x shape prompts is the object.
+    - ``colour`` / ``shape``: the top-1 prompt has the right colour / shape (single objects).
+    - ``zero_shot_any``: 2-3 object scenes; the top-1 prompt names one of the present objects.
+    - ``binding``: 2-object scenes whose objects differ in colour and shape; the caption scores
+      higher than the caption with the colours swapped.
+
+    Args:
+        model: model in eval mode.
+        processor: its processor.
+        seed: evaluation seed; single, multi and binding sets use ``seed``, ``seed+1``, ``seed+2``.
+        n: scenes per set.
+        family: "clip" or "siglip".
+        batch: images per forward pass.
+
+    Returns:
+        The accuracies.
+    """
+    prompts = [phrase(c, s) for c, s in all_labels()]
+    labels = all_labels()
+    res: dict[str, float] = {}
+
+    singles = make_scenes(seed, n, n_objects=1)
+    top = torch.cat(
+        [
+            similarity(
+                model, processor, [s.image for s in singles[i : i + batch]], prompts, family
+            ).argmax(-1)
+            for i in range(0, n, batch)
+        ]
+    )
+    truth = [s.labels[0] for s in singles]
+    pred = [labels[int(t)] for t in top]
+    res["zero_shot"] = float(np.mean([p == t for p, t in zip(pred, truth)]))
+    res["colour"] = float(np.mean([p[0] == t[0] for p, t in zip(pred, truth)]))
+    res["shape"] = float(np.mean([p[1] == t[1] for p, t in zip(pred, truth)]))
+
+    rng = np.random.default_rng(seed + 1)
+    multi = [make_scene(rng, n_objects=int(rng.integers(2, 4))) for _ in range(n)]
+    top = torch.cat(
+        [
+            similarity(
+                model, processor, [s.image for s in multi[i : i + batch]], prompts, family
+            ).argmax(-1)
+            for i in range(0, n, batch)
+        ]
+    )
+    res["zero_shot_any"] = float(np.mean([labels[int(t)] in s.labels for t, s in zip(top, multi)]))
+
+    rng = np.random.default_rng(seed + 2)
+    hits = []
+    while len(hits) < n:
+        c1, c2 = rng.choice(COLOURS, size=2, replace=False)
+        s1, s2 = rng.choice(SHAPES, size=2, replace=False)
+        scene = make_scene(rng, labels=[(c1, s1), (c2, s2)])
+        texts = [scene.caption, scene.distractors[0]]
+        logits = similarity(model, processor, [scene.image], texts, family)[0]
+        hits.append(bool(logits[0] > logits[1]))
+    res["binding"] = float(np.mean(hits))
+    return res
+
+
+# --------------------------------------------------------------------------- training
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: no decay on biases, norms, embeddings and the logit scale/bias."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        skip = p.ndim < 2 or "embedding" in name or "logit" in name or "norm" in name
+        (no_decay if skip else decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def train(
+    recipe: Recipe,
+    out_dir: str | Path | None = None,
+    eval_every: int = 500,
+    eval_seed: int = 90_000,
+    show_progress: bool = True,
+    checkpoint_dir: str | Path | None = None,
+) -> tuple[torch.nn.Module, object, dict]:
+    """Train a model from a recipe; optionally save it (weights, config, processor, log).
+
+    Args:
+        recipe: the recipe.
+        out_dir: where to save; nothing is saved when None.
+        eval_every: steps between quick held-out checks (0 for none); printed, not used to select.
+        eval_seed: seed of the quick checks (final numbers use other seeds, see ``main``).
+        show_progress: draw a tqdm bar.
+        checkpoint_dir: where to save the weights at every quick check (None: not saved).
+
+    Returns:
+        (model in eval mode, processor, log dict: recipe, steps, elapsed seconds, per-step
+        ``losses``; all but the losses are saved as ``training.json``).
+    """
+    torch.manual_seed(recipe.seed)
+    model = build_model(recipe)
+    processor = build_processor(recipe)
+    tokenizer = processor.tokenizer
+    make_batch = BatchMaker(recipe.seed, recipe.batch, recipe.image_size)
+    opt = torch.optim.AdamW(
+        _param_groups(model, recipe.weight_decay), lr=recipe.lr, betas=(0.9, 0.98), eps=1e-6
+    )
+
+    def lr_at(step: int) -> float:
+        if step < recipe.warmup:
+            return recipe.lr * (step + 1) / recipe.warmup
+        t = (step - recipe.warmup) / max(1, recipe.steps - recipe.warmup)
+        return recipe.lr * 0.5 * (1.0 + math.cos(math.pi * t))
+
+    losses: list[float] = []
+    checks: list[dict] = []
+    start = time.time()
+    bar = tqdm(range(recipe.steps), disable=not show_progress, mininterval=5, desc=recipe.family)
+    with ThreadPoolExecutor(max_workers=1) as pool:  # draw the next batch while training
+        future = pool.submit(make_batch)
+        for step in bar:
+            pixel_values, texts, truth = future.result()
+            future = pool.submit(make_batch)
+            text = tokenizer(texts, return_tensors="pt", **text_kwargs(recipe.family))
+            model.train()
+            loss = contrastive_loss(model, recipe.family, pixel_values, dict(text), truth)
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            with torch.no_grad():
+                model.logit_scale.clamp_(max=math.log(100.0))
+            losses.append(loss.item())
+            if show_progress and step % 20 == 0:
+                bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}", refresh=False)
+            if eval_every and (step + 1) % eval_every == 0 and step + 1 < recipe.steps:
+                model.eval()
+                check = evaluate(model, processor, eval_seed, n=200, family=recipe.family)
+                check["step"] = step + 1
+                checks.append(check)
+                tqdm.write(
+                    f"step {step + 1}: loss {np.mean(losses[-100:]):.3f} "
+                    + " ".join(f"{k} {v:.3f}" for k, v in check.items() if k != "step")
+                    + f" ({time.time() - start:.0f} s)",
+                )
+                if checkpoint_dir is not None:  # in case the run is cut short
+                    model.save_pretrained(checkpoint_dir)
+    model.eval()
+    elapsed = time.time() - start
+    log = {
+        "recipe": asdict(recipe),
+        "steps": recipe.steps,
+        "elapsed_s": round(elapsed, 1),
+        "final_loss": float(np.mean(losses[-100:])),
+        "loss_first_100": float(np.mean(losses[:100])),
+        "checks": checks,
+    }
+    saved = dict(log)
+    log["losses"] = losses
+    if out_dir is not None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(out)
+        processor.save_pretrained(out)
+        (out / "training.json").write_text(json.dumps(saved, indent=2))
+    return model, processor, log
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Command line: ``python -m captum_vlm.zoo.train NAME [--steps N] [--out DIR]``."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("name", choices=sorted(RECIPES), help="zoo model to train")
+    parser.add_argument("--steps", type=int, default=None, help="override the recipe's steps")
+    parser.add_argument("--seed", type=int, default=None, help="override the recipe's seed")
+    parser.add_argument("--lr", type=float, default=None, help="override the recipe's lr")
+    parser.add_argument("--out", default=None, help="output folder (default: zoo/models/NAME)")
+    parser.add_argument("--eval-scenes", type=int, default=1000, help="scenes per final test set")
+    args = parser.parse_args(argv)
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    torch.set_num_threads(1)
+    recipe = RECIPES[args.name]
+    overrides = {k: getattr(args, k) for k in ("steps", "seed", "lr") if getattr(args, k)}
+    recipe = Recipe(**{**asdict(recipe), **overrides})
+    out = Path(args.out) if args.out else MODELS_DIR / args.name
+    print(f"training {args.name}: {json.dumps(asdict(recipe))}", flush=True)
+    checkpoint = Path(tempfile.gettempdir()) / f"captum_vlm_zoo_{args.name}_checkpoint"
+    model, processor, log = train(recipe, out_dir=out, checkpoint_dir=checkpoint)
+    print(f"trained {log['steps']} steps in {log['elapsed_s']:.0f} s; saved to {out}", flush=True)
+    start = time.time()
+    metrics = evaluate(model, processor, seed=123_456, n=args.eval_scenes, family=recipe.family)
+    log.pop("losses")
+    log["heldout"] = {"seed": 123_456, "scenes_per_set": args.eval_scenes, **metrics}
+    (out / "training.json").write_text(json.dumps(log, indent=2))
+    print(f"held-out (seed 123456, {time.time() - start:.0f} s): {json.dumps(metrics)}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
