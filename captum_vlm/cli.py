@@ -50,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--model", default=DEFAULT_MODEL,
                          help=f"zoo:NAME for a bundled model or a local checkpoint folder (default {DEFAULT_MODEL})")
     explain.add_argument("--method", action="append", metavar="NAME",
-                         help="attribution method; repeat for several (default: grad-eclip)")
+                         help="attribution method; repeat for several (default: the first one for the model's family, "
+                         "grad-eclip for CLIP/SigLIP)")
     explain.add_argument("--target", type=int, action="append", metavar="K",
                          help="index of a text to explain; repeat for several (default: all)")
     explain.add_argument("--out", default="report.html", help="HTML report to write (default report.html)")
@@ -97,14 +98,19 @@ def open_image(path: str):
 
 def run_explain(image_path: str, texts: list[str], model_spec: str, methods: list[str] | None,
                 targets: list[int] | None, out: str, png_dir: str | None, quiet: bool) -> Path:
-    from captum_vlm.explain import METHODS, explain
+    from captum_vlm.adapters import get_adapter
+    from captum_vlm.explain import METHODS, explain, method_names
 
-    methods = methods or ["grad-eclip"]
-    unknown = [m for m in methods if m not in METHODS]
+    unknown = [m for m in methods or [] if m not in METHODS]
     if unknown:
         raise UsageError(f"unknown method {', '.join(unknown)}; choose from {', '.join(METHODS)}")
     image = open_image(image_path)
     model, processor = load_model(model_spec)
+    try:
+        family = get_adapter(model).family
+    except TypeError as err:
+        raise UsageError(str(err)) from err
+    methods = methods or method_names(family)[:1]
     try:
         explanation = explain(model, processor, image, texts, methods=methods, target=targets,
                               model_name=model_spec.removeprefix("zoo:"), show_progress=not quiet)

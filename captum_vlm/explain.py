@@ -204,6 +204,63 @@ register_method(
                      intervention="drop", window=1))
 
 
+_FUSION_KINDS = {
+    "BlipForImageTextRetrieval": "match",
+    "ViltForImageAndTextRetrieval": "match",
+    "BlipForConditionalGeneration": "caption",
+}
+
+
+def _fusion_runner(class_name: str, details: dict[str, str]) -> Callable[[ExplainContext], list[MapRecord]]:
+    """Fusion models: one map per text (its match logit, or its caption's log-probability) and
+    one per word, each text paired with the image."""
+
+    def run(context: ExplainContext) -> list[MapRecord]:
+        kind = _FUSION_KINDS.get(type(context.model).__name__)
+        if kind is None:
+            raise ValueError(
+                f"model: explain() handles image-text matching and captioning models; for "
+                f"{type(context.model).__name__} call captum_vlm.attr.{class_name} directly"
+            )
+        method = _attr_class(class_name)(context.model)
+        pixels, ids, mask = (context.inputs[k] for k in ("pixel_values", "input_ids", "attention_mask"))
+        rows = torch.tensor(context.targets)
+        args = (ids[rows], mask[rows])
+        whole = method.attribute(pixels[rows], additional_forward_args=args, return_grid=True)
+        per_token = method.attribute_tokens(pixels[rows], additional_forward_args=args, return_grid=True)
+        records = []
+        for i, k in enumerate(context.targets):
+            tokens = context.tokens[k]
+            attended = mask[k].bool().tolist()
+            mass = per_token[i].flatten(1).sum(1)
+            shown = [j for j, keep in enumerate(attended) if keep]
+            what = "match logit" if kind == "match" else "caption log-probability"
+            records.append(MapRecord(class_name, context.texts[k], whole[i].numpy(),
+                                     {**details, "target": f"{what} of text {k}"},
+                                     [tokens[j] for j in shown], mass[shown].numpy()))
+            for j in shown:
+                if per_token[i, j].abs().sum() > 0:
+                    records.append(MapRecord(class_name, f"{context.texts[k]} · {tokens[j]}", per_token[i, j].numpy(),
+                                             {**details, "target": f"token {j} of text {k}"}))
+        return records
+
+    return run
+
+
+register_method(
+    "cross-attention-gradcam",
+    summary="Cross-attention Grad-CAM: one map per caption and per word (ALBEF, Li et al. 2021)",
+    limits="Reads one cross-attention layer: what later layers do with the attended patches is not shown.",
+    families=("blip", "vilt"),
+)(_fusion_runner("CrossAttentionGradCAM", {"layers": "default (middle)", "heads": "mean of A·ReLU(∇A)"}))
+register_method(
+    "bimodal-relevancy",
+    summary="Bi-modal relevancy propagation through self- and co-attention (Chefer et al. 2021)",
+    limits="Follows attention and its gradients only; MLP and value paths are not propagated.",
+    families=("blip", "vilt"),
+)(_fusion_runner("BimodalRelevancy", {"layers": "all", "heads": "grad-weighted mean"}))
+
+
 # ----------------------------------------------------------------------------------------------
 # The Explanation
 # ----------------------------------------------------------------------------------------------
@@ -426,7 +483,9 @@ def explain(
             raise ValueError(f"target: {bad or targets} out of range for {len(texts)} texts (0..{len(texts) - 1})")
     # SigLIP pools the last position and is trained on texts padded to the full length
     padding = "max_length" if adapter.family == "siglip" else True
-    inputs = processor(images=picture, text=list(texts), return_tensors="pt", padding=padding)
+    two_tower = getattr(adapter, "two_tower", False)
+    images = picture if two_tower else [picture] * len(texts)  # fusion models: each text with the image
+    inputs = processor(images=images, text=list(texts), return_tensors="pt", padding=padding)
     tokenizer = getattr(processor, "tokenizer", processor)
     tokens = [tokenizer.convert_ids_to_tokens(row.tolist()) for row in inputs["input_ids"]]
     context = ExplainContext(model, adapter, dict(inputs), list(texts), targets, tokens, show_progress)
@@ -449,12 +508,18 @@ def explain(
 
 
 def _model_scores(model, adapter, inputs, texts) -> tuple[dict[str, float], str]:
-    from captum_vlm.targets import ImageTextSimilarity
+    from captum_vlm.targets import ImageTextSimilarity, MatchLogit, TokenLogProbs
 
+    pixels, ids, mask = inputs["pixel_values"], inputs["input_ids"], inputs["attention_mask"]
+    kind = _FUSION_KINDS.get(type(model).__name__)
     with torch.no_grad():
         if getattr(adapter, "two_tower", False):
-            logits = ImageTextSimilarity(model)(inputs["pixel_values"], inputs["input_ids"], inputs["attention_mask"])[0]
+            logits = ImageTextSimilarity(model)(pixels, ids, mask)[0]
             if adapter.family == "siglip":
                 return dict(zip(texts, torch.sigmoid(logits).tolist())), "sigmoid probability"
             return dict(zip(texts, logits.softmax(-1).tolist())), "probability over prompts"
+        if kind == "match":
+            return dict(zip(texts, torch.sigmoid(MatchLogit(model)(pixels, ids, mask)).tolist())), "match probability"
+        if kind == "caption":
+            return dict(zip(texts, TokenLogProbs(model, reduction="sum")(pixels, ids, mask).tolist())), "log-probability"
     return {}, "score"

@@ -153,3 +153,43 @@ def test_explain_ig_and_occlusion_equal_their_classes(saved_clip, image_file):
     assert [r.method for r in result.records] == ["integrated-gradients", "occlusion"]
     np.testing.assert_allclose(result.records[0].grid, ig.numpy(), rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(result.records[1].grid, occ.numpy(), rtol=1e-5, atol=1e-7)
+
+
+@pytest.fixture(scope="module")
+def blip_itm_and_processor():
+    from transformers import BlipImageProcessor, BlipProcessor
+
+    from captum_vlm.zoo.processing import build_tokenizer
+
+    image_processor = BlipImageProcessor(size={"height": tm.IMAGE_SIZE, "width": tm.IMAGE_SIZE})
+    return tm.blip_itm(), BlipProcessor(image_processor=image_processor, tokenizer=build_tokenizer(24))
+
+
+def test_explain_fusion_model_maps_per_caption_and_word(blip_itm_and_processor, image_file):
+    from captum_vlm.attr import CrossAttentionGradCAM
+    from captum_vlm.targets import MatchLogit
+
+    model, processor = blip_itm_and_processor
+    image = Image.open(image_file)
+    texts = ["a red circle", "a blue square and a green triangle"]
+    result = explain(model, processor, image, texts, methods=["cross-attention-gradcam"])
+    inputs = processor(images=[image] * 2, text=texts, return_tensors="pt", padding=True)
+    args = (inputs["input_ids"], inputs["attention_mask"])
+    whole = CrossAttentionGradCAM(model).attribute(inputs["pixel_values"], additional_forward_args=args,
+                                                   return_grid=True)
+    per_token = CrossAttentionGradCAM(model).attribute_tokens(inputs["pixel_values"], additional_forward_args=args,
+                                                              return_grid=True)
+    captions = [r for r in result.records if r.target in texts]
+    assert [r.target for r in captions] == texts
+    for k, record in enumerate(captions):
+        np.testing.assert_allclose(record.grid, whole[k].numpy(), rtol=1e-5, atol=1e-8)
+        assert record.tokens[1:-1] == texts[k].split()  # word-level tokenizer, BOS/EOS around
+    words = [r for r in result.records if r.target.startswith("a red circle · ")]
+    assert [w.target.split(" · ")[1] for w in words] == ["[BOS]", "a", "red", "circle", "[EOS]"][: len(words)]
+    np.testing.assert_allclose(words[2].grid, per_token[0, 2].numpy(), rtol=1e-5, atol=1e-8)
+    with torch.no_grad():
+        probs = torch.sigmoid(MatchLogit(model)(inputs["pixel_values"], *args))
+    np.testing.assert_allclose(list(result.scores.values()), probs.numpy(), rtol=1e-5)
+    assert result.score_kind == "match probability"
+    with pytest.raises(ValueError, match="do not support BlipForImageTextRetrieval"):
+        explain(model, processor, image, texts, methods=["grad-eclip"])
