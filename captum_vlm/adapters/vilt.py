@@ -3,6 +3,9 @@ transformer over the joint sequence ``[text tokens, image CLS, patch tokens]``."
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 
@@ -52,3 +55,39 @@ class ViltAdapter(VLMAdapter):
     def image_sequence_start(self, input_ids: torch.Tensor) -> int:
         """Index of the image CLS token in the joint sequence (= text length)."""
         return int(input_ids.shape[1])
+
+    @contextmanager
+    def recorded_patch_index(self) -> Iterator[list[torch.Tensor]]:
+        """Record where each image token of the joint sequence sits on the patch grid.
+
+        Inside the block, every call of ViLT's ``embeddings.visual_embed`` appends its
+        ``patch_index`` ``[B, P, 2]`` (row, column of the patch behind image token ``1 + p``)
+        to the yielded list; the original method is put back on exit, also on error.
+
+        Yields:
+            The list of recorded ``patch_index`` tensors, one per forward.
+
+        Example:
+            >>> with adapter.recorded_patch_index() as calls:      # doctest: +SKIP
+            ...     model(input_ids=ids, pixel_values=pixels)
+            >>> calls[-1].shape                                      # doctest: +SKIP
+            torch.Size([1, 16, 2])
+        """
+        embeddings = self.model.vilt.embeddings
+        shadowed = vars(embeddings).get("visual_embed")  # an instance attribute set by others
+        original = embeddings.visual_embed
+        calls: list[torch.Tensor] = []
+
+        def visual_embed(*args, **kwargs):
+            out = original(*args, **kwargs)
+            calls.append(out[2][0].detach())
+            return out
+
+        embeddings.visual_embed = visual_embed
+        try:
+            yield calls
+        finally:
+            if shadowed is None:
+                del embeddings.visual_embed
+            else:
+                embeddings.visual_embed = shadowed

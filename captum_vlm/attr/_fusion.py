@@ -26,8 +26,8 @@ Shapes follow :mod:`captum_vlm.attr._base`: ``attribute`` returns ``[B, 3, H, W]
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from collections.abc import Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 
 import torch
@@ -95,23 +95,6 @@ class FusionInputs:
     query_mask: torch.Tensor
     grid: tuple[int, int]
     patch_index: torch.Tensor | None = None
-
-
-@contextmanager
-def _transformers_hooks_reinstalled(model: nn.Module) -> Iterator[None]:
-    """Work around a gap in :func:`captum_vlm.hooks.preserved_model_state`: transformers installs
-    its output-capturing hooks lazily on a model's first forward and marks the module
-    (``_output_capturing_hooks_installed``); the scope removes those hooks on exit but not the
-    mark, so a model first run inside the scope would later lose ``hidden_states`` (LLaVA then
-    fails). Forgetting the mark on exit makes transformers install the hooks again when needed."""
-    flag = "_output_capturing_hooks_installed"
-    unmarked = [m for m in model.modules() if not getattr(m, flag, False)]
-    try:
-        yield
-    finally:
-        for module in unmarked:
-            if flag in vars(module):
-                delattr(module, flag)
 
 
 def _text_requires_grad(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
@@ -317,7 +300,6 @@ class FusionAttribution(Attribution):
         pixels = inputs.pixel_values.detach().clone().requires_grad_(True)
         b, length = inputs.tokens.shape
         with ExitStack() as stack:
-            stack.enter_context(_transformers_hooks_reinstalled(self.model))
             record = stack.enter_context(capture(self.model, attentions=modules, grads=False, freeze_parameters=True))
             stack.enter_context(torch.enable_grad())
             patch_calls = stack.enter_context(self.adapter.recorded_patch_index()) if self.adapter.family == "vilt" else None
