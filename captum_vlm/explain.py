@@ -211,7 +211,7 @@ _FUSION_KINDS = {
 }
 
 
-def _fusion_runner(class_name: str, details: dict[str, str]) -> Callable[[ExplainContext], list[MapRecord]]:
+def _fusion_runner(class_name: str, base_details: dict[str, str]) -> Callable[[ExplainContext], list[MapRecord]]:
     """Fusion models: one map per text (its match logit, or its caption's log-probability) and
     one per word, each text paired with the image."""
 
@@ -223,6 +223,10 @@ def _fusion_runner(class_name: str, details: dict[str, str]) -> Callable[[Explai
                 f"{type(context.model).__name__} call captum_vlm.attr.{class_name} directly"
             )
         method = _attr_class(class_name)(context.model)
+        if hasattr(method, "layer"):
+            details = {**base_details, "layers": f"cross-attention {method.layer}"}
+        else:
+            details = base_details
         pixels, ids, mask = (context.inputs[k] for k in ("pixel_values", "input_ids", "attention_mask"))
         rows = torch.tensor(context.targets)
         args = (ids[rows], mask[rows])
@@ -252,7 +256,7 @@ register_method(
     summary="Cross-attention Grad-CAM: one map per caption and per word (ALBEF, Li et al. 2021)",
     limits="Reads one cross-attention layer: what later layers do with the attended patches is not shown.",
     families=("blip", "vilt"),
-)(_fusion_runner("CrossAttentionGradCAM", {"layers": "default (middle)", "heads": "mean of A·ReLU(∇A)"}))
+)(_fusion_runner("CrossAttentionGradCAM", {"heads": "mean of A·ReLU(∇A)"}))
 register_method(
     "bimodal-relevancy",
     summary="Bi-modal relevancy propagation through self- and co-attention (Chefer et al. 2021)",

@@ -38,6 +38,10 @@ def _description(folder: Path) -> str:
         text += f"; held-out zero-shot {held['zero_shot']:.3f}, binding {held['binding']:.3f}"
         if held["zero_shot"] < ZERO_SHOT_FLOOR:
             text += f" (below the {ZERO_SHOT_FLOOR} floor, see zoo/README.md)"
+    elif "binding" in held:  # image-text matching
+        text += f"; held-out binding {held['binding']:.3f}, match accuracy {held['match_accuracy']:.3f}"
+    elif "accuracy" in held:  # question answering
+        text += f"; held-out answer accuracy {held['accuracy']:.3f}"
     return text
 
 
