@@ -418,7 +418,7 @@ def evaluate(
 # --------------------------------------------------------------------------- training
 
 
-def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """AdamW groups: no decay on biases, norms, embeddings and the logit scale/bias."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
@@ -428,6 +428,26 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
+
+
+def save_trained(model: torch.nn.Module, processor: object, log: dict, out_dir: str | Path | None) -> None:
+    """Write weights, config, processor and ``training.json`` (``log``) into ``out_dir`` (if given)."""
+    if out_dir is None:
+        return
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    (out / "training.json").write_text(json.dumps(log, indent=2))
+
+
+def print_check(check: dict, losses: list[float], start: float) -> None:
+    """One line for a quick held-out check during training."""
+    tqdm.write(
+        f"step {check['step']}: loss {np.mean(losses[-100:]):.3f} "
+        + " ".join(f"{k} {v:.3f}" for k, v in check.items() if k != "step")
+        + f" ({time.time() - start:.0f} s)"
+    )
 
 
 def train(
@@ -458,7 +478,7 @@ def train(
     tokenizer = processor.tokenizer
     make_batch = BatchMaker(recipe.seed, recipe.batch, recipe.image_size)
     opt = torch.optim.AdamW(
-        _param_groups(model, recipe.weight_decay), lr=recipe.lr, betas=(0.9, 0.98), eps=1e-6
+        param_groups(model, recipe.weight_decay), lr=recipe.lr, betas=(0.9, 0.98), eps=1e-6
     )
 
     def lr_at(step: int) -> float:
@@ -495,11 +515,7 @@ def train(
                 check = evaluate(model, processor, eval_seed, n=200, family=recipe.family)
                 check["step"] = step + 1
                 checks.append(check)
-                tqdm.write(
-                    f"step {step + 1}: loss {np.mean(losses[-100:]):.3f} "
-                    + " ".join(f"{k} {v:.3f}" for k, v in check.items() if k != "step")
-                    + f" ({time.time() - start:.0f} s)",
-                )
+                print_check(check, losses, start)
                 if checkpoint_dir is not None:  # in case the run is cut short
                     model.save_pretrained(checkpoint_dir)
     model.eval()
@@ -512,14 +528,8 @@ def train(
         "loss_first_100": float(np.mean(losses[:100])),
         "checks": checks,
     }
-    saved = dict(log)
+    save_trained(model, processor, log, out_dir)
     log["losses"] = losses
-    if out_dir is not None:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        model.save_pretrained(out)
-        processor.save_pretrained(out)
-        (out / "training.json").write_text(json.dumps(saved, indent=2))
     return model, processor, log
 
 

@@ -64,6 +64,7 @@ from .scenes import (
     phrase,
     zero_shot_prompts,
 )
+from .train import param_groups, print_check, save_trained
 
 MODELS_DIR = Path(__file__).parent / "models"
 Label = tuple[str, str]
@@ -823,18 +824,6 @@ def evaluate(model, processor, task: str, seed: int = HELDOUT_SEED, n: int = 400
 # --------------------------------------------------------------------------- training
 
 
-def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: no decay on biases, norms and embeddings."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        skip = p.ndim < 2 or "embedding" in name or "norm" in name
-        (no_decay if skip else decay).append(p)
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-
-
 def train(
     recipe: BlipRecipe,
     out_dir: str | Path | None = None,
@@ -882,7 +871,7 @@ def train(
         return vqa_batch(rng, recipe.batch, recipe.per_image, side)
 
     opt = torch.optim.AdamW(
-        _param_groups(model, recipe.weight_decay), lr=recipe.lr, betas=(0.9, 0.98), eps=1e-6
+        param_groups(model, recipe.weight_decay), lr=recipe.lr, betas=(0.9, 0.98), eps=1e-6
     )
 
     def progress(step: int) -> float:
@@ -941,11 +930,7 @@ def train(
                 check = evaluate(model, processor, recipe.task, seed=eval_seed, n=200)
                 check["step"] = step + 1
                 checks.append(check)
-                tqdm.write(
-                    f"step {step + 1}: loss {np.mean(losses[-100:]):.3f} "
-                    + " ".join(f"{k} {v:.3f}" for k, v in check.items() if k != "step")
-                    + f" ({time.time() - start:.0f} s)"
-                )
+                print_check(check, losses, start)
                 if checkpoint_dir is not None:  # in case the run is cut short
                     model.save_pretrained(checkpoint_dir)
                     processor.save_pretrained(checkpoint_dir)
@@ -961,14 +946,8 @@ def train(
         "loss_first_100": float(np.mean(losses[:100])),
         "checks": checks,
     }
-    saved = dict(log)
+    save_trained(model, processor, log, out_dir)
     log["losses"] = losses
-    if out_dir is not None:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        model.save_pretrained(out)
-        processor.save_pretrained(out)
-        (out / "training.json").write_text(json.dumps(saved, indent=2))
     return model, processor, log
 
 
