@@ -3,7 +3,7 @@
 Reproduce a shipped model (writes weights, config and processor into ``zoo/models/<name>/``)::
 
     OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE HF_HUB_OFFLINE=1 \\
-        python -m captum_vlm.zoo.train shapes-clip
+        python -m captum_vlm.zoo.train shapes-clip      # or shapes-siglip, shapes-blip-itm, shapes-blip-vqa
 
 The recipe (see :data:`RECIPES`) is a stock ``transformers.CLIPModel`` / ``SiglipModel`` with a small
 config, trained contrastively on scenes drawn on the fly. The loss has no false negatives (a
@@ -20,6 +20,7 @@ import argparse
 import json
 import math
 import os
+import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -534,7 +535,17 @@ def train(
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Command line: ``python -m captum_vlm.zoo.train NAME [--steps N] [--out DIR]``."""
+    """Command line: ``python -m captum_vlm.zoo.train NAME [--steps N] [--out DIR]``.
+
+    BLIP names (``shapes-blip-itm``, ``shapes-blip-vqa``) are handed to
+    :mod:`captum_vlm.zoo.train_blip`, which takes its own options.
+    """
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    if args_list and args_list[0].startswith("shapes-blip"):
+        from .train_blip import main as blip_main
+
+        blip_main(args_list)
+        return
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("name", choices=sorted(RECIPES), help="zoo model to train")
     parser.add_argument("--steps", type=int, default=None, help="override the recipe's steps")
