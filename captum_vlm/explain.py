@@ -178,7 +178,7 @@ def _per_target_runner(class_name: str, details: dict[str, str], **attribute_kwa
         for k in context.targets:
             grid = method.attribute(
                 context.inputs["pixel_values"], target=k, additional_forward_args=(ids, mask),
-                return_grid=True, show_progress=context.show_progress, **attribute_kwargs,
+                return_grid=True, **attribute_kwargs,
             )[0]
             records.append(MapRecord(class_name, context.texts[k], grid.detach().numpy(),
                                      {**details, "target": f"prompt {k}: {context.texts[k]}"}))
