@@ -91,6 +91,29 @@ def _image_processor_class():
         return CLIPImageProcessor
 
 
+def image_settings(image_size: int) -> dict:
+    """The image-processor settings every zoo model shares: resize to ``image_size`` square
+    (PIL bilinear), scale to [0, 1], normalise with :data:`IMAGE_MEAN`/:data:`IMAGE_STD`.
+
+    Args:
+        image_size: side of the model input in pixels.
+
+    Returns:
+        Keyword arguments for a transformers image processor.
+    """
+    return dict(
+        do_resize=True,
+        size={"height": image_size, "width": image_size},
+        resample=2,  # PIL bilinear
+        do_rescale=True,
+        rescale_factor=1 / 255,
+        do_normalize=True,
+        image_mean=list(IMAGE_MEAN),
+        image_std=list(IMAGE_STD),
+        do_convert_rgb=True,
+    )
+
+
 def build_clip_processor(image_size: int = 64, max_length: int = MAX_LENGTH):
     """A ``CLIPProcessor`` for a zoo CLIP: resize to ``image_size`` square, no centre crop.
 
@@ -104,17 +127,9 @@ def build_clip_processor(image_size: int = 64, max_length: int = MAX_LENGTH):
     from transformers import CLIPProcessor
 
     image_processor = _image_processor_class()(
-        do_resize=True,
-        size={"height": image_size, "width": image_size},
-        resample=2,  # PIL bilinear
+        **image_settings(image_size),
         do_center_crop=False,
         crop_size={"height": image_size, "width": image_size},
-        do_rescale=True,
-        rescale_factor=1 / 255,
-        do_normalize=True,
-        image_mean=list(IMAGE_MEAN),
-        image_std=list(IMAGE_STD),
-        do_convert_rgb=True,
     )
     return CLIPProcessor(image_processor=image_processor, tokenizer=build_tokenizer(max_length))
 
@@ -136,17 +151,7 @@ def build_siglip_processor(image_size: int = 64, max_length: int = 16):
         from transformers import SiglipImageProcessorPil as ImageProcessor
     except ImportError:
         from transformers import SiglipImageProcessor as ImageProcessor
-    image_processor = ImageProcessor(
-        do_resize=True,
-        size={"height": image_size, "width": image_size},
-        resample=2,
-        do_rescale=True,
-        rescale_factor=1 / 255,
-        do_normalize=True,
-        image_mean=list(IMAGE_MEAN),
-        image_std=list(IMAGE_STD),
-        do_convert_rgb=True,
-    )
+    image_processor = ImageProcessor(**image_settings(image_size))
     return SiglipProcessor(image_processor=image_processor, tokenizer=build_tokenizer(max_length))
 
 

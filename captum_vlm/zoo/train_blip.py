@@ -45,11 +45,10 @@ from tqdm.auto import tqdm
 from .processing import (
     BOS_ID,
     EOS_ID,
-    IMAGE_MEAN,
-    IMAGE_STD,
     MAX_LENGTH,
     PAD_ID,
     build_tokenizer,
+    image_settings,
     images_to_pixel_values,
     vocabulary,
 )
@@ -285,17 +284,7 @@ def build_blip_processor(image_size: int = 64, max_length: int = MAX_LENGTH):
         from transformers import BlipImageProcessorPil as ImageProcessor
     except ImportError:  # older transformers
         from transformers import BlipImageProcessor as ImageProcessor
-    image_processor = ImageProcessor(
-        do_resize=True,
-        size={"height": image_size, "width": image_size},
-        resample=2,  # PIL bilinear
-        do_rescale=True,
-        rescale_factor=1 / 255,
-        do_normalize=True,
-        image_mean=list(IMAGE_MEAN),
-        image_std=list(IMAGE_STD),
-        do_convert_rgb=True,
-    )
+    image_processor = ImageProcessor(**image_settings(image_size))
     return BlipProcessor(image_processor=image_processor, tokenizer=build_tokenizer(max_length))
 
 
