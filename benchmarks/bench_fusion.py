@@ -18,6 +18,7 @@ Run::
 
     python benchmarks/bench_fusion.py                      # every fusion model in the zoo
     python benchmarks/bench_fusion.py --models shapes-blip-itm --scenes 200
+    python benchmarks/bench_fusion.py --every-layer        # Grad-CAM at each cross-attention layer
     python benchmarks/bench_fusion.py --smoke              # code path on a random BLIP, no zoo
 
 Prints a Markdown table for ``benchmarks/RESULTS.md``; with no fusion model in the zoo it says so
@@ -88,7 +89,9 @@ def image_size(model) -> int:
     return int(config.image_size)
 
 
-def grounding(model, processor, n_scenes: int, seed: int = HELDOUT_SEED) -> dict[str, dict[str, float]]:
+def grounding(
+    model, processor, n_scenes: int, seed: int = HELDOUT_SEED, every_layer: bool = False
+) -> dict[str, dict[str, float]]:
     """Pointing-game hit rates per method and word kind (plus a random-map baseline).
 
     Args:
@@ -96,15 +99,23 @@ def grounding(model, processor, n_scenes: int, seed: int = HELDOUT_SEED) -> dict
         processor: its processor (``images=``, ``text=``).
         n_scenes: held-out two-object scenes to use.
         seed: scene seed.
+        every_layer: Grad-CAM at every cross-attention layer, not only the default one.
 
     Returns:
         ``{method: {"colour": rate, "shape": rate, "all": rate, "other": rate, "n": count}}``;
         ``"other"`` is the hit rate on the object the word does not name.
     """
-    methods = {"cross-attention Grad-CAM": CrossAttentionGradCAM(model)}
+    default = CrossAttentionGradCAM(model)
+    methods = {f"cross-attention Grad-CAM, layer {default.layer} (default)": default}
+    if every_layer:
+        n_layers = len(default.adapter.cross_attentions())
+        # match models read CLS only: at their last layer every word row has zero gradient
+        last = n_layers - 1 if default.kind == "match" else n_layers
+        for layer in range(last):
+            if layer != default.layer:
+                methods[f"cross-attention Grad-CAM, layer {layer}"] = CrossAttentionGradCAM(model, layer=layer)
+    methods["bi-modal relevancy"] = BimodalRelevancy(model)
     vqa = type(model).__name__ == "BlipForQuestionAnswering"
-    if not vqa:
-        methods["bi-modal relevancy"] = BimodalRelevancy(model)
     if FUSION_KINDS[type(model).__name__] == "answer":
         raise ValueError("grounding: ViLT VQA explains an answer label, not words; use a match, caption or BLIP VQA model")
     hits: dict[str, dict[str, list[bool]]] = {
@@ -202,13 +213,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", nargs="*", help="zoo names (default: every fusion model in the zoo)")
     parser.add_argument("--scenes", type=int, default=200, help="held-out scenes per model")
+    parser.add_argument("--every-layer", action="store_true", help="Grad-CAM at every cross-attention layer")
     parser.add_argument("--smoke", action="store_true", help="run the code path on a random model")
     args = parser.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     if args.smoke:
         for model, processor in smoke_models():
             start = time.time()
-            table = grounding(model, processor, min(args.scenes, 5))
+            table = grounding(model, processor, min(args.scenes, 5), every_layer=args.every_layer)
             print(markdown(f"smoke: random {type(model).__name__}", table, time.time() - start, _what(model)), end="\n\n")
         return 0
     names = args.models or fusion_zoo_models()
@@ -219,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         model, processor = load_fusion(name)
         start = time.time()
-        table = grounding(model, processor, args.scenes)
+        table = grounding(model, processor, args.scenes, every_layer=args.every_layer)
         print(markdown(f"{name} ({type(model).__name__})", table, time.time() - start, _what(model)), end="\n\n")
     return 0
 

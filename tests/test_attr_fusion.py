@@ -18,7 +18,6 @@ from captum_vlm.attr._base import upsample_grid
 from captum_vlm.attr.bimodal_relevancy import normalised_self_relevancy
 from captum_vlm.attr.cross_attention_gradcam import default_layer
 
-ATOL = 1e-6
 GRID = (tm.IMAGE_SIZE // tm.PATCH,) * 2
 
 
@@ -30,6 +29,14 @@ def blip_itm():
 @pytest.fixture(scope="module")
 def vilt_vqa():
     return tm.vilt_vqa()
+
+
+def assert_close_scaled(got, want):
+    """``assert_close`` relative to the reference's largest entry: maps of tiny random models can be
+    ~1e-10, which any absolute tolerance would wave through."""
+    scale = want.abs().max()
+    assert scale > 0, "the reference is all zero: the comparison would prove nothing"
+    torch.testing.assert_close(got / scale, want / scale, atol=1e-5, rtol=1e-4)
 
 
 def eager_copy(model):
@@ -92,9 +99,9 @@ def test_blip_itm_gradcam_equals_reference(blip_itm, layer):
     heat = method.attribute(pixels, additional_forward_args=(ids, mask))
     assert per_token.shape == (2, 7, *GRID) and grid.shape == (2, *GRID) and heat.shape == pixels.shape
     assert per_token.abs().sum() > 0
-    torch.testing.assert_close(per_token, rows, atol=ATOL, rtol=1e-4)
-    torch.testing.assert_close(grid, whole, atol=ATOL, rtol=1e-4)
-    torch.testing.assert_close(heat, upsample_grid(whole, (32, 32), (tm.PATCH, tm.PATCH)), atol=ATOL, rtol=1e-4)
+    assert_close_scaled(per_token, rows)
+    assert_close_scaled(grid, whole)
+    assert_close_scaled(heat, upsample_grid(whole, (32, 32), (tm.PATCH, tm.PATCH)))
     assert isinstance(method, Attribution)
 
 
@@ -125,11 +132,11 @@ def test_generated_caption_maps_equal_teacher_forced():
         expected[:, t] = blip_image_grid(cam(attention, grad).sum(1))
     method = CrossAttentionGradCAM(model, layer=layer)
     got = method.attribute_tokens(pixels, additional_forward_args=(generated, mask), return_grid=True)
-    torch.testing.assert_close(got, expected, atol=ATOL, rtol=1e-4)
+    assert_close_scaled(got, expected)
     whole = method.attribute(pixels, additional_forward_args=(generated, mask), return_grid=True)
-    torch.testing.assert_close(whole, expected[:, 1:].mean(1), atol=ATOL, rtol=1e-4)
+    assert_close_scaled(whole, expected[:, 1:].mean(1))
     picked = method.attribute_tokens(pixels, target=[2, -1], additional_forward_args=(generated, mask), return_grid=True)
-    torch.testing.assert_close(picked[:, [2, 4]], expected[:, [2, 4]], atol=ATOL, rtol=1e-4)
+    assert_close_scaled(picked[:, [2, 4]], expected[:, [2, 4]])
     assert picked[:, [0, 1, 3]].abs().sum() == 0
 
 
@@ -158,7 +165,7 @@ def test_blip_vqa_answer_tokens_equal_reference():
     assert got.shape == (1, 4, *GRID)
     for t in (1, 2, 3):
         grad = torch.autograd.grad(log_p[:, t - 1].sum(), attention, retain_graph=True)[0]
-        torch.testing.assert_close(got[:, t], blip_image_grid(cam(attention, grad).sum(1)), atol=ATOL, rtol=1e-4)
+        assert_close_scaled(got[:, t], blip_image_grid(cam(attention, grad).sum(1)))
 
 
 def vilt_reference(model, pixels, ids, mask, answer, seed):
@@ -206,11 +213,11 @@ def test_vilt_gradcam_equals_reference_and_ignores_patch_shuffle(vilt_vqa):
     method = CrossAttentionGradCAM(vilt_vqa, layer=layer)
     torch.manual_seed(0)
     got = method.attribute_tokens(pixels, target=answer, additional_forward_args=(ids, mask), return_grid=True)
-    torch.testing.assert_close(got, expected, atol=1e-7, rtol=1e-4)
+    assert_close_scaled(got, expected)
     # another draw of the patch order gives the same map once each token is put back in place
     torch.manual_seed(1)
     again = method.attribute_tokens(pixels, target=answer, additional_forward_args=(ids, mask), return_grid=True)
-    torch.testing.assert_close(again, got, atol=1e-7, rtol=1e-4)
+    assert_close_scaled(again, got)
 
 
 def test_llava_sdpa_equals_eager_and_reference():
@@ -226,7 +233,7 @@ def test_llava_sdpa_equals_eager_and_reference():
     got_eager = CrossAttentionGradCAM(ref, layer=layer).attribute_tokens(
         pixels, target=[18, 19, 20], additional_forward_args=(ids, mask), return_grid=True
     )
-    torch.testing.assert_close(got, got_eager, atol=1e-6, rtol=1e-4)
+    assert_close_scaled(got, got_eager)
     assert model.config.text_config._attn_implementation == "sdpa"
     out = ref(input_ids=ids, attention_mask=mask, pixel_values=pixels.clone().requires_grad_(True), output_attentions=True)
     log_p = F.log_softmax(out.logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None])[..., 0]
@@ -235,7 +242,7 @@ def test_llava_sdpa_equals_eager_and_reference():
     for t in (18, 19, 20):
         grad = torch.autograd.grad(log_p[:, t - 1].sum(), attention, retain_graph=True)[0]
         per_row = cam(attention, grad)[:, text_rows][:, :, 1:17]  # text rows over the 16 image tokens
-        torch.testing.assert_close(got[:, t], per_row.sum(1).reshape(2, *GRID), atol=1e-6, rtol=1e-4)
+        assert_close_scaled(got[:, t], per_row.sum(1).reshape(2, *GRID))
     assert got[:, t].abs().sum() > 0
 
 
@@ -272,8 +279,8 @@ def test_blip_itm_relevancy_equals_reference(blip_itm, image_relevancy):
     method = BimodalRelevancy(blip_itm, image_relevancy=image_relevancy)
     per_token = method.attribute_tokens(pixels, additional_forward_args=(ids, mask), return_grid=True)
     whole = method.attribute(pixels, additional_forward_args=(ids, mask), return_grid=True)
-    torch.testing.assert_close(per_token[0], blip_image_grid(r_ti), atol=ATOL, rtol=1e-4)
-    torch.testing.assert_close(whole[0], blip_image_grid(r_ti[0]), atol=ATOL, rtol=1e-4)  # CLS row
+    assert_close_scaled(per_token[0], blip_image_grid(r_ti))
+    assert_close_scaled(whole[0], blip_image_grid(r_ti[0]))  # CLS row
 
 
 def test_caption_relevancy_reads_the_predicting_row():
@@ -295,8 +302,61 @@ def test_caption_relevancy_reads_the_predicting_row():
         grads = torch.autograd.grad(log_p[:, t - 1].sum(), recorded, retain_graph=True)
         r_ti = relevancy_blip_by_hand(vision.attentions, out.attentions, out.cross_attentions,
                                       grads[:2], grads[2:4], grads[4:])
-        torch.testing.assert_close(got[0, t], blip_image_grid(r_ti[t - 1]), atol=ATOL, rtol=1e-4)
+        assert_close_scaled(got[0, t], blip_image_grid(r_ti[t - 1]))
     assert got[0, 0].abs().sum() == 0
+
+
+def blip_vqa_reference(model, pixels, question, q_mask, answer, a_mask):
+    """Eager BLIP VQA forward with graph: (log p of answer tokens 1.. [B, Ta - 1], vision, question
+    self/cross and answer self/cross attentions)."""
+    vision = model.vision_model(pixel_values=pixels.clone().requires_grad_(True), output_attentions=True)
+    image = vision.last_hidden_state
+    encoded = model.text_encoder(
+        input_ids=question, attention_mask=q_mask, encoder_hidden_states=image,
+        encoder_attention_mask=torch.ones(image.shape[:-1], dtype=torch.long), output_attentions=True,
+    )
+    tokens = answer.clone()
+    tokens[:, 0] = tm.BOS
+    out = model.text_decoder(
+        input_ids=tokens, attention_mask=a_mask, encoder_hidden_states=encoded.last_hidden_state,
+        encoder_attention_mask=q_mask, output_attentions=True,
+    )
+    log_p = F.log_softmax(out.logits[:, :-1], dim=-1).gather(-1, tokens[:, 1:, None])[..., 0]
+    return log_p, vision.attentions, encoded.attentions, encoded.cross_attentions, out.attentions, out.cross_attentions
+
+
+def test_blip_vqa_relevancy_chains_answer_through_question():
+    """Answer token t: the question encoder's R_qi as for ITM, then the answer decoder's rules 6-7
+    and rule 10 with R_qi as the keys' relevancy, read at row t - 1."""
+    model = tm.blip_vqa()
+    pixels = tm.pixels(1)
+    question, q_mask = tm.text_ids(1, 6)
+    answer, a_mask = tm.text_ids(1, 4, seed=3)
+    log_p, vision, q_self, q_cross, a_self, a_cross = blip_vqa_reference(
+        eager_copy(model), pixels, question, q_mask, answer, a_mask
+    )
+    got = BimodalRelevancy(model).attribute_tokens(pixels, additional_forward_args=(question, q_mask, answer, a_mask),
+                                                   return_grid=True)
+    whole = BimodalRelevancy(model).attribute(pixels, target=[1, 3],
+                                              additional_forward_args=(question, q_mask, answer, a_mask), return_grid=True)
+    recorded = [*vision, *q_self, *q_cross, *a_self, *a_cross]
+    eye = torch.eye(answer.shape[1])
+    by_hand = []
+    for t in (1, 2, 3):
+        grads = torch.autograd.grad(log_p[:, t - 1].sum(), recorded, retain_graph=True)
+        assert all(g.abs().sum() > 0 for g in grads[6:8])  # the answer's self-attention matters
+        r_qi = relevancy_blip_by_hand(vision, q_self, q_cross, grads[:2], grads[2:4], grads[4:6])
+        r_aa, r_ai = eye.clone(), torch.zeros(answer.shape[1], r_qi.shape[-1])
+        for a_s, g_s, a_c, g_c in zip(a_self, grads[6:8], a_cross, grads[8:]):
+            s = a_bar(a_s, g_s)[0]
+            r_aa, r_ai = r_aa + s @ r_aa, r_ai + s @ r_ai
+            hat = r_aa - eye
+            r_aa_bar = hat / hat.sum(-1, keepdim=True).clamp_min(1e-12) + eye
+            r_ai = r_ai + r_aa_bar.T @ a_bar(a_c, g_c)[0] @ r_qi
+        by_hand.append(blip_image_grid(r_ai[t - 1]))
+        assert_close_scaled(got[0, t], by_hand[-1])
+    assert got[0, 0].abs().sum() == 0
+    assert_close_scaled(whole[0], (by_hand[0] + by_hand[2]) / 2)
 
 
 def test_llava_relevancy_equals_joint_rule():
@@ -314,7 +374,7 @@ def test_llava_relevancy_equals_joint_rule():
         r = torch.eye(ids.shape[1])
         for a, g in zip(out.attentions, grads):
             r = r + a_bar(a, g)[0] @ r
-        torch.testing.assert_close(got[0, t], r[t - 1, 1:17].reshape(GRID), atol=1e-6, rtol=1e-4)
+        assert_close_scaled(got[0, t], r[t - 1, 1:17].reshape(GRID))
 
 
 def test_vilt_relevancy_equals_joint_self_attention_rule(vilt_vqa):
@@ -330,10 +390,10 @@ def test_vilt_relevancy_equals_joint_self_attention_rule(vilt_vqa):
     torch.manual_seed(3)
     got = BimodalRelevancy(vilt_vqa).attribute_tokens(pixels, target=2, additional_forward_args=(ids, mask),
                                                       return_grid=True)
-    torch.testing.assert_close(got, expected, atol=1e-7, rtol=1e-4)
+    assert_close_scaled(got, expected)
     torch.manual_seed(4)
     whole = BimodalRelevancy(vilt_vqa).attribute(pixels, target=2, additional_forward_args=(ids, mask), return_grid=True)
-    torch.testing.assert_close(whole, expected[:, 0], atol=1e-7, rtol=1e-4)
+    assert_close_scaled(whole, expected[:, 0])
 
 
 def test_default_layer():
@@ -358,13 +418,21 @@ def test_batched_equals_one_by_one(blip_itm, vilt_vqa, method_class):
     for i in range(2):
         single = blip.attribute_tokens(pixels[i : i + 1], additional_forward_args=(ids[i : i + 1], mask[i : i + 1]),
                                        return_grid=True)
-        torch.testing.assert_close(batched[i : i + 1], single, atol=ATOL, rtol=1e-4)
+        assert_close_scaled(batched[i : i + 1], single)
     vilt = method_class(vilt_vqa)
     batched = vilt.attribute(pixels, target=[4, 0], additional_forward_args=(ids, mask), return_grid=True)
     for i, answer in enumerate([4, 0]):
         single = vilt.attribute(pixels[i : i + 1], target=answer,
                                 additional_forward_args=(ids[i : i + 1], mask[i : i + 1]), return_grid=True)
-        torch.testing.assert_close(batched[i : i + 1], single, atol=1e-7, rtol=1e-4)
+        assert_close_scaled(batched[i : i + 1], single)
+    vqa = method_class(tm.blip_vqa())
+    answer, a_mask = tm.text_ids(2, 4, seed=3)
+    args = (ids, mask, answer, a_mask)
+    batched = vqa.attribute_tokens(pixels, additional_forward_args=args, return_grid=True)
+    for i in range(2):
+        single = vqa.attribute_tokens(pixels[i : i + 1], additional_forward_args=tuple(a[i : i + 1] for a in args),
+                                      return_grid=True)
+        assert_close_scaled(batched[i : i + 1], single)
 
 
 @pytest.mark.parametrize("method_class", [CrossAttentionGradCAM, BimodalRelevancy])
@@ -375,7 +443,7 @@ def test_noise_tunnel_wraps_the_methods(vilt_vqa, method_class):
     plain = method.attribute(pixels, target=[1, 2], additional_forward_args=(ids, mask))
     smooth = NoiseTunnel(method).attribute(pixels, nt_samples=2, stdevs=0.0, target=[1, 2],
                                            additional_forward_args=(ids, mask))
-    torch.testing.assert_close(smooth, plain, atol=1e-7, rtol=1e-4)
+    assert_close_scaled(smooth, plain)
 
 
 def test_word_merging_is_the_mean_of_sub_token_maps(blip_itm):
@@ -386,43 +454,48 @@ def test_word_merging_is_the_mean_of_sub_token_maps(blip_itm):
     word_ids = [None, 0, 0, 1, 2, None]
     words = method.attribute_tokens(pixels, additional_forward_args=(ids, mask), word_ids=word_ids, return_grid=True)
     assert words.shape == (2, 3, *GRID)
-    torch.testing.assert_close(words[:, 0], tokens[:, 1:3].mean(1))
-    torch.testing.assert_close(words[:, 2], tokens[:, 4])
+    assert_close_scaled(words[:, 0], tokens[:, 1:3].mean(1))
+    assert_close_scaled(words[:, 2], tokens[:, 4])
     groups = method.attribute_tokens(pixels, additional_forward_args=(ids, mask), token_groups=[[1, 2], [3, 4]],
                                      return_grid=True)
-    torch.testing.assert_close(groups[:, 0], words[:, 0])
-    torch.testing.assert_close(groups[:, 1], tokens[:, 3:5].mean(1))
+    assert_close_scaled(groups[:, 0], words[:, 0])
+    assert_close_scaled(groups[:, 1], tokens[:, 3:5].mean(1))
     per_example = method.attribute_tokens(pixels, additional_forward_args=(ids, mask),
                                           word_ids=[word_ids, [None, 0, 1, 1, 1, None]], return_grid=True)
-    torch.testing.assert_close(per_example[1, 1], tokens[1, 2:5].mean(0))
+    assert_close_scaled(per_example[1, 1], tokens[1, 2:5].mean(0))
     assert per_example[1, 2].abs().sum() == 0  # example 1 has two words
     pixel_words = method.attribute_tokens(pixels, additional_forward_args=(ids, mask), word_ids=word_ids)
     assert pixel_words.shape == (2, 3, 3, 32, 32)
 
 
 @pytest.mark.parametrize("method_class", [CrossAttentionGradCAM, BimodalRelevancy])
-@pytest.mark.parametrize("factory", [tm.blip_caption, tm.vilt_itm, tm.llava])
+@pytest.mark.parametrize("factory", [tm.blip_caption, tm.blip_vqa, tm.vilt_itm, tm.llava])
 def test_model_unchanged_also_when_raising(method_class, factory, monkeypatch):
     model = factory()
     model.vision_model.train() if factory is tm.blip_caption else model.train()  # an unusual mode must survive
     before = snapshot(model)
     ids, mask = llava_ids(1) if factory is tm.llava else tm.text_ids(1, 5)
+    args = (ids, mask, *tm.text_ids(1, 3, seed=3)) if factory is tm.blip_vqa else (ids, mask)
     method = method_class(model)
-    heat = method.attribute(tm.pixels(1), additional_forward_args=(ids, mask))
-    assert heat.shape == (1, 3, 32, 32) and torch.isfinite(heat).all()
+    heat = method.attribute(tm.pixels(1), target=[1, 2] if factory is tm.blip_vqa else None,
+                            additional_forward_args=args)
+    assert heat.shape == (1, 3, 32, 32) and torch.isfinite(heat).all() and heat.abs().sum() > 0
     assert_unchanged(model, before)
     def boom(*args, **kwargs):
         raise RuntimeError("boom")
 
+    adapter = get_adapter(model)
+    failing = adapter.answer_self_attentions()[-1] if factory is tm.blip_vqa else adapter.text_blocks()[-1]
     with monkeypatch.context() as patch:  # fail inside the forward, after the hooks are in place
-        patch.setattr(get_adapter(model).text_blocks()[-1], "forward", boom)
+        patch.setattr(failing, "forward", boom)
         with pytest.raises(RuntimeError, match="boom"):
-            method.attribute(tm.pixels(1), additional_forward_args=(ids, mask))
+            method.attribute(tm.pixels(1), additional_forward_args=args)
     assert_unchanged(model, before)
     if factory is tm.vilt_itm:
         assert "visual_embed" not in vars(model.vilt.embeddings)
+    extra = {"decoder_input_ids": args[2]} if factory is tm.blip_vqa else {}
     with torch.no_grad():  # the model still runs as before (transformers' own hooks intact)
-        model.eval()(input_ids=ids, attention_mask=mask, pixel_values=tm.pixels(1))
+        model.eval()(input_ids=ids, attention_mask=mask, pixel_values=tm.pixels(1), **extra)
 
 
 def test_bad_arguments_name_the_argument(blip_itm, vilt_vqa):
@@ -431,8 +504,6 @@ def test_bad_arguments_name_the_argument(blip_itm, vilt_vqa):
     args = (ids, mask)
     with pytest.raises(TypeError, match="model"):
         CrossAttentionGradCAM(tm.clip())
-    with pytest.raises(TypeError, match="model: BimodalRelevancy does not support BlipForQuestionAnswering"):
-        BimodalRelevancy(tm.blip_vqa())
     with pytest.raises(ValueError, match="layer"):
         CrossAttentionGradCAM(blip_itm, layer=2)
     with pytest.raises(TypeError, match="layer"):

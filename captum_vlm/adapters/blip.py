@@ -16,7 +16,8 @@ class BlipAdapter(VLMAdapter):
     Cross-attention to the image lives in ``text_encoder.encoder.layer[i].crossattention``
     (ITM, VQA question encoder) or ``text_decoder.bert.encoder.layer[i].crossattention``
     (captioning). For VQA the answer decoder attends to the question encoder, not the image,
-    so :meth:`cross_attentions` returns the question encoder's.
+    so :meth:`cross_attentions` returns the question encoder's; the decoder's own attention is
+    reached through the ``answer_*`` accessors (VQA only).
     """
 
     family = "blip"
@@ -61,3 +62,28 @@ class BlipAdapter(VLMAdapter):
 
     def pooled_text_position(self, input_ids, attention_mask=None) -> torch.Tensor:
         return torch.zeros(input_ids.shape[0], dtype=torch.long)
+
+    # ----- VQA answer decoder --------------------------------------------------------------------
+    def answer_decoder(self) -> nn.Module:
+        """``BlipForQuestionAnswering`` only: the BERT-style answer decoder, whose self-attention
+        runs over the answer tokens and whose cross-attention attends to the question encoder's
+        output (not to the image).
+
+        Raises:
+            NotImplementedError: the model has no answer decoder (ITM, captioning).
+        """
+        if not (hasattr(self.model, "text_encoder") and hasattr(self.model, "text_decoder")):
+            raise NotImplementedError(f"blip: {type(self.model).__name__} has no answer decoder (VQA only)")
+        return self.model.text_decoder.bert
+
+    def answer_self_attentions(self) -> list[nn.Module]:
+        """Self-attention modules of :meth:`answer_decoder` (answer rows, answer columns)."""
+        return [block.attention.self for block in self.answer_decoder().encoder.layer]
+
+    def answer_cross_attentions(self) -> list[nn.Module]:
+        """Cross-attention modules of :meth:`answer_decoder` (answer rows, question-encoder columns)."""
+        return [block.crossattention.self for block in self.answer_decoder().encoder.layer]
+
+    def answer_embedding(self) -> nn.Module:
+        """The answer decoder's token-embedding module."""
+        return self.answer_decoder().embeddings.word_embeddings

@@ -303,7 +303,9 @@ class FusionAttribution(Attribution):
             record = stack.enter_context(capture(self.model, attentions=modules, grads=False, freeze_parameters=True))
             stack.enter_context(torch.enable_grad())
             patch_calls = stack.enter_context(self.adapter.recorded_patch_index()) if self.adapter.family == "vilt" else None
-            self.adapter.text_embedding().register_forward_hook(_text_requires_grad)  # capture removes it
+            embeddings = [self.adapter.text_embedding()] + ([self.adapter.answer_embedding()] if self.blip_vqa else [])
+            for embedding in embeddings:  # capture removes these hooks
+                embedding.register_forward_hook(_text_requires_grad)
             output = self.forward_func(pixels, *inputs.args)
             if patch_calls is not None:
                 inputs.patch_index = patch_calls[-1]

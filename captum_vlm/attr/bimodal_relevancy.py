@@ -57,10 +57,13 @@ class BimodalRelevancy(FusionAttribution):
       ``R += A_bar R``; the text rows are read over the image columns (ViLT's patch order recovered
       from the forward; LLaVA's image-token positions). LLaVA's vision tower is not propagated:
       its image tokens count as the inputs.
-    * ``BlipForQuestionAnswering`` is not supported: its answer decoder attends to the question
-      encoder, not to the image, so the answer's relevancy would have to be chained through the
-      decoder's attention, which the BLIP adapter does not expose; use
-      :class:`CrossAttentionGradCAM`.
+    * ``BlipForQuestionAnswering``: image, question and answer are three token sets. The question
+      encoder gives ``R_qi`` as for ITM (its text is the question). The answer decoder then applies
+      the self-attention rules to the answer (``R_aa``, ``R_ai``) and, for its cross-attention of
+      answer queries over the question encoder's output tokens, rule 10 with those keys'
+      relevancy over the image in place of ``R_bar_qq``:
+      ``R_ai += R_bar_aa^T A_bar R_qi``. (The paper's rules for a key set that is itself a fusion
+      of two inputs; the chaining is ours.)
 
     Read-out (columns: image tokens, image CLS dropped): for match models and ViLT VQA, token
     ``q``'s map is row ``q`` of the text-to-image relevancy and :meth:`attribute` returns the row of
@@ -73,7 +76,7 @@ class BimodalRelevancy(FusionAttribution):
 
     Args:
         model: ``BlipForImageTextRetrieval``, ``BlipForConditionalGeneration``,
-            ``ViltForQuestionAnswering``, ``ViltForImageAndTextRetrieval`` or
+            ``BlipForQuestionAnswering``, ``ViltForQuestionAnswering``, ``ViltForImageAndTextRetrieval`` or
             ``LlavaForConditionalGeneration``.
         image_relevancy: BLIP only: ``"vision"`` (propagate through the vision tower) or
             ``"identity"``; ``None`` means ``"vision"`` for BLIP.
@@ -85,11 +88,6 @@ class BimodalRelevancy(FusionAttribution):
 
     def __init__(self, model: nn.Module, image_relevancy: str | None = None):
         super().__init__(model)
-        if self.blip_vqa:
-            raise TypeError(
-                "model: BimodalRelevancy does not support BlipForQuestionAnswering (its answer decoder "
-                "attends to the question, not the image); use CrossAttentionGradCAM"
-            )
         self.two_streams = self.adapter.family == "blip"
         if image_relevancy is not None and not self.two_streams:
             raise ValueError(
@@ -106,23 +104,27 @@ class BimodalRelevancy(FusionAttribution):
         if not self.two_streams:
             return self.adapter.text_attentions()
         vision = self.adapter.vision_attentions() if self.image_relevancy == "vision" else []
-        return vision + self.adapter.text_attentions() + self.adapter.cross_attentions()
+        modules = vision + self.adapter.text_attentions() + self.adapter.cross_attentions()
+        if self.blip_vqa:
+            modules += self.adapter.answer_self_attentions() + self.adapter.answer_cross_attentions()
+        return modules
 
     def _row_maps(self, attentions: list[torch.Tensor], grads: list[torch.Tensor], inputs: FusionInputs) -> torch.Tensor:
         a_bar = [averaged_gradient_attention(a, g) for a, g in zip(attentions, grads)]
         if not self.two_streams:
             return _self_attention_relevancy(a_bar)
+        n_answer = len(self.adapter.answer_self_attentions()) if self.blip_vqa else 0
+        if n_answer:
+            a_bar, answer = a_bar[: -2 * n_answer], a_bar[-2 * n_answer :]
         n_text = len(self.adapter.text_attentions())
         n_vision = len(a_bar) - 2 * n_text
         vision, text, cross = a_bar[:n_vision], a_bar[n_vision : n_vision + n_text], a_bar[n_vision + n_text :]
-        batch, t, n = cross[0].shape
+        batch, _, n = cross[0].shape
         r_ii = _self_attention_relevancy(vision) if vision else _eye(batch, n, cross[0])
-        r_ii_bar = normalised_self_relevancy(r_ii)
-        r_tt, r_ti = _eye(batch, t, cross[0]), cross[0].new_zeros(batch, t, n)
-        for a_tt, a_ti in zip(text, cross):
-            r_tt, r_ti = r_tt + a_tt @ r_tt, r_ti + a_tt @ r_ti  # rules 6-7
-            r_ti = r_ti + normalised_self_relevancy(r_tt).transpose(-1, -2) @ a_ti @ r_ii_bar  # rule 10
-        return r_ti
+        r_ti = _co_attention_relevancy(text, cross, normalised_self_relevancy(r_ii))
+        if not n_answer:
+            return r_ti
+        return _co_attention_relevancy(answer[:n_answer], answer[n_answer:], r_ti)
 
     def _reduce_rows(self, rows: torch.Tensor, inputs: FusionInputs, position: int | None) -> torch.Tensor:
         batch = torch.arange(rows.shape[0], device=rows.device)
@@ -143,3 +145,28 @@ def _self_attention_relevancy(a_bar: list[torch.Tensor]) -> torch.Tensor:
     for a in a_bar:
         relevancy = relevancy + a @ relevancy
     return relevancy
+
+
+def _co_attention_relevancy(
+    self_attention: list[torch.Tensor], co_attention: list[torch.Tensor], key_relevancy: torch.Tensor
+) -> torch.Tensor:
+    """Relevancy of the query tokens s over the inputs behind the keys, through layers that each
+    self-attend over s and then co-attend to the keys: ``R_ss, R_sk`` start at ``I, 0``; per layer
+    ``R_ss += A_bar R_ss``, ``R_sk += A_bar R_sk`` (rules 6-7), then
+    ``R_sk += R_bar_ss^T A_bar_co key_relevancy`` (rule 10).
+
+    Args:
+        self_attention: ``A_bar`` of each layer's self-attention ``[B, S, S]``.
+        co_attention: ``A_bar`` of each layer's co-attention ``[B, S, Q]``.
+        key_relevancy: the keys' relevancy over their inputs ``[B, Q, N]``.
+
+    Returns:
+        ``R_sk`` ``[B, S, N]``.
+    """
+    batch, s, _ = co_attention[0].shape
+    r_ss = _eye(batch, s, co_attention[0])
+    r_sk = co_attention[0].new_zeros(batch, s, key_relevancy.shape[-1])
+    for a_ss, a_sq in zip(self_attention, co_attention):
+        r_ss, r_sk = r_ss + a_ss @ r_ss, r_sk + a_ss @ r_sk  # rules 6-7
+        r_sk = r_sk + normalised_self_relevancy(r_ss).transpose(-1, -2) @ a_sq @ key_relevancy  # rule 10
+    return r_sk
