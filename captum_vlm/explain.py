@@ -115,6 +115,62 @@ class ExplainContext:
     targets: list[int]
     tokens: list[list[str]]
     show_progress: bool = False
+    answers: Answers | None = None
+
+
+@dataclass
+class Answers:
+    """A VQA model's own answer to each question: what the VQA maps explain.
+
+    Args:
+        texts: the answers as strings, one per question.
+        probabilities: BLIP: the probability of the answer's tokens (teacher-forced); ViLT: the
+            sigmoid of the answer's logit.
+        label_ids: ViLT: the answer label id per question ``[n]``.
+        answer_ids, answer_mask: BLIP: the generated answer tokens ``[n, T]`` (start token first).
+        tokens: BLIP: the answer's token strings, per question.
+    """
+
+    texts: list[str]
+    probabilities: list[float]
+    label_ids: torch.Tensor | None = None
+    answer_ids: torch.Tensor | None = None
+    answer_mask: torch.Tensor | None = None
+    tokens: list[list[str]] | None = None
+
+
+def answer_questions(model: nn.Module, tokenizer: Any, inputs: dict[str, torch.Tensor]) -> Answers:
+    """What a VQA model answers: BLIP generates (greedy, the model's generation config), ViLT
+    picks its top label.
+
+    Args:
+        model: ``BlipForQuestionAnswering`` or ``ViltForQuestionAnswering``.
+        tokenizer: the processor's tokenizer (to decode BLIP's answer).
+        inputs: the processor's output for the image(s) and the questions.
+
+    Returns:
+        :class:`Answers`, one per question.
+    """
+    from captum_vlm.targets import TokenLogProbs
+
+    pixels, ids, mask = inputs["pixel_values"], inputs["input_ids"], inputs["attention_mask"]
+    with torch.no_grad():
+        if type(model).__name__ == "ViltForQuestionAnswering":
+            logits = model(input_ids=ids, attention_mask=mask, pixel_values=pixels,
+                           pixel_mask=inputs.get("pixel_mask")).logits
+            labels = logits.argmax(-1)
+            texts = [str(model.config.id2label.get(int(k), int(k))) for k in labels]
+            probabilities = torch.sigmoid(logits.gather(1, labels[:, None])[:, 0]).tolist()
+            return Answers(texts, probabilities, label_ids=labels)
+        generated = model.generate(pixel_values=pixels, input_ids=ids, attention_mask=mask)
+        end = model.config.text_config.sep_token_id
+        ended_before = (generated == end).long().cumsum(1) - (generated == end).long()  # EOS seen before t
+        answer_mask = (ended_before == 0).long()
+        log_p = TokenLogProbs(model, reduction="sum")(pixels, ids, mask, generated, answer_mask)
+        texts = [tokenizer.decode(row[m.bool()], skip_special_tokens=True).strip() for row, m in zip(generated, answer_mask)]
+        tokens = [[token if token is not None else f"[id {i}]" for i, token in
+                   zip(row.tolist(), tokenizer.convert_ids_to_tokens(row.tolist()))] for row in generated]
+        return Answers(texts, log_p.exp().tolist(), answer_ids=generated, answer_mask=answer_mask, tokens=tokens)
 
 
 def _attr_class(name: str):
@@ -208,18 +264,22 @@ _FUSION_KINDS = {
     "BlipForImageTextRetrieval": "match",
     "ViltForImageAndTextRetrieval": "match",
     "BlipForConditionalGeneration": "caption",
+    "BlipForQuestionAnswering": "vqa",
+    "ViltForQuestionAnswering": "vqa",
 }
 
 
 def _fusion_runner(class_name: str, base_details: dict[str, str]) -> Callable[[ExplainContext], list[MapRecord]]:
-    """Fusion models: one map per text (its match logit, or its caption's log-probability) and
-    one per word, each text paired with the image."""
+    """Fusion models: one map per text and one per token, each text paired with the image. What
+    a text's map explains: its match logit, its caption's log-probability, or for VQA models the
+    model's own answer to it (BLIP: one map per answer token; ViLT: the answer label's logit, one
+    map per question token)."""
 
     def run(context: ExplainContext) -> list[MapRecord]:
         kind = _FUSION_KINDS.get(type(context.model).__name__)
         if kind is None:
             raise ValueError(
-                f"model: explain() handles image-text matching and captioning models; for "
+                f"model: explain() handles image-text matching, captioning and VQA models; for "
                 f"{type(context.model).__name__} call captum_vlm.attr.{class_name} directly"
             )
         method = _attr_class(class_name)(context.model)
@@ -229,23 +289,33 @@ def _fusion_runner(class_name: str, base_details: dict[str, str]) -> Callable[[E
             details = base_details
         pixels, ids, mask = (context.inputs[k] for k in ("pixel_values", "input_ids", "attention_mask"))
         rows = torch.tensor(context.targets)
-        args = (ids[rows], mask[rows])
-        whole = method.attribute(pixels[rows], additional_forward_args=args, return_grid=True)
-        per_token = method.attribute_tokens(pixels[rows], additional_forward_args=args, return_grid=True)
+        args: tuple = (ids[rows], mask[rows])
+        target = None
+        token_strings, token_mask = context.tokens, mask.bool()
+        answers = context.answers
+        if kind == "vqa" and answers.answer_ids is not None:  # BLIP: maps over the answer's tokens
+            args = (*args, answers.answer_ids[rows], answers.answer_mask[rows])
+            token_strings, token_mask = answers.tokens, answers.answer_mask.bool()
+            token_mask[:, 0] = False  # the start token predicts, it is not predicted
+        elif kind == "vqa":  # ViLT: the answer label's logit, maps over the question's tokens
+            target = answers.label_ids[rows].tolist()
+        whole = method.attribute(pixels[rows], target=target, additional_forward_args=args, return_grid=True)
+        per_token = method.attribute_tokens(pixels[rows], target=target, additional_forward_args=args, return_grid=True)
         records = []
         for i, k in enumerate(context.targets):
-            tokens = context.tokens[k]
-            attended = mask[k].bool().tolist()
+            shown = [j for j, keep in enumerate(token_mask[k].tolist()) if keep]
             mass = per_token[i].flatten(1).sum(1)
-            shown = [j for j, keep in enumerate(attended) if keep]
-            what = "match logit" if kind == "match" else "caption log-probability"
-            records.append(MapRecord(class_name, context.texts[k], whole[i].numpy(),
-                                     {**details, "target": f"{what} of text {k}"},
-                                     [tokens[j] for j in shown], mass[shown].numpy()))
+            if kind == "vqa":
+                what, title = f"answer '{answers.texts[k]}' to text {k}", f"{context.texts[k]} → {answers.texts[k]}"
+            else:
+                what = f"{'match logit' if kind == 'match' else 'caption log-probability'} of text {k}"
+                title = context.texts[k]
+            records.append(MapRecord(class_name, title, whole[i].numpy(), {**details, "target": what},
+                                     [token_strings[k][j] for j in shown], mass[shown].numpy()))
             for j in shown:
                 if per_token[i, j].abs().sum() > 0:
-                    records.append(MapRecord(class_name, f"{context.texts[k]} · {tokens[j]}", per_token[i, j].numpy(),
-                                             {**details, "target": f"token {j} of text {k}"}))
+                    records.append(MapRecord(class_name, f"{title} · {token_strings[k][j]}", per_token[i, j].numpy(),
+                                             {**details, "target": f"token {j} of {what}"}))
         return records
 
     return run
@@ -452,7 +522,9 @@ def explain(
         model: a supported transformers model (see :func:`captum_vlm.adapters.supported_model_classes`).
         processor: its processor (``processor(images=..., text=[...], return_tensors="pt", padding=True)``).
         image: a PIL image, an ``(H, W, 3)`` array or a path.
-        texts: the prompts (two-tower models: each explained against the image).
+        texts: the prompts (two-tower models: each explained against the image; matching and
+            captioning models: captions; VQA models: questions, each explained through the
+            model's own answer, see :func:`answer_questions`).
         methods: registry names, see :func:`method_names`.
         target: which prompts to explain (index or list); ``None`` explains all.
         model_name: name for titles (default: the checkpoint's folder or the class name).
@@ -492,13 +564,14 @@ def explain(
     inputs = processor(images=images, text=list(texts), return_tensors="pt", padding=padding)
     tokenizer = getattr(processor, "tokenizer", processor)
     tokens = [tokenizer.convert_ids_to_tokens(row.tolist()) for row in inputs["input_ids"]]
-    context = ExplainContext(model, adapter, dict(inputs), list(texts), targets, tokens, show_progress)
+    answers = answer_questions(model, tokenizer, dict(inputs)) if _FUSION_KINDS.get(type(model).__name__) == "vqa" else None
+    context = ExplainContext(model, adapter, dict(inputs), list(texts), targets, tokens, show_progress, answers)
     records: list[MapRecord] = []
     for name in tqdm(methods, desc="methods", disable=not show_progress):
         for record in METHODS[name].run(context):
             record.method = name
             records.append(record)
-    scores, kind = _model_scores(model, adapter, inputs, texts)
+    scores, kind = _model_scores(model, adapter, inputs, texts, answers)
     return Explanation(
         image=picture,
         texts=list(texts),
@@ -511,11 +584,13 @@ def explain(
     )
 
 
-def _model_scores(model, adapter, inputs, texts) -> tuple[dict[str, float], str]:
+def _model_scores(model, adapter, inputs, texts, answers: Answers | None) -> tuple[dict[str, float], str]:
     from captum_vlm.targets import ImageTextSimilarity, MatchLogit, TokenLogProbs
 
     pixels, ids, mask = inputs["pixel_values"], inputs["input_ids"], inputs["attention_mask"]
     kind = _FUSION_KINDS.get(type(model).__name__)
+    if answers is not None:
+        return {f"{q} → {a}": p for q, a, p in zip(texts, answers.texts, answers.probabilities)}, "answer probability"
     with torch.no_grad():
         if getattr(adapter, "two_tower", False):
             logits = ImageTextSimilarity(model)(pixels, ids, mask)[0]

@@ -16,6 +16,7 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.colors import Colormap
 from matplotlib.figure import Figure
+from matplotlib.ticker import FormatStrFormatter
 from PIL import Image
 
 from ._style import color_scale, compose_title, describe, is_signed, to_numpy
@@ -281,7 +282,8 @@ def overlay(
     ax.imshow(rgb, interpolation="nearest")
     shown = ax.imshow(drawn, cmap=colormap, norm=norm, alpha=alpha, interpolation="nearest")
     if colorbar:
-        fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.04)
+        # tick labels carry their own exponent: matplotlib's offset text ("1e-6") would sit on the title
+        fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.04, format=FormatStrFormatter("%.2g"))
     ax.set_title(
         compose_title(title, method=method, layers=layers, heads=heads, target=target),
         fontsize=9,
