@@ -140,32 +140,39 @@ def test_generated_caption_maps_equal_teacher_forced():
     assert picked[:, [0, 1, 3]].abs().sum() == 0
 
 
-def test_blip_vqa_answer_tokens_equal_reference():
-    model = tm.blip_vqa()
-    pixels = tm.pixels(1)
-    question, q_mask = tm.text_ids(1, 6)
-    answer, a_mask = tm.text_ids(1, 4, seed=3)
-    layer = 0
-    image = model.vision_model(pixel_values=pixels.clone().requires_grad_(True)).last_hidden_state
+def blip_vqa_reference(model, pixels, question, q_mask, answer, a_mask):
+    """Eager BLIP VQA forward with graph: (log p of answer tokens 1.. [B, Ta - 1], vision, question
+    self/cross and answer self/cross attentions)."""
+    vision = model.vision_model(pixel_values=pixels.clone().requires_grad_(True), output_attentions=True)
+    image = vision.last_hidden_state
     encoded = model.text_encoder(
         input_ids=question, attention_mask=q_mask, encoder_hidden_states=image,
         encoder_attention_mask=torch.ones(image.shape[:-1], dtype=torch.long), output_attentions=True,
     )
     tokens = answer.clone()
     tokens[:, 0] = tm.BOS
-    logits = model.text_decoder(
+    out = model.text_decoder(
         input_ids=tokens, attention_mask=a_mask, encoder_hidden_states=encoded.last_hidden_state,
-        encoder_attention_mask=q_mask,
-    ).logits
-    log_p = F.log_softmax(logits[:, :-1], dim=-1).gather(-1, tokens[:, 1:, None])[..., 0]  # [1, 3]
-    attention = encoded.cross_attentions[layer]
+        encoder_attention_mask=q_mask, output_attentions=True,
+    )
+    log_p = F.log_softmax(out.logits[:, :-1], dim=-1).gather(-1, tokens[:, 1:, None])[..., 0]
+    return log_p, vision.attentions, encoded.attentions, encoded.cross_attentions, out.attentions, out.cross_attentions
+
+
+def test_blip_vqa_answer_tokens_equal_reference():
+    model = tm.blip_vqa()
+    pixels = tm.pixels(1)
+    question, q_mask = tm.text_ids(1, 6)
+    answer, a_mask = tm.text_ids(1, 4, seed=3)
+    layer = 0
+    log_p, _, _, cross, _, _ = blip_vqa_reference(eager_copy(model), pixels, question, q_mask, answer, a_mask)
     got = CrossAttentionGradCAM(model, layer=layer).attribute_tokens(
         pixels, additional_forward_args=(question, q_mask, answer, a_mask), return_grid=True
     )
     assert got.shape == (1, 4, *GRID)
     for t in (1, 2, 3):
-        grad = torch.autograd.grad(log_p[:, t - 1].sum(), attention, retain_graph=True)[0]
-        assert_close_scaled(got[:, t], blip_image_grid(cam(attention, grad).sum(1)))
+        grad = torch.autograd.grad(log_p[:, t - 1].sum(), cross[layer], retain_graph=True)[0]
+        assert_close_scaled(got[:, t], blip_image_grid(cam(cross[layer], grad).sum(1)))
 
 
 def vilt_reference(model, pixels, ids, mask, answer, seed):
@@ -304,25 +311,6 @@ def test_caption_relevancy_reads_the_predicting_row():
                                       grads[:2], grads[2:4], grads[4:])
         assert_close_scaled(got[0, t], blip_image_grid(r_ti[t - 1]))
     assert got[0, 0].abs().sum() == 0
-
-
-def blip_vqa_reference(model, pixels, question, q_mask, answer, a_mask):
-    """Eager BLIP VQA forward with graph: (log p of answer tokens 1.. [B, Ta - 1], vision, question
-    self/cross and answer self/cross attentions)."""
-    vision = model.vision_model(pixel_values=pixels.clone().requires_grad_(True), output_attentions=True)
-    image = vision.last_hidden_state
-    encoded = model.text_encoder(
-        input_ids=question, attention_mask=q_mask, encoder_hidden_states=image,
-        encoder_attention_mask=torch.ones(image.shape[:-1], dtype=torch.long), output_attentions=True,
-    )
-    tokens = answer.clone()
-    tokens[:, 0] = tm.BOS
-    out = model.text_decoder(
-        input_ids=tokens, attention_mask=a_mask, encoder_hidden_states=encoded.last_hidden_state,
-        encoder_attention_mask=q_mask, output_attentions=True,
-    )
-    log_p = F.log_softmax(out.logits[:, :-1], dim=-1).gather(-1, tokens[:, 1:, None])[..., 0]
-    return log_p, vision.attentions, encoded.attentions, encoded.cross_attentions, out.attentions, out.cross_attentions
 
 
 def test_blip_vqa_relevancy_chains_answer_through_question():
