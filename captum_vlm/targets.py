@@ -278,7 +278,9 @@ class TokenLogProbs(_Target):
         answer_attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         logits, tokens, mask = self.logits(pixel_values, input_ids, attention_mask, answer_ids, answer_attention_mask)
-        log_probs = F.log_softmax(logits[:, :-1].float(), dim=-1)
+        if logits.dtype in (torch.float16, torch.bfloat16):  # half models: the softmax in float32
+            logits = logits.float()
+        log_probs = F.log_softmax(logits[:, :-1], dim=-1)
         picked = log_probs.gather(-1, tokens[:, 1:, None]).squeeze(-1)
         per_token = torch.cat([torch.zeros_like(picked[:, :1]), picked], dim=1)
         per_token = per_token * self.score_mask(tokens, mask)

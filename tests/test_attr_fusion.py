@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from captum.attr import Attribution, NoiseTunnel
 from model_state import assert_unchanged, snapshot
+from numerics import assert_close_scaled
 
 from captum_vlm.adapters import get_adapter
 from captum_vlm.attr import BimodalRelevancy, CrossAttentionGradCAM
@@ -29,14 +30,6 @@ def blip_itm():
 @pytest.fixture(scope="module")
 def vilt_vqa():
     return tm.vilt_vqa()
-
-
-def assert_close_scaled(got, want):
-    """``assert_close`` relative to the reference's largest entry: maps of tiny random models can be
-    ~1e-10, which any absolute tolerance would wave through."""
-    scale = want.abs().max()
-    assert scale > 0, "the reference is all zero: the comparison would prove nothing"
-    torch.testing.assert_close(got / scale, want / scale, atol=1e-5, rtol=1e-4)
 
 
 def eager_copy(model):

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import tiny_models as tm
 import torch
+from numerics import assert_close_scaled
 from PIL import Image
 
 from captum_vlm.attr import GradECLIP
@@ -50,6 +51,16 @@ def test_explain_maps_equal_the_method(saved_clip, image_file):
         )[0]
         np.testing.assert_allclose(record.grid, expected.numpy(), rtol=1e-5, atol=1e-7)
         assert record.method == "grad-eclip" and "layers" in record.details
+        text = GradECLIP(model).attribute_text(  # the prompt's tokens coloured by the text-side map
+            inputs["pixel_values"], target=k, additional_forward_args=(inputs["input_ids"], inputs["attention_mask"])
+        )[0]
+        attended = inputs["attention_mask"][k].bool()
+        assert record.tokens == processor.tokenizer.convert_ids_to_tokens(inputs["input_ids"][k][attended].tolist())
+        if k == 0 or text.abs().sum() > 0:  # a map with nothing positive is all zero
+            assert_close_scaled(record.token_scores, text[attended].numpy())
+            assert record.token_scores.sum() == pytest.approx(1, abs=1e-5)
+        else:
+            assert not record.token_scores.any()
     with torch.no_grad():
         probs = model(**inputs).logits_per_image.softmax(-1)[0]
     assert list(result.scores) == TEXTS
@@ -182,11 +193,11 @@ def test_explain_fusion_model_maps_per_caption_and_word(blip_itm_and_processor, 
     captions = [r for r in result.records if r.target in texts]
     assert [r.target for r in captions] == texts
     for k, record in enumerate(captions):
-        np.testing.assert_allclose(record.grid, whole[k].numpy(), rtol=1e-5, atol=1e-8)
+        assert_close_scaled(record.grid, whole[k])
         assert record.tokens[1:-1] == texts[k].split()  # word-level tokenizer, BOS/EOS around
     words = [r for r in result.records if r.target.startswith("a red circle · ")]
     assert [w.target.split(" · ")[1] for w in words] == ["[BOS]", "a", "red", "circle", "[EOS]"][: len(words)]
-    np.testing.assert_allclose(words[2].grid, per_token[0, 2].numpy(), rtol=1e-5, atol=1e-8)
+    assert_close_scaled(words[2].grid, per_token[0, 2])
     with torch.no_grad():
         probs = torch.sigmoid(MatchLogit(model)(inputs["pixel_values"], *args))
     np.testing.assert_allclose(list(result.scores.values()), probs.numpy(), rtol=1e-5)

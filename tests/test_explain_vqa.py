@@ -8,6 +8,7 @@ import pytest
 import tiny_models as tm
 import torch
 import torch.nn.functional as F
+from numerics import assert_close_scaled
 from PIL import Image
 
 from captum_vlm.attr import BimodalRelevancy, CrossAttentionGradCAM
@@ -33,12 +34,6 @@ class TinyProcessor:
         encoded = dict(self.tokenizer(text, return_tensors=return_tensors, padding=padding))
         encoded["pixel_values"] = self.image_processor(images, return_tensors=return_tensors)["pixel_values"]
         return encoded
-
-
-def assert_close_scaled(got, want):
-    scale = np.abs(want).max()
-    assert scale > 0, "the reference is all zero: the comparison would prove nothing"
-    np.testing.assert_allclose(got / scale, want / scale, atol=1e-5, rtol=1e-4)
 
 
 @pytest.fixture(scope="module")

@@ -110,6 +110,19 @@ def test_caption_log_probs_equal_model_logits():
     assert (got[1, 6] == 0) and (got[:, 0] == 0).all()  # padding and position 0 are not scored
 
 
+def test_log_probs_keep_the_model_precision():
+    """float64 stays float64 (half precision alone is lifted to float32 for the softmax)."""
+    model = tm.blip_caption().double()
+    pixels, (ids, mask) = tm.pixels(1).double(), tm.text_ids(1, 5)
+    with torch.no_grad():
+        got = TokenLogProbs(model)(pixels, ids, mask)
+        tokens = ids.clone()
+        tokens[:, 0] = model.config.text_config.bos_token_id
+        logits = model(pixel_values=pixels, input_ids=tokens, attention_mask=mask).logits
+    assert got.dtype == torch.float64  # (the model's own forward hands back float32 logits)
+    torch.testing.assert_close(got, _reference_log_probs(logits, tokens, mask.bool()).double(), atol=1e-5, rtol=1e-5)
+
+
 def test_vqa_answer_log_probs_follow_greedy_generation():
     model = tm.blip_vqa()
     pixels = tm.pixels(1)

@@ -221,7 +221,7 @@ class CausalOcclusion(PerturbationAttribution):
         with preserved_model_state(self.model), torch.no_grad():
             if intervention == "drop":
                 forward, rest = self._drop_forward(ids, mask, extra)
-                keep = torch.ones(pixel_values.shape[0], *grid, device=pixel_values.device)
+                keep = torch.ones(pixel_values.shape[0], *grid, dtype=pixel_values.dtype, device=pixel_values.device)
                 maps = Occlusion(forward).attribute(
                     keep, sliding_window_shapes=window, strides=stride, baselines=0.0, target=captum_target,
                     additional_forward_args=(pixel_values, *rest), perturbations_per_eval=perturbations_per_eval,
