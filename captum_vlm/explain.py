@@ -185,19 +185,27 @@ def _layers_label(method: Any) -> str:
 
 
 def _two_tower_runner(class_name: str, heads: str, **kwargs) -> Callable[[ExplainContext], list[MapRecord]]:
-    """Run a two-tower image method for every explained prompt with one image forward."""
+    """Run a two-tower image method for every explained prompt with one image forward; methods
+    with a text side (``attribute_text``, Grad-ECLIP) also colour each prompt's tokens."""
 
     def run(context: ExplainContext) -> list[MapRecord]:
         method = _attr_class(class_name)(context.model, **kwargs)
-        ids, mask = context.inputs["input_ids"], context.inputs["attention_mask"]
-        grids = method.attribute_prompts(
-            context.inputs["pixel_values"], additional_forward_args=(ids, mask), prompts=context.targets,
-            return_grid=True,
-        )[0]
+        pixels, ids, mask = (context.inputs[k] for k in ("pixel_values", "input_ids", "attention_mask"))
+        grids = method.attribute_prompts(pixels, additional_forward_args=(ids, mask), prompts=context.targets,
+                                         return_grid=True)[0]
+        text = None
+        if hasattr(method, "attribute_text"):
+            text = method.attribute_text(pixels, target=None, additional_forward_args=(ids, mask))[0]  # [K, T]
         records = []
         for k, grid in zip(context.targets, grids):
             details = {"layers": _layers_label(method), "heads": heads, "target": f"prompt {k}: {context.texts[k]}"}
-            records.append(MapRecord(class_name, context.texts[k], grid.numpy(), details))
+            record = MapRecord(class_name, context.texts[k], grid.numpy(), details)
+            if text is not None:
+                shown = mask[k].bool()
+                record.tokens = [t for t, keep in zip(context.tokens[k], shown.tolist()) if keep]
+                record.token_scores = text[k][shown].detach().numpy()
+                record.details["tokens"] = "text side: each token's share of the match (attribute_text, sums to 1)"
+            records.append(record)
         return records
 
     return run
@@ -310,7 +318,8 @@ def _fusion_runner(class_name: str, base_details: dict[str, str]) -> Callable[[E
             else:
                 what = f"{'match logit' if kind == 'match' else 'caption log-probability'} of text {k}"
                 title = context.texts[k]
-            records.append(MapRecord(class_name, title, whole[i].numpy(), {**details, "target": what},
+            records.append(MapRecord(class_name, title, whole[i].numpy(),
+                                     {**details, "target": what, "tokens": "total of each token's own image map"},
                                      [token_strings[k][j] for j in shown], mass[shown].numpy()))
             for j in shown:
                 if per_token[i, j].abs().sum() > 0:
