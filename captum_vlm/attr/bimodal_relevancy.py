@@ -37,8 +37,8 @@ class BimodalRelevancy(FusionAttribution):
     Interpreting Bi-Modal and Encoder-Decoder Transformers", ICCV 2021.
 
     Every recorded attention map becomes ``A_bar = E_h[(grad * A)^+]`` (rule 5: gradient of the
-    explained score times the attention, positive part, mean over heads). Relevancy maps start as identities (within a modality) and zeros
-    (across) and are updated layer by layer, first to last:
+    explained score times the attention, positive part, mean over heads). Relevancy maps start as
+    identities (within a modality) and zeros (across) and are updated layer by layer, first to last:
 
     * self-attention over tokens s (rules 6-7): ``R_ss += A_bar R_ss`` and ``R_sq += A_bar R_sq``;
     * co-attention of queries s over keys q (rules 10-11):
@@ -62,8 +62,8 @@ class BimodalRelevancy(FusionAttribution):
       the self-attention rules to the answer (``R_aa``, ``R_ai``) and, for its cross-attention of
       answer queries over the question encoder's output tokens, rule 10 with those keys'
       relevancy over the image in place of ``R_bar_qq``:
-      ``R_ai += R_bar_aa^T A_bar R_qi``. (The paper's rules for a key set that is itself a fusion
-      of two inputs; the chaining is ours.)
+      ``R_ai += R_bar_aa^T A_bar R_qi``. The paper has no rule for keys that are themselves a
+      fusion of two inputs; chaining through ``R_qi`` is our extension of rule 10.
 
     Read-out (columns: image tokens, image CLS dropped): for match models and ViLT VQA, token
     ``q``'s map is row ``q`` of the text-to-image relevancy and :meth:`attribute` returns the row of
@@ -76,8 +76,8 @@ class BimodalRelevancy(FusionAttribution):
 
     Args:
         model: ``BlipForImageTextRetrieval``, ``BlipForConditionalGeneration``,
-            ``BlipForQuestionAnswering``, ``ViltForQuestionAnswering``, ``ViltForImageAndTextRetrieval`` or
-            ``LlavaForConditionalGeneration``.
+            ``BlipForQuestionAnswering``, ``ViltForQuestionAnswering``,
+            ``ViltForImageAndTextRetrieval`` or ``LlavaForConditionalGeneration``.
         image_relevancy: BLIP only: ``"vision"`` (propagate through the vision tower) or
             ``"identity"``; ``None`` means ``"vision"`` for BLIP.
 
