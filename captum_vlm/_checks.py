@@ -28,6 +28,31 @@ def check_pixel_values(pixel_values: object, name: str = "pixel_values") -> torc
     return pixel_values
 
 
+def check_pixel_inputs(inputs: object) -> torch.Tensor:
+    """Captum's ``inputs`` of an image method: ``pixel_values`` alone, bare or as a 1-tuple."""
+    if isinstance(inputs, (tuple, list)):
+        if len(inputs) != 1:
+            raise ValueError(f"inputs: expected pixel_values alone, got a tuple of {len(inputs)}")
+        inputs = inputs[0]
+    return check_pixel_values(inputs, name="inputs")
+
+
+def check_choice(value: object, choices: tuple, name: str) -> None:
+    """``value`` must be one of ``choices``.
+
+    Example:
+        >>> check_choice("max", ("mean", "max"), "head_fusion")
+    """
+    if value not in choices:
+        raise ValueError(f"{name}: expected one of {choices}, got {value!r}")
+
+
+def check_count(value: object, name: str, minimum: int = 1) -> None:
+    """``value`` must be an int (not a bool) of at least ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name}: expected an int >= {minimum}, got {value!r}")
+
+
 def check_input_ids(
     input_ids: object,
     attention_mask: object = None,

@@ -180,7 +180,25 @@ def test_text_embedding_is_the_models_input_embedding(model):
     (torch.zeros(1, 1, 32, 32), ValueError, "pixel_values: expected 3 colour channels"),
     (torch.zeros(1, 3, 32, 32, dtype=torch.long), TypeError, "floating-point"),
     ([[0.0]], TypeError, "pixel_values: expected a torch.Tensor"),
+    (torch.zeros(1, 3, 32, 7), ValueError, r"pixel_values: image \(32, 7\) is smaller than one 8x8 patch"),
 ])
 def test_patch_grid_rejects_bad_pixels(bad, error, match):
     with pytest.raises(error, match=match):
         get_adapter(tm.clip()).patch_grid(bad)
+
+
+def test_methods_reject_an_image_smaller_than_a_patch():
+    from captum_vlm.attr import (
+        CausalOcclusion,
+        CrossAttentionGradCAM,
+        GradECLIP,
+        TokenIntegratedGradients,
+    )
+
+    tiny = torch.zeros(1, 3, 7, 7)
+    args = tm.text_ids(1, 5)
+    for method in (GradECLIP(tm.clip()), TokenIntegratedGradients(tm.clip()), CausalOcclusion(tm.clip()),
+                   CrossAttentionGradCAM(tm.blip_itm())):
+        with pytest.raises(ValueError, match="smaller than one 8x8 patch"):
+            method.attribute(tiny, target=None if isinstance(method, CrossAttentionGradCAM) else 0,
+                             additional_forward_args=args)

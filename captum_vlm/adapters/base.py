@@ -73,10 +73,15 @@ class VLMAdapter:
 
         Returns:
             ``(H // patch_h, W // patch_w)``; non-square inputs give non-square grids.
+
+        Raises:
+            ValueError: the image is smaller than one patch.
         """
         check_pixel_values(pixel_values)
         ph, pw = self.patch_size()
         h, w = pixel_values.shape[-2:]
+        if h < ph or w < pw:
+            raise ValueError(f"pixel_values: image {(h, w)} is smaller than one {ph}x{pw} patch")
         return h // ph, w // pw
 
     @property

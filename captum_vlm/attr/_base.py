@@ -38,7 +38,7 @@ from captum.attr import Attribution
 from captum.log import log_usage
 from torch import nn
 
-from captum_vlm._checks import check_input_ids, check_pixel_values
+from captum_vlm._checks import check_choice, check_input_ids, check_pixel_inputs
 from captum_vlm.adapters import get_adapter
 from captum_vlm.hooks import capture, preserved_model_state
 from captum_vlm.targets import ImageTextSimilarity
@@ -108,8 +108,7 @@ def upsample_grid(
         >>> upsample_grid(torch.ones(1, 2, 2), (17, 16), (8, 8)).shape
         torch.Size([1, 3, 17, 16])
     """
-    if mode not in UPSAMPLE_MODES:
-        raise ValueError(f"upsample: expected one of {UPSAMPLE_MODES}, got {mode!r}")
+    check_choice(mode, UPSAMPLE_MODES, "upsample")
     lead, (h, w) = grid.shape[:-2], grid.shape[-2:]
     flat = grid.reshape(-1, 1, h, w).float()
     covered = (h * patch[0], w * patch[1])
@@ -193,14 +192,6 @@ def recorded_pooling_head(head: nn.Module, num_heads: int | None = None) -> Iter
         yield record
     finally:
         handle.remove()
-
-
-def _as_pixels(inputs: object) -> torch.Tensor:
-    if isinstance(inputs, tuple):
-        if len(inputs) != 1:
-            raise ValueError(f"inputs: expected pixel_values alone, got a tuple of {len(inputs)}")
-        inputs = inputs[0]
-    return check_pixel_values(inputs, name="inputs")
 
 
 def _text_args(additional_forward_args: object) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -383,14 +374,11 @@ class ImageAttribution(Attribution):
 
     # ----- plumbing ---------------------------------------------------------------------------
     def _prepare(self, inputs, additional_forward_args, upsample):
-        pixel_values = _as_pixels(inputs)
+        pixel_values = check_pixel_inputs(inputs)
         ids, mask = _text_args(additional_forward_args)
         ids, mask = check_input_ids(ids, mask, max_length=self.adapter.max_text_length())
-        if upsample not in UPSAMPLE_MODES:
-            raise ValueError(f"upsample: expected one of {UPSAMPLE_MODES}, got {upsample!r}")
+        check_choice(upsample, UPSAMPLE_MODES, "upsample")
         grid = self.adapter.patch_grid(pixel_values)
-        if min(grid) < 1:
-            raise ValueError(f"inputs: image {tuple(pixel_values.shape[-2:])} is smaller than one patch")
         config = self.model.config.vision_config
         trained = (config.image_size // config.patch_size,) * 2
         if grid != trained and not self.interpolate_pos_encoding:

@@ -35,9 +35,9 @@ from captum.attr import Attribution
 from captum.log import log_usage
 from torch import nn
 
-from captum_vlm._checks import check_input_ids, check_same_batch
+from captum_vlm._checks import check_choice, check_input_ids, check_pixel_inputs, check_same_batch
 from captum_vlm.adapters import get_adapter
-from captum_vlm.attr._base import UPSAMPLE_MODES, _as_pixels, upsample_grid
+from captum_vlm.attr._base import UPSAMPLE_MODES, upsample_grid
 from captum_vlm.hooks import capture
 from captum_vlm.targets import AnswerLogits, MatchLogit, TokenLogProbs
 
@@ -217,16 +217,13 @@ class FusionAttribution(Attribution):
 
     # ----- plumbing ---------------------------------------------------------------------------
     def _prepare(self, inputs, target, additional_forward_args, upsample) -> tuple[FusionInputs, list[int]]:
-        pixel_values = _as_pixels(inputs)
-        if upsample not in UPSAMPLE_MODES:
-            raise ValueError(f"upsample: expected one of {UPSAMPLE_MODES}, got {upsample!r}")
+        pixel_values = check_pixel_inputs(inputs)
+        check_choice(upsample, UPSAMPLE_MODES, "upsample")
         args = _as_args(additional_forward_args, 4 if self.blip_vqa else 2)
         max_length = self.adapter.max_text_length()
         ids, mask = check_input_ids(args[0], args[1] if len(args) > 1 else None, max_length=max_length)
         check_same_batch(pixel_values=pixel_values, input_ids=ids)
         grid = self.adapter.patch_grid(pixel_values)
-        if min(grid) < 1:
-            raise ValueError(f"inputs: image {tuple(pixel_values.shape[-2:])} is smaller than one patch")
         query_mask = mask.bool()
         if self.blip_vqa:
             if len(args) < 3 or args[2] is None:

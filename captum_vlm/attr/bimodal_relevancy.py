@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from captum_vlm._checks import check_choice
 from captum_vlm.attr._fusion import FusionAttribution, FusionInputs, averaged_gradient_attention
 
 __all__ = ["BimodalRelevancy", "normalised_self_relevancy"]
@@ -96,8 +97,7 @@ class BimodalRelevancy(FusionAttribution):
             )
         if image_relevancy is None:
             image_relevancy = "vision"
-        if image_relevancy not in IMAGE_RELEVANCY:
-            raise ValueError(f"image_relevancy: expected one of {IMAGE_RELEVANCY}, got {image_relevancy!r}")
+        check_choice(image_relevancy, IMAGE_RELEVANCY, "image_relevancy")
         self.image_relevancy = image_relevancy
 
     def _modules(self) -> list[nn.Module]:

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from captum_vlm._checks import check_choice
 from captum_vlm.attr._base import (
     ImageAttribution,
     cosine_scores,
@@ -151,8 +152,7 @@ class GradECLIP(ImageAttribution):
         interpolate_pos_encoding: bool = False,
     ):
         super().__init__(model, interpolate_pos_encoding=interpolate_pos_encoding)
-        if mode not in MODES:
-            raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
+        check_choice(mode, MODES, "mode")
         self.mode = mode
         if self.pools_with_head and layers is not None:
             raise ValueError(

@@ -25,11 +25,10 @@ from captum.log import log_usage
 from torch import nn
 from tqdm.auto import tqdm
 
-from captum_vlm._checks import check_pixel_values, check_same_batch
+from captum_vlm._checks import check_choice, check_count, check_pixel_inputs, check_same_batch
 from captum_vlm.attr._base import UPSAMPLE_MODES, normalise_targets, upsample_grid
 from captum_vlm.attr.token_ig import (
     _pixel_baseline,
-    _single_input,
     check_output_target,
     default_target,
     pad_token_id,
@@ -185,20 +184,17 @@ class CausalOcclusion(PerturbationAttribution):
             >>> words = occ.attribute(pixel_values, target=answer_id, modality="text",  # doctest: +SKIP
             ...                       additional_forward_args=(ids, mask))
         """
-        pixel_values = check_pixel_values(_single_input(inputs), name="inputs")
+        pixel_values = check_pixel_inputs(inputs)
+        self.adapter.patch_grid(pixel_values)  # at least one patch
         if modality not in ("image", "text"):
             raise ValueError(f"modality: expected 'image' or 'text', got {modality!r}")
-        if upsample not in UPSAMPLE_MODES:
-            raise ValueError(f"upsample: expected one of {UPSAMPLE_MODES}, got {upsample!r}")
-        if isinstance(perturbations_per_eval, bool) or not isinstance(perturbations_per_eval, int) \
-                or perturbations_per_eval < 1:
-            raise ValueError(f"perturbations_per_eval: expected an int >= 1, got {perturbations_per_eval!r}")
+        check_choice(upsample, UPSAMPLE_MODES, "upsample")
+        check_count(perturbations_per_eval, "perturbations_per_eval")
         ids, mask, extra = split_forward_args(self.adapter, additional_forward_args)
         if not self.two_tower:
             check_same_batch(inputs=pixel_values, input_ids=ids)
         if modality == "text":
-            if text_intervention not in TEXT_INTERVENTIONS:
-                raise ValueError(f"text_intervention: expected one of {TEXT_INTERVENTIONS}, got {text_intervention!r}")
+            check_choice(text_intervention, TEXT_INTERVENTIONS, "text_intervention")
             scores_input_ids = isinstance(self.target_fn, TokenLogProbs) and \
                 self.target_fn.kind != "BlipForQuestionAnswering"
             if text_intervention == "delete" and scores_input_ids:
@@ -210,8 +206,7 @@ class CausalOcclusion(PerturbationAttribution):
                 return self._text(pixel_values, ids, mask, extra, captum_target, text_intervention,
                                   text_baseline, keep_token_ids, perturbations_per_eval, show_progress)
 
-        if intervention not in INTERVENTIONS:
-            raise ValueError(f"intervention: expected one of {INTERVENTIONS}, got {intervention!r}")
+        check_choice(intervention, INTERVENTIONS, "intervention")
         grid = self.adapter.patch_grid(pixel_values)
         window = _pair(window, "window")
         stride = window if stride is None else _pair(stride, "stride")
@@ -281,13 +276,12 @@ class CausalOcclusion(PerturbationAttribution):
             >>> CausalOcclusion(model).grounding_test(pixels, heat, target=0,   # doctest: +SKIP
             ...                                       additional_forward_args=(ids, mask)).grounded
         """
-        pixel_values = check_pixel_values(_single_input(inputs), name="inputs")
+        pixel_values = check_pixel_inputs(inputs)
+        self.adapter.patch_grid(pixel_values)  # at least one patch
         if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
             raise ValueError(f"fraction: expected a number in (0, 1), got {fraction!r}")
-        if isinstance(n_random, bool) or not isinstance(n_random, int) or n_random < 1:
-            raise ValueError(f"n_random: expected an int >= 1, got {n_random!r}")
-        if intervention not in INTERVENTIONS:
-            raise ValueError(f"intervention: expected one of {INTERVENTIONS}, got {intervention!r}")
+        check_count(n_random, "n_random")
+        check_choice(intervention, INTERVENTIONS, "intervention")
         ids, mask, extra = split_forward_args(self.adapter, additional_forward_args)
         if not self.two_tower:
             check_same_batch(inputs=pixel_values, input_ids=ids)

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from captum_vlm._checks import check_choice
 from captum_vlm.attr._base import ImageAttribution, fuse_heads, resolve_layers
 
 __all__ = ["RawAttention"]
@@ -44,8 +45,7 @@ class RawAttention(ImageAttribution):
         interpolate_pos_encoding: bool = False,
     ):
         super().__init__(model, interpolate_pos_encoding=interpolate_pos_encoding)
-        if head_fusion not in HEAD_FUSIONS:
-            raise ValueError(f"head_fusion: expected one of {HEAD_FUSIONS}, got {head_fusion!r}")
+        check_choice(head_fusion, HEAD_FUSIONS, "head_fusion")
         self.head_fusion = head_fusion
         if self.pools_with_head and layers is not None:
             raise ValueError(

@@ -22,7 +22,13 @@ from captum.log import log_usage
 from torch import nn
 from tqdm.auto import tqdm
 
-from captum_vlm._checks import check_input_ids, check_pixel_values, check_same_batch
+from captum_vlm._checks import (
+    check_choice,
+    check_count,
+    check_input_ids,
+    check_pixel_inputs,
+    check_same_batch,
+)
 from captum_vlm.adapters import get_adapter
 from captum_vlm.attr._base import UPSAMPLE_MODES, normalise_targets, upsample_grid
 from captum_vlm.hooks import preserved_model_state
@@ -147,15 +153,12 @@ class TokenIntegratedGradients(GradientAttribution):
             >>> tokens = ig.attribute(pixel_values, modality="text",         # doctest: +SKIP
             ...                       additional_forward_args=(ids, mask))
         """
-        pixel_values = check_pixel_values(_single_input(inputs), name="inputs")
-        if modality not in MODALITIES:
-            raise ValueError(f"modality: expected one of {MODALITIES}, got {modality!r}")
-        if upsample not in UPSAMPLE_MODES:
-            raise ValueError(f"upsample: expected one of {UPSAMPLE_MODES}, got {upsample!r}")
-        if isinstance(n_steps, bool) or not isinstance(n_steps, int) or n_steps < 1:
-            raise ValueError(f"n_steps: expected an int >= 1, got {n_steps!r}")
-        if method not in IG_METHODS:
-            raise ValueError(f"method: expected one of {IG_METHODS}, got {method!r}")
+        pixel_values = check_pixel_inputs(inputs)
+        self.adapter.patch_grid(pixel_values)  # at least one patch
+        check_choice(modality, MODALITIES, "modality")
+        check_choice(upsample, UPSAMPLE_MODES, "upsample")
+        check_count(n_steps, "n_steps")
+        check_choice(method, IG_METHODS, "method")
         if internal_batch_size is not None and (
             isinstance(internal_batch_size, bool) or not isinstance(internal_batch_size, int) or internal_batch_size < 1
         ):
@@ -471,14 +474,6 @@ def select_target(output: torch.Tensor, target) -> torch.Tensor:
         return output[:, int(index)]
     index = index.repeat(output.shape[0] // index.numel())
     return output.gather(1, index[:, None])[:, 0]
-
-
-def _single_input(inputs):
-    if isinstance(inputs, (tuple, list)):
-        if len(inputs) != 1:
-            raise ValueError(f"inputs: expected pixel_values alone, got a tuple of {len(inputs)}")
-        return inputs[0]
-    return inputs
 
 
 def _pixel_baseline(baselines, pixel_values: torch.Tensor) -> torch.Tensor:
