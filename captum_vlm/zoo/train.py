@@ -50,25 +50,22 @@ Label = tuple[str, str]
 
 
 @dataclass
-class Recipe:
-    """Everything that defines a zoo model's training run.
+class TrainingRecipe:
+    """What every zoo training run sets: schedule, batch and model size.
 
     Attributes:
-        family: "clip" or "siglip".
         steps: optimiser steps.
         seed: seed of torch and of the training-scene stream.
         lr: peak learning rate (linear warm-up, then cosine to 0).
         warmup: warm-up steps.
-        batch: images per batch (an upper bound: the no-false-negative rule may stop earlier).
+        batch: images per batch.
         image_size: model input side in pixels.
         patch: ViT patch size in pixels.
-        vision_layers, text_layers, hidden, heads: transformer sizes (both towers share hidden).
-        projection: joint embedding size (CLIP only).
+        vision_layers, text_layers, hidden, heads: transformer sizes (the towers share ``hidden``).
         weight_decay: AdamW weight decay (not on biases, norms, embeddings, logit scale/bias).
         description: one line for ``zoo.list_models()``.
     """
 
-    family: str = "clip"
     steps: int = 5000
     seed: int = 0
     lr: float = 5e-4
@@ -80,9 +77,23 @@ class Recipe:
     text_layers: int = 2
     hidden: int = 128
     heads: int = 4
-    projection: int = 128
     weight_decay: float = 0.05
     description: str = ""
+
+
+@dataclass
+class Recipe(TrainingRecipe):
+    """A two-tower zoo model's training run (the fields of :class:`TrainingRecipe` and these).
+
+    ``batch`` is an upper bound here: the no-false-negative rule may stop a batch earlier.
+
+    Attributes:
+        family: "clip" or "siglip".
+        projection: joint embedding size (CLIP only).
+    """
+
+    family: str = "clip"
+    projection: int = 128
 
 
 RECIPES: dict[str, Recipe] = {

@@ -63,7 +63,7 @@ from .scenes import (
     phrase,
     zero_shot_prompts,
 )
-from .train import param_groups, print_check, save_trained
+from .train import TrainingRecipe, param_groups, print_check, save_trained
 
 MODELS_DIR = Path(__file__).parent / "models"
 Label = tuple[str, str]
@@ -72,22 +72,14 @@ HELDOUT_SEED = 123_456
 
 
 @dataclass
-class BlipRecipe:
-    """Everything that defines a zoo BLIP training run.
+class BlipRecipe(TrainingRecipe):
+    """A zoo BLIP training run: the fields of :class:`~captum_vlm.zoo.train.TrainingRecipe`
+    (BLIP defaults: 20000 steps, 200 warm-up steps, 24 images a batch; for VQA ``text_layers`` is
+    the depth of the question encoder and of the answer decoder) and these.
 
     Attributes:
         task: "itm" (``BlipForImageTextRetrieval``) or "vqa" (``BlipForQuestionAnswering``).
-        steps: optimiser steps.
-        seed: seed of torch and of the training-scene stream.
-        lr: peak learning rate (linear warm-up, then cosine to 0).
-        warmup: warm-up steps.
-        batch: images per batch.
         per_image: texts per image: ITM negatives (one positive is added), or VQA questions.
-        image_size: model input side in pixels.
-        patch: ViT patch size in pixels.
-        vision_layers, text_layers, hidden, heads: transformer sizes (all share ``hidden``); for
-            VQA ``text_layers`` is the depth of the question encoder and of the answer decoder.
-        weight_decay: AdamW weight decay (not on biases, norms and embeddings).
         itc_weight: weight of the contrastive loss beside the ITM loss (ITM only).
         temperature: softmax temperature of the contrastive loss (ITM only; BLIP's retrieval
             model has no learnt logit scale).
@@ -98,29 +90,18 @@ class BlipRecipe:
         encoder_init: VQA only: a folder with a saved ``BlipForImageTextRetrieval`` whose vision
             tower and image-grounded text encoder replace the VQA model's (BLIP fine-tunes VQA
             from its ITM-trained encoder); applied after ``init_from``; "" for none.
-        description: one line for ``zoo.list_models()``.
     """
 
-    task: str = "itm"
     steps: int = 20000
-    seed: int = 0
-    lr: float = 5e-4
     warmup: int = 200
     batch: int = 24
+    task: str = "itm"
     per_image: int = 3
-    image_size: int = 64
-    patch: int = 8
-    vision_layers: int = 4
-    text_layers: int = 2
-    hidden: int = 128
-    heads: int = 4
-    weight_decay: float = 0.05
     itc_weight: float = 0.5
     temperature: float = 0.07
     vision_init: str = "shapes-clip"
     init_from: str = ""
     encoder_init: str = ""
-    description: str = ""
 
 
 RECIPES: dict[str, BlipRecipe] = {
