@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     explain.add_argument("image", help="path of the image (PNG, JPEG, ...)")
     explain.add_argument("--text", action="append", required=True, metavar="TEXT",
-                         help="a prompt or caption; repeat for several")
+                         help="a prompt, caption or (VQA models) question; repeat for several")
     explain.add_argument("--model", default=DEFAULT_MODEL,
                          help=f"zoo:NAME for a bundled model or a local checkpoint folder (default {DEFAULT_MODEL})")
     explain.add_argument("--method", action="append", metavar="NAME",
