@@ -29,6 +29,7 @@ from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 
+from captum_vlm._checks import check_count
 from captum_vlm.adapters import get_adapter
 
 __all__ = ["Explanation", "MapRecord", "MethodSpec", "METHODS", "register_method", "explain", "method_names"]
@@ -120,15 +121,17 @@ class ExplainContext:
 
 @dataclass
 class Answers:
-    """A VQA model's own answer to each question: what the VQA maps explain.
+    """A VQA or generative model's own answer to each text: what their maps explain.
 
     Args:
-        texts: the answers as strings, one per question.
-        probabilities: BLIP: the probability of the answer's tokens (teacher-forced); ViLT: the
-            sigmoid of the answer's logit.
+        texts: the answers as strings, one per text.
+        probabilities: BLIP, LLaVA: the probability of the answer's tokens (teacher-forced);
+            ViLT: the sigmoid of the answer's logit.
         label_ids: ViLT: the answer label id per question ``[n]``.
         answer_ids, answer_mask: BLIP: the generated answer tokens ``[n, T]`` (start token first).
-        tokens: BLIP: the answer's token strings, per question.
+        sequences, prompt_lengths: LLaVA: per text, the prompt followed by the generated tokens
+            ``[1, L]``, and where the generated tokens start.
+        tokens: BLIP: the answer's token strings; LLaVA: the whole sequence's; per text.
     """
 
     texts: list[str]
@@ -136,41 +139,78 @@ class Answers:
     label_ids: torch.Tensor | None = None
     answer_ids: torch.Tensor | None = None
     answer_mask: torch.Tensor | None = None
+    sequences: list[torch.Tensor] | None = None
+    prompt_lengths: list[int] | None = None
     tokens: list[list[str]] | None = None
 
 
-def answer_questions(model: nn.Module, tokenizer: Any, inputs: dict[str, torch.Tensor]) -> Answers:
-    """What a VQA model answers: BLIP generates (greedy, the model's generation config), ViLT
-    picks its top label.
+def answer_questions(
+    model: nn.Module, tokenizer: Any, inputs: dict[str, torch.Tensor], max_new_tokens: int = 10
+) -> Answers:
+    """What a VQA or generative model answers: BLIP and LLaVA generate greedily, ViLT picks its
+    top label.
 
     Args:
-        model: ``BlipForQuestionAnswering`` or ``ViltForQuestionAnswering``.
-        tokenizer: the processor's tokenizer (to decode BLIP's answer).
-        inputs: the processor's output for the image(s) and the questions.
+        model: ``BlipForQuestionAnswering``, ``ViltForQuestionAnswering`` or
+            ``LlavaForConditionalGeneration``.
+        tokenizer: the processor's tokenizer (to decode generated answers).
+        inputs: the processor's output for the image(s) and the texts (LLaVA: prompts holding
+            the image token; padding is dropped, each prompt is answered on its own).
+        max_new_tokens: longest generated answer.
 
     Returns:
-        :class:`Answers`, one per question.
+        :class:`Answers`, one per text.
     """
     from captum_vlm.targets import TokenLogProbs
 
     pixels, ids, mask = inputs["pixel_values"], inputs["input_ids"], inputs["attention_mask"]
+    name = type(model).__name__
     with torch.no_grad():
-        if type(model).__name__ == "ViltForQuestionAnswering":
+        if name == "ViltForQuestionAnswering":
             logits = model(input_ids=ids, attention_mask=mask, pixel_values=pixels,
                            pixel_mask=inputs.get("pixel_mask")).logits
             labels = logits.argmax(-1)
             texts = [str(model.config.id2label.get(int(k), int(k))) for k in labels]
             probabilities = torch.sigmoid(logits.gather(1, labels[:, None])[:, 0]).tolist()
             return Answers(texts, probabilities, label_ids=labels)
-        generated = model.generate(pixel_values=pixels, input_ids=ids, attention_mask=mask)
+        if name == "LlavaForConditionalGeneration":
+            return _generate_each(model, tokenizer, pixels, ids, mask, max_new_tokens)
+        generated = model.generate(pixel_values=pixels, input_ids=ids, attention_mask=mask,
+                                   max_new_tokens=max_new_tokens, do_sample=False)
         end = model.config.text_config.sep_token_id
         ended_before = (generated == end).long().cumsum(1) - (generated == end).long()  # EOS seen before t
         answer_mask = (ended_before == 0).long()
         log_p = TokenLogProbs(model, reduction="sum")(pixels, ids, mask, generated, answer_mask)
         texts = [tokenizer.decode(row[m.bool()], skip_special_tokens=True).strip() for row, m in zip(generated, answer_mask)]
-        tokens = [[token if token is not None else f"[id {i}]" for i, token in
-                   zip(row.tolist(), tokenizer.convert_ids_to_tokens(row.tolist()))] for row in generated]
+        tokens = [_token_strings(tokenizer, row) for row in generated]
         return Answers(texts, log_p.exp().tolist(), answer_ids=generated, answer_mask=answer_mask, tokens=tokens)
+
+
+def _generate_each(model, tokenizer, pixels, ids, mask, max_new_tokens) -> Answers:
+    """LLaVA: each prompt (padding dropped) answered on its own, so no padding side matters."""
+    from captum_vlm.targets import TokenLogProbs
+
+    sequences, lengths, texts, probabilities, tokens = [], [], [], [], []
+    for k in range(ids.shape[0]):
+        prompt = ids[k][mask[k].bool()][None]
+        sequence = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt),
+                                  pixel_values=pixels[k : k + 1], max_new_tokens=max_new_tokens, do_sample=False)
+        start = prompt.shape[1]
+        log_p = TokenLogProbs(model, reduction="sum", score_from=start)(
+            pixels[k : k + 1], sequence, torch.ones_like(sequence)
+        ) if sequence.shape[1] > start else torch.zeros(1)
+        sequences.append(sequence)
+        lengths.append(start)
+        texts.append(tokenizer.decode(sequence[0, start:], skip_special_tokens=True).strip())
+        probabilities.append(float(log_p.exp()[0]))
+        tokens.append(_token_strings(tokenizer, sequence[0]))
+    return Answers(texts, probabilities, sequences=sequences, prompt_lengths=lengths, tokens=tokens)
+
+
+def _token_strings(tokenizer: Any, ids: torch.Tensor) -> list[str]:
+    """Token strings of ``ids`` ``[T]``; ids the tokenizer does not know show as ``[id N]``."""
+    ids = ids.tolist()
+    return [t if t is not None else f"[id {i}]" for i, t in zip(ids, tokenizer.convert_ids_to_tokens(ids))]
 
 
 def _attr_class(name: str):
@@ -274,73 +314,92 @@ _FUSION_KINDS = {
     "BlipForConditionalGeneration": "caption",
     "BlipForQuestionAnswering": "vqa",
     "ViltForQuestionAnswering": "vqa",
+    "LlavaForConditionalGeneration": "generate",
 }
+_ANSWERED = ("vqa", "generate")  # kinds whose maps explain the model's own answer
 
 
 def _fusion_runner(class_name: str, base_details: dict[str, str]) -> Callable[[ExplainContext], list[MapRecord]]:
     """Fusion models: one map per text and one per token, each text paired with the image. What
-    a text's map explains: its match logit, its caption's log-probability, or for VQA models the
-    model's own answer to it (BLIP: one map per answer token; ViLT: the answer label's logit, one
-    map per question token)."""
+    a text's map explains: its match logit, its caption's log-probability, or the model's own
+    answer to it (BLIP VQA, LLaVA: one map per generated token; ViLT VQA: the answer label's
+    logit, one map per question token)."""
 
     def run(context: ExplainContext) -> list[MapRecord]:
-        kind = _FUSION_KINDS.get(type(context.model).__name__)
-        if kind is None:
-            raise ValueError(
-                f"model: explain() handles image-text matching, captioning and VQA models; for "
-                f"{type(context.model).__name__} call captum_vlm.attr.{class_name} directly"
-            )
+        kind = _FUSION_KINDS[type(context.model).__name__]
         method = _attr_class(class_name)(context.model)
-        if hasattr(method, "layer"):
-            details = {**base_details, "layers": f"cross-attention {method.layer}"}
-        else:
-            details = base_details
-        pixels, ids, mask = (context.inputs[k] for k in ("pixel_values", "input_ids", "attention_mask"))
-        rows = torch.tensor(context.targets)
-        args: tuple = (ids[rows], mask[rows])
-        target = None
-        token_strings, token_mask = context.tokens, mask.bool()
-        answers = context.answers
-        if kind == "vqa" and answers.answer_ids is not None:  # BLIP: maps over the answer's tokens
-            args = (*args, answers.answer_ids[rows], answers.answer_mask[rows])
-            token_strings, token_mask = answers.tokens, answers.answer_mask.bool()
-            token_mask[:, 0] = False  # the start token predicts, it is not predicted
-        elif kind == "vqa":  # ViLT: the answer label's logit, maps over the question's tokens
-            target = answers.label_ids[rows].tolist()
-        whole = method.attribute(pixels[rows], target=target, additional_forward_args=args, return_grid=True)
-        per_token = method.attribute_tokens(pixels[rows], target=target, additional_forward_args=args, return_grid=True)
+        details = {**base_details, "layers": f"cross-attention {method.layer}"} if hasattr(method, "layer") else base_details
         records = []
-        for i, k in enumerate(context.targets):
-            shown = [j for j, keep in enumerate(token_mask[k].tolist()) if keep]
-            mass = per_token[i].flatten(1).sum(1)
-            if kind == "vqa":
-                what, title = f"answer '{answers.texts[k]}' to text {k}", f"{context.texts[k]} → {answers.texts[k]}"
+        for k, whole, per_token, tokens, shown in _fusion_maps(method, kind, context):
+            mass = per_token.flatten(1).sum(1)
+            if kind in _ANSWERED:
+                answer = context.answers.texts[k]
+                what, title = f"answer '{answer}' to text {k}", f"{context.texts[k]} → {answer}"
             else:
                 what = f"{'match logit' if kind == 'match' else 'caption log-probability'} of text {k}"
                 title = context.texts[k]
-            records.append(MapRecord(class_name, title, whole[i].numpy(),
+            records.append(MapRecord(class_name, title, whole.numpy(),
                                      {**details, "target": what, "tokens": "total of each token's own image map"},
-                                     [token_strings[k][j] for j in shown], mass[shown].numpy()))
+                                     [tokens[j] for j in shown], mass[shown].numpy()))
             for j in shown:
-                if per_token[i, j].abs().sum() > 0:
-                    records.append(MapRecord(class_name, f"{title} · {token_strings[k][j]}", per_token[i, j].numpy(),
+                if per_token[j].abs().sum() > 0:
+                    records.append(MapRecord(class_name, f"{title} · {tokens[j]}", per_token[j].numpy(),
                                              {**details, "target": f"token {j} of {what}"}))
         return records
 
     return run
 
 
+def _fusion_maps(method: Any, kind: str, context: ExplainContext):
+    """``(text index, whole map, per-token maps [T, h, w], token strings, positions shown)`` per
+    explained text. Token models' whole map is the mean of the shown tokens' maps, which is what
+    ``method.attribute`` returns, so their tokens are explained once."""
+    pixels, ids, mask = (context.inputs[k] for k in ("pixel_values", "input_ids", "attention_mask"))
+    answers = context.answers
+    if kind == "generate":  # LLaVA: each prompt with its own generated continuation
+        for k in context.targets:
+            sequence, start = answers.sequences[k], answers.prompt_lengths[k]
+            shown = list(range(start, sequence.shape[1]))
+            if not shown:
+                continue
+            per_token = method.attribute_tokens(pixels[k : k + 1], target=shown, return_grid=True,
+                                                additional_forward_args=(sequence, torch.ones_like(sequence)))[0]
+            yield k, per_token[shown].mean(0), per_token, answers.tokens[k], shown
+        return
+    rows = torch.tensor(context.targets)
+    args: tuple = (ids[rows], mask[rows])
+    target, token_strings, token_mask = None, context.tokens, mask.bool()
+    if kind == "vqa" and answers.answer_ids is not None:  # BLIP: maps over the answer's tokens
+        args = (*args, answers.answer_ids[rows], answers.answer_mask[rows])
+        token_strings, token_mask = answers.tokens, answers.answer_mask.bool()
+        token_mask[:, 0] = False  # the start token predicts, it is not predicted
+    elif kind == "vqa":  # ViLT: the answer label's logit, maps over the question's tokens
+        target = answers.label_ids[rows].tolist()
+    per_token = method.attribute_tokens(pixels[rows], target=target, additional_forward_args=args, return_grid=True)
+    if kind in ("caption", "vqa") and target is None:
+        whole = None
+    else:
+        whole = method.attribute(pixels[rows], target=target, additional_forward_args=args, return_grid=True)
+    for i, k in enumerate(context.targets):
+        shown = [j for j, keep in enumerate(token_mask[k].tolist()) if keep]
+        if whole is None:
+            scored = [j for j in shown if j > 0]
+            yield k, per_token[i, scored].mean(0), per_token[i], token_strings[k], shown
+        else:
+            yield k, whole[i], per_token[i], token_strings[k], shown
+
+
 register_method(
     "cross-attention-gradcam",
     summary="Cross-attention Grad-CAM: one map per caption and per word (ALBEF, Li et al. 2021)",
     limits="Reads one cross-attention layer: what later layers do with the attended patches is not shown.",
-    families=("blip", "vilt"),
+    families=("blip", "vilt", "llava"),
 )(_fusion_runner("CrossAttentionGradCAM", {"heads": "mean of A·ReLU(∇A)"}))
 register_method(
     "bimodal-relevancy",
     summary="Bi-modal relevancy propagation through self- and co-attention (Chefer et al. 2021)",
     limits="Follows attention and its gradients only; MLP and value paths are not propagated.",
-    families=("blip", "vilt"),
+    families=("blip", "vilt", "llava"),
 )(_fusion_runner("BimodalRelevancy", {"layers": "all", "heads": "grad-weighted mean"}))
 
 
@@ -524,6 +583,7 @@ def explain(
     *,
     model_name: str | None = None,
     show_progress: bool = False,
+    max_new_tokens: int = 10,
 ) -> Explanation:
     """Explain how ``model`` relates ``image`` to ``texts`` with one or more methods.
 
@@ -532,12 +592,14 @@ def explain(
         processor: its processor (``processor(images=..., text=[...], return_tensors="pt", padding=True)``).
         image: a PIL image, an ``(H, W, 3)`` array or a path.
         texts: the prompts (two-tower models: each explained against the image; matching and
-            captioning models: captions; VQA models: questions, each explained through the
-            model's own answer, see :func:`answer_questions`).
+            captioning models: captions; VQA models: questions; LLaVA: prompts holding the
+            image token. VQA models and LLaVA are explained through their own answer, see
+            :func:`answer_questions`).
         methods: registry names, see :func:`method_names`.
         target: which prompts to explain (index or list); ``None`` explains all.
         model_name: name for titles (default: the checkpoint's folder or the class name).
         show_progress: a tqdm bar over methods.
+        max_new_tokens: VQA and generative models: longest answer generated (greedy).
 
     Returns:
         An :class:`Explanation`.
@@ -573,7 +635,10 @@ def explain(
     inputs = processor(images=images, text=list(texts), return_tensors="pt", padding=padding)
     tokenizer = getattr(processor, "tokenizer", processor)
     tokens = [tokenizer.convert_ids_to_tokens(row.tolist()) for row in inputs["input_ids"]]
-    answers = answer_questions(model, tokenizer, dict(inputs)) if _FUSION_KINDS.get(type(model).__name__) == "vqa" else None
+    check_count(max_new_tokens, "max_new_tokens")
+    answers = None
+    if _FUSION_KINDS.get(type(model).__name__) in _ANSWERED:
+        answers = answer_questions(model, tokenizer, dict(inputs), max_new_tokens=max_new_tokens)
     context = ExplainContext(model, adapter, dict(inputs), list(texts), targets, tokens, show_progress, answers)
     records: list[MapRecord] = []
     for name in tqdm(methods, desc="methods", disable=not show_progress):

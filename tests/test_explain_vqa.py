@@ -48,7 +48,7 @@ def test_blip_vqa_explains_the_generated_answer(image, method):
     inputs = processor(images=[image] * 2, text=QUESTIONS)
     pixels, ids, mask = inputs["pixel_values"], inputs["input_ids"], inputs["attention_mask"]
     with torch.no_grad():
-        generated = model.generate(pixel_values=pixels, input_ids=ids, attention_mask=mask)
+        generated = model.generate(pixel_values=pixels, input_ids=ids, attention_mask=mask, max_new_tokens=10)
     answers = answer_questions(model, processor.tokenizer, inputs)
     assert torch.equal(answers.answer_ids, generated)
     # by hand: the answer runs up to and including its first end token
@@ -125,3 +125,54 @@ def test_zoo_vqa_answer_ends_at_its_end_token():
     assert [r.tokens for r in whole] == [["red", "[EOS]"], ["two", "[EOS]"]]
     red = next(r for r in result.records if r.target == "what color is the circle? → red · red")
     assert red.details["target"] == "token 1 of answer 'red' to text 0"
+
+
+@pytest.fixture(scope="module")
+def llava_and_processor():
+    from transformers import CLIPImageProcessor, LlavaProcessor
+
+    from captum_vlm.zoo.processing import build_tokenizer
+
+    tokenizer = build_tokenizer(64)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    image_processor = CLIPImageProcessor(size={"shortest_edge": tm.IMAGE_SIZE},
+                                         crop_size={"height": tm.IMAGE_SIZE, "width": tm.IMAGE_SIZE})
+    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=tm.PATCH,
+                               vision_feature_select_strategy="default", image_token="<image>",
+                               num_additional_image_tokens=1)
+    return tm.llava(image_token_id=tokenizer.convert_tokens_to_ids("<image>")), processor
+
+
+@pytest.mark.parametrize("method", ["cross-attention-gradcam", "bimodal-relevancy"])
+def test_llava_explains_each_generated_token(image, llava_and_processor, method):
+    model, processor = llava_and_processor
+    prompts = ["<image> what color is the circle", "<image> how many"]  # padded together by explain()
+    result = explain(model, processor, image, prompts, methods=[method], max_new_tokens=3)
+    explainer = {"cross-attention-gradcam": CrossAttentionGradCAM, "bimodal-relevancy": BimodalRelevancy}[method](model)
+    for k, prompt in enumerate(prompts):
+        inputs = processor(images=image, text=prompt, return_tensors="pt")  # this prompt alone
+        with torch.no_grad():
+            sequence = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+            logits = model(input_ids=sequence, pixel_values=inputs["pixel_values"]).logits
+        start = inputs["input_ids"].shape[1]
+        generated = list(range(start, sequence.shape[1]))
+        assert len(generated) == 3
+        log_p = F.log_softmax(logits[0, start - 1 : -1], -1).gather(-1, sequence[0, start:, None]).sum()
+        answer = processor.tokenizer.decode(sequence[0, start:], skip_special_tokens=True).strip()
+        title = f"{prompt} → {answer}"
+        assert result.scores[title] == pytest.approx(float(log_p.exp()), rel=1e-4)
+        args = (sequence, torch.ones_like(sequence))
+        whole = explainer.attribute(inputs["pixel_values"], target=generated, additional_forward_args=args,
+                                    return_grid=True)[0]
+        per_token = explainer.attribute_tokens(inputs["pixel_values"], target=generated, additional_forward_args=args,
+                                               return_grid=True)[0]
+        record = next(r for r in result.records if r.target == title)
+        assert_close_scaled(record.grid, whole)
+        assert record.details["target"] == f"answer '{answer}' to text {k}"
+        assert len(record.tokens) == 3
+        token_records = [r for r in result.records if r.target.startswith(f"{title} · ")]
+        with_map = [t for t in generated if per_token[t].abs().sum() > 0]
+        assert len(with_map) >= 2 and len(token_records) == len(with_map)
+        for t, token in zip(with_map, token_records):
+            assert token.details["target"] == f"token {t} of answer '{answer}' to text {k}"
+            assert_close_scaled(token.grid, per_token[t])

@@ -131,7 +131,7 @@ def vilt_itm(seed: int = 0) -> ViltForImageAndTextRetrieval:
 LLAVA_IMAGE_TOKEN = 60
 
 
-def llava(seed: int = 0) -> LlavaForConditionalGeneration:
+def llava(seed: int = 0, image_token_id: int = LLAVA_IMAGE_TOKEN) -> LlavaForConditionalGeneration:
     torch.manual_seed(seed)
     text = dict(
         model_type="llama",
@@ -151,7 +151,7 @@ def llava(seed: int = 0) -> LlavaForConditionalGeneration:
     config = LlavaConfig(
         vision_config=vision,
         text_config=text,
-        image_token_id=LLAVA_IMAGE_TOKEN,
+        image_token_id=image_token_id,
         vision_feature_layer=-2,
         vision_feature_select_strategy="default",
         projector_hidden_act="gelu",
