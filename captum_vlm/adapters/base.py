@@ -40,22 +40,25 @@ class VLMAdapter:
         self.model = model
 
     # ----- vision tower -------------------------------------------------------------------
+    # The defaults below fit the transformers ViTs (CLIP, SigLIP, BLIP, LLaVA's tower): blocks
+    # at ``vision_model().encoder.layers``, attention at ``block.self_attn``, the patch
+    # convolution at ``vision_model().embeddings.patch_embedding``. Other towers override them.
     def vision_model(self) -> nn.Module:
         """The vision transformer (embeddings + encoder)."""
         raise NotImplementedError(f"{self.family}: no separate vision model")
 
     def vision_blocks(self) -> list[nn.Module]:
         """The vision transformer blocks, first to last."""
-        raise NotImplementedError(f"{self.family}: vision_blocks")
+        return list(self.vision_model().encoder.layers)
 
     def vision_attentions(self) -> list[nn.Module]:
         """The attention modules of :meth:`vision_blocks` whose output ``[1]`` is the
         attention probabilities ``[B, heads, N, N]`` (under eager attention)."""
-        raise NotImplementedError(f"{self.family}: vision_attentions")
+        return [block.self_attn for block in self.vision_blocks()]
 
     def patch_embedding(self) -> nn.Module:
         """The module whose output is the patch embeddings (for image-side IG)."""
-        raise NotImplementedError(f"{self.family}: patch_embedding")
+        return self.vision_model().embeddings.patch_embedding
 
     def patch_size(self) -> tuple[int, int]:
         """Patch height and width in pixels."""
@@ -63,7 +66,8 @@ class VLMAdapter:
         return tuple(int(s) for s in conv.kernel_size)  # type: ignore[return-value]
 
     def _patch_conv(self) -> nn.Conv2d:
-        raise NotImplementedError(f"{self.family}: patch convolution")
+        """The patch convolution (its kernel is the patch size)."""
+        return self.patch_embedding()
 
     def patch_grid(self, pixel_values: torch.Tensor) -> tuple[int, int]:
         """The patch grid ``(rows, cols)`` for these actual ``pixel_values``.

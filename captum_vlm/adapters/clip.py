@@ -22,18 +22,6 @@ class CLIPAdapter(VLMAdapter):
     def vision_model(self) -> nn.Module:
         return self.model.vision_model
 
-    def vision_blocks(self) -> list[nn.Module]:
-        return list(self.model.vision_model.encoder.layers)
-
-    def vision_attentions(self) -> list[nn.Module]:
-        return [block.self_attn for block in self.vision_blocks()]
-
-    def patch_embedding(self) -> nn.Module:
-        return self.model.vision_model.embeddings.patch_embedding
-
-    def _patch_conv(self) -> nn.Conv2d:
-        return self.model.vision_model.embeddings.patch_embedding
-
     def text_blocks(self) -> list[nn.Module]:
         return list(self.model.text_model.encoder.layers)
 

@@ -28,18 +28,6 @@ class LlavaAdapter(VLMAdapter):
         tower = self._inner().vision_tower
         return getattr(tower, "vision_model", tower)
 
-    def vision_blocks(self) -> list[nn.Module]:
-        return list(self.vision_model().encoder.layers)
-
-    def vision_attentions(self) -> list[nn.Module]:
-        return [block.self_attn for block in self.vision_blocks()]
-
-    def patch_embedding(self) -> nn.Module:
-        return self.vision_model().embeddings.patch_embedding
-
-    def _patch_conv(self) -> nn.Conv2d:
-        return self.vision_model().embeddings.patch_embedding
-
     @property
     def num_prefix_tokens(self) -> int:
         has_cls = hasattr(self.vision_model().embeddings, "class_embedding")
