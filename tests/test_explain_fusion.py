@@ -1,5 +1,6 @@
-"""explain() on VQA models: the model's own answer is explained (BLIP: one map per answer token;
-ViLT: the answer label's logit), checked against the method classes and a hand-written score."""
+"""explain() on fusion models that generate or answer: captions token by token, and the model's
+own answer for VQA (BLIP: one map per answer token; ViLT: the answer label's logit) and LLaVA (its
+greedy continuation), checked against the method classes and hand-written scores."""
 
 from __future__ import annotations
 
@@ -176,3 +177,28 @@ def test_llava_explains_each_generated_token(image, llava_and_processor, method)
         for t, token in zip(with_map, token_records):
             assert token.details["target"] == f"token {t} of answer '{answer}' to text {k}"
             assert_close_scaled(token.grid, per_token[t])
+
+
+def test_blip_captioning_explains_each_caption_token(image):
+    model, processor = tm.blip_caption(), TinyProcessor()
+    captions = ["a red circle", "a blue square and a green triangle"]
+    result = explain(model, processor, image, captions, methods=["bimodal-relevancy"])
+    inputs = processor(images=[image] * 2, text=captions)
+    pixels, ids, mask = inputs["pixel_values"], inputs["input_ids"], inputs["attention_mask"]
+    method = BimodalRelevancy(model)
+    whole = method.attribute(pixels, additional_forward_args=(ids, mask), return_grid=True)
+    per_token = method.attribute_tokens(pixels, additional_forward_args=(ids, mask), return_grid=True)
+    tokens = ids.clone()
+    tokens[:, 0] = model.config.text_config.bos_token_id
+    with torch.no_grad():
+        logits = model(pixel_values=pixels, input_ids=tokens, attention_mask=mask).logits
+    log_p = (F.log_softmax(logits[:, :-1], -1).gather(-1, tokens[:, 1:, None])[..., 0] * mask[:, 1:]).sum(1)
+    assert result.score_kind == "log-probability"
+    np.testing.assert_allclose(list(result.scores.values()), log_p.numpy(), rtol=1e-5)
+    for k, caption in enumerate(captions):
+        record = next(r for r in result.records if r.target == caption)
+        assert_close_scaled(record.grid, whole[k])
+        assert record.details["target"] == f"caption log-probability of text {k}"
+        assert record.tokens[1:-1] == caption.split()
+        word = next(r for r in result.records if r.target == f"{caption} · {caption.split()[1]}")
+        assert_close_scaled(word.grid, per_token[k, 2])
