@@ -195,10 +195,10 @@ def _generate_each(model, tokenizer, pixels, ids, mask, max_new_tokens) -> Answe
         prompt = ids[k][mask[k].bool()][None]
         sequence = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt),
                                   pixel_values=pixels[k : k + 1], max_new_tokens=max_new_tokens, do_sample=False)
-        start = prompt.shape[1]
+        start = prompt.shape[1]  # generate() adds at least one token (max_new_tokens >= 1)
         log_p = TokenLogProbs(model, reduction="sum", score_from=start)(
             pixels[k : k + 1], sequence, torch.ones_like(sequence)
-        ) if sequence.shape[1] > start else torch.zeros(1)
+        )
         sequences.append(sequence)
         lengths.append(start)
         texts.append(tokenizer.decode(sequence[0, start:], skip_special_tokens=True).strip())
