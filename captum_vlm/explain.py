@@ -32,7 +32,10 @@ from tqdm.auto import tqdm
 from captum_vlm._checks import check_count
 from captum_vlm.adapters import get_adapter
 
-__all__ = ["Explanation", "MapRecord", "MethodSpec", "METHODS", "register_method", "explain", "method_names"]
+__all__ = [
+    "Answers", "Explanation", "MapRecord", "MethodSpec", "METHODS", "answer_questions", "explain", "method_names",
+    "register_method",
+]
 
 
 # ----------------------------------------------------------------------------------------------
