@@ -97,6 +97,8 @@ def test_explain_bad_input(saved_clip):
         explain(model, processor, image, TEXTS, target=5)
     with pytest.raises(TypeError, match="image: expected a PIL image"):
         explain(model, processor, 3, TEXTS)
+    with pytest.raises(ValueError, match="max_new_tokens: expected an int >= 1, got 0"):
+        explain(model, processor, image, TEXTS, max_new_tokens=0)
     fusion = [m for m in METHODS if "clip" not in METHODS[m].families]
     if fusion:
         with pytest.raises(ValueError, match="do not support CLIPModel"):
