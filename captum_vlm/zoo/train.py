@@ -442,6 +442,34 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
+def make_optimizer(model: torch.nn.Module, recipe: TrainingRecipe) -> torch.optim.AdamW:
+    """AdamW over :func:`param_groups` at the recipe's peak lr (betas 0.9/0.98, eps 1e-6)."""
+    return torch.optim.AdamW(param_groups(model, recipe.weight_decay), lr=recipe.lr, betas=(0.9, 0.98), eps=1e-6)
+
+
+def optimizer_step(model: torch.nn.Module, opt: torch.optim.Optimizer, loss: torch.Tensor, lr: float) -> None:
+    """One update at learning rate ``lr``: backward, gradient norm clipped at 1, step."""
+    for group in opt.param_groups:
+        group["lr"] = lr
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+
+
+def training_log(recipe: TrainingRecipe, losses: list[float], checks: list[dict], start: float, **extra) -> dict:
+    """What ``training.json`` records of a run (the per-step losses are added after saving)."""
+    return {
+        "recipe": asdict(recipe),
+        "steps": len(losses),
+        **extra,
+        "elapsed_s": round(time.time() - start, 1),
+        "final_loss": float(np.mean(losses[-100:])),
+        "loss_first_100": float(np.mean(losses[:100])),
+        "checks": checks,
+    }
+
+
 def save_trained(model: torch.nn.Module, processor: object, log: dict, out_dir: str | Path | None) -> None:
     """Write weights, config, processor and ``training.json`` (``log``) into ``out_dir`` (if given)."""
     if out_dir is None:
@@ -489,9 +517,7 @@ def train(
     processor = build_processor(recipe)
     tokenizer = processor.tokenizer
     make_batch = BatchMaker(recipe.seed, recipe.batch, recipe.image_size)
-    opt = torch.optim.AdamW(
-        param_groups(model, recipe.weight_decay), lr=recipe.lr, betas=(0.9, 0.98), eps=1e-6
-    )
+    opt = make_optimizer(model, recipe)
 
     def lr_at(step: int) -> float:
         if step < recipe.warmup:
@@ -511,12 +537,7 @@ def train(
             text = tokenizer(texts, return_tensors="pt", **text_kwargs(recipe.family))
             model.train()
             loss = contrastive_loss(model, recipe.family, pixel_values, dict(text), truth)
-            for group in opt.param_groups:
-                group["lr"] = lr_at(step)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
+            optimizer_step(model, opt, loss, lr_at(step))
             with torch.no_grad():
                 model.logit_scale.clamp_(max=math.log(100.0))
             losses.append(loss.item())
@@ -531,15 +552,7 @@ def train(
                 if checkpoint_dir is not None:  # in case the run is cut short
                     model.save_pretrained(checkpoint_dir)
     model.eval()
-    elapsed = time.time() - start
-    log = {
-        "recipe": asdict(recipe),
-        "steps": recipe.steps,
-        "elapsed_s": round(elapsed, 1),
-        "final_loss": float(np.mean(losses[-100:])),
-        "loss_first_100": float(np.mean(losses[:100])),
-        "checks": checks,
-    }
+    log = training_log(recipe, losses, checks, start)
     save_trained(model, processor, log, out_dir)
     log["losses"] = losses
     return model, processor, log

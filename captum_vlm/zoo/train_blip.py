@@ -63,7 +63,14 @@ from .scenes import (
     phrase,
     zero_shot_prompts,
 )
-from .train import TrainingRecipe, param_groups, print_check, save_trained
+from .train import (
+    TrainingRecipe,
+    make_optimizer,
+    optimizer_step,
+    print_check,
+    save_trained,
+    training_log,
+)
 
 MODELS_DIR = Path(__file__).parent / "models"
 Label = tuple[str, str]
@@ -840,9 +847,7 @@ def train(
             return itm_batch(rng, recipe.batch, recipe.per_image, side)
         return vqa_batch(rng, recipe.batch, recipe.per_image, side)
 
-    opt = torch.optim.AdamW(
-        param_groups(model, recipe.weight_decay), lr=recipe.lr, betas=(0.9, 0.98), eps=1e-6
-    )
+    opt = make_optimizer(model, recipe)
 
     def progress(step: int) -> float:
         done = step / recipe.steps
@@ -886,12 +891,7 @@ def train(
                 question = dict(tokenizer(questions, return_tensors="pt", padding=True))
                 answer_ids = tokenizer(answers, return_tensors="pt", padding=True).input_ids
                 loss = vqa_loss(model, pixel_values, question, answer_ids, owner)
-            for group in opt.param_groups:
-                group["lr"] = lr_at(step)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
+            optimizer_step(model, opt, loss, lr_at(step))
             losses.append(loss.item())
             if show_progress and step % 20 == 0:
                 bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}", refresh=False)
@@ -905,17 +905,8 @@ def train(
                     model.save_pretrained(checkpoint_dir)
                     processor.save_pretrained(checkpoint_dir)
     model.eval()
-    elapsed = time.time() - start
     bar.close()
-    log = {
-        "recipe": asdict(recipe),
-        "steps": len(losses),
-        "time_budget_s": time_budget_s,
-        "elapsed_s": round(elapsed, 1),
-        "final_loss": float(np.mean(losses[-100:])),
-        "loss_first_100": float(np.mean(losses[:100])),
-        "checks": checks,
-    }
+    log = training_log(recipe, losses, checks, start, time_budget_s=time_budget_s)
     save_trained(model, processor, log, out_dir)
     log["losses"] = losses
     return model, processor, log
