@@ -185,9 +185,8 @@ class CausalOcclusion(PerturbationAttribution):
             ...                       additional_forward_args=(ids, mask))
         """
         pixel_values = check_pixel_inputs(inputs)
-        self.adapter.patch_grid(pixel_values)  # at least one patch
-        if modality not in ("image", "text"):
-            raise ValueError(f"modality: expected 'image' or 'text', got {modality!r}")
+        grid = self.adapter.patch_grid(pixel_values)  # also: at least one patch
+        check_choice(modality, ("image", "text"), "modality")
         check_choice(upsample, UPSAMPLE_MODES, "upsample")
         check_count(perturbations_per_eval, "perturbations_per_eval")
         ids, mask, extra = split_forward_args(self.adapter, additional_forward_args)
@@ -207,7 +206,6 @@ class CausalOcclusion(PerturbationAttribution):
                                   text_baseline, keep_token_ids, perturbations_per_eval, show_progress)
 
         check_choice(intervention, INTERVENTIONS, "intervention")
-        grid = self.adapter.patch_grid(pixel_values)
         window = _pair(window, "window")
         stride = window if stride is None else _pair(stride, "stride")
         if window[0] > grid[0] or window[1] > grid[1]:
@@ -277,7 +275,7 @@ class CausalOcclusion(PerturbationAttribution):
             ...                                       additional_forward_args=(ids, mask)).grounded
         """
         pixel_values = check_pixel_inputs(inputs)
-        self.adapter.patch_grid(pixel_values)  # at least one patch
+        grid = self.adapter.patch_grid(pixel_values)  # also: at least one patch
         if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
             raise ValueError(f"fraction: expected a number in (0, 1), got {fraction!r}")
         check_count(n_random, "n_random")
@@ -286,7 +284,6 @@ class CausalOcclusion(PerturbationAttribution):
         if not self.two_tower:
             check_same_batch(inputs=pixel_values, input_ids=ids)
         captum_target = self._check_target(pixel_values, ids, mask, extra, target)
-        grid = self.adapter.patch_grid(pixel_values)
         scores_map = _as_grid(attribution, pixel_values, grid, self.adapter.patch_size())
         b, n = pixel_values.shape[0], grid[0] * grid[1]
         k = max(1, round(fraction * n))
