@@ -24,7 +24,7 @@ question = "what shape is the blue object?"
 
 # 2. What does the model answer? (greedy, as generate() does)
 inputs = processor(images=scene.pil(), text=question, return_tensors="pt")
-answer_ids = model.generate(**inputs)
+answer_ids = model.generate(**inputs, max_new_tokens=5)
 answer = processor.decode(answer_ids[0], skip_special_tokens=True).strip()
 print(f"{question} -> {answer}")
 
