@@ -522,3 +522,15 @@ def test_bad_arguments_name_the_argument(blip_itm, vilt_vqa):
         caption.attribute(pixels, target=1.5, additional_forward_args=args)
     with pytest.raises(ValueError, match="answer_ids"):
         CrossAttentionGradCAM(tm.blip_vqa()).attribute(pixels, additional_forward_args=args)
+
+
+def test_progress_bar_over_tokens_only_when_asked(capsys):
+    model = tm.blip_caption()
+    pixels, (ids, mask) = tm.pixels(1), tm.text_ids(1, 5)
+    method = BimodalRelevancy(model)
+    quiet = method.attribute_tokens(pixels, additional_forward_args=(ids, mask), return_grid=True)
+    assert "BimodalRelevancy" not in capsys.readouterr().err
+    shown = method.attribute_tokens(pixels, additional_forward_args=(ids, mask), return_grid=True, show_progress=True)
+    err = capsys.readouterr().err
+    assert "BimodalRelevancy" in err and "0/4" in err  # positions 1..4 of the caption, one backward each
+    torch.testing.assert_close(shown, quiet, atol=0, rtol=0)

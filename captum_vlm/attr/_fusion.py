@@ -34,6 +34,7 @@ import torch
 from captum.attr import Attribution
 from captum.log import log_usage
 from torch import nn
+from tqdm.auto import tqdm
 
 from captum_vlm._checks import check_choice, check_input_ids, check_pixel_inputs, check_same_batch
 from captum_vlm.adapters import get_adapter
@@ -153,6 +154,7 @@ class FusionAttribution(Attribution):
         additional_forward_args: tuple | None = None,
         return_grid: bool = False,
         upsample: str = "nearest",
+        show_progress: bool = False,
     ) -> torch.Tensor:
         """One image map per example: the match/answer score over the whole text, or for token
         models the mean of the chosen tokens' maps.
@@ -166,6 +168,7 @@ class FusionAttribution(Attribution):
                 ``(input_ids, attention_mask, answer_ids[, answer_attention_mask])``.
             return_grid: return the patch grid ``[B, h, w]`` instead of ``[B, 3, H, W]``.
             upsample: ``"nearest"`` or ``"bilinear"`` (ignored with ``return_grid``).
+            show_progress: token models: a tqdm bar over the explained tokens (one backward each).
 
         Returns:
             ``[B, 3, H, W]`` (or ``[B, h, w]``).
@@ -174,7 +177,7 @@ class FusionAttribution(Attribution):
             >>> heat = method.attribute(pixel_values, additional_forward_args=(ids, mask))  # doctest: +SKIP
         """
         prepared, positions = self._prepare(inputs, target, additional_forward_args, upsample)
-        _, _, aggregate = self._maps(prepared, target, positions)
+        _, _, aggregate = self._maps(prepared, target, positions, show_progress)
         return self._finish(aggregate, prepared, return_grid, upsample)
 
     def attribute_tokens(
@@ -186,6 +189,7 @@ class FusionAttribution(Attribution):
         token_groups: Sequence[Sequence[int]] | None = None,
         return_grid: bool = False,
         upsample: str = "nearest",
+        show_progress: bool = False,
     ) -> torch.Tensor:
         """One image map per token (or per word), aligned with the token axis.
 
@@ -193,7 +197,8 @@ class FusionAttribution(Attribution):
         scored) are all zero.
 
         Args:
-            inputs, target, additional_forward_args, return_grid, upsample: as in :meth:`attribute`.
+            inputs, target, additional_forward_args, return_grid, upsample, show_progress: as in
+                :meth:`attribute`.
             word_ids: merge sub-tokens into words: the tokenizer's ``encoding.word_ids()`` (one
                 entry per token, ``None`` for special tokens), or one such list per example. Word
                 ``w``'s map is the mean of its tokens' maps (over tokens that have one).
@@ -210,7 +215,7 @@ class FusionAttribution(Attribution):
         """
         prepared, positions = self._prepare(inputs, target, additional_forward_args, upsample)
         groups = _word_groups(word_ids, token_groups, prepared.tokens.shape)
-        per_token, has_map, _ = self._maps(prepared, target, positions)
+        per_token, has_map, _ = self._maps(prepared, target, positions, show_progress)
         if groups is not None:
             per_token = _merge(per_token, has_map, groups)
         return self._finish(per_token, prepared, return_grid, upsample)
@@ -289,7 +294,7 @@ class FusionAttribution(Attribution):
         return sorted(set(positions))
 
     def _maps(
-        self, inputs: FusionInputs, target, positions: list[int]
+        self, inputs: FusionInputs, target, positions: list[int], show_progress: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per-token grids ``[B, T, h, w]``, which tokens have one ``[B, T]`` and the aggregate
         grid ``[B, h, w]``."""
@@ -309,7 +314,7 @@ class FusionAttribution(Attribution):
             attentions = record.attentions
             if self.kind == "tokens":
                 per_token = None
-                for t in positions:
+                for t in tqdm(positions, desc=type(self).__name__, unit="token", disable=not show_progress, leave=False):
                     rows = self._row_maps(attentions, _grads(output[:, t].sum(), attentions), inputs)
                     reduced = self._reduce_rows(rows, inputs, t).detach()
                     if per_token is None:
