@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import time
 
@@ -35,6 +34,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
+from bench_two_tower import median_seconds  # noqa: E402  (this folder is on sys.path when run as a script)
 
 from captum_vlm.attr import BimodalRelevancy, CrossAttentionGradCAM  # noqa: E402
 from captum_vlm.targets import TokenLogProbs  # noqa: E402
@@ -53,16 +53,6 @@ def base_size_vqa():
     question[:, 0] = 101
     answer = torch.tensor([[config.text_config.bos_token_id, 2001, 2002, config.text_config.sep_token_id]])
     return model, pixels, (question, torch.ones_like(question), answer, torch.ones_like(answer))
-
-
-def median_seconds(call, repeats: int) -> float:
-    call()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def plain_backward_seconds(model, pixels, args) -> float:

@@ -64,6 +64,9 @@ from .scenes import (
     zero_shot_prompts,
 )
 from .train import (
+    HELDOUT_SEED,
+    MODELS_DIR,
+    Label,
     TrainingRecipe,
     make_optimizer,
     optimizer_step,
@@ -72,10 +75,7 @@ from .train import (
     training_log,
 )
 
-MODELS_DIR = Path(__file__).parent / "models"
-Label = tuple[str, str]
 QUESTION_TYPES = ("colour", "shape", "has_shape", "has_object", "count")
-HELDOUT_SEED = 123_456
 
 
 @dataclass
