@@ -355,19 +355,18 @@ def _fusion_runner(class_name: str, base_details: dict[str, str]) -> Callable[[E
 
 def _fusion_maps(method: Any, kind: str, context: ExplainContext):
     """``(text index, whole map, per-token maps [T, h, w], token strings, positions shown)`` per
-    explained text. Token models' whole map is the mean of the shown tokens' maps, which is what
-    ``method.attribute`` returns, so their tokens are explained once."""
+    explained text, both maps from one pass (``attribute_with_tokens``)."""
     pixels, ids, mask = (context.inputs[k] for k in ("pixel_values", "input_ids", "attention_mask"))
     answers = context.answers
     if kind == "generate":  # LLaVA: each prompt with its own generated continuation
         for k in context.targets:
             sequence, start = answers.sequences[k], answers.prompt_lengths[k]
             shown = list(range(start, sequence.shape[1]))
-            if not shown:
-                continue
-            per_token = method.attribute_tokens(pixels[k : k + 1], target=shown, return_grid=True,
-                                                additional_forward_args=(sequence, torch.ones_like(sequence)))[0]
-            yield k, per_token[shown].mean(0), per_token, answers.tokens[k], shown
+            whole, per_token = method.attribute_with_tokens(
+                pixels[k : k + 1], target=shown, additional_forward_args=(sequence, torch.ones_like(sequence)),
+                return_grid=True,
+            )
+            yield k, whole[0], per_token[0], answers.tokens[k], shown
         return
     rows = torch.tensor(context.targets)
     args: tuple = (ids[rows], mask[rows])
@@ -378,18 +377,11 @@ def _fusion_maps(method: Any, kind: str, context: ExplainContext):
         token_mask[:, 0] = False  # the start token predicts, it is not predicted
     elif kind == "vqa":  # ViLT: the answer label's logit, maps over the question's tokens
         target = answers.label_ids[rows].tolist()
-    per_token = method.attribute_tokens(pixels[rows], target=target, additional_forward_args=args, return_grid=True)
-    if kind in ("caption", "vqa") and target is None:
-        whole = None
-    else:
-        whole = method.attribute(pixels[rows], target=target, additional_forward_args=args, return_grid=True)
+    whole, per_token = method.attribute_with_tokens(pixels[rows], target=target, additional_forward_args=args,
+                                                    return_grid=True)
     for i, k in enumerate(context.targets):
         shown = [j for j, keep in enumerate(token_mask[k].tolist()) if keep]
-        if whole is None:
-            scored = [j for j in shown if j > 0]
-            yield k, per_token[i, scored].mean(0), per_token[i], token_strings[k], shown
-        else:
-            yield k, whole[i], per_token[i], token_strings[k], shown
+        yield k, whole[i], per_token[i], token_strings[k], shown
 
 
 register_method(

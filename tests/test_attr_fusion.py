@@ -534,3 +534,14 @@ def test_progress_bar_over_tokens_only_when_asked(capsys):
     err = capsys.readouterr().err
     assert "BimodalRelevancy" in err and "0/4" in err  # positions 1..4 of the caption, one backward each
     torch.testing.assert_close(shown, quiet, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("method_class", [CrossAttentionGradCAM, BimodalRelevancy])
+def test_attribute_with_tokens_equals_both_calls(blip_itm, method_class):
+    pixels, (ids, mask) = tm.pixels(2), tm.text_ids(2, 6)
+    method = method_class(blip_itm)
+    word_ids = [None, 0, 0, 1, 2, None]
+    whole, words = method.attribute_with_tokens(pixels, additional_forward_args=(ids, mask), word_ids=word_ids)
+    assert_close_scaled(whole, method.attribute(pixels, additional_forward_args=(ids, mask)))
+    assert_close_scaled(words, method.attribute_tokens(pixels, additional_forward_args=(ids, mask), word_ids=word_ids))
+    assert whole.shape == (2, 3, 32, 32) and words.shape == (2, 3, 3, 32, 32)

@@ -213,12 +213,40 @@ class FusionAttribution(Attribution):
             >>> maps = method.attribute_tokens(pixel_values, additional_forward_args=(ids, mask),  # doctest: +SKIP
             ...                                word_ids=encoding.word_ids())
         """
+        return self.attribute_with_tokens(inputs, target, additional_forward_args, word_ids, token_groups,
+                                          return_grid, upsample, show_progress)[1]
+
+    def attribute_with_tokens(
+        self,
+        inputs: torch.Tensor,
+        target: int | Sequence[int] | torch.Tensor | None = None,
+        additional_forward_args: tuple | None = None,
+        word_ids: Sequence | None = None,
+        token_groups: Sequence[Sequence[int]] | None = None,
+        return_grid: bool = False,
+        upsample: str = "nearest",
+        show_progress: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`attribute` and :meth:`attribute_tokens` from one pass: the same two results as
+        calling both, at the cost of one.
+
+        Args:
+            as in :meth:`attribute_tokens`.
+
+        Returns:
+            ``(whole, per_token)``: ``[B, 3, H, W]`` and ``[B, T, 3, H, W]`` (grids with
+            ``return_grid=True``; ``[B, W, ...]`` with words).
+
+        Example:
+            >>> heat, words = method.attribute_with_tokens(pixel_values, additional_forward_args=(ids, mask))  # doctest: +SKIP
+        """
         prepared, positions = self._prepare(inputs, target, additional_forward_args, upsample)
         groups = _word_groups(word_ids, token_groups, prepared.tokens.shape)
-        per_token, has_map, _ = self._maps(prepared, target, positions, show_progress)
+        per_token, has_map, aggregate = self._maps(prepared, target, positions, show_progress)
         if groups is not None:
             per_token = _merge(per_token, has_map, groups)
-        return self._finish(per_token, prepared, return_grid, upsample)
+        return (self._finish(aggregate, prepared, return_grid, upsample),
+                self._finish(per_token, prepared, return_grid, upsample))
 
     # ----- plumbing ---------------------------------------------------------------------------
     def _prepare(self, inputs, target, additional_forward_args, upsample) -> tuple[FusionInputs, list[int]]:
