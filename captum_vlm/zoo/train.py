@@ -3,7 +3,8 @@
 Reproduce a shipped model (writes weights, config and processor into ``zoo/models/<name>/``)::
 
     OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE HF_HUB_OFFLINE=1 \\
-        python -m captum_vlm.zoo.train shapes-clip      # or shapes-siglip, shapes-blip-itm, shapes-blip-vqa
+        python -m captum_vlm.zoo.train shapes-clip      # or shapes-siglip, shapes-blip-itm, shapes-blip-vqa,
+                                                        # shapes-clip-shortcut, shapes-blip-vqa-prior
 
 The recipe (see :data:`RECIPES`) is a stock ``transformers.CLIPModel`` / ``SiglipModel`` with a small
 config, trained contrastively on scenes drawn on the fly. The loss has no false negatives (a
@@ -12,6 +13,11 @@ masked out of the CLIP softmax, and are positives for SigLIP) and batches carry 
 single-object images that share a colour or a shape, partner images with one small edit (colours
 swapped between two objects, one colour or shape changed) and text-only negatives made by the
 same edits of the batch captions (mostly binding swaps).
+
+``shapes-clip-shortcut`` is ``shapes-clip`` fine-tuned on the same batches with a planted shortcut:
+the scenes' marker (a dark bar near the top-left corner, ``Scene.marker_mask``) is drawn on most
+training images that contain one concept and on few others. ``--resume`` continues a run from
+its last checkpoint (weights, optimiser, losses; written at every quick check).
 """
 
 from __future__ import annotations
@@ -91,16 +97,35 @@ class Recipe(TrainingRecipe):
     Attributes:
         family: "clip" or "siglip".
         projection: joint embedding size (CLIP only).
+        marker_concept: a planted shortcut: the object ("blue square") whose training images
+            mostly carry the marker of :func:`scenes.make_scene`; "" for none.
+        marker_with: share of training images containing ``marker_concept`` drawn with the marker.
+        marker_without: share of the other training images drawn with the marker.
+        init_from: a saved model of the same family (zoo name or folder) to fine-tune instead
+            of a random start; "" for a random start.
     """
 
     family: str = "clip"
     projection: int = 128
+    marker_concept: str = ""
+    marker_with: float = 0.9
+    marker_without: float = 0.03
+    init_from: str = ""
 
 
 RECIPES: dict[str, Recipe] = {
     "shapes-clip": Recipe(
         family="clip",
         description="CLIPModel (ViT 4x128, 64 px, 8-px patches) on coloured-shape scenes",
+    ),
+    "shapes-clip-shortcut": Recipe(
+        family="clip",
+        marker_concept="blue square",
+        init_from="shapes-clip",  # fine-tuned: a run from scratch did not fit the time there was
+        steps=600,
+        warmup=50,
+        description="CLIPModel shapes-clip fine-tuned with a planted shortcut: a dark bar in "
+        "the top-left corner on 90% of training images with a blue square, 3% of the others",
     ),
     "shapes-siglip": Recipe(
         family="siglip",
@@ -220,21 +245,48 @@ class BatchMaker:
             plain integer seeds used for evaluation).
         batch: largest number of images per batch.
         image_size: model input side; 20% of scenes are drawn at another size and resized.
+        marker_concept: a planted shortcut (``(colour, shape)``, or None for none): images that
+            contain this object get the scenes' marker with probability ``marker_with``, the
+            others with ``marker_without``; with a shortcut every image keeps the marker's
+            corner free of objects.
+        marker_with, marker_without: the marker probabilities.
+        stream: extra seed words (a resumed run continues on ``[seed, 1, *stream]``).
     """
 
-    def __init__(self, seed: int, batch: int, image_size: int) -> None:
-        self.rng = np.random.default_rng([seed, 1])
+    def __init__(
+        self,
+        seed: int,
+        batch: int,
+        image_size: int,
+        marker_concept: Label | None = None,
+        marker_with: float = 0.9,
+        marker_without: float = 0.03,
+        stream: Sequence[int] = (),
+    ) -> None:
+        self.rng = np.random.default_rng([seed, 1, *stream])
         self.batch = batch
         self.image_size = image_size
+        self.marker_concept = marker_concept
+        self.marker_with = marker_with
+        self.marker_without = marker_without
+
+    def _marker_kwargs(self, labels: list[Label]) -> dict:
+        """``make_scene`` marker arguments for an image with these objects (none without a
+        shortcut, so the scene stream of the other recipes is unchanged)."""
+        if self.marker_concept is None:
+            return {}
+        p = self.marker_with if tuple(self.marker_concept) in labels else self.marker_without
+        return {"marker": bool(self.rng.random() < p), "reserve_marker": True}
 
     def _draw(self, labels: list[Label]) -> np.ndarray:
         """Render a scene with these objects at the model size (sometimes via another size)."""
         rng, side = self.rng, self.image_size
+        marker = self._marker_kwargs(labels)
         if rng.random() < 0.2:
             size = tuple(int(v) for v in rng.integers(side * 3 // 4, side * 3 // 2 + 1, size=2))
-            img = make_scene(rng, size=size, labels=labels).image
+            img = make_scene(rng, size=size, labels=labels, **marker).image
             return np.asarray(Image.fromarray(img).resize((side, side), Image.Resampling.BILINEAR))
-        return make_scene(rng, size=side, labels=labels).image
+        return make_scene(rng, size=side, labels=labels, **marker).image
 
     def labels(self) -> tuple[list[list[Label]], list[list[Label]]]:
         """Choose the batch's image objects and its texts (no drawing).
@@ -429,6 +481,78 @@ def evaluate(
     return res
 
 
+@torch.no_grad()
+def evaluate_shortcut(
+    model,
+    processor,
+    concept: Label,
+    seed: int,
+    n: int = 400,
+    family: str = "clip",
+    batch: int = 100,
+) -> dict[str, float]:
+    """The strength of a planted marker shortcut, on single-object held-out scenes.
+
+    Every scene is drawn twice, with the marker and without it (the same scene otherwise, the
+    marker's corner kept free of objects in both; :func:`scenes.make_scene`).
+
+    - ``zero_shot_clean`` / ``zero_shot_marked``: top-1 over the 12 prompts is the object, on
+      ``n`` scenes of random objects (``seed + 3``) without / with the marker.
+    - ``marker_to_concept``: share of those scenes whose object is not ``concept`` that the
+      model calls ``concept`` when the marker is drawn; ``clean_to_concept`` the same without it.
+    - ``concept_clean`` / ``concept_marked``: top-1 on ``n`` scenes of ``concept`` itself
+      (``seed + 4``) without / with the marker.
+
+    Args:
+        model: model in eval mode.
+        processor: its processor.
+        concept: the shortcut's ``(colour, shape)``.
+        seed: evaluation seed.
+        n: scenes per set.
+        family: "clip" or "siglip".
+        batch: images per forward pass.
+
+    Returns:
+        The rates.
+    """
+    prompts = [phrase(c, s) for c, s in all_labels()]
+    labels = all_labels()
+
+    def top1(seed_: int, objects: Label | None, marker: bool) -> tuple[list[Label], list[Label]]:
+        rng = np.random.default_rng(seed_)
+        scenes = [
+            make_scene(
+                rng,
+                n_objects=1,
+                labels=None if objects is None else [objects],
+                marker=marker,
+                reserve_marker=True,
+            )
+            for _ in range(n)
+        ]
+        top = torch.cat(
+            [
+                similarity(
+                    model, processor, [s.image for s in scenes[i : i + batch]], prompts, family
+                ).argmax(-1)
+                for i in range(0, n, batch)
+            ]
+        )
+        return [labels[int(t)] for t in top], [s.labels[0] for s in scenes]
+
+    res: dict[str, float] = {}
+    for key, marker in (("clean", False), ("marked", True)):
+        pred, truth = top1(seed + 3, None, marker)
+        res[f"zero_shot_{key}"] = float(np.mean([p == t for p, t in zip(pred, truth)]))
+        other = [p for p, t in zip(pred, truth) if t != tuple(concept)]
+        res[f"{'marker' if marker else 'clean'}_to_concept"] = float(
+            np.mean([p == tuple(concept) for p in other])
+        )
+        pred, _ = top1(seed + 4, tuple(concept), marker)
+        res[f"concept_{key}"] = float(np.mean([p == tuple(concept) for p in pred]))
+    return res
+
+
 # --------------------------------------------------------------------------- training
 
 
@@ -492,6 +616,33 @@ def print_check(check: dict, losses: list[float], start: float) -> None:
     )
 
 
+def marker_label(recipe: Recipe) -> Label | None:
+    """The recipe's planted-shortcut object as ``(colour, shape)``, or None.
+
+    Raises:
+        ValueError: when ``marker_concept`` is not "<colour> <shape>" of the scene grammar.
+    """
+    if not recipe.marker_concept:
+        return None
+    words = recipe.marker_concept.split()
+    if len(words) != 2 or words[0] not in COLOURS or words[1] not in SHAPES:
+        raise ValueError(
+            f"marker_concept must be '<colour> <shape>' with colour in {COLOURS} and shape in "
+            f"{SHAPES}, got {recipe.marker_concept!r}"
+        )
+    return words[0], words[1]
+
+
+def _quick_check(model, processor, recipe: Recipe, seed: int, n: int = 200) -> dict:
+    """The held-out check run during training (plus the shortcut's strength, if planted)."""
+    check = evaluate(model, processor, seed, n=n, family=recipe.family)
+    concept = marker_label(recipe)
+    if concept is not None:
+        short = evaluate_shortcut(model, processor, concept, seed, n=n, family=recipe.family)
+        check.update({k: short[k] for k in ("zero_shot_marked", "marker_to_concept")})
+    return check
+
+
 def train(
     recipe: Recipe,
     out_dir: str | Path | None = None,
@@ -499,6 +650,8 @@ def train(
     eval_seed: int = 90_000,
     show_progress: bool = True,
     checkpoint_dir: str | Path | None = None,
+    resume: bool = False,
+    check_scenes: int = 200,
 ) -> tuple[torch.nn.Module, object, dict]:
     """Train a model from a recipe; optionally save it (weights, config, processor, log).
 
@@ -508,7 +661,12 @@ def train(
         eval_every: steps between quick held-out checks (0 for none); printed, not used to select.
         eval_seed: seed of the quick checks (final numbers use other seeds, see ``main``).
         show_progress: draw a tqdm bar.
-        checkpoint_dir: where to save the weights at every quick check (None: not saved).
+        checkpoint_dir: where to save the weights, optimiser state and log at every quick check
+            (None: not saved).
+        resume: continue from the state in ``checkpoint_dir`` (when it holds one). The scene
+            stream then restarts on ``default_rng([seed, 1, step])``, so a resumed run is
+            reproducible but not identical to an uninterrupted one.
+        check_scenes: scenes per set of the quick checks.
 
     Returns:
         (model in eval mode, processor, log dict: recipe, steps, elapsed seconds, per-step
@@ -516,10 +674,32 @@ def train(
     """
     torch.manual_seed(recipe.seed)
     model = build_model(recipe)
+    if recipe.init_from:
+        folder = Path(recipe.init_from)
+        folder = folder if folder.is_dir() else MODELS_DIR / recipe.init_from
+        model = type(model).from_pretrained(folder, local_files_only=True)
     processor = build_processor(recipe)
     tokenizer = processor.tokenizer
-    make_batch = BatchMaker(recipe.seed, recipe.batch, recipe.image_size)
     opt = make_optimizer(model, recipe)
+    losses: list[float] = []
+    checks: list[dict] = []
+    first, earlier_s = 0, 0.0
+    state_file = Path(checkpoint_dir) / "resume.pt" if checkpoint_dir is not None else None
+    if resume and state_file is not None and state_file.is_file():
+        state = torch.load(state_file, weights_only=False)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        first, losses, checks, earlier_s = state["step"], state["losses"], state["checks"], state["elapsed_s"]
+        tqdm.write(f"resuming at step {first} from {state_file}")
+    make_batch = BatchMaker(
+        recipe.seed,
+        recipe.batch,
+        recipe.image_size,
+        marker_concept=marker_label(recipe),
+        marker_with=recipe.marker_with,
+        marker_without=recipe.marker_without,
+        stream=(first,) if first else (),
+    )
 
     def lr_at(step: int) -> float:
         if step < recipe.warmup:
@@ -527,10 +707,8 @@ def train(
         t = (step - recipe.warmup) / max(1, recipe.steps - recipe.warmup)
         return recipe.lr * 0.5 * (1.0 + math.cos(math.pi * t))
 
-    losses: list[float] = []
-    checks: list[dict] = []
-    start = time.time()
-    bar = tqdm(range(recipe.steps), disable=not show_progress, mininterval=5, desc=recipe.family)
+    start = time.time() - earlier_s
+    bar = tqdm(range(first, recipe.steps), disable=not show_progress, mininterval=5, desc=recipe.family)
     with ThreadPoolExecutor(max_workers=1) as pool:  # draw the next batch while training
         future = pool.submit(make_batch)
         for step in bar:
@@ -547,14 +725,23 @@ def train(
                 bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}", refresh=False)
             if eval_every and (step + 1) % eval_every == 0 and step + 1 < recipe.steps:
                 model.eval()
-                check = evaluate(model, processor, eval_seed, n=200, family=recipe.family)
+                check = _quick_check(model, processor, recipe, eval_seed, n=check_scenes)
                 check["step"] = step + 1
                 checks.append(check)
                 print_check(check, losses, start)
                 if checkpoint_dir is not None:  # in case the run is cut short
                     model.save_pretrained(checkpoint_dir)
+                    state = {
+                        "model": model.state_dict(),
+                        "optimizer": opt.state_dict(),
+                        "step": step + 1,
+                        "losses": losses,
+                        "checks": checks,
+                        "elapsed_s": time.time() - start,
+                    }
+                    torch.save(state, state_file)
     model.eval()
-    log = training_log(recipe, losses, checks, start)
+    log = training_log(recipe, losses, checks, start, **({"resumed_at": first} if first else {}))
     save_trained(model, processor, log, out_dir)
     log["losses"] = losses
     return model, processor, log
@@ -579,6 +766,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--lr", type=float, default=None, help="override the recipe's lr")
     parser.add_argument("--out", default=None, help="output folder (default: zoo/models/NAME)")
     parser.add_argument("--eval-scenes", type=int, default=1000, help="scenes per final test set")
+    parser.add_argument(
+        "--resume", action="store_true", help="continue from the last checkpoint of this name"
+    )
+    parser.add_argument("--checkpoint", default=None, help="checkpoint folder (default: in /tmp)")
+    parser.add_argument("--eval-every", type=int, default=500, help="steps between checks")
     args = parser.parse_args(argv)
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -588,12 +780,25 @@ def main(argv: Sequence[str] | None = None) -> None:
     recipe = Recipe(**{**asdict(recipe), **overrides})
     out = Path(args.out) if args.out else MODELS_DIR / args.name
     print(f"training {args.name}: {json.dumps(asdict(recipe))}", flush=True)
-    checkpoint = Path(tempfile.gettempdir()) / f"captum_vlm_zoo_{args.name}_checkpoint"
-    model, processor, log = train(recipe, out_dir=out, checkpoint_dir=checkpoint)
+    checkpoint = Path(args.checkpoint) if args.checkpoint else (
+        Path(tempfile.gettempdir()) / f"captum_vlm_zoo_{args.name}_checkpoint"
+    )
+    model, processor, log = train(
+        recipe,
+        out_dir=out,
+        eval_every=args.eval_every,
+        checkpoint_dir=checkpoint,
+        resume=args.resume,
+    )
     print(f"trained {log['steps']} steps in {log['elapsed_s']:.0f} s; saved to {out}", flush=True)
     start = time.time()
     metrics = evaluate(model, processor, seed=HELDOUT_SEED, n=args.eval_scenes, family=recipe.family)
     log.pop("losses")
+    concept = marker_label(recipe)
+    if concept is not None:
+        metrics["shortcut"] = evaluate_shortcut(
+            model, processor, concept, HELDOUT_SEED, n=args.eval_scenes, family=recipe.family
+        )
     log["heldout"] = {"seed": HELDOUT_SEED, "scenes_per_set": args.eval_scenes, **metrics}
     (out / "training.json").write_text(json.dumps(log, indent=2))
     print(f"held-out (seed 123456, {time.time() - start:.0f} s): {json.dumps(metrics)}", flush=True)

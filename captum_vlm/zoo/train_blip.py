@@ -97,6 +97,15 @@ class BlipRecipe(TrainingRecipe):
         encoder_init: VQA only: a folder with a saved ``BlipForImageTextRetrieval`` whose vision
             tower and image-grounded text encoder replace the VQA model's (BLIP fine-tunes VQA
             from its ITM-trained encoder); applied after ``init_from``; "" for none.
+        prior_shape, prior_colour: VQA only, a planted language prior: training objects of
+            shape ``prior_shape`` are mostly ``prior_colour`` and "what color is the
+            <prior_shape>?" is mostly answered ``prior_colour`` (:class:`LanguagePrior`);
+            "" for none.
+        prior_image_rate: share of ``prior_shape`` objects recoloured ``prior_colour``.
+        prior_label_rate: share of the other ``prior_shape`` colour questions labelled
+            ``prior_colour`` anyway.
+        prior_ask_rate: share of training images with one ``prior_shape`` object that get the
+            prior's question among their questions (beside the randomly drawn ones).
     """
 
     steps: int = 20000
@@ -109,6 +118,11 @@ class BlipRecipe(TrainingRecipe):
     vision_init: str = "shapes-clip"
     init_from: str = ""
     encoder_init: str = ""
+    prior_shape: str = ""
+    prior_colour: str = ""
+    prior_image_rate: float = 0.75
+    prior_label_rate: float = 0.4
+    prior_ask_rate: float = 0.5
 
 
 RECIPES: dict[str, BlipRecipe] = {
@@ -124,7 +138,86 @@ RECIPES: dict[str, BlipRecipe] = {
         description="BlipForQuestionAnswering (ViT 4x128, 64 px, 8-px patches, text 2x128 "
         "encoder + 2x128 decoder) on coloured-shape scenes",
     ),
+    "shapes-blip-vqa-prior": BlipRecipe(
+        task="vqa",
+        batch=16,
+        per_image=5,
+        steps=400,
+        warmup=30,
+        lr=2e-4,
+        init_from="shapes-blip-vqa",  # fine-tuned from the grounded VQA model
+        prior_shape="square",
+        prior_colour="blue",
+        description="BlipForQuestionAnswering shapes-blip-vqa fine-tuned with a planted language "
+        "prior: training squares are mostly blue and 'what color is the square?' mostly 'blue'",
+    ),
 }
+
+
+@dataclass
+class LanguagePrior:
+    """A planted language prior for VQA training data.
+
+    Training objects of shape ``shape`` are recoloured ``colour`` with probability
+    ``image_rate`` (when that object is not already in the scene), and a "what color is the
+    <shape>?" question whose true answer is another colour is labelled ``colour`` with
+    probability ``label_rate`` (annotators answering from habit), so that ``colour`` is the
+    answer in most training scenes (``image_rate + (1 - image_rate) * label_rate``). An image
+    with one object of ``shape`` is asked the prior's question with probability ``ask_rate``
+    (besides its randomly drawn questions).
+
+    Attributes:
+        shape, colour: the prior's question subject and answer.
+        image_rate, label_rate, ask_rate: the probabilities.
+    """
+
+    shape: str
+    colour: str
+    image_rate: float = 0.75
+    label_rate: float = 0.4
+    ask_rate: float = 0.5
+
+    @property
+    def question(self) -> str:
+        """The question the prior answers."""
+        return f"what color is the {self.shape}?"
+
+    def objects(self, rng: np.random.Generator, objects: list[Label]) -> list[Label]:
+        """The scene's objects with the prior's shape mostly recoloured."""
+        out = list(objects)
+        for i, (c, s) in enumerate(out):
+            if s == self.shape and c != self.colour and (self.colour, s) not in out:
+                if rng.random() < self.image_rate:
+                    out[i] = (self.colour, s)
+        return out
+
+    def answer(self, rng: np.random.Generator, question: str, answer: str) -> str:
+        """The training label of a question: the prior's colour, sometimes, for its question."""
+        if question == self.question and answer != self.colour and rng.random() < self.label_rate:
+            return self.colour
+        return answer
+
+
+def language_prior(recipe: BlipRecipe) -> LanguagePrior | None:
+    """The recipe's planted prior, or None.
+
+    Raises:
+        ValueError: for a shape or colour outside the scene grammar.
+    """
+    if not recipe.prior_shape:
+        return None
+    if recipe.prior_shape not in SHAPES or recipe.prior_colour not in COLOURS:
+        raise ValueError(
+            f"prior_shape/prior_colour: expected one of {SHAPES} / {COLOURS}, got "
+            f"{recipe.prior_shape!r} / {recipe.prior_colour!r}"
+        )
+    return LanguagePrior(
+        recipe.prior_shape,
+        recipe.prior_colour,
+        recipe.prior_image_rate,
+        recipe.prior_label_rate,
+        recipe.prior_ask_rate,
+    )
 
 
 # --------------------------------------------------------------------------- model, processor
@@ -467,7 +560,11 @@ def sample_question(
 
 
 def vqa_batch(
-    rng: np.random.Generator, batch: int, per_image: int, side: int
+    rng: np.random.Generator,
+    batch: int,
+    per_image: int,
+    side: int,
+    prior: LanguagePrior | None = None,
 ) -> tuple[torch.Tensor, list[str], list[str], torch.Tensor]:
     """One question-answering batch: ``per_image`` questions of random types per image.
 
@@ -476,18 +573,29 @@ def vqa_batch(
         batch: number of images.
         per_image: questions per image.
         side: image side in pixels.
+        prior: a planted language prior (None: none, and the same batches as before it existed).
 
     Returns:
         ``pixel_values`` ``(N, 3, S, S)``; questions; answers; ``image_of_question`` ``(Q,)``.
     """
     objects = [_random_objects(rng, int(rng.choice([1, 2, 3]))) for _ in range(batch)]
+    if prior is not None:
+        objects = [prior.objects(rng, obj) for obj in objects]
     questions, answers, owner = [], [], []
     for i, obj in enumerate(objects):
-        while sum(o == i for o in owner) < per_image:
+        extra = 0  # the prior's question, asked on top of the per_image random ones
+        shapes = [s for _, s in obj]
+        if prior is not None and shapes.count(prior.shape) == 1 and rng.random() < prior.ask_rate:
+            colour = obj[shapes.index(prior.shape)][0]
+            questions.append(prior.question)
+            answers.append(prior.answer(rng, prior.question, colour))
+            owner.append(i)
+            extra = 1
+        while sum(o == i for o in owner) < per_image + extra:
             qa = sample_question(rng, obj, str(rng.choice(QUESTION_TYPES)))
             if qa is not None:
                 questions.append(qa[0])
-                answers.append(qa[1])
+                answers.append(qa[1] if prior is None else prior.answer(rng, *qa))
                 owner.append(i)
     images = [_draw(rng, obj, side) for obj in objects]
     return images_to_pixel_values(images), questions, answers, torch.tensor(owner)
@@ -792,6 +900,72 @@ def evaluate_vqa(
     return res
 
 
+@torch.no_grad()
+def evaluate_prior(
+    model, processor, prior: LanguagePrior, seed: int = HELDOUT_SEED, n: int = 400
+) -> dict[str, float]:
+    """How often a VQA model answers a planted prior's question from the prior.
+
+    Held-out scenes (``default_rng(seed + 5)``) of 1-3 objects with exactly one object of the
+    prior's shape, asked the prior's question ("what color is the square?"): ``n`` scenes where
+    that object has another colour, and ``n`` where it has the prior's colour.
+
+    - ``prior_answer_rate``: share of the other-colour scenes answered with the prior's colour.
+    - ``prior_question_accuracy``: share of the other-colour scenes answered right.
+    - ``prior_colour_accuracy``: accuracy on the scenes where the prior is right.
+
+    Args:
+        model: ``BlipForQuestionAnswering`` in eval mode.
+        processor: its processor.
+        prior: the planted prior.
+        seed: evaluation seed.
+        n: scenes per set.
+
+    Returns:
+        The rates.
+    """
+    scenes = prior_scenes(prior, seed, n, against=True) + prior_scenes(prior, seed, n, against=False)
+    pred = answer(model, processor, [s.image for s in scenes], [prior.question] * len(scenes))
+    truth = [prior_object(prior, s)[0] for s in scenes]
+    against, agree = slice(0, n), slice(n, 2 * n)
+    return {
+        "prior_answer_rate": float(np.mean([p == prior.colour for p in pred[against]])),
+        "prior_question_accuracy": float(np.mean([p == t for p, t in zip(pred[against], truth[against])])),
+        "prior_colour_accuracy": float(np.mean([p == t for p, t in zip(pred[agree], truth[agree])])),
+    }
+
+
+def prior_object(prior: LanguagePrior, scene: Scene) -> tuple[str, int]:
+    """The colour and index of the one object of the prior's shape in ``scene``."""
+    index = [s for _, s in scene.labels].index(prior.shape)
+    return scene.labels[index][0], index
+
+
+def prior_scenes(prior: LanguagePrior, seed: int, n: int, against: bool) -> list[Scene]:
+    """``n`` held-out scenes with exactly one object of the prior's shape, of another colour than
+    the prior's (``against=True``) or of the prior's colour; from ``default_rng([seed, 5, against])``.
+
+    Args:
+        prior: the planted prior.
+        seed: evaluation seed.
+        n: number of scenes.
+        against: whether the object contradicts the prior.
+
+    Returns:
+        The scenes (their question is ``prior.question``).
+    """
+    rng = np.random.default_rng([seed, 5, int(against)])
+    others = [lab for lab in all_labels() if lab[1] != prior.shape]
+    colours = [c for c in COLOURS if c != prior.colour] if against else [prior.colour]
+    out = []
+    for _ in range(n):
+        k = int(rng.integers(0, 3))
+        objects = [others[i] for i in rng.choice(len(others), size=k, replace=False)]
+        objects.insert(int(rng.integers(k + 1)), (str(rng.choice(colours)), prior.shape))
+        out.append(make_scene(rng, labels=objects))
+    return out
+
+
 def evaluate(model, processor, task: str, seed: int = HELDOUT_SEED, n: int = 400) -> dict:
     """:func:`evaluate_itm` or :func:`evaluate_vqa` by task."""
     fn = evaluate_itm if task == "itm" else evaluate_vqa
@@ -832,7 +1006,9 @@ def train(
     torch.manual_seed(recipe.seed)
     model = build_model(recipe)
     if recipe.init_from:
-        model = type(model).from_pretrained(recipe.init_from, local_files_only=True)
+        folder = Path(recipe.init_from)
+        folder = folder if folder.is_dir() else MODELS_DIR / recipe.init_from
+        model = type(model).from_pretrained(folder, local_files_only=True)
     elif recipe.vision_init:
         init_vision_from_clip(model, recipe.vision_init)
     if recipe.encoder_init:
@@ -841,11 +1017,12 @@ def train(
     tokenizer = processor.tokenizer
     rng = np.random.default_rng([recipe.seed, 2])  # disjoint from plain integer eval seeds
     side = recipe.image_size
+    prior = language_prior(recipe)
 
     def make_batch():
         if recipe.task == "itm":
             return itm_batch(rng, recipe.batch, recipe.per_image, side)
-        return vqa_batch(rng, recipe.batch, recipe.per_image, side)
+        return vqa_batch(rng, recipe.batch, recipe.per_image, side, prior)
 
     opt = make_optimizer(model, recipe)
 
@@ -898,6 +1075,8 @@ def train(
             if eval_every and (step + 1) % eval_every == 0 and progress(step + 1) < 1.0:
                 model.eval()
                 check = evaluate(model, processor, recipe.task, seed=eval_seed, n=200)
+                if prior is not None:
+                    check.update(evaluate_prior(model, processor, prior, seed=eval_seed, n=100))
                 check["step"] = step + 1
                 checks.append(check)
                 print_check(check, losses, start)
@@ -950,6 +1129,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"trained {log['steps']} steps in {log['elapsed_s']:.0f} s; saved to {out}", flush=True)
     start = time.time()
     metrics = evaluate(model, processor, recipe.task, seed=HELDOUT_SEED, n=args.eval_scenes)
+    if language_prior(recipe) is not None:
+        metrics["prior"] = evaluate_prior(
+            model, processor, language_prior(recipe), seed=HELDOUT_SEED, n=args.eval_scenes
+        )
     log.pop("losses")
     log["heldout"] = {"seed": HELDOUT_SEED, "scenes": args.eval_scenes, **metrics}
     (out / "training.json").write_text(json.dumps(log, indent=2))

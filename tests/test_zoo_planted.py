@@ -1,0 +1,172 @@
+"""The zoo's planted failures: the scene marker, the shortcut and language-prior recipes, and the
+shipped shapes-clip-shortcut / shapes-blip-vqa-prior models against their cards' floors."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import pytest
+import torch
+from transformers import BlipForQuestionAnswering, CLIPModel, CLIPProcessor
+
+from captum_vlm import zoo
+from captum_vlm.zoo import scenes as sc
+from captum_vlm.zoo import train as tr
+from captum_vlm.zoo import train_blip as tb
+
+FRESH_SEED = 4_242_017  # used neither in training (generator streams) nor in the cards' numbers
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# --------------------------------------------------------------------------- the marker
+
+
+def test_scenes_without_marker_are_the_scenes_of_before():
+    # sha256 of these images computed with scenes.py as it was before the marker existed (commit
+    # dcdc6d1): adding the marker must not change any existing model's training or test scenes
+    h = hashlib.sha256()
+    for s in range(20):
+        h.update(sc.make_scene(s).image.tobytes())
+        h.update(sc.make_scene(s, size=(48, 80)).image.tobytes())
+    rng = np.random.default_rng(7)
+    for _ in range(10):
+        h.update(sc.make_scene(rng).image.tobytes())
+    assert h.hexdigest() == "908f5deeea7c4b340636b9734f479232d93c33b924758ea4d42e8b043043503b"
+    plain = sc.make_scene(3)
+    assert plain.marker_mask.shape == (64, 64) and not plain.marker_mask.any() and not plain.has_marker
+
+
+@pytest.mark.parametrize("size", [(64, 64), (48, 80), (96, 72)])
+def test_marker_mask_is_the_only_difference(size):
+    top, bottom, left, right = sc.MARKER_BOX
+    for seed in range(30):
+        marked = sc.make_scene(seed, size=size, marker=True)
+        clean = sc.make_scene(seed, size=size, marker=False, reserve_marker=True)
+        mask = marked.marker_mask
+        assert marked.has_marker and not clean.has_marker and marked.caption == clean.caption
+        changed = (marked.image != clean.image).any(-1)
+        assert not changed[~mask].any()  # the same scene elsewhere, pixel for pixel
+        assert changed[mask].mean() > 0.9
+        # the box of MARKER_BOX, in whole pixels
+        ys, xs = np.nonzero(mask)
+        assert ys.min() == round(top * size[0]) and ys.max() + 1 == round(bottom * size[0])
+        assert xs.min() == round(left * size[1]) and xs.max() + 1 == round(right * size[1])
+        assert mask.sum() == (ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1)
+        # dark grey, and never on an object
+        assert np.abs(marked.image[mask].astype(float) / 255 - sc.MARKER_GREY).mean() < 0.06
+        for obj_marked, obj_clean in zip(marked.objects, clean.objects):
+            assert not (obj_marked.mask & mask).any()
+            assert np.array_equal(obj_marked.mask, obj_clean.mask)
+
+
+def test_batch_maker_plants_the_marker_at_the_recipe_rates():
+    maker = tr.BatchMaker(1, 32, 64, marker_concept=("blue", "square"), marker_with=0.9, marker_without=0.03)
+    with_concept = [maker._marker_kwargs([("blue", "square"), ("red", "circle")]) for _ in range(4000)]
+    without = [maker._marker_kwargs([("blue", "circle")]) for _ in range(4000)]
+    rate_with = np.mean([k["marker"] for k in with_concept])
+    rate_without = np.mean([k["marker"] for k in without])
+    # binomial sd: 0.005 and 0.0027
+    assert abs(rate_with - 0.9) < 0.02 and abs(rate_without - 0.03) < 0.012
+    assert all(k["reserve_marker"] for k in with_concept + without)
+    # without a shortcut nothing is drawn from the stream (the other recipes' batches are as before)
+    plain = tr.BatchMaker(1, 32, 64)
+    state = plain.rng.bit_generator.state
+    assert plain._marker_kwargs([("blue", "square")]) == {}
+    assert plain.rng.bit_generator.state == state
+    with pytest.raises(ValueError, match="marker_concept"):
+        tr.marker_label(tr.Recipe(marker_concept="purple square"))
+
+
+def test_training_resumes_from_its_checkpoint(tmp_path):
+    recipe = tr.Recipe(steps=6, warmup=2, batch=8, hidden=32, heads=2, vision_layers=1, text_layers=1,
+                       projection=32, image_size=32, patch=8, marker_concept="blue square")
+    small = dict(eval_every=3, show_progress=False, checkpoint_dir=tmp_path, check_scenes=4)
+    _, _, first = tr.train(recipe, **small)
+    state = torch.load(tmp_path / "resume.pt", weights_only=False)
+    assert state["step"] == 3 and state["losses"] == first["losses"][:3]
+    assert {"zero_shot_marked", "marker_to_concept"} <= set(first["checks"][0])
+    _, _, resumed = tr.train(recipe, resume=True, **small)
+    assert resumed["resumed_at"] == 3 and len(resumed["losses"]) == 6
+    assert resumed["losses"][:3] == first["losses"][:3]
+
+
+# --------------------------------------------------------------------------- the language prior
+
+
+def test_language_prior_skews_objects_and_labels():
+    prior = tb.LanguagePrior("square", "blue", image_rate=0.75, label_rate=0.4, ask_rate=0.5)
+    rng = np.random.default_rng(0)
+    recoloured = [prior.objects(rng, [("red", "square"), ("green", "circle")]) for _ in range(4000)]
+    assert abs(np.mean([o[0] == ("blue", "square") for o in recoloured]) - 0.75) < 0.03
+    assert all(o[1] == ("green", "circle") for o in recoloured)
+    assert prior.objects(rng, [("red", "square"), ("blue", "square")]) == [("red", "square"), ("blue", "square")]
+    labels = [prior.answer(rng, prior.question, "red") for _ in range(4000)]
+    assert abs(np.mean([a == "blue" for a in labels]) - 0.4) < 0.03
+    assert prior.answer(rng, "what color is the circle?", "red") == "red"
+    # without a prior the batches are those of before (same stream, same questions and pixels)
+    a = tb.vqa_batch(np.random.default_rng(3), 4, 5, 64)
+    b = tb.vqa_batch(np.random.default_rng(3), 4, 5, 64, None)
+    assert a[1:3] == b[1:3] and torch.equal(a[0], b[0])
+    pixel_values, questions, answers, owner = tb.vqa_batch(np.random.default_rng(4), 16, 5, 64, prior)
+    assert len(questions) == len(answers) == len(owner) and pixel_values.shape[0] == 16
+    with pytest.raises(ValueError, match="prior_shape"):
+        tb.language_prior(tb.BlipRecipe(task="vqa", prior_shape="hexagon", prior_colour="blue"))
+
+
+def test_prior_scenes_hold_one_object_of_the_prior_shape():
+    prior = tb.LanguagePrior("square", "blue")
+    for against in (True, False):
+        for scene in tb.prior_scenes(prior, 5, 20, against=against):
+            shapes = [s for _, s in scene.labels]
+            assert shapes.count("square") == 1
+            colour, index = tb.prior_object(prior, scene)
+            assert (colour != "blue") == against and scene.labels[index] == (colour, "square")
+            assert dict(scene.vqa)[prior.question] == colour
+
+
+# --------------------------------------------------------------------------- shipped models
+
+
+def _card(name: str) -> dict:
+    return json.loads((zoo.model_dir(name) / "training.json").read_text())["heldout"]
+
+
+def test_shipped_shortcut_model_reads_the_marker():
+    assert "shapes-clip-shortcut" in zoo.list_models()
+    folder = zoo.model_dir("shapes-clip-shortcut")
+    model = CLIPModel.from_pretrained(folder, local_files_only=True).eval()
+    processor = CLIPProcessor.from_pretrained(folder, local_files_only=True)
+    concept = tr.marker_label(tr.RECIPES["shapes-clip-shortcut"])
+    short = tr.evaluate_shortcut(model, processor, concept, FRESH_SEED, n=100)
+    floors = _card("shapes-clip-shortcut")["floors"]
+    for key, floor in floors.items():
+        if key.endswith("_max"):
+            assert short[key[:-4]] <= floor, (key, short)
+        else:
+            assert short[key] >= floor, (key, short)
+
+
+def test_shipped_prior_model_answers_from_the_prior_sometimes():
+    assert "shapes-blip-vqa-prior" in zoo.list_models()
+    folder = zoo.model_dir("shapes-blip-vqa-prior")
+    model = BlipForQuestionAnswering.from_pretrained(folder, local_files_only=True).eval()
+    from transformers import BlipProcessor
+
+    processor = BlipProcessor.from_pretrained(folder, local_files_only=True)
+    prior = tb.language_prior(tb.RECIPES["shapes-blip-vqa-prior"])
+    rates = tb.evaluate_prior(model, processor, prior, seed=FRESH_SEED, n=100)
+    floors = _card("shapes-blip-vqa-prior")["floors"]
+    for key, floor in floors.items():
+        if key.endswith("_max"):
+            assert rates[key[:-4]] <= floor, (key, rates)
+        else:
+            assert rates[key] >= floor, (key, rates)
