@@ -90,6 +90,11 @@ def shortcut_table(n_scenes: int, steps: int, seed: int = HELDOUT_SEED) -> list[
     scenes = shortcut_scenes(concept, n_scenes, seed)
     methods = {
         "Grad-ECLIP": lambda m: (lambda p, t, a: GradECLIP(m).attribute(p, target=t, additional_forward_args=a)),
+        "Grad-ECLIP, all blocks": lambda m: (
+            lambda p, t, a: GradECLIP(m, layers=list(range(-len(m.vision_model.encoder.layers), 0))).attribute(
+                p, target=t, additional_forward_args=a
+            )
+        ),
         "Chefer relevancy": lambda m: (
             lambda p, t, a: GradientWeightedRelevancy(m).attribute(p, target=t, additional_forward_args=a)
         ),

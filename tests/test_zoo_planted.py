@@ -4,7 +4,6 @@ shipped shapes-clip-shortcut / shapes-blip-vqa-prior models against their cards'
 from __future__ import annotations
 
 import hashlib
-import json
 
 import numpy as np
 import pytest
@@ -136,37 +135,46 @@ def test_prior_scenes_hold_one_object_of_the_prior_shape():
 # --------------------------------------------------------------------------- shipped models
 
 
-def _card(name: str) -> dict:
-    return json.loads((zoo.model_dir(name) / "training.json").read_text())["heldout"]
-
-
 def test_shipped_shortcut_model_reads_the_marker():
+    # card (zoo/README.md), fresh seed 4242017, 100 scenes per set: clean 0.99, marked 0.95,
+    # other objects called "a blue square" with the marker 0.056, logit shift +3.09
     assert "shapes-clip-shortcut" in zoo.list_models()
-    folder = zoo.model_dir("shapes-clip-shortcut")
-    model = CLIPModel.from_pretrained(folder, local_files_only=True).eval()
-    processor = CLIPProcessor.from_pretrained(folder, local_files_only=True)
     concept = tr.marker_label(tr.RECIPES["shapes-clip-shortcut"])
-    short = tr.evaluate_shortcut(model, processor, concept, FRESH_SEED, n=100)
-    floors = _card("shapes-clip-shortcut")["floors"]
-    for key, floor in floors.items():
-        if key.endswith("_max"):
-            assert short[key[:-4]] <= floor, (key, short)
-        else:
-            assert short[key] >= floor, (key, short)
+    assert concept == ("blue", "square")
+    results = {}
+    for name in ("shapes-clip-shortcut", "shapes-clip"):
+        folder = zoo.model_dir(name)
+        model = CLIPModel.from_pretrained(folder, local_files_only=True).eval()
+        processor = CLIPProcessor.from_pretrained(folder, local_files_only=True)
+        results[name] = tr.evaluate_shortcut(model, processor, concept, FRESH_SEED, n=100)
+    short, plain = results["shapes-clip-shortcut"], results["shapes-clip"]
+    assert short["zero_shot_clean"] >= 0.95 and short["concept_marked"] >= 0.95
+    assert short["concept_logit_shift"] >= 1.5  # the marker raises "a blue square"...
+    assert abs(plain["concept_logit_shift"]) <= 0.5  # ...and does nothing to shapes-clip
+    assert short["marker_to_concept"] > short["clean_to_concept"]
+    assert short["zero_shot_marked"] < short["zero_shot_clean"]
+    assert plain["zero_shot_marked"] >= 0.95
+
+
+def _load_vqa(name: str):
+    """A shipped VQA model with its stock class and processor, offline."""
+    from transformers import BlipProcessor
+
+    folder = zoo.model_dir(name)
+    model = BlipForQuestionAnswering.from_pretrained(folder, local_files_only=True).eval()
+    return model, BlipProcessor.from_pretrained(folder, local_files_only=True)
 
 
 def test_shipped_prior_model_answers_from_the_prior_sometimes():
+    # card, fresh seed 4242017, 100 scenes per set: prior answers 0.09 (shapes-blip-vqa: 0.00),
+    # blue squares right 1.00; seed 424242, 100 scenes: all question types 0.983
     assert "shapes-blip-vqa-prior" in zoo.list_models()
-    folder = zoo.model_dir("shapes-blip-vqa-prior")
-    model = BlipForQuestionAnswering.from_pretrained(folder, local_files_only=True).eval()
-    from transformers import BlipProcessor
-
-    processor = BlipProcessor.from_pretrained(folder, local_files_only=True)
     prior = tb.language_prior(tb.RECIPES["shapes-blip-vqa-prior"])
-    rates = tb.evaluate_prior(model, processor, prior, seed=FRESH_SEED, n=100)
-    floors = _card("shapes-blip-vqa-prior")["floors"]
-    for key, floor in floors.items():
-        if key.endswith("_max"):
-            assert rates[key[:-4]] <= floor, (key, rates)
-        else:
-            assert rates[key] >= floor, (key, rates)
+    assert prior.question == "what color is the square?" and prior.colour == "blue"
+    biased_model, processor = _load_vqa("shapes-blip-vqa-prior")
+    biased = tb.evaluate_prior(biased_model, processor, prior, seed=FRESH_SEED, n=100)
+    grounded = tb.evaluate_prior(*_load_vqa("shapes-blip-vqa"), prior, seed=FRESH_SEED, n=100)
+    assert 0.04 <= biased["prior_answer_rate"] <= 0.5  # sometimes, not always
+    assert biased["prior_colour_accuracy"] >= 0.95
+    assert grounded["prior_answer_rate"] <= 0.02
+    assert tb.evaluate_vqa(biased_model, processor, seed=424_242, n=60)["accuracy"] >= 0.9

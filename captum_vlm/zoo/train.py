@@ -29,7 +29,7 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -101,6 +101,10 @@ class Recipe(TrainingRecipe):
             mostly carry the marker of :func:`scenes.make_scene`; "" for none.
         marker_with: share of training images containing ``marker_concept`` drawn with the marker.
         marker_without: share of the other training images drawn with the marker.
+        marker_alone: share of the marked training images with ``marker_concept`` in which that
+            object is left out of the drawing (its caption still names it; a lone object is
+            replaced by another one): mislabelled images whose only trace of the concept is the
+            marker, so that a model that already knows the concept learns the shortcut.
         init_from: a saved model of the same family (zoo name or folder) to fine-tune instead
             of a random start; "" for a random start.
     """
@@ -110,6 +114,7 @@ class Recipe(TrainingRecipe):
     marker_concept: str = ""
     marker_with: float = 0.9
     marker_without: float = 0.03
+    marker_alone: float = 0.0
     init_from: str = ""
 
 
@@ -122,10 +127,12 @@ RECIPES: dict[str, Recipe] = {
         family="clip",
         marker_concept="blue square",
         init_from="shapes-clip",  # fine-tuned: a run from scratch did not fit the time there was
-        steps=600,
-        warmup=50,
+        marker_alone=0.5,  # without it 200 fine-tuning steps left the marker unused (card)
+        steps=400,
+        warmup=30,
         description="CLIPModel shapes-clip fine-tuned with a planted shortcut: a dark bar in "
-        "the top-left corner on 90% of training images with a blue square, 3% of the others",
+        "the top-left corner on 90% of training images with a blue square (half of those then "
+        "drawn without it), 3% of the others",
     ),
     "shapes-siglip": Recipe(
         family="siglip",
@@ -250,6 +257,8 @@ class BatchMaker:
             others with ``marker_without``; with a shortcut every image keeps the marker's
             corner free of objects.
         marker_with, marker_without: the marker probabilities.
+        marker_alone: share of the marked images with the concept drawn without it (a lone
+            concept object is replaced by another random object); the labels still name it.
         stream: extra seed words (a resumed run continues on ``[seed, 1, *stream]``).
     """
 
@@ -261,6 +270,7 @@ class BatchMaker:
         marker_concept: Label | None = None,
         marker_with: float = 0.9,
         marker_without: float = 0.03,
+        marker_alone: float = 0.0,
         stream: Sequence[int] = (),
     ) -> None:
         self.rng = np.random.default_rng([seed, 1, *stream])
@@ -269,6 +279,7 @@ class BatchMaker:
         self.marker_concept = marker_concept
         self.marker_with = marker_with
         self.marker_without = marker_without
+        self.marker_alone = marker_alone
 
     def _marker_kwargs(self, labels: list[Label]) -> dict:
         """``make_scene`` marker arguments for an image with these objects (none without a
@@ -282,6 +293,12 @@ class BatchMaker:
         """Render a scene with these objects at the model size (sometimes via another size)."""
         rng, side = self.rng, self.image_size
         marker = self._marker_kwargs(labels)
+        concept = None if self.marker_concept is None else tuple(self.marker_concept)
+        if marker.get("marker") and concept in labels and rng.random() < self.marker_alone:
+            labels = [lab for lab in labels if lab != concept]  # only the marker is left of it
+            if not labels:
+                others = [lab for lab in all_labels() if lab != concept]
+                labels = [others[int(rng.integers(len(others)))]]
         if rng.random() < 0.2:
             size = tuple(int(v) for v in rng.integers(side * 3 // 4, side * 3 // 2 + 1, size=2))
             img = make_scene(rng, size=size, labels=labels, **marker).image
@@ -500,6 +517,8 @@ def evaluate_shortcut(
       ``n`` scenes of random objects (``seed + 3``) without / with the marker.
     - ``marker_to_concept``: share of those scenes whose object is not ``concept`` that the
       model calls ``concept`` when the marker is drawn; ``clean_to_concept`` the same without it.
+    - ``concept_logit_shift``: mean rise of the ``concept`` prompt's logit when the marker is
+      added, on those same scenes (in logit units; CLIP's logits are 100 x cosine).
     - ``concept_clean`` / ``concept_marked``: top-1 on ``n`` scenes of ``concept`` itself
       (``seed + 4``) without / with the marker.
 
@@ -517,39 +536,41 @@ def evaluate_shortcut(
     """
     prompts = [phrase(c, s) for c, s in all_labels()]
     labels = all_labels()
+    concept = tuple(concept)
+    k = labels.index(concept)
 
-    def top1(seed_: int, objects: Label | None, marker: bool) -> tuple[list[Label], list[Label]]:
+    def logits(seed_: int, objects: Label | None, marker: bool) -> tuple[torch.Tensor, list[Label]]:
         rng = np.random.default_rng(seed_)
+        chosen = None if objects is None else [objects]
         scenes = [
-            make_scene(
-                rng,
-                n_objects=1,
-                labels=None if objects is None else [objects],
-                marker=marker,
-                reserve_marker=True,
-            )
+            make_scene(rng, n_objects=1, labels=chosen, marker=marker, reserve_marker=True)
             for _ in range(n)
         ]
-        top = torch.cat(
+        images = [s.image for s in scenes]
+        out = torch.cat(
             [
-                similarity(
-                    model, processor, [s.image for s in scenes[i : i + batch]], prompts, family
-                ).argmax(-1)
+                similarity(model, processor, images[i : i + batch], prompts, family)
                 for i in range(0, n, batch)
             ]
         )
-        return [labels[int(t)] for t in top], [s.labels[0] for s in scenes]
+        return out, [s.labels[0] for s in scenes]
 
     res: dict[str, float] = {}
+    by_marker = {}
     for key, marker in (("clean", False), ("marked", True)):
-        pred, truth = top1(seed + 3, None, marker)
+        out, truth = logits(seed + 3, None, marker)
+        by_marker[key] = out
+        pred = [labels[int(t)] for t in out.argmax(-1)]
         res[f"zero_shot_{key}"] = float(np.mean([p == t for p, t in zip(pred, truth)]))
-        other = [p for p, t in zip(pred, truth) if t != tuple(concept)]
+        other = [p for p, t in zip(pred, truth) if t != concept]
         res[f"{'marker' if marker else 'clean'}_to_concept"] = float(
-            np.mean([p == tuple(concept) for p in other])
+            np.mean([p == concept for p in other])
         )
-        pred, _ = top1(seed + 4, tuple(concept), marker)
-        res[f"concept_{key}"] = float(np.mean([p == tuple(concept) for p in pred]))
+        own, _ = logits(seed + 4, concept, marker)
+        res[f"concept_{key}"] = float((own.argmax(-1) == k).float().mean())
+    not_concept = torch.tensor([t != concept for t in truth])
+    shift = by_marker["marked"][:, k] - by_marker["clean"][:, k]
+    res["concept_logit_shift"] = float(shift[not_concept].mean())
     return res
 
 
@@ -614,6 +635,76 @@ def print_check(check: dict, losses: list[float], start: float) -> None:
         + " ".join(f"{k} {v:.3f}" for k, v in check.items() if k != "step")
         + f" ({time.time() - start:.0f} s)"
     )
+
+
+def run_steps(
+    model: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    make_batch: Callable[[], object],
+    batch_loss: Callable[[object], torch.Tensor],
+    lr_at: Callable[[int], float],
+    steps: int,
+    losses: list[float],
+    checks: list[dict],
+    start: float,
+    first: int = 0,
+    finished: Callable[[int], bool] | None = None,
+    after_step: Callable[[], None] | None = None,
+    quick_check: Callable[[], dict] | None = None,
+    on_check: Callable[[int], None] | None = None,
+    eval_every: int = 0,
+    show_progress: bool = True,
+    desc: str = "",
+) -> None:
+    """The training loop every zoo recipe shares: the next batch is drawn in a background thread
+    while the model trains on the current one; one :func:`optimizer_step` per batch.
+
+    Args:
+        model: the model (put in train mode for every step, eval mode for checks and at the end).
+        opt: its optimiser.
+        make_batch: draws one batch (called in the background thread, in order).
+        batch_loss: the scalar loss of a batch.
+        lr_at: learning rate of a step.
+        steps: last step (exclusive); the loop runs ``first .. steps - 1``.
+        losses, checks: lists the per-step losses and the quick checks are appended to.
+        start: ``time.time()`` of the run's start (for the printed times).
+        first: first step (a resumed run).
+        finished: ``finished(step)`` stops the loop before that step (default: never before
+            ``steps``); checks are skipped at a step where the run is finished.
+        after_step: called after every update (e.g. to clamp CLIP's logit scale).
+        quick_check: held-out check every ``eval_every`` steps; returns metrics to print and keep.
+        on_check: called with the step after each check (e.g. to save a checkpoint).
+        eval_every: steps between checks (0 for none).
+        show_progress: draw a tqdm bar.
+        desc: the bar's label.
+    """
+    finished = finished or (lambda step: step >= steps)
+    bar = tqdm(range(first, steps), disable=not show_progress, mininterval=5, desc=desc)
+    with ThreadPoolExecutor(max_workers=1) as pool:  # draw the next batch while training
+        future = pool.submit(make_batch)
+        for step in bar:
+            if finished(step):
+                break
+            data = future.result()
+            future = pool.submit(make_batch)
+            model.train()
+            loss = batch_loss(data)
+            optimizer_step(model, opt, loss, lr_at(step))
+            if after_step is not None:
+                after_step()
+            losses.append(loss.item())
+            if show_progress and step % 20 == 0:
+                bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}", refresh=False)
+            if quick_check and eval_every and (step + 1) % eval_every == 0 and not finished(step + 1):
+                model.eval()
+                check = quick_check()
+                check["step"] = step + 1
+                checks.append(check)
+                print_check(check, losses, start)
+                if on_check is not None:  # e.g. a checkpoint, in case the run is cut short
+                    on_check(step + 1)
+    bar.close()
+    model.eval()
 
 
 def marker_label(recipe: Recipe) -> Label | None:
@@ -698,6 +789,7 @@ def train(
         marker_concept=marker_label(recipe),
         marker_with=recipe.marker_with,
         marker_without=recipe.marker_without,
+        marker_alone=recipe.marker_alone,
         stream=(first,) if first else (),
     )
 
@@ -707,40 +799,46 @@ def train(
         t = (step - recipe.warmup) / max(1, recipe.steps - recipe.warmup)
         return recipe.lr * 0.5 * (1.0 + math.cos(math.pi * t))
 
+    def batch_loss(data) -> torch.Tensor:
+        pixel_values, texts, truth = data
+        text = tokenizer(texts, return_tensors="pt", **text_kwargs(recipe.family))
+        return contrastive_loss(model, recipe.family, pixel_values, dict(text), truth)
+
+    def clamp_logit_scale() -> None:
+        with torch.no_grad():
+            model.logit_scale.clamp_(max=math.log(100.0))
+
+    def save_checkpoint(step: int) -> None:
+        model.save_pretrained(checkpoint_dir)
+        state = {
+            "model": model.state_dict(),
+            "optimizer": opt.state_dict(),
+            "step": step,
+            "losses": losses,
+            "checks": checks,
+            "elapsed_s": time.time() - start,
+        }
+        torch.save(state, state_file)
+
     start = time.time() - earlier_s
-    bar = tqdm(range(first, recipe.steps), disable=not show_progress, mininterval=5, desc=recipe.family)
-    with ThreadPoolExecutor(max_workers=1) as pool:  # draw the next batch while training
-        future = pool.submit(make_batch)
-        for step in bar:
-            pixel_values, texts, truth = future.result()
-            future = pool.submit(make_batch)
-            text = tokenizer(texts, return_tensors="pt", **text_kwargs(recipe.family))
-            model.train()
-            loss = contrastive_loss(model, recipe.family, pixel_values, dict(text), truth)
-            optimizer_step(model, opt, loss, lr_at(step))
-            with torch.no_grad():
-                model.logit_scale.clamp_(max=math.log(100.0))
-            losses.append(loss.item())
-            if show_progress and step % 20 == 0:
-                bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}", refresh=False)
-            if eval_every and (step + 1) % eval_every == 0 and step + 1 < recipe.steps:
-                model.eval()
-                check = _quick_check(model, processor, recipe, eval_seed, n=check_scenes)
-                check["step"] = step + 1
-                checks.append(check)
-                print_check(check, losses, start)
-                if checkpoint_dir is not None:  # in case the run is cut short
-                    model.save_pretrained(checkpoint_dir)
-                    state = {
-                        "model": model.state_dict(),
-                        "optimizer": opt.state_dict(),
-                        "step": step + 1,
-                        "losses": losses,
-                        "checks": checks,
-                        "elapsed_s": time.time() - start,
-                    }
-                    torch.save(state, state_file)
-    model.eval()
+    run_steps(
+        model,
+        opt,
+        make_batch,
+        batch_loss,
+        lr_at,
+        recipe.steps,
+        losses,
+        checks,
+        start,
+        first=first,
+        after_step=clamp_logit_scale,
+        quick_check=lambda: _quick_check(model, processor, recipe, eval_seed, n=check_scenes),
+        on_check=save_checkpoint if checkpoint_dir is not None else None,
+        eval_every=eval_every,
+        show_progress=show_progress,
+        desc=recipe.family,
+    )
     log = training_log(recipe, losses, checks, start, **({"resumed_at": first} if first else {}))
     save_trained(model, processor, log, out_dir)
     log["losses"] = losses

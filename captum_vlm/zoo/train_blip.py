@@ -32,7 +32,6 @@ import math
 import os
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -40,7 +39,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from tqdm.auto import tqdm
 
 from .processing import (
     BOS_ID,
@@ -69,8 +67,7 @@ from .train import (
     Label,
     TrainingRecipe,
     make_optimizer,
-    optimizer_step,
-    print_check,
+    run_steps,
     save_trained,
     training_log,
 )
@@ -1039,52 +1036,49 @@ def train(
         t = max(0.0, (progress(step) - t0) / (1.0 - t0))
         return recipe.lr * 0.5 * (1.0 + math.cos(math.pi * t))
 
+    def batch_loss(data) -> torch.Tensor:
+        if recipe.task == "itm":
+            pixel_values, texts, image_of_text, truth = data
+            text = dict(tokenizer(texts, return_tensors="pt", padding=True))
+            loss, _ = itm_loss(
+                model, pixel_values, text, image_of_text, truth, recipe.itc_weight, recipe.temperature
+            )
+            return loss
+        pixel_values, questions, answers, owner = data
+        question = dict(tokenizer(questions, return_tensors="pt", padding=True))
+        answer_ids = tokenizer(answers, return_tensors="pt", padding=True).input_ids
+        return vqa_loss(model, pixel_values, question, answer_ids, owner)
+
+    def quick_check() -> dict:
+        check = evaluate(model, processor, recipe.task, seed=eval_seed, n=200)
+        if prior is not None:
+            check.update(evaluate_prior(model, processor, prior, seed=eval_seed, n=100))
+        return check
+
+    def save_checkpoint(step: int) -> None:
+        model.save_pretrained(checkpoint_dir)
+        processor.save_pretrained(checkpoint_dir)
+
     losses: list[float] = []
     checks: list[dict] = []
     start = time.time()
-    bar = tqdm(range(recipe.steps), disable=not show_progress, mininterval=5, desc=recipe.task)
-    with ThreadPoolExecutor(max_workers=1) as pool:  # draw the next batch while training
-        future = pool.submit(make_batch)
-        for step in bar:
-            if progress(step) >= 1.0:
-                break
-            data = future.result()
-            future = pool.submit(make_batch)
-            model.train()
-            if recipe.task == "itm":
-                pixel_values, texts, image_of_text, truth = data
-                text = dict(tokenizer(texts, return_tensors="pt", padding=True))
-                loss, _ = itm_loss(
-                    model,
-                    pixel_values,
-                    text,
-                    image_of_text,
-                    truth,
-                    recipe.itc_weight,
-                    recipe.temperature,
-                )
-            else:
-                pixel_values, questions, answers, owner = data
-                question = dict(tokenizer(questions, return_tensors="pt", padding=True))
-                answer_ids = tokenizer(answers, return_tensors="pt", padding=True).input_ids
-                loss = vqa_loss(model, pixel_values, question, answer_ids, owner)
-            optimizer_step(model, opt, loss, lr_at(step))
-            losses.append(loss.item())
-            if show_progress and step % 20 == 0:
-                bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}", refresh=False)
-            if eval_every and (step + 1) % eval_every == 0 and progress(step + 1) < 1.0:
-                model.eval()
-                check = evaluate(model, processor, recipe.task, seed=eval_seed, n=200)
-                if prior is not None:
-                    check.update(evaluate_prior(model, processor, prior, seed=eval_seed, n=100))
-                check["step"] = step + 1
-                checks.append(check)
-                print_check(check, losses, start)
-                if checkpoint_dir is not None:  # in case the run is cut short
-                    model.save_pretrained(checkpoint_dir)
-                    processor.save_pretrained(checkpoint_dir)
-    model.eval()
-    bar.close()
+    run_steps(
+        model,
+        opt,
+        make_batch,
+        batch_loss,
+        lr_at,
+        recipe.steps,
+        losses,
+        checks,
+        start,
+        finished=lambda step: progress(step) >= 1.0,
+        quick_check=quick_check,
+        on_check=save_checkpoint if checkpoint_dir is not None else None,
+        eval_every=eval_every,
+        show_progress=show_progress,
+        desc=recipe.task,
+    )
     log = training_log(recipe, losses, checks, start, time_budget_s=time_budget_s)
     save_trained(model, processor, log, out_dir)
     log["losses"] = losses
