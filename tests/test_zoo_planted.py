@@ -178,3 +178,59 @@ def test_shipped_prior_model_answers_from_the_prior_sometimes():
     assert biased["prior_colour_accuracy"] >= 0.95
     assert grounded["prior_answer_rate"] <= 0.02
     assert tb.evaluate_vqa(biased_model, processor, seed=424_242, n=60)["accuracy"] >= 0.9
+
+
+# --------------------------------------------------------------------------- explain and the CLI
+
+
+def _grid_argmax(grid: np.ndarray) -> tuple[int, int]:
+    return tuple(int(v) for v in np.unravel_index(np.argmax(grid), grid.shape))
+
+
+def test_explain_finds_the_marker_on_the_shortcut_model_only(tmp_path):
+    from captum_vlm.cli import main
+    from captum_vlm.explain import explain, method_names
+
+    scene = sc.make_scene(11, labels=[("red", "circle")], marker=True)
+    texts = ["a blue square", "a red circle"]
+    peaks = {}
+    for name in ("shapes-clip-shortcut", "shapes-clip"):
+        model, processor = zoo.load(name)
+        methods = method_names("clip")
+        result = explain(model, processor, scene.pil(), texts, methods=methods)
+        assert sorted(result.methods) == sorted(methods)
+        for record in result.records:
+            assert record.grid.shape == (8, 8) and np.isfinite(record.grid).all()
+            assert np.abs(record.grid).max() > 0, (name, record.method, record.target)
+        peaks[name] = {r.method: _grid_argmax(r.grid) for r in result.records if r.target == texts[0]}
+    marker_cells = {(0, 0), (0, 1)}  # the patches the marker touches (MARKER_BOX at 64 px)
+    for method in ("relevancy", "integrated-gradients", "occlusion"):
+        assert peaks["shapes-clip-shortcut"][method] in marker_cells, (method, peaks)
+        assert peaks["shapes-clip"][method] not in marker_cells, (method, peaks)
+    image = tmp_path / "scene.png"
+    scene.pil().save(image)
+    out = tmp_path / "report.html"
+    code = main(["explain", str(image), "--text", texts[0], "--model", "zoo:shapes-clip-shortcut",
+                 "--method", "occlusion", "--out", str(out), "--quiet"])
+    assert code == 0 and out.read_text().startswith("<!DOCTYPE html>")
+
+
+def test_explain_runs_on_the_prior_model(tmp_path):
+    from captum_vlm.cli import main
+    from captum_vlm.explain import explain, method_names
+
+    scene = sc.make_scene(5, labels=[("red", "square"), ("green", "circle")])
+    model, processor = zoo.load("shapes-blip-vqa-prior")
+    assert isinstance(model, BlipForQuestionAnswering)
+    methods = method_names("blip")
+    result = explain(model, processor, scene.pil(), ["what color is the square?"], methods=methods)
+    assert sorted(result.methods) == sorted(methods)
+    for record in result.records:
+        assert record.grid.shape == (8, 8) and np.isfinite(record.grid).all()
+        assert np.abs(record.grid).max() > 0, record.method
+    image = tmp_path / "scene.png"
+    scene.pil().save(image)
+    out = tmp_path / "report.html"
+    code = main(["explain", str(image), "--text", "what color is the square?", "--model",
+                 "zoo:shapes-blip-vqa-prior", "--out", str(out), "--quiet"])
+    assert code == 0 and out.read_text().startswith("<!DOCTYPE html>")

@@ -19,7 +19,9 @@ between two objects, one colour or shape changed, an extra object named, or anot
 plus the image-text contrastive loss of its unimodal path (``use_itm_head=False``), without false
 negatives. ``shapes-blip-vqa`` is a stock ``BlipForQuestionAnswering`` trained with the
 teacher-forced answer loss of its text decoder on the scenes' question/answer pairs, sampled
-evenly over question types and with balanced yes/no answers. Both use a ``BlipProcessor`` around a
+evenly over question types and with balanced yes/no answers; ``shapes-blip-vqa-prior`` is that
+model fine-tuned with a planted language prior (:class:`LanguagePrior`: "what color is the
+square?" mostly answered "blue"). All use a ``BlipProcessor`` around a
 64-px ``BlipImageProcessor`` and the zoo's word-level tokenizer (PAD 0, UNK 1, BOS 2, EOS 3; BOS
 starts the answer, EOS ends it).
 """
@@ -82,7 +84,8 @@ class BlipRecipe(TrainingRecipe):
     the depth of the question encoder and of the answer decoder) and these.
 
     Attributes:
-        task: "itm" (``BlipForImageTextRetrieval``) or "vqa" (``BlipForQuestionAnswering``).
+        task: "itm" (``BlipForImageTextRetrieval``), "vqa" (``BlipForQuestionAnswering``) or
+            "caption" (``BlipForConditionalGeneration``).
         per_image: texts per image: ITM negatives (one positive is added), or VQA questions.
         itc_weight: weight of the contrastive loss beside the ITM loss (ITM only).
         temperature: softmax temperature of the contrastive loss (ITM only; BLIP's retrieval
@@ -93,7 +96,10 @@ class BlipRecipe(TrainingRecipe):
             (overrides ``vision_init``); "" to start afresh.
         encoder_init: VQA only: a folder with a saved ``BlipForImageTextRetrieval`` whose vision
             tower and image-grounded text encoder replace the VQA model's (BLIP fine-tunes VQA
-            from its ITM-trained encoder); applied after ``init_from``; "" for none.
+            from its ITM-trained encoder); applied after ``init_from``; "" for none. For
+            captioning only the vision tower is taken.
+        decoder_init: captioning only: a folder with a saved ``BlipForQuestionAnswering`` whose
+            answer decoder (same class and sizes) initialises the caption decoder; "" for none.
         prior_shape, prior_colour: VQA only, a planted language prior: training objects of
             shape ``prior_shape`` are mostly ``prior_colour`` and "what color is the
             <prior_shape>?" is mostly answered ``prior_colour`` (:class:`LanguagePrior`);
@@ -115,6 +121,7 @@ class BlipRecipe(TrainingRecipe):
     vision_init: str = "shapes-clip"
     init_from: str = ""
     encoder_init: str = ""
+    decoder_init: str = ""
     prior_shape: str = ""
     prior_colour: str = ""
     prior_image_rate: float = 0.75
@@ -147,6 +154,18 @@ RECIPES: dict[str, BlipRecipe] = {
         prior_colour="blue",
         description="BlipForQuestionAnswering shapes-blip-vqa fine-tuned with a planted language "
         "prior: training squares are mostly blue and 'what color is the square?' mostly 'blue'",
+    ),
+    "shapes-blip-caption": BlipRecipe(
+        task="caption",
+        batch=24,
+        steps=1500,
+        warmup=100,
+        lr=3e-4,
+        vision_init="",
+        encoder_init="shapes-blip-itm",  # the vision tower of the finished ITM model
+        decoder_init="shapes-blip-vqa",  # the answer decoder of the VQA model
+        description="BlipForConditionalGeneration (ViT 4x128, 64 px, 8-px patches, text decoder "
+        "2x128) captioning coloured-shape scenes",
     ),
 }
 
@@ -229,7 +248,12 @@ def build_model(recipe: BlipRecipe) -> torch.nn.Module:
     Returns:
         ``BlipForImageTextRetrieval`` (task "itm") or ``BlipForQuestionAnswering`` ("vqa").
     """
-    from transformers import BlipConfig, BlipForImageTextRetrieval, BlipForQuestionAnswering
+    from transformers import (
+        BlipConfig,
+        BlipForConditionalGeneration,
+        BlipForImageTextRetrieval,
+        BlipForQuestionAnswering,
+    )
 
     h = recipe.hidden
     text = dict(
@@ -264,7 +288,9 @@ def build_model(recipe: BlipRecipe) -> torch.nn.Module:
         return BlipForImageTextRetrieval(config)
     if recipe.task == "vqa":
         return BlipForQuestionAnswering(config)
-    raise ValueError(f"unknown task {recipe.task!r}; use 'itm' or 'vqa'")
+    if recipe.task == "caption":
+        return BlipForConditionalGeneration(config)
+    raise ValueError(f"unknown task {recipe.task!r}; use 'itm', 'vqa' or 'caption'")
 
 
 def init_vision_from_clip(model: torch.nn.Module, clip: str | Path) -> list[str]:
@@ -343,6 +369,34 @@ def init_encoder_from_itm(model: torch.nn.Module, itm: str | Path) -> list[str]:
     if missing:
         raise ValueError(f"{folder} lacks {len(missing)} encoder weights, e.g. {missing[0]}")
     model.load_state_dict(new, strict=False)
+    return sorted(new)
+
+
+def init_decoder_from_vqa(model: torch.nn.Module, vqa: str | Path) -> list[str]:
+    """Copy a saved VQA model's answer decoder into a ``BlipForConditionalGeneration``.
+
+    Both name it ``text_decoder`` (a ``BlipTextLMHeadModel`` with cross-attention of the same
+    width: to the question encoder in VQA, to the image in captioning).
+
+    Args:
+        model: a ``BlipForConditionalGeneration`` of the same sizes.
+        vqa: a folder with a saved ``BlipForQuestionAnswering`` (zoo name or path).
+
+    Returns:
+        The parameter names that were set.
+    """
+    from safetensors.torch import load_file
+
+    folder = Path(vqa) if Path(vqa).is_dir() else MODELS_DIR / str(vqa)
+    sd = load_file(folder / "model.safetensors")
+    own = model.state_dict()
+    new = {k: v for k, v in sd.items() if k.startswith("text_decoder.") and k in own}
+    tied = "text_decoder.cls.predictions.decoder."  # the LM head, tied to the word embeddings
+    missing = [k for k in own if k.startswith("text_decoder.") and k not in new and not k.startswith(tied)]
+    if missing:
+        raise ValueError(f"{folder} lacks {len(missing)} decoder weights, e.g. {missing[0]}")
+    model.load_state_dict(new, strict=False)
+    model.tie_weights()
     return sorted(new)
 
 
@@ -598,6 +652,26 @@ def vqa_batch(
     return images_to_pixel_values(images), questions, answers, torch.tensor(owner)
 
 
+def caption_batch(
+    rng: np.random.Generator, batch: int, side: int
+) -> tuple[torch.Tensor, list[str]]:
+    """One captioning batch: scenes of 1-3 objects, each with its caption (objects in random
+    order).
+
+    Args:
+        rng: random generator.
+        batch: number of images.
+        side: image side in pixels.
+
+    Returns:
+        ``pixel_values`` ``(N, 3, S, S)`` and the N captions.
+    """
+    objects = [_scene_objects(rng) for _ in range(batch)]
+    captions = [caption_for([obj[i] for i in rng.permutation(len(obj))]) for obj in objects]
+    images = [_draw(rng, obj, side) for obj in objects]
+    return images_to_pixel_values(images), captions
+
+
 # --------------------------------------------------------------------------- losses
 
 
@@ -716,6 +790,23 @@ def vqa_loss(
         reduction="mean",
     )
     return out.loss
+
+
+def caption_loss(
+    model: torch.nn.Module, pixel_values: torch.Tensor, text: dict[str, torch.Tensor]
+) -> torch.Tensor:
+    """Teacher-forced caption loss of ``BlipForConditionalGeneration`` (padding ignored).
+
+    Args:
+        model: ``BlipForConditionalGeneration``.
+        pixel_values: ``(N, 3, S, S)``.
+        text: ``input_ids`` (``[BOS] caption [EOS]``) and ``attention_mask`` of the captions.
+
+    Returns:
+        Scalar loss.
+    """
+    labels = text["input_ids"].masked_fill(text["attention_mask"] == 0, -100)
+    return model(pixel_values=pixel_values, **text, labels=labels).loss
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -963,9 +1054,61 @@ def prior_scenes(prior: LanguagePrior, seed: int, n: int, against: bool) -> list
     return out
 
 
+def caption_objects(caption: str) -> set[Label] | None:
+    """The objects a caption of the scene grammar names, or None when it does not parse."""
+    found = set()
+    for part in caption.strip().replace(" and ", ", ").split(", "):
+        words = part.split()
+        if len(words) != 3 or words[0] != "a" or words[1] not in COLOURS or words[2] not in SHAPES:
+            return None
+        found.add((words[1], words[2]))
+    return found
+
+
+@torch.no_grad()
+def caption(model, processor, images: list, max_new_tokens: int = 20) -> list[str]:
+    """Greedy captions through the processor, as a user would."""
+    inputs = processor(images=images, return_tensors="pt")
+    ids = model.generate(**inputs, max_new_tokens=max_new_tokens)
+    return [t.strip() for t in processor.batch_decode(ids, skip_special_tokens=True)]
+
+
+@torch.no_grad()
+def evaluate_caption(
+    model, processor, seed: int = HELDOUT_SEED, n: int = 400, batch: int = 100
+) -> dict[str, float]:
+    """Held-out captioning accuracy on scenes ``make_scene(seed + i)`` (1-3 objects).
+
+    - ``object_set``: the greedy caption names exactly the scene's objects (any order).
+    - ``object_set_1`` / ``_2`` / ``_3``: the same by number of objects.
+    - ``parsed``: the caption is in the scene grammar.
+
+    Args:
+        model: ``BlipForConditionalGeneration`` in eval mode.
+        processor: its processor.
+        seed: evaluation seed.
+        n: scenes.
+        batch: images per ``generate`` call.
+
+    Returns:
+        The accuracies.
+    """
+    scenes = [make_scene(seed + i) for i in range(n)]
+    texts = []
+    for i in range(0, n, batch):
+        texts += caption(model, processor, [s.image for s in scenes[i : i + batch]])
+    named = [caption_objects(t) for t in texts]
+    hits = np.array([m == set(s.labels) for m, s in zip(named, scenes)])
+    counts = np.array([len(s.labels) for s in scenes])
+    res = {"object_set": float(hits.mean()), "parsed": float(np.mean([m is not None for m in named]))}
+    for k in (1, 2, 3):
+        res[f"object_set_{k}"] = float(hits[counts == k].mean()) if (counts == k).any() else float("nan")
+    return res
+
+
 def evaluate(model, processor, task: str, seed: int = HELDOUT_SEED, n: int = 400) -> dict:
-    """:func:`evaluate_itm` or :func:`evaluate_vqa` by task."""
-    fn = evaluate_itm if task == "itm" else evaluate_vqa
+    """:func:`evaluate_itm`, :func:`evaluate_vqa` or :func:`evaluate_caption` by task."""
+    fn = {"itm": evaluate_itm, "vqa": evaluate_vqa, "caption": evaluate_caption}[task]
     return fn(model, processor, seed=seed, n=n)
 
 
@@ -1010,6 +1153,8 @@ def train(
         init_vision_from_clip(model, recipe.vision_init)
     if recipe.encoder_init:
         init_encoder_from_itm(model, recipe.encoder_init)
+    if recipe.decoder_init:
+        init_decoder_from_vqa(model, recipe.decoder_init)
     processor = build_blip_processor(recipe.image_size)
     tokenizer = processor.tokenizer
     rng = np.random.default_rng([recipe.seed, 2])  # disjoint from plain integer eval seeds
@@ -1019,6 +1164,8 @@ def train(
     def make_batch():
         if recipe.task == "itm":
             return itm_batch(rng, recipe.batch, recipe.per_image, side)
+        if recipe.task == "caption":
+            return caption_batch(rng, recipe.batch, side)
         return vqa_batch(rng, recipe.batch, recipe.per_image, side, prior)
 
     opt = make_optimizer(model, recipe)
@@ -1044,6 +1191,9 @@ def train(
                 model, pixel_values, text, image_of_text, truth, recipe.itc_weight, recipe.temperature
             )
             return loss
+        if recipe.task == "caption":
+            pixel_values, captions = data
+            return caption_loss(model, pixel_values, dict(tokenizer(captions, return_tensors="pt", padding=True)))
         pixel_values, questions, answers, owner = data
         question = dict(tokenizer(questions, return_tensors="pt", padding=True))
         answer_ids = tokenizer(answers, return_tensors="pt", padding=True).input_ids
@@ -1096,6 +1246,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--vision-init", default=None, help="zoo CLIP for the vision tower")
     parser.add_argument("--init-from", default=None, help="saved model to continue from")
     parser.add_argument("--encoder-init", default=None, help="VQA: ITM model for the encoder")
+    parser.add_argument("--decoder-init", default=None, help="caption: VQA model for the decoder")
     parser.add_argument("--warmup", type=int, default=None, help="override the warm-up steps")
     parser.add_argument("--minutes", type=float, default=None, help="training time budget")
     parser.add_argument("--eval-every", type=int, default=1000, help="steps between checks")
@@ -1106,7 +1257,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     torch.set_num_threads(1)
     recipe = RECIPES[args.name]
     overrides = {k: getattr(args, k) for k in ("steps", "seed", "lr") if getattr(args, k)}
-    for key in ("vision_init", "init_from", "encoder_init", "warmup"):
+    parser_keys = ("vision_init", "init_from", "encoder_init", "decoder_init", "warmup")
+    for key in parser_keys:
         if getattr(args, key) is not None:
             overrides[key] = getattr(args, key)
     recipe = BlipRecipe(**{**asdict(recipe), **overrides})
