@@ -132,20 +132,44 @@ class VLMAdapter:
         return f"{type(self).__name__}({type(self.model).__name__})"
 
 
-def register_adapter(cls: type[VLMAdapter]) -> type[VLMAdapter]:
+def register_adapter(cls: type[VLMAdapter] | None = None, *, overwrite: bool = False):
     """Class decorator: make ``cls`` the adapter of every class named in ``cls.model_classes``.
+
+    Args:
+        cls: the adapter class (when used as ``@register_adapter``).
+        overwrite: replace an adapter already registered for one of the classes; without it a
+            class served by another adapter is refused (ValueError).
 
     Example:
         >>> @register_adapter
         ... class MyAdapter(VLMAdapter):
         ...     family = "mine"
         ...     model_classes = ("MyVLModel",)
+        >>> @register_adapter(overwrite=True)          # replace it
+        ... class MyBetterAdapter(VLMAdapter):
+        ...     family = "mine"
+        ...     model_classes = ("MyVLModel",)
     """
-    if not cls.model_classes:
-        raise ValueError(f"{cls.__name__}.model_classes is empty: name the model classes it serves")
-    for name in cls.model_classes:
-        _REGISTRY[name] = cls
-    return cls
+    if not isinstance(overwrite, bool):
+        raise TypeError(f"overwrite: expected a bool, got {overwrite!r}")
+
+    def wrap(adapter: type[VLMAdapter]) -> type[VLMAdapter]:
+        if not (isinstance(adapter, type) and issubclass(adapter, VLMAdapter)):
+            raise TypeError(f"register_adapter: expected a VLMAdapter subclass, got {adapter!r}")
+        if not adapter.model_classes:
+            raise ValueError(f"{adapter.__name__}.model_classes is empty: name the model classes it serves")
+        taken = {n: _REGISTRY[n] for n in adapter.model_classes if _REGISTRY.get(n) not in (None, adapter)}
+        if taken and not overwrite:
+            held = ", ".join(f"{n} (by {c.__name__})" for n, c in taken.items())
+            raise ValueError(
+                f"register_adapter: {adapter.__name__} names model classes that already have an adapter: "
+                f"{held}; pass overwrite=True to replace it"
+            )
+        for name in adapter.model_classes:
+            _REGISTRY[name] = adapter
+        return adapter
+
+    return wrap if cls is None else wrap(cls)
 
 
 def supported_model_classes() -> list[str]:

@@ -58,15 +58,26 @@ METHODS: dict[str, MethodSpec] = {}
 
 
 def register_method(
-    name: str, *, summary: str, limits: str, families: Sequence[str]
+    name: str, *, summary: str, limits: str, families: Sequence[str], overwrite: bool = False
 ) -> Callable[[Callable[[ExplainContext], list[MapRecord]]], Callable]:
     """Decorator: register ``run(context) -> list[MapRecord]`` under ``name``.
+
+    Args:
+        name: registry name; a name already taken is refused (ValueError) unless ``overwrite``.
+        summary, limits, families: see :class:`MethodSpec`.
+        overwrite: replace the method registered under ``name``.
 
     Example:
         >>> @register_method("my-method", summary="...", limits="...", families=["clip"])
         ... def run_my_method(context):
         ...     return []
     """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"name: expected a non-empty string, got {name!r}")
+    if not isinstance(overwrite, bool):
+        raise TypeError(f"overwrite: expected a bool, got {overwrite!r}")
+    if name in METHODS and not overwrite:
+        raise ValueError(f"name: a method {name!r} is already registered; pass overwrite=True to replace it")
 
     def wrap(run):
         METHODS[name] = MethodSpec(name, summary, limits, tuple(families), run)
