@@ -51,19 +51,22 @@ def answer_questions(
     Returns:
         :class:`Answers`, one per text.
     """
+    from captum_vlm.adapters import get_adapter
     from captum_vlm.targets import TokenLogProbs
 
     pixels, ids, mask = inputs["pixel_values"], inputs["input_ids"], inputs["attention_mask"]
-    name = type(model).__name__
+    adapter = get_adapter(model)
+    if not adapter.answers_questions:
+        raise TypeError(f"model: {type(model).__name__} does not answer questions (task {adapter.task!r})")
     with torch.no_grad():
-        if name == "ViltForQuestionAnswering":
+        if adapter.task == "answer_label":
             logits = model(input_ids=ids, attention_mask=mask, pixel_values=pixels,
                            pixel_mask=inputs.get("pixel_mask")).logits
             labels = logits.argmax(-1)
             texts = [str(model.config.id2label.get(int(k), int(k))) for k in labels]
-            probabilities = torch.sigmoid(logits.gather(1, labels[:, None])[:, 0]).tolist()
+            probabilities = adapter.to_probability(logits.gather(1, labels[:, None])[:, 0]).tolist()
             return Answers(texts, probabilities, label_ids=labels)
-        if name == "LlavaForConditionalGeneration":
+        if adapter.task == "generate":
             return _generate_each(model, tokenizer, pixels, ids, mask, max_new_tokens)
         generated = model.generate(pixel_values=pixels, input_ids=ids, attention_mask=mask,
                                    max_new_tokens=max_new_tokens, do_sample=False)
@@ -77,7 +80,8 @@ def answer_questions(
 
 
 def _generate_each(model, tokenizer, pixels, ids, mask, max_new_tokens) -> Answers:
-    """LLaVA: each prompt (padding dropped) answered on its own, so no padding side matters."""
+    """A generative model: each prompt (padding dropped) answered on its own, so no padding side
+    matters."""
     from captum_vlm.targets import TokenLogProbs
 
     sequences, lengths, texts, probabilities, tokens = [], [], [], [], []

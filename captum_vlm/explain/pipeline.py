@@ -17,7 +17,6 @@ from captum_vlm.adapters import get_adapter
 from captum_vlm.explain.answering import Answers, answer_questions
 from captum_vlm.explain.explanation import Explanation
 from captum_vlm.explain.registry import METHODS, ExplainContext, MapRecord, method_names
-from captum_vlm.explain.runners import _ANSWERED, _FUSION_KINDS
 
 
 def _as_image(image: Any) -> Image.Image:
@@ -72,7 +71,7 @@ def explain(
     """Explain how ``model`` relates ``image`` to ``texts`` with one or more methods.
 
     Args:
-        model: a supported transformers model (see :func:`captum_vlm.adapters.supported_model_classes`).
+        model: a supported transformers model (one with an adapter, :func:`captum_vlm.adapters.get_adapter`).
         processor: its processor (``processor(images=..., text=[...], return_tensors="pt", padding=True)``).
         image: a PIL image, an ``(H, W, 3)`` array or a path.
         texts: the prompts (two-tower models: each explained against the image; matching and
@@ -99,11 +98,11 @@ def explain(
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
         raise ValueError(f"methods: unknown {unknown or methods!r}; choose from {method_names()}")
-    unsupported = [m for m in methods if adapter.family not in METHODS[m].families]
+    unsupported = [m for m in methods if not METHODS[m].supports(adapter)]
     if unsupported:
         raise ValueError(
             f"methods: {unsupported} do not support {type(model).__name__}; for it use "
-            f"{method_names(adapter.family)}"
+            f"{method_names(adapter)}"
         )
     if target is None:
         targets = list(range(len(texts)))
@@ -112,16 +111,13 @@ def explain(
         bad = [t for t in targets if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < len(texts)]
         if bad or not targets:
             raise ValueError(f"target: {bad or targets} out of range for {len(texts)} texts (0..{len(texts) - 1})")
-    # SigLIP pools the last position and is trained on texts padded to the full length
-    padding = "max_length" if adapter.family == "siglip" else True
-    two_tower = getattr(adapter, "two_tower", False)
-    images = picture if two_tower else [picture] * len(texts)  # fusion models: each text with the image
-    inputs = processor(images=images, text=list(texts), return_tensors="pt", padding=padding)
+    images = picture if adapter.two_tower else [picture] * len(texts)  # fusion models: each text with the image
+    inputs = processor(images=images, text=list(texts), return_tensors="pt", padding=adapter.text_padding)
     tokenizer = getattr(processor, "tokenizer", processor)
     tokens = [tokenizer.convert_ids_to_tokens(row.tolist()) for row in inputs["input_ids"]]
     check_count(max_new_tokens, "max_new_tokens")
     answers = None
-    if _FUSION_KINDS.get(type(model).__name__) in _ANSWERED:
+    if adapter.answers_questions:
         answers = answer_questions(model, tokenizer, dict(inputs), max_new_tokens=max_new_tokens)
     context = ExplainContext(model, adapter, dict(inputs), list(texts), targets, tokens, show_progress, answers)
     records: list[MapRecord] = []
@@ -146,17 +142,16 @@ def _model_scores(model, adapter, inputs, texts, answers: Answers | None) -> tup
     from captum_vlm.targets import ImageTextSimilarity, MatchLogit, TokenLogProbs
 
     pixels, ids, mask = inputs["pixel_values"], inputs["input_ids"], inputs["attention_mask"]
-    kind = _FUSION_KINDS.get(type(model).__name__)
     if answers is not None:
         return {f"{q} → {a}": p for q, a, p in zip(texts, answers.texts, answers.probabilities)}, "answer probability"
+    task = adapter.task
     with torch.no_grad():
-        if getattr(adapter, "two_tower", False):
+        if task == "similarity":
             logits = ImageTextSimilarity(model)(pixels, ids, mask)[0]
-            if adapter.family == "siglip":
-                return dict(zip(texts, torch.sigmoid(logits).tolist())), "sigmoid probability"
-            return dict(zip(texts, logits.softmax(-1).tolist())), "probability over prompts"
-        if kind == "match":
-            return dict(zip(texts, torch.sigmoid(MatchLogit(model)(pixels, ids, mask)).tolist())), "match probability"
-        if kind == "caption":
+            kind = "probability over prompts" if adapter.probability == "softmax" else f"{adapter.probability} probability"
+            return dict(zip(texts, adapter.to_probability(logits).tolist())), kind
+        if task == "match":
+            return dict(zip(texts, adapter.to_probability(MatchLogit(model)(pixels, ids, mask)).tolist())), "match probability"
+        if task == "caption":
             return dict(zip(texts, TokenLogProbs(model, reduction="sum")(pixels, ids, mask).tolist())), "log-probability"
     return {}, "score"

@@ -49,7 +49,7 @@ def _two_tower_runner(class_name: str, heads: str, **kwargs) -> Callable[[Explai
     return run
 
 
-_TWO_TOWER = ("clip", "siglip")
+_TWO_TOWER = ("similarity",)
 for _name, _cls, _heads, _summary, _limits in [
     ("grad-eclip", "GradECLIP", "all (real multi-head forward)",
      "Grad-ECLIP: gradient-weighted values at the pooled token, loosened attention (Zhao et al. 2024)",
@@ -65,7 +65,7 @@ for _name, _cls, _heads, _summary, _limits in [
      "Gradient-weighted attention relevancy (Chefer et al. 2021)",
      "Positive gradient × attention only; ignores MLP and value paths."),
 ]:
-    register_method(_name, summary=_summary, limits=_limits, families=_TWO_TOWER)(
+    register_method(_name, summary=_summary, limits=_limits, tasks=_TWO_TOWER)(
         _two_tower_runner(_cls, _heads)
     )
 
@@ -94,27 +94,19 @@ register_method(
     summary="Integrated Gradients on the patch embeddings, summed per patch (Sundararajan et al. 2017)",
     limits="Depends on the baseline (zero patch embeddings here); completeness holds for the whole "
     "path, not for single patches.",
-    families=_TWO_TOWER,
+    tasks=_TWO_TOWER,
 )(_per_target_runner("TokenIntegratedGradients", {"layers": "patch embedding", "heads": "n/a"},
                      modality="image", n_steps=32, internal_batch_size=16))
 register_method(
     "occlusion",
     summary="Causal occlusion: drop each patch token and measure the score's fall (Zeiler & Fergus 2014)",
     limits="One patch at a time: misses effects that need several patches removed together.",
-    families=_TWO_TOWER,
+    tasks=_TWO_TOWER,
 )(_per_target_runner("CausalOcclusion", {"layers": "input patches", "heads": "n/a"},
                      intervention="drop", window=1))
 
 
-_FUSION_KINDS = {
-    "BlipForImageTextRetrieval": "match",
-    "ViltForImageAndTextRetrieval": "match",
-    "BlipForConditionalGeneration": "caption",
-    "BlipForQuestionAnswering": "vqa",
-    "ViltForQuestionAnswering": "vqa",
-    "LlavaForConditionalGeneration": "generate",
-}
-_ANSWERED = ("vqa", "generate")  # kinds whose maps explain the model's own answer
+_FUSION = ("match", "caption", "answer_label", "answer_tokens", "generate")
 
 
 def _fusion_runner(class_name: str, base_details: dict[str, str]) -> Callable[[ExplainContext], list[MapRecord]]:
@@ -124,17 +116,17 @@ def _fusion_runner(class_name: str, base_details: dict[str, str]) -> Callable[[E
     logit, one map per question token)."""
 
     def run(context: ExplainContext) -> list[MapRecord]:
-        kind = _FUSION_KINDS[type(context.model).__name__]
+        task = context.adapter.task
         method = _attr_class(class_name)(context.model)
         details = {**base_details, "layers": f"cross-attention {method.layer}"} if hasattr(method, "layer") else base_details
         records = []
-        for k, whole, per_token, tokens, shown in _fusion_maps(method, kind, context):
+        for k, whole, per_token, tokens, shown in _fusion_maps(method, context):
             mass = per_token.flatten(1).sum(1)
-            if kind in _ANSWERED:
+            if context.adapter.answers_questions:
                 answer = context.answers.texts[k]
                 what, title = f"answer '{answer}' to text {k}", f"{context.texts[k]} → {answer}"
             else:
-                what = f"{'match logit' if kind == 'match' else 'caption log-probability'} of text {k}"
+                what = f"{'match logit' if task == 'match' else 'caption log-probability'} of text {k}"
                 title = context.texts[k]
             records.append(MapRecord(class_name, title, whole.numpy(),
                                      {**details, "target": what, "tokens": "total of each token's own image map"},
@@ -148,12 +140,12 @@ def _fusion_runner(class_name: str, base_details: dict[str, str]) -> Callable[[E
     return run
 
 
-def _fusion_maps(method: Any, kind: str, context: ExplainContext):
+def _fusion_maps(method: Any, context: ExplainContext):
     """``(text index, whole map, per-token maps [T, h, w], token strings, positions shown)`` per
     explained text, both maps from one pass (``attribute_with_tokens``)."""
     pixels, ids, mask = (context.inputs[k] for k in ("pixel_values", "input_ids", "attention_mask"))
-    answers = context.answers
-    if kind == "generate":  # LLaVA: each prompt with its own generated continuation
+    answers, task = context.answers, context.adapter.task
+    if task == "generate":  # each prompt with its own generated continuation
         for k in context.targets:
             sequence, start = answers.sequences[k], answers.prompt_lengths[k]
             shown = list(range(start, sequence.shape[1]))
@@ -166,11 +158,11 @@ def _fusion_maps(method: Any, kind: str, context: ExplainContext):
     rows = torch.tensor(context.targets)
     args: tuple = (ids[rows], mask[rows])
     target, token_strings, token_mask = None, context.tokens, mask.bool()
-    if kind == "vqa" and answers.answer_ids is not None:  # BLIP: maps over the answer's tokens
+    if task == "answer_tokens":  # maps over the answer's tokens
         args = (*args, answers.answer_ids[rows], answers.answer_mask[rows])
         token_strings, token_mask = answers.tokens, answers.answer_mask.bool()
         token_mask[:, 0] = False  # the start token predicts, it is not predicted
-    elif kind == "vqa":  # ViLT: the answer label's logit, maps over the question's tokens
+    elif task == "answer_label":  # the answer label's logit, maps over the question's tokens
         target = answers.label_ids[rows].tolist()
     whole, per_token = method.attribute_with_tokens(pixels[rows], target=target, additional_forward_args=args,
                                                     return_grid=True)
@@ -183,11 +175,11 @@ register_method(
     "cross-attention-gradcam",
     summary="Cross-attention Grad-CAM: one map per caption and per word (ALBEF, Li et al. 2021)",
     limits="Reads one cross-attention layer: what later layers do with the attended patches is not shown.",
-    families=("blip", "vilt", "llava"),
+    tasks=_FUSION,
 )(_fusion_runner("CrossAttentionGradCAM", {"heads": "mean of A·ReLU(∇A)"}))
 register_method(
     "bimodal-relevancy",
     summary="Bi-modal relevancy propagation through self- and co-attention (Chefer et al. 2021)",
     limits="Follows attention and its gradients only; MLP and value paths are not propagated.",
-    families=("blip", "vilt", "llava"),
+    tasks=_FUSION,
 )(_fusion_runner("BimodalRelevancy", {"layers": "all", "heads": "grad-weighted mean"}))
