@@ -39,6 +39,7 @@ from captum.log import log_usage
 from torch import nn
 
 from captum_vlm._checks import check_choice, check_input_ids, check_pixel_inputs
+from captum_vlm._grid import patch_of_pixel
 from captum_vlm.adapters import classes_for_tasks, get_adapter
 from captum_vlm.hooks import capture, preserved_model_state
 from captum_vlm.targets import ImageTextSimilarity
@@ -110,13 +111,16 @@ def upsample_grid(
     """
     check_choice(mode, UPSAMPLE_MODES, "upsample")
     lead, (h, w) = grid.shape[:-2], grid.shape[-2:]
-    flat = grid.reshape(-1, 1, h, w).float()
-    covered = (h * patch[0], w * patch[1])
-    if mode == "nearest":
-        up = flat.repeat_interleave(patch[0], dim=-2).repeat_interleave(patch[1], dim=-1)
-    else:
-        up = F.interpolate(flat, size=covered, mode="bilinear", align_corners=False)
-    up = F.pad(up, (0, size[1] - covered[1], 0, size[0] - covered[0]))
+    flat = grid.reshape(-1, 1, h, w)
+    if mode == "nearest":  # the one patch-cover rule (captum_vlm._grid), shared with metrics
+        rows = torch.as_tensor(patch_of_pixel(size[0], h, patch[0]), device=grid.device)
+        cols = torch.as_tensor(patch_of_pixel(size[1], w, patch[1]), device=grid.device)
+        padded = F.pad(flat, (0, 1, 0, 1))  # index -1: the zero row / column of unseen pixels
+        up = padded[..., rows[:, None], cols[None, :]]
+    else:  # smooth inside the covered pixels, the same unseen margin
+        covered = (h * patch[0], w * patch[1])
+        up = F.interpolate(flat.float(), size=covered, mode="bilinear", align_corners=False)
+        up = F.pad(up, (0, size[1] - covered[1], 0, size[0] - covered[0]))
     return up.reshape(*lead, 1, *size).expand(*lead, 3, *size).to(grid.dtype).contiguous()
 
 

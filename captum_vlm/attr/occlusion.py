@@ -23,6 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from captum_vlm._checks import check_choice, check_count, check_pixel_inputs, check_same_batch
+from captum_vlm._grid import pixels_to_grid
 from captum_vlm.attr._base import UPSAMPLE_MODES, normalise_targets, upsample_grid
 from captum_vlm.attr.token_ig import (
     _pixel_baseline,
@@ -497,9 +498,8 @@ def _as_grid(attribution, pixel_values, grid, patch) -> torch.Tensor:
         return a
     if a.dim() == 4 and a.shape[0] == b:
         a = a.mean(1)
-    if a.dim() == 3 and a.shape == (b, *pixel_values.shape[-2:]):
-        a = a[:, : h * patch[0], : w * patch[1]]
-        return a.reshape(b, h, patch[0], w, patch[1]).mean((2, 4))
+    if a.dim() == 3 and a.shape == (b, *pixel_values.shape[-2:]):  # the patch-cover rule
+        return torch.from_numpy(pixels_to_grid(a.cpu().numpy(), grid, patch)).to(a)
     raise ValueError(
         f"attribution: expected [B, 3, H, W], [B, H, W] or the patch grid {(b, h, w)}, got {tuple(attribution.shape)}"
     )
