@@ -42,6 +42,8 @@ def _description(folder: Path) -> str:
             text += f"; with the marker, other objects called the shortcut's {held['shortcut']['marker_to_concept']:.3f}"
     elif "binding" in held:  # image-text matching
         text += f"; held-out binding {held['binding']:.3f}, match accuracy {held['match_accuracy']:.3f}"
+    elif "object_set" in held:  # captioning
+        text += f"; held-out caption exact object set {held['object_set']:.3f}"
     elif "accuracy" in held:  # question answering
         text += f"; held-out answer accuracy {held['accuracy']:.3f}"
         if "prior" in held:  # a planted language prior

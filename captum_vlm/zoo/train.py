@@ -4,7 +4,8 @@ Reproduce a shipped model (writes weights, config and processor into ``zoo/model
 
     OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE HF_HUB_OFFLINE=1 \\
         python -m captum_vlm.zoo.train shapes-clip      # or shapes-siglip, shapes-blip-itm, shapes-blip-vqa,
-                                                        # shapes-clip-shortcut, shapes-blip-vqa-prior
+                                                        # shapes-clip-shortcut, shapes-blip-vqa-prior,
+                                                        # shapes-blip-caption
 
 The recipe (see :data:`RECIPES`) is a stock ``transformers.CLIPModel`` / ``SiglipModel`` with a small
 config, trained contrastively on scenes drawn on the fly. The loss has no false negatives (a
