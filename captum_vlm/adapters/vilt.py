@@ -91,3 +91,13 @@ class ViltAdapter(VLMAdapter):
                 del embeddings.visual_embed
             else:
                 embeddings.visual_embed = shadowed
+
+    # ----- inside the model (lens) ----------------------------------------------------------------
+    def head_projections(self, stream: str) -> list[nn.Module]:
+        """The joint encoder's heads (ViLT has one stream; it is what ``vision_blocks`` holds)."""
+        if stream == "vision":
+            return [block.attention.output.dense for block in self.vision_blocks()]
+        return super().head_projections(stream)
+
+    def num_heads(self, stream: str) -> int:
+        return int(self.model.config.num_attention_heads)
