@@ -7,7 +7,12 @@ from model_state import assert_unchanged, snapshot
 from numerics import assert_close_scaled
 
 from captum_vlm.adapters import get_adapter
-from captum_vlm.lens.logit_lens import LogitLens, logit_lens, logit_lens_from_inputs, mean_rank_per_layer
+from captum_vlm.lens.logit_lens import (
+    LogitLens,
+    logit_lens,
+    logit_lens_from_inputs,
+    mean_rank_per_layer,
+)
 
 N_IMAGE = (tm.IMAGE_SIZE // tm.PATCH) ** 2
 
