@@ -7,10 +7,10 @@
 2. Probes on ``shapes-clip``: one-object scenes, the object's colour and its shape as labels, a
    probe on the pooled (CLS) token at every vision layer with the label-shuffled control; and a
    patch probe "this patch lies on the object" (labels from the scene masks).
-3. Head ablation on ``shapes-clip``: target the zero-shot logit of the first object's prompt
-   among the 12 prompts. Heads are ranked by single-head zero ablation on one set of scenes;
-   on 50 other scenes the top-k heads are ablated together and compared with k random heads
-   (20 draws); spread over scenes.
+3. Head ablation on ``shapes-clip``: target the zero-shot logit (and the log-probability) of the
+   first object's prompt among the 12 prompts. Heads are ranked by single-head ablation on one
+   set of scenes; on 50 other scenes the top-k heads are ablated together and compared with k
+   random heads (10 draws); spread over scenes.
 
 Run::
 
@@ -86,6 +86,16 @@ def bench_probes(n_scenes: int) -> None:
         print(f"| {kind} ({result.chance:.2f}) | " + " | ".join(cells) + " |")
 
 
+class PromptLogProb:
+    """The zero-shot log-probability of each prompt (log-softmax of the similarity logits)."""
+
+    def __init__(self, model):
+        self.similarity = ImageTextSimilarity(model)
+
+    def __call__(self, pixel_values, input_ids, attention_mask):
+        return torch.log_softmax(self.similarity(pixel_values, input_ids, attention_mask), dim=-1)
+
+
 def bench_head_ablation(n_scenes: int, k: int, draws: int) -> None:
     model, processor = zoo.load("shapes-clip")
     prompts = zoo.scenes.zero_shot_prompts()
@@ -96,37 +106,45 @@ def bench_head_ablation(n_scenes: int, k: int, draws: int) -> None:
     pixels = processor(images=[s.pil() for s in scenes], return_tensors="pt")["pixel_values"]
     rank_px, eval_px = pixels[:n_scenes], pixels[n_scenes:]
     rank_t, eval_t = targets[:n_scenes], targets[n_scenes:]
-    target = ImageTextSimilarity(model)
-    ranking = head_importance(model, target, rank_px, args, target=rank_t, mode="zero")
-    top = ranking.ranked[:k]
-    n_layers, n_heads = ranking.importance.shape
-    all_heads = [(layer, head) for layer in range(n_layers) for head in range(n_heads)]
+    print(f"\n**Head ablation, shapes-clip vision tower** (target: the first object's prompt among the 12 "
+          f"zero-shot prompts; heads ranked by single-head ablation on {n_scenes} held-out scenes, "
+          f"evaluated on {n_scenes} other scenes, seed {HELDOUT_SEED}; the top-{k} heads ablated together vs "
+          f"{k} random heads, {draws} draws; drops are baseline - ablated)\n")
+    print("| target | mode | top heads | baseline | drop, top heads (mean ± sd over scenes) | drop, random "
+          "heads (mean ± sd over scenes x draws) | paired top - random (mean ± sd over scenes) | scenes "
+          "top > random |")
+    print("|---|---|---|---|---|---|---|---|")
     rng = np.random.default_rng(0)
-    print(f"\n**Head ablation, shapes-clip vision tower** (target: zero-shot logit of the first object's "
-          f"prompt among 12; heads ranked on {n_scenes} held-out scenes, evaluated on {n_scenes} others, "
-          f"seed {HELDOUT_SEED}; top-{k} heads {top} vs {k} random heads, {draws} draws)\n")
-    print("| mode | baseline logit | drop, top-ranked heads (mean ± sd over scenes) | drop, random heads "
-          "(mean ± sd over scenes x draws) | scenes where top > random-mean |")
-    print("|---|---|---|---|---|")
-    with torch.no_grad():
-        base = target(eval_px, *args).gather(1, eval_t[:, None])[:, 0]
+    maps = {}
+    for name, target in (("logit", ImageTextSimilarity(model)), ("log-probability", PromptLogProb(model))):
         for mode in ("zero", "mean"):
-            with ablate_heads(model, top, mode=mode):
-                top_drop = base - target(eval_px, *args).gather(1, eval_t[:, None])[:, 0]
-            random_drops = []
-            for _ in range(draws):
-                chosen = [all_heads[i] for i in rng.choice(len(all_heads), size=k, replace=False)]
-                with ablate_heads(model, chosen, mode=mode):
-                    random_drops.append(base - target(eval_px, *args).gather(1, eval_t[:, None])[:, 0])
+            ranking = head_importance(model, target, rank_px, args, target=rank_t, mode=mode)
+            maps[(name, mode)] = ranking.importance
+            top = ranking.ranked[:k]
+            n_layers, n_heads = ranking.importance.shape
+            all_heads = [(layer, head) for layer in range(n_layers) for head in range(n_heads)]
+            with torch.no_grad():
+                base = target(eval_px, *args).gather(1, eval_t[:, None])[:, 0]
+                with ablate_heads(model, top, mode=mode):
+                    top_drop = base - target(eval_px, *args).gather(1, eval_t[:, None])[:, 0]
+                random_drops = []
+                for _ in range(draws):
+                    chosen = [all_heads[i] for i in rng.choice(len(all_heads), size=k, replace=False)]
+                    with ablate_heads(model, chosen, mode=mode):
+                        random_drops.append(base - target(eval_px, *args).gather(1, eval_t[:, None])[:, 0])
             random_drops = torch.stack(random_drops)
-            wins = (top_drop > random_drops.mean(0)).float().mean()
-            print(f"| {mode} | {base.mean():.2f} | {top_drop.mean():.2f} ± {top_drop.std():.2f} | "
-                  f"{random_drops.mean():.2f} ± {random_drops.std():.2f} | {wins:.2f} |")
-    print("\nSingle-head importance (zero ablation, mean logit drop on the ranking scenes), layer x head:\n")
-    print("| layer | " + " | ".join(f"head {h}" for h in range(n_heads)) + " |")
-    print("|---|" + "---|" * n_heads)
-    for layer in range(n_layers):
-        print(f"| {layer} | " + " | ".join(f"{v:.2f}" for v in ranking.importance[layer]) + " |")
+            paired = top_drop - random_drops.mean(0)
+            print(f"| {name} | {mode} | {top} | {base.mean():.2f} | {top_drop.mean():.2f} ± {top_drop.std():.2f} | "
+                  f"{random_drops.mean():.2f} ± {random_drops.std():.2f} | {paired.mean():.2f} ± {paired.std():.2f} | "
+                  f"{(paired > 0).float().mean():.2f} |")
+    for (name, mode), importance in maps.items():
+        if mode != "zero":
+            continue
+        print(f"\nSingle-head importance ({name}, zero ablation, mean drop on the ranking scenes), layer x head:\n")
+        print("| layer | " + " | ".join(f"head {h}" for h in range(importance.shape[1])) + " |")
+        print("|---|" + "---|" * importance.shape[1])
+        for layer, row in enumerate(importance):
+            print(f"| {layer} | " + " | ".join(f"{v:.2f}" for v in row) + " |")
 
 
 def main() -> None:
@@ -135,7 +153,7 @@ def main() -> None:
     parser.add_argument("--probe-scenes", type=int, default=200)
     parser.add_argument("--ablation-scenes", type=int, default=50)
     parser.add_argument("--top-k", type=int, default=3)
-    parser.add_argument("--draws", type=int, default=20)
+    parser.add_argument("--draws", type=int, default=10)
     args = parser.parse_args()
     torch.set_num_threads(1)
     for name, run in (("logit lens", lambda: bench_logit_lens(args.lens_scenes)),

@@ -213,3 +213,22 @@ def test_misuse_errors_name_the_argument():
         head_importance(model, ImageTextSimilarity(model), tm.pixels(2), (ids, mask))
     with pytest.raises(ValueError, match="target"):
         head_importance(model, ImageTextSimilarity(model), tm.pixels(2), (ids, mask), target=3)
+
+
+def test_blip_cross_stream_keys_are_the_image_tokens():
+    model = tm.blip_itm()
+    ids, mask = tm.text_ids(2, 6)
+    inputs = {"pixel_values": tm.pixels(2), "input_ids": ids, "attention_mask": mask}
+    masks = torch.zeros(2, tm.IMAGE_SIZE, tm.IMAGE_SIZE, dtype=torch.bool)
+    masks[:, 8:16, 8:24] = True
+    stats = head_statistics(model, inputs, stream="cross", masks=masks)
+    reference = copy.deepcopy(model)
+    reference.set_attn_implementation("eager")
+    with torch.no_grad():
+        image = reference.vision_model(pixel_values=inputs["pixel_values"]).last_hidden_state
+        attentions = reference.text_encoder(input_ids=ids, attention_mask=mask, encoder_hidden_states=image,
+                                            output_attentions=True).cross_attentions
+    want = attention_statistics(attentions, torch.tensor([0]), torch.arange(1, 17), None, (4, 4), masks=masks)
+    for name in ("entropy", "sink_mass", "pointing"):
+        assert_close_scaled(getattr(stats, name) + 1, getattr(want, name) + 1)
+    assert np.isnan(stats.distance).all()  # text queries are not on the patch grid

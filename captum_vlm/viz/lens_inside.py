@@ -119,3 +119,41 @@ def plot_head_importance(importance: Any, ranked: Sequence[tuple[int, int]], tar
     bars.set_title("heads ranked", fontsize=8)
     fig.tight_layout()
     return fig
+
+
+# ----- HTML -------------------------------------------------------------------------------------
+def figure_png(fig: Figure, dpi: int = 110) -> bytes:
+    """A Figure as PNG bytes."""
+    import io
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
+    return buffer.getvalue()
+
+
+def lens_section(title: str, figures: Sequence[Figure] = (), notes: Sequence[str] = ()) -> str:
+    """One ``<section>`` of an HTML report: escaped title and notes, each figure as an embedded PNG.
+
+    Example:
+        >>> html = lens_section("logit lens", [lens.plot()], ["answer: red"])  # doctest: +SKIP
+    """
+    import base64
+    import html
+
+    parts = [f"<section class=\"lens-inside\"><h2>{html.escape(str(title))}</h2>"]
+    parts += [f"<p>{html.escape(str(note))}</p>" for note in notes]
+    for fig in figures:
+        data = base64.b64encode(figure_png(fig)).decode("ascii")
+        parts.append(f'<img alt="{html.escape(str(title))}" src="data:image/png;base64,{data}">')
+    parts.append("</section>")
+    return "\n".join(parts)
+
+
+def lens_page(sections: Sequence[str], title: str = "captum-vlm: inside the model") -> str:
+    """A self-contained HTML page of :func:`lens_section` blocks (the title is escaped)."""
+    import html
+
+    head = (f"<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
+            "<style>body{font-family:sans-serif;margin:2em}img{max-width:100%}</style></head><body>"
+            f"<h1>{html.escape(title)}</h1>")
+    return head + "\n".join(sections) + "</body></html>"
