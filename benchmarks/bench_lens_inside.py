@@ -7,10 +7,11 @@
 2. Probes on ``shapes-clip``: one-object scenes, the object's colour and its shape as labels, a
    probe on the pooled (CLS) token at every vision layer with the label-shuffled control; and a
    patch probe "this patch lies on the object" (labels from the scene masks).
-3. Head ablation on ``shapes-clip``: target the zero-shot logit (and the log-probability) of the
-   first object's prompt among the 12 prompts. Heads are ranked by single-head ablation on one
+3. Head ablation on ``shapes-clip``: one-object scenes, target the zero-shot logit (and the
+   log-probability) of the object's prompt among the 12 prompts. Heads are ranked by single-head ablation on one
    set of scenes; on 50 other scenes the top-k heads are ablated together and compared with k
-   random heads (10 draws); spread over scenes.
+   random heads (10 draws); spread over scenes. "Ranking stability" is the Spearman correlation
+   of the single-head importances measured on the ranking scenes and on the evaluation scenes.
 
 Run::
 
@@ -31,6 +32,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from scipy.stats import spearmanr  # noqa: E402
 
 from captum_vlm import zoo  # noqa: E402
 from captum_vlm.lens import ablate_heads, head_importance, logit_lens, patch_labels, probe  # noqa: E402
@@ -101,19 +103,19 @@ def bench_head_ablation(n_scenes: int, k: int, draws: int) -> None:
     prompts = zoo.scenes.zero_shot_prompts()
     text = processor(text=prompts, return_tensors="pt", padding=True)
     args = (text["input_ids"], text["attention_mask"])
-    scenes = zoo.scenes.make_scenes(HELDOUT_SEED, 2 * n_scenes, size=64)
+    scenes = zoo.scenes.make_scenes(HELDOUT_SEED, 2 * n_scenes, size=64, n_objects=1)
     targets = torch.tensor([prompts.index(zoo.scenes.phrase(*s.labels[0])) for s in scenes])
     pixels = processor(images=[s.pil() for s in scenes], return_tensors="pt")["pixel_values"]
     rank_px, eval_px = pixels[:n_scenes], pixels[n_scenes:]
     rank_t, eval_t = targets[:n_scenes], targets[n_scenes:]
-    print(f"\n**Head ablation, shapes-clip vision tower** (target: the first object's prompt among the 12 "
-          f"zero-shot prompts; heads ranked by single-head ablation on {n_scenes} held-out scenes, "
+    print(f"\n**Head ablation, shapes-clip vision tower** (one-object scenes; target: the object's prompt "
+          f"among the 12 zero-shot prompts; heads ranked by single-head ablation on {n_scenes} held-out scenes, "
           f"evaluated on {n_scenes} other scenes, seed {HELDOUT_SEED}; the top-{k} heads ablated together vs "
           f"{k} random heads, {draws} draws; drops are baseline - ablated)\n")
     print("| target | mode | top heads | baseline | drop, top heads (mean ± sd over scenes) | drop, random "
           "heads (mean ± sd over scenes x draws) | paired top - random (mean ± sd over scenes) | scenes "
-          "top > random |")
-    print("|---|---|---|---|---|---|---|---|")
+          "top > random | ranking stability |")
+    print("|---|---|---|---|---|---|---|---|---|")
     rng = np.random.default_rng(0)
     maps = {}
     for name, target in (("logit", ImageTextSimilarity(model)), ("log-probability", PromptLogProb(model))):
@@ -134,9 +136,11 @@ def bench_head_ablation(n_scenes: int, k: int, draws: int) -> None:
                         random_drops.append(base - target(eval_px, *args).gather(1, eval_t[:, None])[:, 0])
             random_drops = torch.stack(random_drops)
             paired = top_drop - random_drops.mean(0)
+            again = head_importance(model, target, eval_px, args, target=eval_t, mode=mode).importance
+            stability = spearmanr(ranking.importance.ravel(), again.ravel()).statistic
             print(f"| {name} | {mode} | {top} | {base.mean():.2f} | {top_drop.mean():.2f} ± {top_drop.std():.2f} | "
                   f"{random_drops.mean():.2f} ± {random_drops.std():.2f} | {paired.mean():.2f} ± {paired.std():.2f} | "
-                  f"{(paired > 0).float().mean():.2f} |")
+                  f"{(paired > 0).float().mean():.2f} | {stability:.2f} |")
     for (name, mode), importance in maps.items():
         if mode != "zero":
             continue

@@ -1,5 +1,6 @@
 """Logit lens against references computed here from ``output_hidden_states`` on tiny models."""
 
+import numpy as np
 import pytest
 import tiny_models as tm
 import torch
@@ -13,6 +14,7 @@ from captum_vlm.lens.logit_lens import (
     logit_lens_from_inputs,
     mean_rank_per_layer,
 )
+from captum_vlm.viz.lens_inside import plot_word_map
 
 N_IMAGE = (tm.IMAGE_SIZE // tm.PATCH) ** 2
 
@@ -105,6 +107,8 @@ def test_llava_image_tokens_and_word_map():
         probs = torch.softmax(adapter.lm_head()(adapter.final_norm()(hidden[layer][0, 1 : 1 + N_IMAGE])), -1)
     assert_close_scaled(lens.word_map("11", layer), probs[:, 11].reshape(4, 4))
     assert torch.equal(lens.image_top_ids[layer], probs.topk(3, -1).indices)
+    fig = plot_word_map(lens.word_map("11", layer), "11", layer, image=np.zeros((32, 32, 3)))
+    assert "image tokens" in fig.axes[1].get_title() and "11" in fig.axes[1].get_title()
     with pytest.raises(KeyError, match="word"):
         lens.word_map("12")
     with pytest.raises(ValueError, match="layer"):
