@@ -17,6 +17,7 @@ Run::
 
     OMP_NUM_THREADS=1 python benchmarks/bench_lens_inside.py
     OMP_NUM_THREADS=1 python benchmarks/bench_lens_inside.py --lens-scenes 20 --probe-scenes 100
+    OMP_NUM_THREADS=1 python benchmarks/bench_lens_inside.py --ablation-targets logit log-probability
 
 Prints Markdown tables for ``benchmarks/RESULTS.md``.
 """
@@ -98,7 +99,7 @@ class PromptLogProb:
         return torch.log_softmax(self.similarity(pixel_values, input_ids, attention_mask), dim=-1)
 
 
-def bench_head_ablation(n_scenes: int, k: int, draws: int) -> None:
+def bench_head_ablation(n_scenes: int, k: int, draws: int, targets_to_run: tuple[str, ...] = ("logit",)) -> None:
     model, processor = zoo.load("shapes-clip")
     prompts = zoo.scenes.zero_shot_prompts()
     text = processor(text=prompts, return_tensors="pt", padding=True)
@@ -118,7 +119,8 @@ def bench_head_ablation(n_scenes: int, k: int, draws: int) -> None:
     print("|---|---|---|---|---|---|---|---|---|")
     rng = np.random.default_rng(0)
     maps = {}
-    for name, target in (("logit", ImageTextSimilarity(model)), ("log-probability", PromptLogProb(model))):
+    kinds = {"logit": ImageTextSimilarity(model), "log-probability": PromptLogProb(model)}
+    for name, target in ((name, kinds[name]) for name in targets_to_run):
         for mode in ("zero", "mean"):
             ranking = head_importance(model, target, rank_px, args, target=rank_t, mode=mode)
             maps[(name, mode)] = ranking.importance
@@ -158,11 +160,13 @@ def main() -> None:
     parser.add_argument("--ablation-scenes", type=int, default=50)
     parser.add_argument("--top-k", type=int, default=3)
     parser.add_argument("--draws", type=int, default=10)
+    parser.add_argument("--ablation-targets", nargs="+", default=["logit"], choices=["logit", "log-probability"])
     args = parser.parse_args()
     torch.set_num_threads(1)
     for name, run in (("logit lens", lambda: bench_logit_lens(args.lens_scenes)),
                       ("probes", lambda: bench_probes(args.probe_scenes)),
-                      ("head ablation", lambda: bench_head_ablation(args.ablation_scenes, args.top_k, args.draws))):
+                      ("head ablation", lambda: bench_head_ablation(args.ablation_scenes, args.top_k, args.draws,
+                                                             tuple(args.ablation_targets)))):
         start = time.perf_counter()
         run()
         print(f"\n({name}: {time.perf_counter() - start:.0f} s)")
