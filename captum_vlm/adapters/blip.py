@@ -22,7 +22,13 @@ class BlipAdapter(VLMAdapter):
 
     family = "blip"
     model_classes = ("BlipForImageTextRetrieval", "BlipForConditionalGeneration", "BlipForQuestionAnswering")
-    two_tower = False
+    tasks = {
+        "BlipForImageTextRetrieval": "match",
+        "BlipForConditionalGeneration": "caption",
+        "BlipForQuestionAnswering": "answer_tokens",
+    }
+    image_stream = "cross"
+    text_start_tokens = 1  # CLS (ITM) or the decoder's BOS
 
     def vision_model(self) -> nn.Module:
         return self.model.vision_model
@@ -77,16 +83,6 @@ class BlipAdapter(VLMAdapter):
         return self.answer_decoder().embeddings.word_embeddings
 
     # ----- inside the model (lens) ----------------------------------------------------------------
-    decoder_model_classes = ("BlipForConditionalGeneration", "BlipForQuestionAnswering")
-
-    def _answers_separately(self) -> bool:
-        """VQA: the decoder reads the answer on its own (after the question encoder)."""
-        return hasattr(self.model, "text_encoder")
-
-    @property
-    def has_decoder(self) -> bool:
-        return hasattr(self.model, "text_decoder")
-
     def _decoder(self) -> nn.Module:
         if not self.has_decoder:
             raise NotImplementedError(f"blip: {type(self.model).__name__} has no language decoder")
@@ -106,7 +102,7 @@ class BlipAdapter(VLMAdapter):
 
     def lens_sequence(self, input_ids, attention_mask, answer_ids):
         self._decoder()
-        if self._answers_separately():  # [start] answer...; the start token is set by the target
+        if self.takes_answer_ids:  # [start] answer...; the start token is set by the target
             start = torch.full_like(answer_ids[:, :1], self.model.config.text_config.bos_token_id)
             return (input_ids, attention_mask, torch.cat([start, answer_ids], 1)), 1
         # captioning: the prompt without its final [SEP] (as generate() does), then the answer
@@ -118,7 +114,7 @@ class BlipAdapter(VLMAdapter):
         generated = self.model.generate(pixel_values=pixel_values, input_ids=input_ids,
                                         attention_mask=attention_mask, max_new_tokens=max_new_tokens,
                                         do_sample=False)
-        new = generated[:, 1:] if self._answers_separately() else generated[:, input_ids.shape[1] - 1:]
+        new = generated[:, 1:] if self.takes_answer_ids else generated[:, input_ids.shape[1] - 1:]
         return _through_first(new, self.model.config.text_config.sep_token_id)
 
     def head_projections(self, stream: str) -> list[nn.Module]:

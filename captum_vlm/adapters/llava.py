@@ -19,7 +19,10 @@ class LlavaAdapter(VLMAdapter):
 
     family = "llava"
     model_classes = ("LlavaForConditionalGeneration",)
-    two_tower = False
+    tasks = {"LlavaForConditionalGeneration": "generate"}
+    image_stream = "joint"
+    image_pooling = "none"
+    image_tokens_in_input_ids = True
 
     def _inner(self) -> nn.Module:
         return self.model.model
@@ -54,6 +57,12 @@ class LlavaAdapter(VLMAdapter):
         positions = torch.arange(input_ids.shape[1]).expand_as(input_ids)
         return torch.where(attention_mask.bool(), positions, -1).max(dim=1).values
 
+    def final_norm(self) -> nn.Module:
+        return self._inner().language_model.norm
+
+    def lm_head(self) -> nn.Module:
+        return self.model.lm_head
+
     @property
     def image_token_id(self) -> int:
         return int(self.model.config.image_token_id)
@@ -62,17 +71,8 @@ class LlavaAdapter(VLMAdapter):
         return input_ids == self.image_token_id
 
     # ----- inside the model (lens) ----------------------------------------------------------------
-    decoder_model_classes = model_classes
-    has_decoder = True
-
     def decoder_blocks(self) -> list[nn.Module]:
         return self.text_blocks()
-
-    def final_norm(self) -> nn.Module:
-        return self._inner().language_model.norm
-
-    def lm_head(self) -> nn.Module:
-        return self.model.lm_head
 
     def lens_sequence(self, input_ids, attention_mask, answer_ids):
         tokens = torch.cat([input_ids, answer_ids], 1)
