@@ -232,3 +232,19 @@ def test_blip_cross_stream_keys_are_the_image_tokens():
     for name in ("entropy", "sink_mass", "pointing"):
         assert_close_scaled(getattr(stats, name) + 1, getattr(want, name) + 1)
     assert np.isnan(stats.distance).all()  # text queries are not on the patch grid
+
+
+def test_vilt_joint_encoder_reads_the_patches_from_the_layout():
+    model = tm.vilt_itm()
+    ids, mask = tm.text_ids(1, 6)
+    inputs = {"pixel_values": tm.pixels(1), "input_ids": ids, "attention_mask": mask,
+              "pixel_mask": torch.ones(1, tm.IMAGE_SIZE, tm.IMAGE_SIZE, dtype=torch.long)}
+    stats = head_statistics(model, inputs, stream="vision")
+    reference = copy.deepcopy(model)
+    reference.set_attn_implementation("eager")
+    with torch.no_grad():
+        attentions = reference(**inputs, output_attentions=True).attentions
+    want = attention_statistics(attentions, torch.tensor([0]))
+    for name in ("entropy", "sink_mass"):
+        assert_close_scaled(getattr(stats, name), getattr(want, name))
+    assert np.isfinite(stats.distance).all()  # the 16 patch tokens were found after the text

@@ -16,7 +16,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -123,27 +123,31 @@ def attention_statistics(
     return HeadStatistics(stream, entropy, sink, distance, pointing)
 
 
-def _layout(adapter, stream: str, inputs: dict) -> dict:
-    """Sink keys, patch keys/queries and grid of ``stream`` for these inputs, from the adapter."""
-    pixel_values = inputs["pixel_values"]
+def _uses_image_layout(adapter, stream: str) -> bool:
+    """Whether ``stream``'s keys are the sequence the adapter's image-token layout indexes: the
+    cross-attention keys, a joint sequence's text stream, or a joint encoder without a tower."""
+    joint = adapter.image_stream == "joint"
+    return stream == "cross" or (joint and (stream == "text" or not adapter.image_tokens_in_input_ids))
+
+
+def _tower_layout(adapter, pixel_values: torch.Tensor) -> dict:
+    """The vision tower's own sequence: prefix tokens (the sinks), then the patches row by row."""
     grid = adapter.patch_grid(pixel_values)
-    patches = grid[0] * grid[1]
     prefix = adapter.num_prefix_tokens
-    image_tokens = torch.arange(prefix, prefix + patches)
-    if stream == "vision":
-        return dict(sink_keys=torch.arange(prefix), patch_keys=image_tokens, patch_queries=image_tokens, grid=grid)
-    try:  # a joint sequence: the image tokens sit among the text tokens
-        where = adapter.image_token_positions(inputs["input_ids"])[0]
-    except NotImplementedError:
-        where = None
-    if where is not None:
-        index = where.nonzero()[:, 0]
-        if len(index) != patches:
-            index = None
-        return dict(sink_keys=torch.tensor([0]), patch_keys=index, patch_queries=index, grid=grid)
-    if stream == "cross":  # text queries, image-token keys
-        return dict(sink_keys=torch.arange(prefix), patch_keys=image_tokens, patch_queries=None, grid=grid)
-    return dict(sink_keys=torch.tensor([0]), patch_keys=None, patch_queries=None, grid=None)
+    patches = torch.arange(prefix, prefix + grid[0] * grid[1])
+    return dict(sink_keys=torch.arange(prefix), patch_keys=patches, patch_queries=patches, grid=grid)
+
+
+def _sequence_layout(adapter, stream: str, layout) -> dict:
+    """Patch keys (in grid order) from an :class:`~captum_vlm.adapters.layout.ImageTokenLayout`;
+    the sink is the sequence's first token. Merged or per-example layouts give no patch keys."""
+    h, w = layout.grid
+    columns, cells = layout.columns, layout.cells
+    one_to_one = cells.shape[1] == h * w and bool((cells.sort(1).values == torch.arange(h * w)).all())
+    same = bool((columns == columns[:1]).all() and (cells == cells[:1]).all())
+    keys = columns[0][cells[0].argsort()] if one_to_one and same else None
+    queries = keys if adapter.image_stream == "joint" else None  # cross: text queries, off the grid
+    return dict(sink_keys=torch.tensor([0]), patch_keys=keys, patch_queries=queries, grid=layout.grid)
 
 
 def _stream_modules(adapter, stream: str) -> list[nn.Module]:
@@ -169,8 +173,8 @@ def head_statistics(
         stream: ``"vision"`` (the image tower), ``"text"`` or ``"cross"`` (text queries on image
             tokens).
         masks: ``[B, H, W]`` object masks at the ``pixel_values`` size, for the pointing game.
-        forward: runs the model (no arguments); default: the vision tower for ``"vision"``, else
-            ``model(**inputs)``.
+        forward: runs the model (no arguments); default: the vision tower for ``"vision"`` (a
+            joint encoder without a tower: the model), else ``model(**inputs)``.
 
     Returns:
         :class:`HeadStatistics` (``.plot()`` draws the layer x head maps).
@@ -185,17 +189,28 @@ def head_statistics(
         if masks.dim() != 3 or masks.shape[0] != inputs["pixel_values"].shape[0] or tuple(masks.shape[1:]) != size:
             raise ValueError(f"masks: expected [B, H, W] = [{inputs['pixel_values'].shape[0]}, {size[0]}, {size[1]}] "
                              f"(one mask per image at the pixel_values size), got shape {tuple(masks.shape)}")
-    layout = _layout(adapter, stream, inputs)
     if forward is None:
-        if stream == "vision":
+        if stream == "vision" and not _uses_image_layout(adapter, stream):
             def forward():
                 return adapter.vision_model()(pixel_values=inputs["pixel_values"])
         else:
             def forward():
                 return model(**inputs)
-    with capture(model, attentions=modules, grads=False) as rec, torch.no_grad():
+    with ExitStack() as scope:
+        read_layout = None
+        if _uses_image_layout(adapter, stream):
+            read_layout = scope.enter_context(adapter.image_layout(inputs["pixel_values"], inputs.get("input_ids")))
+        rec = scope.enter_context(capture(model, attentions=modules, grads=False))
+        scope.enter_context(torch.no_grad())
         forward()
-    return attention_statistics(rec.attentions, masks=masks, stream=stream, **layout)
+        layout = read_layout() if read_layout is not None else None
+    if layout is not None:
+        where = _sequence_layout(adapter, stream, layout)
+    elif stream == "vision":
+        where = _tower_layout(adapter, inputs["pixel_values"])
+    else:  # a text stream that never sees the image
+        where = dict(sink_keys=torch.tensor([0]), patch_keys=None, patch_queries=None, grid=None)
+    return attention_statistics(rec.attentions, masks=masks, stream=stream, **where)
 
 
 # ----- ablation ---------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,8 +48,10 @@ class LogitLens:
         top_tokens, produced_tokens: the same ids as strings.
         image_top_ids, image_top_probs: ``[layers, image tokens, k]`` at the image-token positions
             of a joint sequence (None when the image is not in the decoder's sequence).
-        image_grid: ``(rows, cols)`` of the image tokens (row by row), when they form the grid.
-        word_maps: per word asked for, its probability ``[layers, rows, cols]`` over the image tokens.
+        image_grid: the patch grid ``(rows, cols)`` the image tokens stand for.
+        image_positions: sequence index of each image token (the adapter's image-token layout).
+        word_maps: per word asked for, its probability ``[layers, rows, cols]`` over the image
+            tokens, put on the grid by the adapter's layout (``to_grid``).
         sequence: the decoder's token ids ``[T]``.
     """
 
@@ -65,6 +68,7 @@ class LogitLens:
     image_top_ids: torch.Tensor | None = None
     image_top_probs: torch.Tensor | None = None
     image_grid: tuple[int, int] | None = None
+    image_positions: torch.Tensor | None = None
     word_maps: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
@@ -172,6 +176,9 @@ def logit_lens_from_inputs(
         raise ValueError(f"pixel_values, input_ids: the logit lens takes one image and one text, got "
                          f"{pixel_values.shape[0]} images and {input_ids.shape[0]} texts")
     word_ids = [_word_id(tokenizer, w) for w in words]
+    if word_ids and not adapter.image_tokens_in_input_ids:
+        raise ValueError("words: this model's decoder does not read image tokens, so there is "
+                         "no patch map of a word")
     with preserved_model_state(model), torch.no_grad():
         if answer_ids is None:
             answer_ids = adapter.greedy_answer(pixel_values, input_ids, attention_mask, max_new_tokens)
@@ -180,8 +187,12 @@ def logit_lens_from_inputs(
         if answer_ids.shape[0] != 1:
             raise ValueError(f"answer_ids: expected one row [1, n], got shape {tuple(answer_ids.shape)}")
         args, start = adapter.lens_sequence(input_ids, attention_mask, answer_ids)
-        with capture(model, blocks=adapter.decoder_blocks(), grads=False) as rec:
+        joint = adapter.image_tokens_in_input_ids  # the image tokens sit in the decoder's sequence
+        with ExitStack() as scope:
+            read_layout = scope.enter_context(adapter.image_layout(pixel_values, args[0])) if joint else None
+            rec = scope.enter_context(capture(model, blocks=adapter.decoder_blocks(), grads=False))
             _, tokens, _ = TokenLogProbs(model).logits(pixel_values, *args)
+            layout = read_layout() if joint else None
         hidden = [rec.block_inputs[0], *rec.block_outputs]
         sequence = tokens[0]
         positions = torch.arange(start - 1, sequence.shape[0] - 1)
@@ -213,22 +224,14 @@ def logit_lens_from_inputs(
             produced_tokens=_strings(tokenizer, produced.tolist()),
             sequence=sequence,
         )
-        _image_token_lens(adapter, lens, hidden, pixel_values, k, word_ids, words)
+        if layout is not None:
+            _image_token_lens(adapter, lens, hidden, layout, k, word_ids, words)
     return lens
 
 
-def _image_token_lens(adapter, lens: LogitLens, hidden, pixel_values, k, word_ids, words) -> None:
-    """Fill the image-token fields when the image tokens sit in the decoder's sequence."""
-    try:
-        where = adapter.image_token_positions(lens.sequence[None])[0]
-    except NotImplementedError:
-        if word_ids:
-            raise ValueError("words: this model's decoder does not read image tokens, so there is "
-                             "no patch map of a word") from None
-        return
-    index = where.nonzero()[:, 0]
-    rows, cols = adapter.patch_grid(pixel_values)
-    grid = (rows, cols) if len(index) == rows * cols else None
+def _image_token_lens(adapter, lens: LogitLens, hidden, layout, k, word_ids, words) -> None:
+    """Fill the image-token fields from the adapter's image-token layout of this sequence."""
+    index = layout.columns[0]
     top_ids, top_probs, maps = [], [], {str(w): [] for w in words}
     for h in hidden:
         probs = _project(adapter, h[0, index])  # [N, V]
@@ -236,10 +239,12 @@ def _image_token_lens(adapter, lens: LogitLens, hidden, pixel_values, k, word_id
         top_ids.append(ids)
         top_probs.append(values)
         for word, word_id in zip(words, word_ids):
-            column = probs[:, word_id]
-            maps[str(word)].append(column.reshape(grid) if grid else column)
+            on_sequence = probs.new_zeros(1, 1, h.shape[1])
+            on_sequence[0, 0, index] = probs[:, word_id]
+            maps[str(word)].append(layout.to_grid(on_sequence)[0, 0])
     lens.image_top_ids, lens.image_top_probs = torch.stack(top_ids), torch.stack(top_probs)
-    lens.image_grid = grid
+    lens.image_positions = index
+    lens.image_grid = layout.grid
     lens.word_maps = {w: torch.stack(v) for w, v in maps.items()}
 
 
