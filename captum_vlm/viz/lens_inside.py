@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
-from captum_vlm.viz._style import MAGNITUDE_CMAP, SIGNED_CMAP, color_scale, compose_title, to_numpy
+from ._style import MAGNITUDE_CMAP, SIGNED_CMAP, color_scale, compose_title, to_numpy
 
 
 def plot_logit_lens(lens: Any, title: str | None = None, max_chars: int = 8) -> Figure:
