@@ -317,9 +317,10 @@ class CausalOcclusion(PerturbationAttribution):
             if n_outputs is None:
                 rows = (pixel_values, ids, mask, extra)
             else:  # each column's own top patches: the examples repeated once per column
-                repeat = (lambda t: t.repeat_interleave(c, 0))
-                rows = (repeat(pixel_values), ids if self.two_tower else repeat(ids),
-                        mask if self.two_tower else repeat(mask), tuple(repeat(e) for e in extra))
+                rows = (pixel_values.repeat_interleave(c, 0),
+                        ids if self.two_tower else ids.repeat_interleave(c, 0),
+                        mask if self.two_tower else mask.repeat_interleave(c, 0),
+                        tuple(e.repeat_interleave(c, 0) for e in extra))
             masked = self._masked_output(rows[0], keeps[0], rows[1], rows[2], rows[3], intervention,
                                          _repeat_baselines(baselines, c) if n_outputs else baselines)
             outputs = [intact, masked] + [self._masked_output(pixel_values, keep, ids, mask, extra, intervention,
