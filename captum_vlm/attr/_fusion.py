@@ -404,15 +404,17 @@ class FusionAttribution(Attribution):
 
 
 def _token_grads(
-    output: torch.Tensor, positions: list[int], attentions: list[torch.Tensor], chunk: int = TOKEN_CHUNK
+    output: torch.Tensor, positions: list[int], attentions: list[torch.Tensor], chunk: int | None = None
 ) -> Iterator[tuple[int, list[torch.Tensor]]]:
     """For each position t, ``d output[:, t].sum() / d A`` for each recorded attention (as
-    :func:`_grads`), ``chunk`` positions sharing one batched backward (a vector-Jacobian product
-    with ``is_grads_batched``); one backward per position if an operation has no batching rule.
+    :func:`_grads`), ``chunk`` (default ``TOKEN_CHUNK``) positions sharing one batched backward (a
+    vector-Jacobian product with ``is_grads_batched``); one backward per position if an operation
+    has no batching rule.
 
     Yields:
         ``(t, grads)`` in the order of ``positions``.
     """
+    chunk = TOKEN_CHUNK if chunk is None else chunk
     needed = [i for i, a in enumerate(attentions) if a.requires_grad]
     for start in range(0, len(positions), chunk):
         part = positions[start : start + chunk]
