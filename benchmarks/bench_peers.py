@@ -27,6 +27,14 @@ calls differ only in the target index, so their costs are the same.
   ``--fusion-relevancy`` the same for ``BimodalRelevancy`` (a backward through the whole vision
   tower per token: slow on a CPU).
 
+* ``generative``: the tests' tiny random ``LlavaForConditionalGeneration`` (32 px, 4 x 4 patches),
+  a 4-token answer. Ours: ``CausalOcclusion(TokenLogProbs(...)).attribute(target=None)``, one map
+  per answer token from one sweep (drop, and paint with Captum's white baseline). Peer: Captum's
+  ``LLMAttribution(FeatureAblation(model))`` with ``ImageMaskInput`` (one feature per patch), which
+  gives the sequence's and each token's attribution, token by token (its default) and with one
+  forward per feature (``forward_in_tokens=False``); both with ``use_cached_outputs=False``,
+  because with its default cache transformers 5 never shows LLaVA the image (see ``captum_llm``).
+
 ``--memory`` also runs every contender once in a fresh process and reports its peak resident
 memory (``VmHWM`` reset through ``/proc/self/clear_refs`` just before the call, minus the
 resident size then).
@@ -292,7 +300,108 @@ def fusion_group(args) -> Contenders:
     return out
 
 
-GROUPS = {"gradient": gradient_group, "occlusion": occlusion_group, "fusion": fusion_group}
+class _IdTokenizer:
+    """The little of a tokenizer that Captum's ``LLMAttribution`` uses when the target is given as
+    token ids: the tiny random LLaVA has no vocabulary, so tokens print as their ids."""
+
+    def decode(self, ids, **kwargs) -> str:
+        return " ".join(str(int(i)) for i in torch.as_tensor(ids).flatten())
+
+    def encode(self, text, add_special_tokens: bool = True, return_tensors=None, **kwargs):
+        ids = [int(t) for t in str(text).split()]
+        return torch.tensor([ids]) if return_tensors == "pt" else ids
+
+    def convert_ids_to_tokens(self, ids):
+        return [str(int(i)) for i in ids]
+
+    def __call__(self, text, return_offsets_mapping: bool = False, **kwargs) -> dict:
+        ids, offsets, start = [], [], 0
+        for word in str(text).split(" "):
+            ids.append(int(word))
+            offsets.append((start, start + len(word)))
+            start += len(word) + 1
+        return {"input_ids": ids, "offset_mapping": offsets}
+
+
+def generative_group(args) -> Contenders:
+    import numpy as np
+    from captum.attr import FeatureAblation, ImageMaskInput, LLMAttribution
+    from PIL import Image
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+    import tiny_models as tm
+
+    from captum_vlm.targets import TokenLogProbs
+
+    answer = [13, 14, 15, 16]
+
+    def setup():
+        model = tm.llava().eval()
+        prompt = torch.tensor([[tm.BOS, 9] + [tm.LLAVA_IMAGE_TOKEN] * 16 + [11, 12]])
+        rgb = np.random.default_rng(0).integers(0, 256, (tm.IMAGE_SIZE, tm.IMAGE_SIZE, 3), dtype=np.uint8)
+        return model, prompt, Image.fromarray(rgb)
+
+    def to_pixels(image):
+        array = torch.tensor(np.asarray(image), dtype=torch.float32).permute(2, 0, 1)[None] / 255
+        return (array - 0.5) / 0.5
+
+    def ours(intervention):
+        def build():
+            model, prompt, image = setup()
+            ids = torch.cat([prompt, torch.tensor([answer])], dim=1)
+            occ = CausalOcclusion(TokenLogProbs(model, score_from=prompt.shape[1]))
+            pixels = to_pixels(image)
+            # Captum paints the absent pixels white, (255, 255, 255): 1.0 after the normalisation
+            return lambda: occ.attribute(pixels, target=None, additional_forward_args=(ids, torch.ones_like(ids)),
+                                         intervention=intervention, baselines=1.0, perturbations_per_eval=16,
+                                         return_grid=True)
+        return build
+
+    def captum_llm(in_tokens: bool = True):
+        model, prompt, image = setup()
+        rows = torch.arange(tm.IMAGE_SIZE)[:, None] // tm.PATCH
+        cols = torch.arange(tm.IMAGE_SIZE)[None, :] // tm.PATCH
+        mask = rows * (tm.IMAGE_SIZE // tm.PATCH) + cols  # one feature per patch
+
+        def processor_fn(img):
+            return {"input_ids": prompt, "attention_mask": torch.ones_like(prompt), "pixel_values": to_pixels(img)}
+
+        llm = LLMAttribution(FeatureAblation(model), _IdTokenizer())
+
+        def run():
+            # use_cached_outputs=False: with the default (True) transformers 5 drops pixel_values
+            # from every step (Captum 0.9 does not pass is_first_iteration), so the image is never
+            # seen and every attribution is 0
+            with torch.no_grad():
+                return llm.attribute(ImageMaskInput(image, mask=mask, processor_fn=processor_fn),
+                                     target=torch.tensor(answer), use_cached_outputs=False,
+                                     forward_in_tokens=in_tokens)
+        return run
+
+    def agreement() -> str:
+        """Our painted per-token maps against Captum's token attributions (same quantity)."""
+        ours_maps = ours("paint")()()[0]  # [T, 4, 4]
+        mine = ours_maps[-len(answer):].reshape(len(answer), -1)
+        lines = []
+        for in_tokens in (True, False):
+            theirs = captum_llm(in_tokens)().token_attr  # [answer tokens, 16 patches]
+            gap = float((mine - theirs).abs().max() / theirs.abs().max())
+            lines.append(f"ours (paint white) vs Captum LLMAttribution token attributions (forward_in_tokens="
+                         f"{in_tokens}): max |difference| / max |Captum| = {gap:.1e}")
+        return "\n".join(lines)
+
+    generative_group.agreement = agreement
+    return {
+        "ours: occlusion (drop), per answer token, one sweep": ours("drop"),
+        "ours: occlusion (paint white), per answer token, one sweep": ours("paint"),
+        "Captum LLMAttribution(FeatureAblation) + ImageMaskInput, token by token": captum_llm,
+        "Captum LLMAttribution(FeatureAblation) + ImageMaskInput, one forward per feature":
+            lambda: captum_llm(in_tokens=False),
+    }
+
+
+GROUPS = {"gradient": gradient_group, "occlusion": occlusion_group, "fusion": fusion_group,
+          "generative": generative_group}
 
 
 # ----- timing and memory ------------------------------------------------------------------------
@@ -398,6 +507,8 @@ def main(argv: list[str] | None = None) -> int:
         medians = interleaved_medians(contenders, args.repeats)
         memory = peak_memory(group, list(contenders), args) if args.memory else {}
         report(group, medians, memory)
+        if hasattr(GROUPS[group], "agreement"):
+            print("\n" + GROUPS[group].agreement())
     return 0
 
 
