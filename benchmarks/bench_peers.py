@@ -127,6 +127,8 @@ class HandWrapper(nn.Module):
 
 def import_grad_cam():
     """pytorch-grad-cam's ``GradCAM`` and ``ClassifierOutputTarget`` (see the module docstring)."""
+    import transformers.models.clip  # noqa: F401  (transformers probes for torchvision when imported: before the placeholder)
+
     try:
         import torchvision  # noqa: F401
     except ImportError:
@@ -489,6 +491,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layers", type=int, default=6, help="CLIP depth per tower (12 is ViT-B/16's)")
     parser.add_argument("--fusion-relevancy", action="store_true", help="fusion group: also BimodalRelevancy")
     parser.add_argument("--memory", action="store_true", help="peak memory of each contender, fresh process")
+    parser.add_argument("--memory-only", action="store_true", help="only the peak memory, no timing")
     parser.add_argument("--only", nargs="*", default=None, help="contender names (substrings) to keep")
     parser.add_argument("--child", nargs=2, metavar=("GROUP", "NAME"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -504,6 +507,10 @@ def main(argv: list[str] | None = None) -> int:
         contenders = GROUPS[group](args)
         if args.only:
             contenders = {n: b for n, b in contenders.items() if any(s in n for s in args.only)}
+        if args.memory_only:
+            for name, mib in peak_memory(group, list(contenders), args).items():
+                print(f"| {name} | peak {mib:.0f} MiB |")
+            continue
         medians = interleaved_medians(contenders, args.repeats)
         memory = peak_memory(group, list(contenders), args) if args.memory else {}
         report(group, medians, memory)

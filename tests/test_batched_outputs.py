@@ -160,3 +160,65 @@ def test_many_prompts_equal_one_prompt_at_a_time(make, factory):
     for k in range(5):
         assert_close_scaled(every[:, k], method.attribute(pixels, target=k, additional_forward_args=(ids, mask),
                                                           return_grid=True))
+
+
+def test_explain_occlusion_of_several_prompts_equals_the_class_one_prompt_at_a_time():
+    from captum_vlm import zoo
+    from captum_vlm.explain import explain
+
+    model, processor = zoo.load("shapes-clip")
+    scene = zoo.scenes.make_scenes(7, 1, size=model.config.vision_config.image_size, n_objects=2)[0]
+    texts = ["a red circle", "a blue square", "a green triangle"]
+    result = explain(model, processor, scene.pil(), texts, methods=["occlusion"])
+    inputs = processor(images=scene.pil(), text=texts, return_tensors="pt", padding=True)
+    occ = CausalOcclusion(model)
+    assert [r.target for r in result.records] == texts
+    for k, record in enumerate(result.records):
+        alone = occ.attribute(inputs["pixel_values"], target=k, return_grid=True,
+                              additional_forward_args=(inputs["input_ids"], inputs["attention_mask"]))[0]
+        assert_close_scaled(record.grid, alone)
+
+
+class _IdTokenizer:
+    """What Captum's LLMAttribution asks of a tokenizer when the target is given as ids."""
+
+    def decode(self, ids, **kwargs):
+        return " ".join(str(int(i)) for i in torch.as_tensor(ids).flatten())
+
+    def encode(self, text, add_special_tokens=True, **kwargs):
+        return [int(t) for t in str(text).split()]
+
+    def __call__(self, text, **kwargs):
+        ids, offsets, start = [], [], 0
+        for word in str(text).split(" "):
+            ids.append(int(word))
+            offsets.append((start, start + len(word)))
+            start += len(word) + 1
+        return {"input_ids": ids, "offset_mapping": offsets}
+
+
+def test_per_token_occlusion_of_llava_equals_captum_llm_attribution_with_image_masks():
+    import numpy as np
+    from captum.attr import FeatureAblation, ImageMaskInput, LLMAttribution
+    from PIL import Image
+
+    model = tm.llava()
+    prompt = torch.tensor([[tm.BOS, 9] + [tm.LLAVA_IMAGE_TOKEN] * 16 + [11, 12]])
+    answer = [13, 14, 15]
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (tm.IMAGE_SIZE, tm.IMAGE_SIZE, 3), dtype=np.uint8))
+
+    def to_pixels(img):
+        return (torch.tensor(np.asarray(img), dtype=torch.float32).permute(2, 0, 1)[None] / 255 - 0.5) / 0.5
+
+    side = tm.IMAGE_SIZE // tm.PATCH
+    mask = (torch.arange(tm.IMAGE_SIZE)[:, None] // tm.PATCH) * side + torch.arange(tm.IMAGE_SIZE)[None] // tm.PATCH
+    inp = ImageMaskInput(image, mask=mask, processor_fn=lambda img: {
+        "input_ids": prompt, "attention_mask": torch.ones_like(prompt), "pixel_values": to_pixels(img)})
+    with torch.no_grad():
+        theirs = LLMAttribution(FeatureAblation(model), _IdTokenizer()).attribute(
+            inp, target=torch.tensor(answer), use_cached_outputs=False, forward_in_tokens=False).token_attr
+    ids = torch.cat([prompt, torch.tensor([answer])], dim=1)
+    ours = CausalOcclusion(TokenLogProbs(model, score_from=prompt.shape[1])).attribute(
+        to_pixels(image), target=None, additional_forward_args=(ids, torch.ones_like(ids)), intervention="paint",
+        baselines=1.0, perturbations_per_eval=8, return_grid=True)  # white, as Captum paints
+    assert_close_scaled(ours[0, -len(answer):].reshape(len(answer), -1), theirs)
