@@ -144,8 +144,12 @@ def import_grad_cam():
         root.transforms, transforms.functional = transforms, functional
         sys.modules.update({"torchvision": root, "torchvision.transforms": transforms,
                             "torchvision.transforms.functional": functional})
-    from pytorch_grad_cam import GradCAM
-    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+    try:
+        from pytorch_grad_cam import GradCAM
+        from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+    except ImportError as error:
+        raise ImportError("the pytorch-grad-cam contenders need pip install captum-vlm[bench] and "
+                          "pip install --no-deps grad-cam==1.5.7") from error
 
     return GradCAM, ClassifierOutputTarget
 
