@@ -31,16 +31,7 @@ SETTINGS = {  # attribute() settings that keep it quick
     "TokenIntegratedGradients": dict(n_steps=4),
     "CausalOcclusion": dict(window=2, perturbations_per_eval=4),
 }
-CLASSES = {
-    "CLIPModel": tm.clip,
-    "SiglipModel": tm.siglip,
-    "BlipForImageTextRetrieval": tm.blip_itm,
-    "BlipForConditionalGeneration": tm.blip_caption,
-    "BlipForQuestionAnswering": tm.blip_vqa,
-    "ViltForQuestionAnswering": tm.vilt_vqa,
-    "ViltForImageAndTextRetrieval": tm.vilt_itm,
-    "LlavaForConditionalGeneration": tm.llava,
-}
+CLASSES = tm.FACTORIES
 
 
 @functools.cache
