@@ -70,15 +70,21 @@ for _name, _cls, _heads, _summary, _limits in [
     )
 
 
-def _per_target_runner(class_name: str, details: dict[str, str], **attribute_kwargs):
-    """Run a method with Captum's ``attribute`` once per explained prompt (IG, occlusion)."""
+def _per_target_runner(class_name: str, details: dict[str, str], all_prompts: bool = False, **attribute_kwargs):
+    """Run a method with Captum's ``attribute`` once per explained prompt (IG), or once for all
+    prompts with ``target=None`` when the method explains them all from one pass (``all_prompts``:
+    occlusion's sweep)."""
 
     def run(context: ExplainContext) -> list[MapRecord]:
         method = _attr_class(class_name)(context.model)
         ids, mask = context.inputs["input_ids"], context.inputs["attention_mask"]
+        every = None
+        if all_prompts and len(context.targets) > 1:
+            every = method.attribute(context.inputs["pixel_values"], target=None, additional_forward_args=(ids, mask),
+                                     return_grid=True, **attribute_kwargs)[0]  # [K, h, w]
         records = []
         for k in context.targets:
-            grid = method.attribute(
+            grid = every[k] if every is not None else method.attribute(
                 context.inputs["pixel_values"], target=k, additional_forward_args=(ids, mask),
                 return_grid=True, **attribute_kwargs,
             )[0]
@@ -102,7 +108,7 @@ register_method(
     summary="Causal occlusion: drop each patch token and measure the score's fall (Zeiler & Fergus 2014)",
     limits="One patch at a time: misses effects that need several patches removed together.",
     tasks=_TWO_TOWER,
-)(_per_target_runner("CausalOcclusion", {"layers": "input patches", "heads": "n/a"},
+)(_per_target_runner("CausalOcclusion", {"layers": "input patches", "heads": "n/a"}, all_prompts=True,
                      intervention="drop", window=1))
 
 
