@@ -131,6 +131,31 @@ class VLMAdapter:
     def __repr__(self) -> str:
         return f"{type(self).__name__}({type(self.model).__name__})"
 
+    # ----- joint image-text embedding space (captum_vlm.lens) ------------------------------
+    #: model classes of this family whose image and text embeddings share one space
+    joint_embedding_classes: tuple[str, ...] = ()
+    #: how the joint space's logits become probabilities: "softmax" over texts or "sigmoid"
+    joint_probability: str = "softmax"
+    #: tokenizer ``padding`` the text tower was trained with (SigLIP pools the last position)
+    text_padding: bool | str = True
+
+    @property
+    def has_joint_embeddings(self) -> bool:
+        """Whether this model maps images and texts into one embedding space."""
+        return any(k.__name__ in self.joint_embedding_classes for k in type(self.model).__mro__)
+
+    def image_embeddings(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Unit-normalised image embeddings ``[B, D]`` in the joint space."""
+        raise NotImplementedError(f"{self.family}: {type(self.model).__name__} has no joint embedding space")
+
+    def text_embeddings(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Unit-normalised text embeddings ``[K, D]`` in the joint space."""
+        raise NotImplementedError(f"{self.family}: {type(self.model).__name__} has no joint embedding space")
+
+    def joint_logit_scale_bias(self) -> tuple[float, float]:
+        """``(scale, bias)`` with which the model turns a cosine into its logit: ``scale * cos + bias``."""
+        raise NotImplementedError(f"{self.family}: {type(self.model).__name__} has no joint embedding space")
+
 
 def register_adapter(cls: type[VLMAdapter]) -> type[VLMAdapter]:
     """Class decorator: make ``cls`` the adapter of every class named in ``cls.model_classes``.
