@@ -14,8 +14,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import matplotlib.pyplot as plt
-from matplotlib.colors import to_hex
 import numpy as np
+from matplotlib.colors import to_hex
 from PIL import Image
 
 from captum_vlm._checks import check_count
