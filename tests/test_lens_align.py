@@ -11,13 +11,13 @@ import sys
 
 import numpy as np
 import pytest
+import tiny_models as tm
 import torch
 import torch.nn.functional as F
 from model_state import assert_unchanged, snapshot
 from numerics import assert_close_scaled
 from PIL import Image
 
-import tiny_models as tm
 from captum_vlm import lens, zoo
 from captum_vlm.adapters import get_adapter
 from captum_vlm.cli import main
@@ -27,7 +27,7 @@ from captum_vlm.lens.projection import label_agreement
 ZOO = ("shapes-clip", "shapes-siglip", "shapes-blip-itm")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _load(name):
     return zoo.load(name)
 

@@ -31,6 +31,12 @@ def joint_embedding_classes() -> list[str]:
     return sorted(found)
 
 
+def _model_name(model: nn.Module) -> str:
+    """The checkpoint's folder name, else the class name."""
+    path = getattr(getattr(model, "config", None), "_name_or_path", "") or ""
+    return Path(path).name or type(model).__name__
+
+
 def _joint_adapter(model: nn.Module) -> VLMAdapter:
     supported = ", ".join(joint_embedding_classes())
     try:
@@ -188,7 +194,7 @@ def embed(
         pairs: which text belongs to which image: ``"diagonal"`` or ``pairs[i]`` = text index.
         batch_size: images (or texts) per forward pass.
         thumbnail_size: longest side of the thumbnails kept for the views, in pixels.
-        model_name: name for titles (default: the model's class).
+        model_name: name for titles (default: the checkpoint's folder name, else the class).
         show_progress: draw a tqdm bar over the batches.
 
     Returns:
@@ -249,5 +255,5 @@ def embed(
         logit_scale=scale,
         logit_bias=bias,
         probability=adapter.joint_probability,
-        model_name=model_name or type(model).__name__,
+        model_name=model_name or _model_name(model),
     )
