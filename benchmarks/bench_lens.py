@@ -10,7 +10,8 @@
     neighbours with the same colour / same shape, in 2-D and in the full space.
 (c) speed: images embedded per second at batch sizes 1, 8 and 32 (best of ``--repeats``).
 (d) memory: peak resident memory of ``embed`` over 100, 500 and 1000 image files, each in a fresh
-    process, against embedding 1000 images in one forward (``--skip-memory`` to leave it out).
+    process, with and without thumbnails, against embedding 1000 images in one forward
+    (``--skip-memory`` to leave it out; ``--only-memory`` to run it alone).
 
 Run::
 
@@ -124,8 +125,9 @@ def memory_child(folder: str, count: int, mode: str) -> None:
         f.write("5")
     before = _status_kib("VmRSS")
     start = time.perf_counter()
-    if mode == "embed":
-        emb = lens.embed(model, processor, images=files, batch_size=32)
+    if mode.startswith("embed"):
+        thumbnails = None if mode == "embed-no-thumbnails" else 48
+        emb = lens.embed(model, processor, images=files, batch_size=32, thumbnail_size=thumbnails)
         rows = len(emb.image)
     else:  # everything at once: the naive loop the batching avoids
         from PIL import Image
@@ -145,12 +147,15 @@ def memory() -> None:
     with tempfile.TemporaryDirectory() as folder:
         for i, scene in enumerate(zoo.scenes.make_scenes(HELDOUT_SEED + 20, 1000)):
             scene.pil().save(Path(folder) / f"{i:04d}.png")
-        for count, mode in ((100, "embed"), (500, "embed"), (1000, "embed"), (1000, "one forward")):
+        how = {"embed": "embed (batches of 32, 48-px thumbnails)", "embed-no-thumbnails":
+               "embed (batches of 32, thumbnail_size=None)", "one forward": "all in one forward"}
+        for count, mode in ((100, "embed"), (500, "embed"), (1000, "embed"), (100, "embed-no-thumbnails"),
+                            (1000, "embed-no-thumbnails"), (1000, "one forward")):
             env = dict(os.environ, OMP_NUM_THREADS="1")
             out = subprocess.run([sys.executable, __file__, "--memory-child", folder, str(count), mode],
                                  capture_output=True, text=True, env=env, check=True)
             r = json.loads(out.stdout.strip().splitlines()[-1])
-            print(f"| {count} | {'embed (batches of 32)' if mode == 'embed' else 'all in one forward'} | "
+            print(f"| {count} | {how[mode]} | "
                   f"{r['peak_mib']:.0f} | {r['seconds']:.1f} |")
 
 
@@ -162,6 +167,7 @@ def main() -> None:
     parser.add_argument("--speed-images", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--only-memory", action="store_true")
     parser.add_argument("--memory-child", nargs=3, metavar=("FOLDER", "COUNT", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -170,9 +176,10 @@ def main() -> None:
         memory_child(folder, int(count), mode)
         return
     print(f"torch {torch.__version__}, {torch.get_num_threads()} torch thread, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
-    retrieval_and_gap(args.models, args.scenes)
-    projections(args.models, args.scenes, args.methods)
-    speed(args.models, args.speed_images, args.repeats)
+    if not args.only_memory:
+        retrieval_and_gap(args.models, args.scenes)
+        projections(args.models, args.scenes, args.methods)
+        speed(args.models, args.speed_images, args.repeats)
     if not args.skip_memory:
         memory()
 

@@ -340,10 +340,8 @@ class VLMAdapter:
     # ----- joint image-text embedding space (captum_vlm.lens) ------------------------------
     #: model classes of this family whose image and text embeddings share one space
     joint_embedding_classes: tuple[str, ...] = ()
-    #: how the joint space's logits become probabilities: "softmax" over texts or "sigmoid"
-    joint_probability: str = "softmax"
-    #: tokenizer ``padding`` the text tower was trained with (SigLIP pools the last position)
-    text_padding: bool | str = True
+    # (texts are tokenised with ``text_padding``; logits become probabilities by
+    # ``similarity_probability``)
 
     @property
     def has_joint_embeddings(self) -> bool:

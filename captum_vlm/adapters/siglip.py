@@ -54,8 +54,6 @@ class SiglipAdapter(CLIPAdapter):
 
     # ----- joint embedding space (lens) --------------------------------------------------------
     joint_embedding_classes = ("SiglipModel",)
-    joint_probability = "sigmoid"
-    text_padding = "max_length"
 
     def joint_logit_scale_bias(self) -> tuple[float, float]:
         return float(self.model.logit_scale.detach().exp()), float(self.model.logit_bias.detach())

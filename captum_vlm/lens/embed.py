@@ -173,7 +173,7 @@ def embed(
     text_labels: Sequence[str] | None = None,
     pairs: str | Sequence[int] | None = None,
     batch_size: int = 32,
-    thumbnail_size: int = 64,
+    thumbnail_size: int | None = 48,
     model_name: str | None = None,
     show_progress: bool = False,
 ) -> Embeddings:
@@ -193,7 +193,8 @@ def embed(
         text_labels: optional label per text.
         pairs: which text belongs to which image: ``"diagonal"`` or ``pairs[i]`` = text index.
         batch_size: images (or texts) per forward pass.
-        thumbnail_size: longest side of the thumbnails kept for the views, in pixels.
+        thumbnail_size: longest side of the thumbnails kept for the views, in pixels (about
+            7 KB per image at 48); None keeps none (the views then draw no thumbnails).
         model_name: name for titles (default: the checkpoint's folder name, else the class).
         show_progress: draw a tqdm bar over the batches.
 
@@ -210,7 +211,8 @@ def embed(
     """
     adapter = _joint_adapter(model)
     check_count(batch_size, "batch_size")
-    check_count(thumbnail_size, "thumbnail_size")
+    if thumbnail_size is not None:
+        check_count(thumbnail_size, "thumbnail_size")
     if images is None and texts is None:
         raise ValueError("images, texts: give images, texts or both")
     items = _image_items(images) if images is not None else []
@@ -234,7 +236,8 @@ def embed(
             pil = [to_pil(item, start + j) for j, item in enumerate(chunk)]
             pixel_values = processor(images=pil, return_tensors="pt")["pixel_values"]
             image_rows.append(adapter.image_embeddings(pixel_values).float())
-            thumbnails += [_thumbnail(p, thumbnail_size) for p in pil]
+            if thumbnail_size is not None:
+                thumbnails += [_thumbnail(p, thumbnail_size) for p in pil]
             bar.update()
         for _, chunk in _batches(text_list, batch_size):
             tokens = processor(text=chunk, return_tensors="pt", padding=adapter.text_padding, truncation=True)
@@ -254,6 +257,6 @@ def embed(
         pairs=pairs,
         logit_scale=scale,
         logit_bias=bias,
-        probability=adapter.joint_probability,
+        probability=adapter.similarity_probability,
         model_name=model_name or _model_name(model),
     )
