@@ -36,6 +36,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
+from bench_ig_occlusion import _status_kib  # noqa: E402  (this folder is on sys.path when run as a script)
 
 from captum_vlm import lens, zoo  # noqa: E402
 from captum_vlm.lens.projection import label_agreement  # noqa: E402
@@ -106,14 +107,6 @@ def speed(names: list[str], n: int, repeats: int) -> None:
             rates[batch] = (n / min(walls), n / min(cpus))
         cells = " | ".join(f"{w:.0f} / {c:.0f}" for w, c in rates.values())
         print(f"| {name} | {cells} | {rates[32][1] / rates[1][1]:.1f}x (CPU) |")
-
-
-def _status_kib(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    return 0
 
 
 def memory_child(folder: str, count: int, mode: str) -> None:

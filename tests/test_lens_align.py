@@ -452,3 +452,16 @@ def test_cli_lens_errors_are_one_line_with_exit_code_2(argv, message, scenes, tm
     errors = [line for line in err.splitlines() if "error" in line.lower()]  # not transformers' loading bar
     assert len(errors) == 1 and errors[0].startswith("captum-vlm: error:") and message in errors[0]
     assert "Traceback" not in err
+
+
+def test_top_level_package_exposes_the_lens_and_thumbnails_are_optional(scenes):
+    import captum_vlm as cv
+
+    assert cv.lens.embed is lens.embed and cv.lens.Embeddings is lens.Embeddings
+    model, processor = _load("shapes-clip")
+    emb = lens.embed(model, processor, images=[s.pil() for s in scenes[:2]], texts=["a red circle"],
+                     thumbnail_size=None)
+    assert emb.thumbnails == []
+    assert emb.model_name == "shapes-clip"  # the checkpoint's folder name
+    fig = lens.similarity_matrix(emb)
+    assert len(fig.axes) == 2  # the matrix and its colour bar, no thumbnail strip
