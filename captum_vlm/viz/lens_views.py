@@ -12,7 +12,7 @@ import numpy as np
 from matplotlib.lines import Line2D
 from PIL import Image
 
-from captum_vlm.viz._style import MAGNITUDE_CMAP, SIGNED_CMAP
+from ._style import MAGNITUDE_CMAP, SIGNED_CMAP
 
 _TILE = 32
 
