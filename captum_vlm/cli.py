@@ -4,6 +4,8 @@
         [--model zoo:shapes-clip|PATH] [--method grad-eclip ...] --out report.html [--png DIR]
     captum-vlm zoo list
     captum-vlm demo [--out DIR]
+    captum-vlm lens IMAGES... --text "a red circle" [--captions captions.tsv] --model zoo:shapes-clip \\
+        --out lens.html [--projector LOGDIR]
     captum-vlm lens-inside logit-lens IMAGE --model zoo:shapes-blip-vqa --text "what color is the circle?"
     captum-vlm lens-inside heads IMAGE [--model zoo:shapes-clip] [--stream vision] [--out heads.html]
 
@@ -37,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
         '  captum-vlm explain photo.png --text "a red circle" --text "a blue square" --out report.html\n'
         "  captum-vlm zoo list\n  captum-vlm demo --out demo-output",
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{explain,zoo,demo,lens-inside}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{explain,zoo,demo,lens,lens-inside}")
 
     explain = sub.add_parser(
         "explain",
@@ -65,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="explain the bundled zoo model on a bundled scene")
     demo.add_argument("--out", default="demo-output", help="folder for the report and PNGs (default demo-output)")
+    add_lens_parser(sub)
     add_lens_inside_parser(sub)
     return parser
 
@@ -139,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "demo":
             return run_demo(args.out)
+        if args.command == "lens":
+            return run_lens(args)
         if args.command == "lens-inside":
             out = run_lens_inside(args)
             print(f"wrote {out}")
@@ -166,6 +171,114 @@ def run_demo(out_dir: str) -> int:
     return 0
 
 
+# ----- captum-vlm lens: image-text alignment report ------------------------------------------
+
+
+def add_lens_parser(sub) -> None:
+    """The ``lens`` subcommand: embed images and texts, write the alignment report."""
+    lens = sub.add_parser(
+        "lens",
+        help="how images and texts align: similarity matrix, retrieval, projections (HTML report)",
+        description="Embed images and texts in the model's joint space and write a self-contained HTML "
+        "report: similarity matrix, retrieval lists, modality gap and projections.",
+        epilog="captions.tsv: one line per image, IMAGE<TAB>CAPTION (IMAGE as given or its file name);\n"
+        "images listed only there are read relative to the TSV's folder.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    lens.add_argument("images", nargs="*", metavar="IMAGES", help="image files or folders of images")
+    lens.add_argument("--text", action="append", default=[], metavar="TEXT", help="a text; repeat for several")
+    lens.add_argument("--captions", metavar="TSV", help="IMAGE<TAB>CAPTION lines: the true pairs")
+    lens.add_argument("--model", default=DEFAULT_MODEL, help=f"zoo:NAME or a local checkpoint (default {DEFAULT_MODEL})")
+    lens.add_argument("--out", default="lens.html", help="HTML report to write (default lens.html)")
+    lens.add_argument("--projector", metavar="LOGDIR", help="also write a TensorBoard Projector export here")
+    lens.add_argument("--projection", action="append", choices=["pca", "tsne", "umap"],
+                      help="projection to draw; repeat for several (default pca and tsne)")
+    lens.add_argument("--scale", default="cosine", choices=["cosine", "logits", "softmax", "sigmoid"],
+                      help="similarity scale of the matrix and retrieval lists (default cosine)")
+    lens.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
+    lens.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _lens_images(paths: list[str]) -> list[Path]:
+    from captum_vlm.lens.embed import IMAGE_SUFFIXES
+
+    found: list[Path] = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            if not files:
+                raise UsageError(f"folder {path} holds no images")
+            found += files
+        elif path.is_file():
+            found.append(path)
+        else:
+            raise UsageError(f"image not found: {path}")
+    return found
+
+
+def _lens_captions(tsv: str, images: list[Path]) -> tuple[list[Path], list[str]]:
+    """Images (those given, plus any listed only in the TSV) and the caption of each."""
+    path = Path(tsv)
+    if not path.is_file():
+        raise UsageError(f"captions file not found: {tsv}")
+    table: dict[str, str] = {}
+    listed: list[Path] = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        if line.count("\t") != 1 or not all(part.strip() for part in line.split("\t")):
+            raise UsageError(f"{tsv} line {number}: expected IMAGE<TAB>CAPTION, got {line[:60]!r}")
+        name, caption = (part.strip() for part in line.split("\t"))
+        table[name] = caption
+        listed.append(Path(name) if Path(name).is_absolute() else path.parent / name)
+    if not images:
+        missing = [str(p) for p in listed if not p.is_file()]
+        if missing:
+            raise UsageError(f"image not found: {missing[0]} (listed in {tsv})")
+        images = listed
+    captions = []
+    for image in images:
+        caption = table.get(str(image), table.get(image.name))
+        if caption is None:
+            for name, text in table.items():
+                if Path(name).name == image.name:
+                    caption = text
+        if caption is None:
+            raise UsageError(f"{tsv} has no caption for image {image}")
+        captions.append(caption)
+    return images, captions
+
+
+def run_lens(args) -> int:
+    """``captum-vlm lens``: embed, write the HTML report (and the Projector export)."""
+    from captum_vlm import lens
+
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size must be at least 1, got {args.batch_size}")
+    images = _lens_images(args.images)
+    texts = list(args.text)
+    pairs = None
+    if args.captions:
+        images, captions = _lens_captions(args.captions, images)
+        texts += [c for c in dict.fromkeys(captions) if c not in texts]
+        pairs = [texts.index(c) for c in captions]
+    if not images:
+        raise UsageError("no images: give image files or folders, or --captions with image paths")
+    if not texts:
+        raise UsageError("no texts: give --text (repeat for several) or --captions")
+    model, processor = load_model(args.model)
+    try:
+        embeddings = lens.embed(model, processor, images=images, texts=texts, pairs=pairs,
+                                batch_size=args.batch_size, model_name=args.model.removeprefix("zoo:"),
+                                show_progress=not args.quiet)
+        out = Path(args.out)
+        lens.report(embeddings, out, scale=args.scale, methods=args.projection or ("pca", "tsne"))
+        if args.projector:
+            embeddings.to_projector(args.projector)
+    except (TypeError, ValueError, ImportError) as err:
+        raise UsageError(str(err)) from err
+    print(f"wrote {out}" + (f" and a Projector export in {args.projector}" if args.projector else ""))
+    return 0
 # ----- lens-inside: logit lens and attention-head statistics ------------------------------------
 def add_lens_inside_parser(sub) -> None:
     lens = sub.add_parser("lens-inside", help="inside the model: logit lens, attention-head statistics")
