@@ -38,7 +38,7 @@ from captum.attr import Attribution
 from captum.log import log_usage
 from torch import nn
 
-from captum_vlm._checks import check_choice, check_input_ids, check_pixel_inputs
+from captum_vlm._checks import check_choice, check_input_ids, check_pixel_inputs, text_vocab_size
 from captum_vlm.adapters import get_adapter
 from captum_vlm.hooks import capture, preserved_model_state
 from captum_vlm.targets import ImageTextSimilarity
@@ -376,7 +376,8 @@ class ImageAttribution(Attribution):
     def _prepare(self, inputs, additional_forward_args, upsample):
         pixel_values = check_pixel_inputs(inputs)
         ids, mask = _text_args(additional_forward_args)
-        ids, mask = check_input_ids(ids, mask, max_length=self.adapter.max_text_length())
+        ids, mask = check_input_ids(ids, mask, max_length=self.adapter.max_text_length(),
+                                    vocab_size=text_vocab_size(self.adapter))
         check_choice(upsample, UPSAMPLE_MODES, "upsample")
         grid = self.adapter.patch_grid(pixel_values)
         config = self.model.config.vision_config

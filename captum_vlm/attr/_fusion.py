@@ -36,7 +36,13 @@ from captum.log import log_usage
 from torch import nn
 from tqdm.auto import tqdm
 
-from captum_vlm._checks import check_choice, check_input_ids, check_pixel_inputs, check_same_batch
+from captum_vlm._checks import (
+    check_choice,
+    check_input_ids,
+    check_pixel_inputs,
+    check_same_batch,
+    text_vocab_size,
+)
 from captum_vlm.adapters import get_adapter
 from captum_vlm.attr._base import UPSAMPLE_MODES, upsample_grid
 from captum_vlm.hooks import capture
@@ -254,7 +260,8 @@ class FusionAttribution(Attribution):
         check_choice(upsample, UPSAMPLE_MODES, "upsample")
         args = _as_args(additional_forward_args, 4 if self.blip_vqa else 2)
         max_length = self.adapter.max_text_length()
-        ids, mask = check_input_ids(args[0], args[1] if len(args) > 1 else None, max_length=max_length)
+        ids, mask = check_input_ids(args[0], args[1] if len(args) > 1 else None, max_length=max_length,
+                                    vocab_size=text_vocab_size(self.adapter))
         check_same_batch(pixel_values=pixel_values, input_ids=ids)
         grid = self.adapter.patch_grid(pixel_values)
         query_mask = mask.bool()

@@ -28,6 +28,7 @@ from captum_vlm._checks import (
     check_input_ids,
     check_pixel_inputs,
     check_same_batch,
+    text_vocab_size,
 )
 from captum_vlm.adapters import get_adapter
 from captum_vlm.attr._base import UPSAMPLE_MODES, normalise_targets, upsample_grid
@@ -347,7 +348,7 @@ def split_forward_args(adapter, additional_forward_args) -> tuple[torch.Tensor, 
             f"{type(additional_forward_args).__name__}"
         )
     mask = args[1] if len(args) > 1 else None
-    ids, mask = check_input_ids(args[0], mask, max_length=adapter.max_text_length())
+    ids, mask = check_input_ids(args[0], mask, max_length=adapter.max_text_length(), vocab_size=text_vocab_size(adapter))
     return ids, mask, tuple(args[2:])
 
 

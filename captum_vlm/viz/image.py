@@ -14,12 +14,11 @@ from typing import Any, Literal
 import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.axes import Axes
+from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Colormap
 from matplotlib.figure import Figure
 from matplotlib.ticker import FormatStrFormatter
 from PIL import Image
-
-from matplotlib.cm import ScalarMappable
 
 from ._style import (
     check_finite_map,
