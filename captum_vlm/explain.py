@@ -29,8 +29,17 @@ from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 
-from captum_vlm._checks import check_count
+from captum_vlm._checks import check_count, check_processor, check_texts
 from captum_vlm.adapters import get_adapter
+from captum_vlm.evidence import (
+    VALUE_LABELS,
+    attach_evidence,
+    collapse_prompt_independent,
+    compare_records,
+    default_methods,
+    layers_label,
+    rank_agreement,
+)
 
 __all__ = [
     "Answers", "Explanation", "MapRecord", "MethodSpec", "METHODS", "answer_questions", "explain", "method_names",
@@ -52,6 +61,10 @@ class MapRecord:
         details: labels for figures: layers, head aggregation, target...
         tokens: token strings when the method also scores the text.
         token_scores: one score per token.
+        text_index: which text a whole-text map explains (``None`` for per-token maps).
+        evidence: display lines: faithfulness, randomisation check, the model's confidence
+            (see :mod:`captum_vlm.evidence`).
+        evidence_values: the same as numbers.
     """
 
     method: str
@@ -60,6 +73,9 @@ class MapRecord:
     details: dict[str, str] = field(default_factory=dict)
     tokens: list[str] | None = None
     token_scores: np.ndarray | None = None
+    text_index: int | None = None
+    evidence: dict[str, str] = field(default_factory=dict)
+    evidence_values: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -220,11 +236,8 @@ def _attr_class(name: str):
     return getattr(importlib.import_module("captum_vlm.attr"), name)
 
 
-def _layers_label(method: Any) -> str:
-    layers = getattr(method, "layers", None)
-    if layers is None:
-        return "last"
-    return ", ".join(str(layer) for layer in (layers if isinstance(layers, (list, tuple)) else [layers]))
+def _layers_label(method: Any, adapter: Any) -> str:
+    return layers_label(getattr(method, "layers", None), len(adapter.vision_blocks()))
 
 
 def _two_tower_runner(class_name: str, heads: str, **kwargs) -> Callable[[ExplainContext], list[MapRecord]]:
@@ -241,8 +254,9 @@ def _two_tower_runner(class_name: str, heads: str, **kwargs) -> Callable[[Explai
             text = method.attribute_text(pixels, target=None, additional_forward_args=(ids, mask))[0]  # [K, T]
         records = []
         for k, grid in zip(context.targets, grids):
-            details = {"layers": _layers_label(method), "heads": heads, "target": f"prompt {k}: {context.texts[k]}"}
-            record = MapRecord(class_name, context.texts[k], grid.numpy(), details)
+            details = {"layers": _layers_label(method, context.adapter), "heads": heads,
+                       "target": f"prompt {k}: {context.texts[k]}"}
+            record = MapRecord(class_name, context.texts[k], grid.numpy(), details, text_index=k)
             if text is not None:
                 shown = mask[k].bool()
                 record.tokens = [t for t, keep in zip(context.tokens[k], shown.tolist()) if keep]
@@ -288,7 +302,7 @@ def _per_target_runner(class_name: str, details: dict[str, str], **attribute_kwa
                 return_grid=True, **attribute_kwargs,
             )[0]
             records.append(MapRecord(class_name, context.texts[k], grid.detach().numpy(),
-                                     {**details, "target": f"prompt {k}: {context.texts[k]}"}))
+                                     {**details, "target": f"prompt {k}: {context.texts[k]}"}, text_index=k))
         return records
 
     return run
@@ -300,14 +314,14 @@ register_method(
     limits="Depends on the baseline (zero patch embeddings here); completeness holds for the whole "
     "path, not for single patches.",
     families=_TWO_TOWER,
-)(_per_target_runner("TokenIntegratedGradients", {"layers": "patch embedding", "heads": "n/a"},
+)(_per_target_runner("TokenIntegratedGradients", {"layers": "input: patch embeddings", "heads": "n/a"},
                      modality="image", n_steps=32, internal_batch_size=16))
 register_method(
     "occlusion",
     summary="Causal occlusion: drop each patch token and measure the score's fall (Zeiler & Fergus 2014)",
     limits="One patch at a time: misses effects that need several patches removed together.",
     families=_TWO_TOWER,
-)(_per_target_runner("CausalOcclusion", {"layers": "input patches", "heads": "n/a"},
+)(_per_target_runner("CausalOcclusion", {"layers": "input: patch tokens", "heads": "n/a"},
                      intervention="drop", window=1))
 
 
@@ -331,7 +345,7 @@ def _fusion_runner(class_name: str, base_details: dict[str, str]) -> Callable[[E
     def run(context: ExplainContext) -> list[MapRecord]:
         kind = _FUSION_KINDS[type(context.model).__name__]
         method = _attr_class(class_name)(context.model)
-        details = {**base_details, "layers": f"cross-attention {method.layer}"} if hasattr(method, "layer") else base_details
+        details = {**base_details, "layers": f"text cross-attention block {method.layer}"} if hasattr(method, "layer") else base_details
         records = []
         for k, whole, per_token, tokens, shown in _fusion_maps(method, kind, context):
             mass = per_token.flatten(1).sum(1)
@@ -343,7 +357,7 @@ def _fusion_runner(class_name: str, base_details: dict[str, str]) -> Callable[[E
                 title = context.texts[k]
             records.append(MapRecord(class_name, title, whole.numpy(),
                                      {**details, "target": what, "tokens": "total of each token's own image map"},
-                                     [tokens[j] for j in shown], mass[shown].numpy()))
+                                     [tokens[j] for j in shown], mass[shown].numpy(), text_index=k))
             for j in shown:
                 if per_token[j].abs().sum() > 0:
                     records.append(MapRecord(class_name, f"{title} · {tokens[j]}", per_token[j].numpy(),
@@ -395,7 +409,7 @@ register_method(
     summary="Bi-modal relevancy propagation through self- and co-attention (Chefer et al. 2021)",
     limits="Follows attention and its gradients only; MLP and value paths are not propagated.",
     families=("blip", "vilt", "llava"),
-)(_fusion_runner("BimodalRelevancy", {"layers": "all", "heads": "grad-weighted mean"}))
+)(_fusion_runner("BimodalRelevancy", {"layers": "all blocks", "heads": "grad-weighted mean"}))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -441,16 +455,46 @@ class Explanation:
         maps = self.maps(method)
         if not maps:
             raise ValueError(f"method: {method!r} is not in this explanation; it holds {self.methods}")
+        labels = {r.details.get("value") for r in self.records if method in (None, r.method)}
+        value = labels.pop() if len(labels) == 1 else "attribution (each panel on its own scale)"
         return overlay_grid(self.image, maps, ncols=min(ncols, len(maps)), title=self.model_name,
-                            crop_box=self.crop_box)
+                            crop_box=self.crop_box, value_label=value)
+
+    def compare(self, target: int | None = None, ncols: int = 4):
+        """The compare view: every method's map of one text side by side (prompt-independent
+        maps included), titled with the methods' mean pairwise rank agreement. Returns a Figure."""
+        from captum_vlm.viz import overlay_grid
+
+        records = compare_records(self.records, target)
+        if not records:
+            raise ValueError(f"target: no whole-text map of text {target!r} in this explanation")
+        maps = {f"{r.method}{' (prompt-independent)' if r.text_index is None else ''}": r.grid for r in records}
+        shown = next((r.target for r in records if r.text_index is not None), records[0].target)
+        return overlay_grid(self.image, maps, ncols=min(ncols, len(maps)), title=f"{self.model_name}: {shown}",
+                            crop_box=self.crop_box, value_label="each panel on its own scale")
+
+    def agreement(self) -> dict[tuple[str, str], float]:
+        """Pairwise rank agreement of the methods: Spearman correlation of their maps of each
+        explained text, mean over the texts (:func:`captum_vlm.evidence.rank_agreement`)."""
+        return rank_agreement(self.records)
+
+    def _flag(self, record: MapRecord) -> str | None:
+        """A warning for a map whose target the model does not see (see :func:`confidence`)."""
+        if not record.evidence_values.get("absent"):
+            return None
+        seen = record.evidence.get("model's confidence", "low").split(" — ")[0]
+        return (f"The model does not see '{record.target}' (confidence {seen}): this map shows where "
+                "it would look, not an object it found.")
 
     def _record_png(self, record: MapRecord) -> bytes:
         import matplotlib.pyplot as plt
 
         from captum_vlm.viz import overlay
 
-        fig = overlay(self.image, record.grid, method=record.method, layers=record.details.get("layers"),
-                      heads=record.details.get("heads"), target=record.target, crop_box=self.crop_box)
+        flag = "MODEL DOES NOT SEE THIS TARGET" if self._flag(record) else None
+        fig = overlay(self.image, record.grid, title=flag, method=record.method,
+                      layers=record.details.get("layers"), heads=record.details.get("heads"),
+                      target=record.target, crop_box=self.crop_box, value_label=record.details.get("value"))
         try:
             return _png(fig)
         finally:
@@ -463,17 +507,26 @@ class Explanation:
         from captum_vlm.viz.report import ReportView, render_report
 
         views = [
-            ReportView(r.method, r.target, self._record_png(r), r.details, r.tokens,
-                       None if r.token_scores is None else list(map(float, r.token_scores)))
-            for r in self.records
+            ReportView(r.method, r.target, self._record_png(r) if i == 0 else None, r.details, r.tokens,
+                       None if r.token_scores is None else list(map(float, r.token_scores)),
+                       grid=r.grid, evidence=r.evidence, flag=self._flag(r), value_label=r.details.get("value"))
+            for i, r in enumerate(self.records)
         ]
+        compare_png, compare_title = None, ""
+        if len(self.methods) > 1 and compare_records(self.records, None):
+            import matplotlib.pyplot as plt
+
+            figure = self.compare()
+            compare_png, compare_title = _png(figure), compare_records(self.records, None)[0].target
+            plt.close(figure)
         buffer = io.BytesIO()
         self.image.convert("RGB").save(buffer, format="PNG")
         page = render_report(
             f"captum-vlm: {self.model_name}", buffer.getvalue(), views, scores=self.scores,
             score_label=self.score_kind, notes=self.notes,
             meta={"model": self.model_name, "image": f"{self.image.width}×{self.image.height}"},
-            full_page=full_page,
+            full_page=full_page, crop_box=self.crop_box, compare_png=compare_png,
+            compare_title=compare_title, agreement=self.agreement() if len(self.methods) > 1 else None,
         )
         if path is not None:
             Path(path).write_text(page, encoding="utf-8")
@@ -498,23 +551,49 @@ class Explanation:
                     "grid": np.asarray(r.grid, dtype=float).tolist(),
                     "tokens": r.tokens,
                     "token_scores": None if r.token_scores is None else np.asarray(r.token_scores, float).tolist(),
+                    "text_index": r.text_index,
+                    "evidence": r.evidence,
+                    "evidence_values": r.evidence_values,
                 }
                 for r in self.records
             ],
         }
 
     def save(self, directory: str | Path) -> list[Path]:
-        """Write one PNG per map and ``explanation.json``. Returns the paths written."""
+        """Write one PNG per map and ``explanation.json``. Returns the paths written.
+
+        Saving again into the same folder first removes the PNGs the previous ``save`` wrote
+        (listed in its ``explanation.json``), so no stale map stays beside the new ones; other
+        files are left alone."""
         out = Path(directory)
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"directory: {str(out)!r} is a file; give a folder for the PNGs")
         out.mkdir(parents=True, exist_ok=True)
+        remove_previous_save(out)
         written = []
         for i, record in enumerate(self.records):
             path = out / f"{i:02d}-{_slug(record.method)}-{_slug(record.target)}.png"
             path.write_bytes(self._record_png(record))
             written.append(path)
         path = out / "explanation.json"
-        path.write_text(json.dumps(self.to_dict(), indent=1), encoding="utf-8")
+        record = {**self.to_dict(), "files": [p.name for p in written]}
+        path.write_text(json.dumps(record, indent=1), encoding="utf-8")
         return [*written, path]
+
+
+def remove_previous_save(out: Path) -> None:
+    """Delete the PNGs an earlier :meth:`Explanation.save` listed in ``out/explanation.json``."""
+    manifest = out / "explanation.json"
+    if not manifest.is_file():
+        return
+    try:
+        names = json.loads(manifest.read_text(encoding="utf-8")).get("files", [])
+    except (ValueError, AttributeError):
+        return
+    for name in names:
+        candidate = out / str(name)
+        if candidate.parent == out and candidate.suffix == ".png" and candidate.is_file():
+            candidate.unlink()
 
 
 def _png(fig) -> bytes:
@@ -532,13 +611,36 @@ def _slug(text: str) -> str:
 # explain()
 # ----------------------------------------------------------------------------------------------
 def _as_image(image: Any) -> Image.Image:
+    """A PIL image from a path, a PIL image or an ``(H, W, 3)`` array: uint8 as is, floats in
+    [0, 1] times 255, floats in [0, 255] as they are; other float ranges and NaN/inf refused."""
     if isinstance(image, (str, Path)):
+        if not Path(image).is_file():
+            raise ValueError(f"image: no file at {str(image)!r}")
         return Image.open(image).convert("RGB")
     if isinstance(image, Image.Image):
         return image.convert("RGB")
-    if isinstance(image, np.ndarray) and image.ndim == 3:
-        return Image.fromarray(image if image.dtype == np.uint8 else (np.clip(image, 0, 1) * 255).astype(np.uint8))
-    raise TypeError(f"image: expected a PIL image, an (H, W, 3) array or a path, got {type(image).__name__}")
+    if isinstance(image, np.ndarray) and image.ndim == 3 and image.shape[-1] == 3:
+        return Image.fromarray(_as_uint8(image))
+    shape = f" of shape {image.shape}" if isinstance(image, np.ndarray) else ""
+    raise TypeError(f"image: expected a PIL image, an (H, W, 3) array or a path, got {type(image).__name__}{shape}")
+
+
+def _as_uint8(image: np.ndarray) -> np.ndarray:
+    if image.dtype == np.uint8:
+        return image
+    if not np.issubdtype(image.dtype, np.number) or np.issubdtype(image.dtype, np.complexfloating):
+        raise TypeError(f"image: expected a uint8 or float array, got dtype {image.dtype}")
+    if not np.isfinite(image).all():
+        raise ValueError("image: the array holds NaN or infinite values; expected finite pixels")
+    lo, hi = float(image.min()), float(image.max())
+    if lo >= 0 and hi <= 1 and np.issubdtype(image.dtype, np.floating):
+        return np.round(image * 255).astype(np.uint8)
+    if lo >= 0 and hi <= 255:
+        return np.round(image).astype(np.uint8)
+    raise ValueError(
+        f"image: values from {lo:.4g} to {hi:.4g} fit neither [0, 1] nor [0, 255]; pass the original "
+        "picture (uint8, or floats in [0, 1]), not normalised pixel_values"
+    )
 
 
 def processor_crop_box(processor: Any, size: tuple[int, int]) -> tuple[float, float, float, float] | None:
@@ -573,12 +675,13 @@ def explain(
     processor: Any,
     image: Any,
     texts: Sequence[str],
-    methods: Sequence[str] = ("grad-eclip",),
+    methods: Sequence[str] | None = None,
     target: int | Sequence[int] | None = None,
     *,
     model_name: str | None = None,
     show_progress: bool = False,
     max_new_tokens: int = 10,
+    evidence: bool = True,
 ) -> Explanation:
     """Explain how ``model`` relates ``image`` to ``texts`` with one or more methods.
 
@@ -590,21 +693,30 @@ def explain(
             captioning models: captions; VQA models: questions; LLaVA: prompts holding the
             image token. VQA models and LLaVA are explained through their own answer, see
             :func:`answer_questions`).
-        methods: registry names, see :func:`method_names`.
+        methods: registry names, see :func:`method_names`. Default: the method the zoo
+            benchmark ranks most faithful for the model's family
+            (:data:`captum_vlm.evidence.DEFAULT_METHODS`: CLIP ``relevancy``, SigLIP
+            ``grad-eclip``, BLIP/ViLT/LLaVA ``bimodal-relevancy``; see ``benchmarks/RESULTS.md``).
         target: which prompts to explain (index or list); ``None`` explains all.
         model_name: name for titles (default: the checkpoint's folder or the class name).
         show_progress: a tqdm bar over methods.
         max_new_tokens: VQA and generative models: longest answer generated (greedy).
+        evidence: attach each map's evidence (:mod:`captum_vlm.evidence`): deletion and
+            insertion AUC against random orders, the method's randomisation check, the model's
+            confidence. Prompt-independent maps are kept once either way.
 
     Returns:
         An :class:`Explanation`.
     """
     adapter = get_adapter(model)
+    check_processor(processor)
     picture = _as_image(image)
-    if isinstance(texts, str) or not isinstance(texts, Sequence) or not texts:
-        raise ValueError(f"texts: expected a non-empty list of strings, got {texts!r}")
-    if not all(isinstance(t, str) and t.strip() for t in texts):
-        raise ValueError(f"texts: every text must be a non-empty string, got {list(texts)!r}")
+    texts = check_texts(texts)
+    if isinstance(target, str) or isinstance(target, bool):
+        raise TypeError(f"target: expected a text index (int) or a list of them, got {target!r}; "
+                        "pass the text itself in texts")
+    if methods is None:
+        methods = default_methods(adapter.family, method_names(adapter.family))
     if isinstance(methods, str):
         methods = [methods]
     unknown = [m for m in methods if m not in METHODS]
@@ -619,10 +731,14 @@ def explain(
     if target is None:
         targets = list(range(len(texts)))
     else:
+        if not isinstance(target, (int, Sequence)):
+            raise TypeError(f"target: expected a text index (int) or a list of them, got {type(target).__name__}")
         targets = [target] if isinstance(target, int) else list(target)
         bad = [t for t in targets if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < len(texts)]
         if bad or not targets:
             raise ValueError(f"target: {bad or targets} out of range for {len(texts)} texts (0..{len(texts) - 1})")
+        if len(set(targets)) != len(targets):
+            raise ValueError(f"target: {targets} names a text more than once; give each index once")
     # SigLIP pools the last position and is trained on texts padded to the full length
     padding = "max_length" if adapter.family == "siglip" else True
     two_tower = getattr(adapter, "two_tower", False)
@@ -635,12 +751,18 @@ def explain(
     if _FUSION_KINDS.get(type(model).__name__) in _ANSWERED:
         answers = answer_questions(model, tokenizer, dict(inputs), max_new_tokens=max_new_tokens)
     context = ExplainContext(model, adapter, dict(inputs), list(texts), targets, tokens, show_progress, answers)
-    records: list[MapRecord] = []
-    for name in tqdm(methods, desc="methods", disable=not show_progress):
-        for record in METHODS[name].run(context):
-            record.method = name
-            records.append(record)
     scores, kind = _model_scores(model, adapter, inputs, texts, answers)
+    records: list[MapRecord] = []
+    shared: dict = {}  # score functions and random-order curves, shared by the methods
+    for name in tqdm(methods, desc="methods", disable=not show_progress):
+        found = METHODS[name].run(context)
+        for record in found:
+            record.method = name
+            record.details.setdefault("value", VALUE_LABELS.get(name, "attribution (method units)"))
+        if evidence:
+            attach_evidence(context, found, METHODS[name].run, list(scores.values()), kind,
+                            _FUSION_KINDS.get(type(model).__name__), cache=shared)
+        records.extend(collapse_prompt_independent(found, texts))
     return Explanation(
         image=picture,
         texts=list(texts),
@@ -665,6 +787,8 @@ def _model_scores(model, adapter, inputs, texts, answers: Answers | None) -> tup
             logits = ImageTextSimilarity(model)(pixels, ids, mask)[0]
             if adapter.family == "siglip":
                 return dict(zip(texts, torch.sigmoid(logits).tolist())), "sigmoid probability"
+            if len(texts) == 1:  # a softmax over one prompt is always 1
+                return dict(zip(texts, logits.tolist())), "logit (one prompt: no probability over prompts)"
             return dict(zip(texts, logits.softmax(-1).tolist())), "probability over prompts"
         if kind == "match":
             return dict(zip(texts, torch.sigmoid(MatchLogit(model)(pixels, ids, mask)).tolist())), "match probability"

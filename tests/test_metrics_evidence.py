@@ -4,7 +4,13 @@ import numpy as np
 import pytest
 import torch
 
-from captum_vlm.metrics import deletion_curve, insertion_curve, map_evidence, noisy_linear_impute, road_curve
+from captum_vlm.metrics import (
+    deletion_curve,
+    insertion_curve,
+    map_evidence,
+    noisy_linear_impute,
+    road_curve,
+)
 from captum_vlm.metrics.evidence import patch_orders
 
 

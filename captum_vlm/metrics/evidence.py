@@ -97,6 +97,7 @@ def map_evidence(
     blur_sigma: float = 5.0,
     batch_size: int = 64,
     seed: int = 0,
+    reuse_random: MapEvidence | None = None,
 ) -> MapEvidence:
     """Deletion and insertion of one map's patch order against ``n_random`` random orders.
 
@@ -117,6 +118,9 @@ def map_evidence(
         blur_sigma: sigma in pixels of the ``"blur"`` baseline.
         batch_size: images per forward call.
         seed: seed of the random orders.
+        reuse_random: the evidence of another map of the same input, target and grid size:
+            its random-order curves are reused instead of recomputed (they do not depend on
+            the map), so several methods on one target cost one set of random curves.
 
     Returns:
         :class:`MapEvidence`.
@@ -144,7 +148,13 @@ def map_evidence(
     extra = () if additional_forward_args is None else (
         additional_forward_args if isinstance(additional_forward_args, tuple) else (additional_forward_args,)
     )
+    if reuse_random is not None:
+        n_random = reuse_random.n_random
+        if reuse_random.deletion_scores.shape[1] != steps + 1:
+            raise ValueError(f"reuse_random: its curves have {reuse_random.deletion_scores.shape[1] - 1} steps, not {steps}")
     orders = patch_orders(grid_t, n_random, seed)  # [O, N]
+    if reuse_random is not None:
+        orders = orders[:1]
     ranks = torch.empty_like(orders)
     ranks.scatter_(1, orders, torch.arange(n_cells).expand_as(orders).contiguous())
     counts = torch.arange(steps + 1) * n_cells // steps
@@ -163,8 +173,11 @@ def map_evidence(
             chunk = batch[start : start + batch_size]
             output = forward_func(chunk, *extra)
             scores.append(select_target(output, target, [0] * len(chunk)).detach().to("cpu", torch.float64))
-    curves = torch.cat(scores).view(2, 1 + n_random, steps + 1)
+    curves = torch.cat(scores).view(2, len(orders), steps + 1)
     deletion, insertion = curves[0], curves[1]
+    if reuse_random is not None:
+        deletion = torch.cat([deletion, reuse_random.deletion_scores[1:]])
+        insertion = torch.cat([insertion, reuse_random.insertion_scores[1:]])
     del_auc, ins_auc = curve_auc(deletion), curve_auc(insertion)
     return MapEvidence(
         deletion_auc=float(del_auc[0]),

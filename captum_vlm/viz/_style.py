@@ -120,11 +120,14 @@ def describe(
     target: Any = None,
 ) -> str:
     """One line naming method, layer(s), head aggregation and target, e.g.
-    ``"grad-eclip | layer 11 | heads: mean | target: 0"``. Missing parts are left out."""
+    ``"grad-eclip | layer 11 | heads: mean | target: 0"``. Missing parts are left out; layers
+    given as a string are already worded (``"vision block 3 (last)"``) and shown as they are."""
     parts = []
     if method is not None:
         parts.append(str(method))
-    if layers is not None:
+    if isinstance(layers, str):
+        parts.append(layers)  # already worded, e.g. "vision block 3 (last)"
+    elif layers is not None:
         many = not isinstance(layers, str) and isinstance(layers, Sequence) and len(layers) > 1
         parts.append(f"{'layers' if many else 'layer'} {_join(layers)}")
     if heads is not None:
