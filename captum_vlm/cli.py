@@ -75,14 +75,27 @@ def load_model(spec: str):
         name = spec[4:]
         if name not in zoo.list_models():
             raise UsageError(f"unknown zoo model {name!r}; available: {', '.join(zoo.list_models()) or 'none'}")
-        return zoo.load(name)
+        return _quietly(zoo.load, name)
     path = Path(spec)
     if not path.is_dir():
         raise UsageError(f"model {spec!r} is neither zoo:NAME nor a local checkpoint folder")
     try:
-        return zoo.load(path)
+        return _quietly(zoo.load, path)
     except Exception as err:  # noqa: BLE001 - any loader failure is the user's model, one line
         raise UsageError(f"cannot load model from {spec}: {err}") from err
+
+
+def _quietly(load, *args):
+    """Load without transformers' progress bars, so errors stay one line (restored after)."""
+    from transformers.utils import logging
+
+    was_enabled = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        return load(*args)
+    finally:
+        if was_enabled:
+            logging.enable_progress_bar()
 
 
 def open_image(path: str):
@@ -108,6 +121,19 @@ def check_outputs(out: str, png_dir: str | None) -> None:
         raise UsageError(f"--png {png_dir} is a file; give a folder for the PNGs")
 
 
+def check_request(texts: list[str], targets: list[int] | None) -> None:
+    """Texts and target indices that cannot work, refused before the model is loaded."""
+    from captum_vlm._checks import check_texts
+
+    try:
+        check_texts(texts, name="--text")
+    except ValueError as err:
+        raise UsageError(str(err)) from err
+    bad = [t for t in targets or [] if not 0 <= t < len(texts)]
+    if bad:
+        raise UsageError(f"--target {bad} out of range for {len(texts)} texts (0..{len(texts) - 1})")
+
+
 def run_explain(image_path: str, texts: list[str], model_spec: str, methods: list[str] | None,
                 targets: list[int] | None, out: str, png_dir: str | None, quiet: bool) -> Path:
     from captum_vlm.adapters import get_adapter
@@ -118,6 +144,7 @@ def run_explain(image_path: str, texts: list[str], model_spec: str, methods: lis
     if unknown:
         raise UsageError(f"unknown method {', '.join(unknown)}; choose from {', '.join(METHODS)}")
     check_outputs(out, png_dir)
+    check_request(texts, targets)
     image = open_image(image_path)
     model, processor = load_model(model_spec)
     try:
