@@ -137,8 +137,8 @@ def check_request(texts: list[str], targets: list[int] | None) -> None:
 def run_explain(image_path: str, texts: list[str], model_spec: str, methods: list[str] | None,
                 targets: list[int] | None, out: str, png_dir: str | None, quiet: bool) -> Path:
     from captum_vlm.adapters import get_adapter
-    from captum_vlm.evidence import default_methods
     from captum_vlm.explain import METHODS, explain, method_names
+    from captum_vlm.explain.evidence import default_methods
 
     unknown = [m for m in methods or [] if m not in METHODS]
     if unknown:

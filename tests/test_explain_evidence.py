@@ -13,7 +13,7 @@ from scipy.stats import spearmanr
 import captum_vlm as cv
 from captum_vlm.attr import GradECLIP
 from captum_vlm.cli import demo_summary
-from captum_vlm.evidence import confidence, rank_agreement
+from captum_vlm.explain.evidence import confidence, rank_agreement
 from captum_vlm.metrics import deletion_curve, insertion_curve, model_randomization_check
 from captum_vlm.metrics.evidence import patch_orders
 from captum_vlm.targets import ImageTextSimilarity

@@ -39,7 +39,7 @@ from captum.log import log_usage
 from torch import nn
 
 from captum_vlm._checks import check_choice, check_input_ids, check_pixel_inputs, text_vocab_size
-from captum_vlm.adapters import get_adapter
+from captum_vlm.adapters import classes_for_tasks, get_adapter
 from captum_vlm.hooks import capture, preserved_model_state
 from captum_vlm.targets import ImageTextSimilarity
 
@@ -268,10 +268,10 @@ class ImageAttribution(Attribution):
     def __init__(self, model: nn.Module, interpolate_pos_encoding: bool = False):
         self.adapter = get_adapter(model)
         self.model = self.adapter.model
-        if not getattr(self.adapter, "two_tower", False):
+        if not self.adapter.two_tower:
             raise TypeError(
-                f"model: {type(self).__name__} explains two-tower models (CLIPModel, SiglipModel), got "
-                f"{type(self.model).__name__}"
+                f"model: {type(self).__name__} explains two-tower models "
+                f"({', '.join(classes_for_tasks(['similarity']))}), got {type(self.model).__name__}"
             )
         if not isinstance(interpolate_pos_encoding, bool):
             raise TypeError(f"interpolate_pos_encoding: expected a bool, got {interpolate_pos_encoding!r}")
@@ -284,7 +284,7 @@ class ImageAttribution(Attribution):
     def pools_with_head(self) -> bool:
         """True when the image embedding comes from an attention-pooling head (SigLIP), so no
         token inside the encoder blocks is the pooled one."""
-        return self.adapter.num_prefix_tokens == 0 and hasattr(self.adapter, "pooling_head")
+        return self.adapter.image_pooling == "attention_head"
 
     @property
     def n_vision_layers(self) -> int:

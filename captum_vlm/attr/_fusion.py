@@ -5,7 +5,7 @@ ViLT and LLaVA through one joint sequence. Both methods here record attention pr
 their gradients for one or more scores, turn them into *row maps* ``[B, Q, K]`` (one row per text
 query position, one column per key), and read the image columns onto the patch grid.
 
-What is explained depends on the model class (the "kind"):
+What is explained depends on the adapter's task (the "kind" here):
 
 * ``"match"`` -- ``BlipForImageTextRetrieval``, ``ViltForImageAndTextRetrieval``: the match logit
   (:class:`captum_vlm.targets.MatchLogit`), one number per example; ``target`` must be ``None``.
@@ -43,20 +43,21 @@ from captum_vlm._checks import (
     check_same_batch,
     text_vocab_size,
 )
-from captum_vlm.adapters import get_adapter
+from captum_vlm.adapters import classes_for_tasks, get_adapter
+from captum_vlm.adapters.layout import ImageTokenLayout
 from captum_vlm.attr._base import UPSAMPLE_MODES, upsample_grid
 from captum_vlm.hooks import capture
 from captum_vlm.targets import AnswerLogits, MatchLogit, TokenLogProbs
 
 __all__ = ["FUSION_KINDS", "FusionAttribution", "FusionInputs", "averaged_gradient_attention"]
 
+#: the adapter tasks these methods explain, and what this module calls each
 FUSION_KINDS: dict[str, str] = {
-    "BlipForImageTextRetrieval": "match",
-    "ViltForImageAndTextRetrieval": "match",
-    "ViltForQuestionAnswering": "answer",
-    "BlipForConditionalGeneration": "tokens",
-    "BlipForQuestionAnswering": "tokens",
-    "LlavaForConditionalGeneration": "tokens",
+    "match": "match",
+    "answer_label": "answer",
+    "caption": "tokens",
+    "answer_tokens": "tokens",
+    "generate": "tokens",
 }
 
 
@@ -90,7 +91,8 @@ class FusionInputs:
             which of its positions can have a map (``[B, T]`` bool).
         query_mask: which query rows of the recorded attention are text ``[B, Q]`` (bool).
         grid: patch grid ``(h, w)``.
-        patch_index: ViLT only, the grid ``(row, col)`` of each image token ``[B, P, 2]``.
+        layout: where the image tokens of the recorded forward sit (the adapter's
+            :meth:`~captum_vlm.adapters.VLMAdapter.image_layout`).
     """
 
     pixel_values: torch.Tensor
@@ -101,7 +103,7 @@ class FusionInputs:
     token_mask: torch.Tensor
     query_mask: torch.Tensor
     grid: tuple[int, int]
-    patch_index: torch.Tensor | None = None
+    layout: ImageTokenLayout | None = None
 
 
 def _text_requires_grad(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
@@ -119,14 +121,15 @@ class FusionAttribution(Attribution):
     def __init__(self, model: nn.Module):
         self.adapter = get_adapter(model)
         self.model = self.adapter.model
-        name = type(self.model).__name__
-        if name not in FUSION_KINDS:
+        task = None if self.adapter.two_tower else self.adapter.task
+        if task not in FUSION_KINDS:
             raise TypeError(
-                f"model: {type(self).__name__} explains fusion models ({', '.join(FUSION_KINDS)}), got "
-                f"{name}; for two-tower models (CLIP, SigLIP) use GradECLIP or another image method"
+                f"model: {type(self).__name__} explains fusion models "
+                f"({', '.join(classes_for_tasks(list(FUSION_KINDS)))}), got {type(self.model).__name__}; "
+                "for two-tower models use GradECLIP or another image method"
             )
-        self.kind = FUSION_KINDS[name]
-        self.blip_vqa = name == "BlipForQuestionAnswering"  # the only one with answer_ids
+        self.kind = FUSION_KINDS[task]
+        self.takes_answer_ids = self.adapter.takes_answer_ids  # the scored tokens are separate answer_ids
         if self.kind == "match":
             forward_func = MatchLogit(self.model)
         elif self.kind == "answer":
@@ -258,17 +261,17 @@ class FusionAttribution(Attribution):
     def _prepare(self, inputs, target, additional_forward_args, upsample) -> tuple[FusionInputs, list[int]]:
         pixel_values = check_pixel_inputs(inputs)
         check_choice(upsample, UPSAMPLE_MODES, "upsample")
-        args = _as_args(additional_forward_args, 4 if self.blip_vqa else 2)
+        args = _as_args(additional_forward_args, 4 if self.takes_answer_ids else 2)
         max_length = self.adapter.max_text_length()
         ids, mask = check_input_ids(args[0], args[1] if len(args) > 1 else None, max_length=max_length,
                                     vocab_size=text_vocab_size(self.adapter))
         check_same_batch(pixel_values=pixel_values, input_ids=ids)
         grid = self.adapter.patch_grid(pixel_values)
         query_mask = mask.bool()
-        if self.blip_vqa:
+        if self.takes_answer_ids:
             if len(args) < 3 or args[2] is None:
                 raise ValueError(
-                    "additional_forward_args: BlipForQuestionAnswering needs "
+                    f"additional_forward_args: {type(self.model).__name__} needs "
                     "(input_ids, attention_mask, answer_ids[, answer_attention_mask])"
                 )
             answer_ids, answer_mask = check_input_ids(
@@ -284,7 +287,7 @@ class FusionAttribution(Attribution):
             tokens, token_mask = ids, mask.bool()
             if self.kind == "tokens":
                 token_mask = self.forward_func.score_mask(ids, mask)
-            if self.adapter.family == "llava":
+            if self.adapter.image_tokens_in_input_ids:
                 query_mask = query_mask & ~self.adapter.image_token_positions(ids)
         prepared = FusionInputs(pixel_values, forward_args, ids, mask, tokens, token_mask, query_mask, grid)
         return prepared, self._positions(target, prepared)
@@ -339,13 +342,12 @@ class FusionAttribution(Attribution):
         with ExitStack() as stack:
             record = stack.enter_context(capture(self.model, attentions=modules, grads=False, freeze_parameters=True))
             stack.enter_context(torch.enable_grad())
-            patch_calls = stack.enter_context(self.adapter.recorded_patch_index()) if self.adapter.family == "vilt" else None
-            embeddings = [self.adapter.text_embedding()] + ([self.adapter.answer_embedding()] if self.blip_vqa else [])
+            layout = stack.enter_context(self.adapter.image_layout(inputs.pixel_values, inputs.input_ids))
+            embeddings = [self.adapter.text_embedding()] + ([self.adapter.answer_embedding()] if self.takes_answer_ids else [])
             for embedding in embeddings:  # capture removes these hooks
                 embedding.register_forward_hook(_text_requires_grad)
             output = self.forward_func(pixels, *inputs.args)
-            if patch_calls is not None:
-                inputs.patch_index = patch_calls[-1]
+            inputs.layout = layout()
             attentions = record.attentions
             if self.kind == "tokens":
                 per_token = None
@@ -374,28 +376,7 @@ class FusionAttribution(Attribution):
 
     def _to_grid(self, values: torch.Tensor, inputs: FusionInputs) -> torch.Tensor:
         """Image columns of ``values`` ``[B, R, K]`` onto the patch grid ``[B, R, h, w]``."""
-        (h, w), b, r = inputs.grid, values.shape[0], values.shape[1]
-        family = self.adapter.family
-        if family == "vilt":
-            image = values[..., inputs.input_ids.shape[1] + 1 :]  # after the text and the image CLS
-            index = inputs.patch_index.to(values.device)
-            flat = (index[..., 0] * w + index[..., 1])[:, None, :].expand(b, r, -1)
-            grid = values.new_zeros(b, r, h * w).scatter_add_(-1, flat, image)
-            return grid.reshape(b, r, h, w)
-        if family == "llava":
-            positions = self.adapter.image_token_positions(inputs.input_ids)
-            image = torch.stack([values[i][:, positions[i]] for i in range(b)])
-        else:
-            image = values
-        prefix = self.adapter.num_prefix_tokens
-        if image.shape[-1] == h * w + prefix:
-            image = image[..., prefix:]
-        if image.shape[-1] != h * w:
-            raise ValueError(
-                f"inputs: the model saw {image.shape[-1]} image tokens but the {h}x{w} patch grid of "
-                f"pixel_values {tuple(inputs.pixel_values.shape)} has {h * w}"
-            )
-        return image.reshape(b, r, h, w)
+        return inputs.layout.to_grid(values)
 
     def _finish(self, grid: torch.Tensor, inputs: FusionInputs, return_grid: bool, upsample: str) -> torch.Tensor:
         grid = grid.to(inputs.pixel_values.dtype)

@@ -271,8 +271,7 @@ class GradECLIP(ImageAttribution):
                 maps.append(self._combine(per_layer))
             maps = torch.stack(maps).detach()  # [B, K, T]
         keep = valid & (positions[None] != pooled[:, None])
-        if self.adapter.family == "clip":
-            keep[:, 0] = False
+        keep[:, : self.adapter.text_start_tokens] = False  # a BOS carries no word
         if special_tokens_mask is not None:
             keep &= ~special_tokens_mask.bool().to(keep.device)
         maps = maps * keep

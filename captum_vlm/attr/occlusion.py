@@ -3,20 +3,17 @@
 Image windows are counted in patches of the adapter's grid. ``intervention="paint"`` is Captum's
 :class:`~captum.attr.Occlusion` on ``pixel_values`` with windows aligned to the patches;
 ``intervention="drop"`` is the same sliding-window scheme run on a patch *keep mask*, where the
-model runs without the occluded patch tokens instead of on painted pixels:
-
-* CLIP, SigLIP, BLIP, LLaVA: a forward hook on the vision embeddings (position embeddings are
-  already added there) keeps the prefix (CLS) and the unoccluded patch tokens; LLaVA also loses
-  the matching image placeholders from ``input_ids`` (per-token scores are put back in place).
-* ViLT: its embeddings sample and shuffle the patch tokens, so the occluded ones are found by
-  their ``patch_index`` and masked out of attention, which removes them for every other token.
+model runs without the occluded patch tokens instead of on painted pixels: the adapter's
+:meth:`~captum_vlm.adapters.VLMAdapter.drop_image_tokens` removes them (a hook on the vision
+embeddings, after the position embeddings; ViLT masks its shuffled patches out of attention).
+When the image tokens sit in ``input_ids`` as placeholders (LLaVA), the placeholders of dropped
+patches leave ``input_ids`` too, and per-token scores are put back in place.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -43,8 +40,6 @@ __all__ = ["CausalOcclusion", "GroundingResult"]
 
 INTERVENTIONS = ("drop", "paint")
 TEXT_INTERVENTIONS = ("replace", "delete")
-_VILT_EMBEDDING_ARGS = ("input_ids", "attention_mask", "token_type_ids", "pixel_values", "pixel_mask",
-                        "inputs_embeds", "image_embeds")
 
 
 @dataclass
@@ -129,7 +124,7 @@ class CausalOcclusion(PerturbationAttribution):
         self.target_fn = default_target(model)
         self.adapter = self.target_fn.adapter
         self.model = self.adapter.model
-        self.two_tower = bool(getattr(self.adapter, "two_tower", False))
+        self.two_tower = self.adapter.two_tower
         super().__init__(self.target_fn)
 
     @log_usage()  # Captum's NoiseTunnel calls attribute.__wrapped__
@@ -194,8 +189,7 @@ class CausalOcclusion(PerturbationAttribution):
             check_same_batch(inputs=pixel_values, input_ids=ids)
         if modality == "text":
             check_choice(text_intervention, TEXT_INTERVENTIONS, "text_intervention")
-            scores_input_ids = isinstance(self.target_fn, TokenLogProbs) and \
-                self.target_fn.kind != "BlipForQuestionAnswering"
+            scores_input_ids = isinstance(self.target_fn, TokenLogProbs) and self.target_fn.scores_input_ids
             if text_intervention == "delete" and scores_input_ids:
                 raise ValueError(
                     "text_intervention: 'delete' shifts the tokens this TokenLogProbs target scores; use 'replace'"
@@ -326,14 +320,38 @@ class CausalOcclusion(PerturbationAttribution):
         return target
 
     def _call(self, pixel_values, ids, mask, extra, keep=None) -> torch.Tensor:
-        """The target's full output, without the patches where ``keep`` ``[B, h, w]`` is 0."""
+        """The target's full output, without the patches where ``keep`` ``[B, h, w]`` is 0
+        (the adapter's :meth:`~captum_vlm.adapters.VLMAdapter.drop_image_tokens`)."""
         if keep is None or bool(keep.all()):
             return self.target_fn(pixel_values, ids, mask, *extra)
-        keep_flat = keep.reshape(keep.shape[0], -1) > 0.5
-        if self.adapter.family == "llava":
-            return self._llava_dropped(pixel_values, ids, mask, extra, keep_flat)
-        with self._dropping(keep_flat, keep.shape[-2:]):
-            return self.target_fn(pixel_values, ids, mask, *extra)
+        with self.adapter.drop_image_tokens(keep) as stays:
+            stay = stays(ids)
+            if bool(stay.all()):
+                return self.target_fn(pixel_values, ids, mask, *extra)
+            return self._shortened(pixel_values, ids, mask, extra, stay)
+
+    def _shortened(self, pixel_values, ids, mask, extra, stay):
+        """The target on ``input_ids`` without the positions where ``stay`` is False (image
+        placeholders of dropped patches); a per-token output is put back in the columns of the
+        original ``input_ids``."""
+        counts = stay.sum(1)
+        if not bool((counts == counts[0]).all()):
+            raise RuntimeError("occlusion: every example must lose the same number of patches")
+        rows, length = ids.shape[0], int(counts[0])
+        target_fn = self.target_fn
+        if isinstance(target_fn, TokenLogProbs) and target_fn.score_from > 1:
+            # the scored part starts earlier by the placeholders removed before it
+            shift = (~stay[:, : target_fn.score_from]).sum(1)
+            if not bool((shift == shift[0]).all()):
+                raise RuntimeError("occlusion: rows place their image tokens differently; occlude them one at a time")
+            target_fn = copy.copy(target_fn)
+            target_fn.score_from = max(1, self.target_fn.score_from - int(shift[0]))
+        out = target_fn(pixel_values, ids[stay].view(rows, length), mask[stay].view(rows, length), *extra)
+        if out.dim() == 2 and out.shape[1] == length and length != ids.shape[1]:
+            full = out.new_zeros(rows, ids.shape[1])
+            full[stay] = out.reshape(-1)
+            out = full
+        return out
 
     def _drop_forward(self, ids, mask, extra) -> tuple[Callable, tuple]:
         """``forward(keep, pixel_values, *rest)`` for Captum, and the ``rest`` it expands (two-tower
@@ -367,51 +385,6 @@ class CausalOcclusion(PerturbationAttribution):
         if isinstance(self.target_fn, TokenLogProbs) or output.dim() == 1 or output.shape[1] == 1:
             return None
         return output.argmax(1)
-
-    # ----- dropping patch tokens ---------------------------------------------------------------
-    @contextmanager
-    def _dropping(self, keep: torch.Tensor, grid: tuple[int, int]) -> Iterator[None]:
-        """Inside the block, the vision tower runs without the patch tokens where ``keep`` ``[B, N]``
-        is False (rows must drop equally many, as sliding windows do)."""
-        if self.adapter.family == "vilt":
-            embeddings = self.model.vilt.embeddings
-            handle = embeddings.register_forward_pre_hook(_vilt_masker(keep, grid), with_kwargs=True)
-        else:
-            embeddings = self.adapter.vision_model().embeddings
-            handle = embeddings.register_forward_hook(_token_dropper(keep, self.adapter.num_prefix_tokens))
-        try:
-            yield
-        finally:
-            handle.remove()
-
-    def _llava_dropped(self, pixel_values, ids, mask, extra, keep_flat):
-        """LLaVA without some patches: fewer image features, so fewer placeholders in ``input_ids``;
-        a per-token output is put back in the columns of the original ``input_ids``."""
-        image = self.adapter.image_token_positions(ids)
-        n_patches = keep_flat.shape[1]
-        offset = image.sum(1, keepdim=True) - n_patches  # a CLS feature, when the strategy keeps it
-        patch = image.long().cumsum(1) - 1 - offset
-        kept_patch = keep_flat.gather(1, patch.clamp(0, n_patches - 1))
-        stay = ~(image & (patch >= 0) & ~kept_patch)
-        counts = stay.sum(1)
-        if not bool((counts == counts[0]).all()):
-            raise RuntimeError("occlusion: every example must lose the same number of patches")
-        rows, length = ids.shape[0], int(counts[0])
-        target_fn = self.target_fn
-        if isinstance(target_fn, TokenLogProbs) and target_fn.score_from > 1:
-            # the scored part starts earlier by the placeholders removed before it
-            shift = (~stay[:, : target_fn.score_from]).sum(1)
-            if not bool((shift == shift[0]).all()):
-                raise RuntimeError("occlusion: rows place their image tokens differently; occlude them one at a time")
-            target_fn = copy.copy(target_fn)
-            target_fn.score_from = max(1, self.target_fn.score_from - int(shift[0]))
-        with self._dropping(keep_flat, ()):
-            out = target_fn(pixel_values, ids[stay].view(rows, length), mask[stay].view(rows, length), *extra)
-        if out.dim() == 2 and out.shape[1] == length and length != ids.shape[1]:
-            full = out.new_zeros(rows, ids.shape[1])
-            full[stay] = out.reshape(-1)
-            out = full
-        return out
 
     # ----- text ---------------------------------------------------------------------------------
     def _text(self, pixels, ids, mask, extra, target, how, replacement, keep_token_ids, per_eval, progress):
@@ -466,45 +439,6 @@ class CausalOcclusion(PerturbationAttribution):
 
 
 # ----- hooks and small helpers ------------------------------------------------------------------
-
-
-def _token_dropper(keep: torch.Tensor, prefix: int):
-    """Forward hook on ViT embeddings ``[B, prefix + N, D]``: keep the prefix and kept patches."""
-
-    def hook(module, args, output):
-        if output.shape[0] != keep.shape[0] or output.shape[1] != prefix + keep.shape[1]:
-            raise RuntimeError(
-                f"occlusion: vision embeddings {tuple(output.shape)} do not match {keep.shape[0]} images of "
-                f"{prefix} prefix + {keep.shape[1]} patch tokens"
-            )
-        counts = keep.sum(1)
-        if not bool((counts == counts[0]).all()):
-            raise RuntimeError("occlusion: every example must lose the same number of patches")
-        patches = output[:, prefix:][keep].view(output.shape[0], int(counts[0]), output.shape[2])
-        return torch.cat([output[:, :prefix], patches], dim=1)
-
-    return hook
-
-
-def _vilt_masker(keep: torch.Tensor, grid: tuple[int, int]):
-    """Forward pre-hook on ``ViltEmbeddings``: embed the patches itself, then mask the occluded
-    ones (found by ``patch_index``, as ViLT shuffles them) out of attention."""
-    keep_grid = keep.view(keep.shape[0], *grid)
-
-    def hook(module, args, kwargs):
-        named = dict(zip(_VILT_EMBEDDING_ARGS, args))
-        named.update(kwargs)
-        x, x_mask, (patch_index, _) = module.visual_embed(
-            named["pixel_values"], named["pixel_mask"], max_image_length=module.config.max_image_length
-        )
-        rows = torch.arange(x.shape[0], device=x.device)[:, None]
-        kept = keep_grid[rows, patch_index[..., 0], patch_index[..., 1]]
-        x_mask = x_mask.clone()
-        x_mask[:, 1:] = x_mask[:, 1:] * kept.to(x_mask.dtype)
-        named.update(image_embeds=x, pixel_mask=x_mask)
-        return (), named
-
-    return hook
 
 
 def _embedding_replacer(positions: torch.Tensor, vector: torch.Tensor):

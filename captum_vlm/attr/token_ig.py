@@ -5,7 +5,7 @@ IG runs at the *output* of the text-embedding layer and of the patch-embedding l
 image placeholders stay where they are and are filled with image features as usual, and a
 caption scored by :class:`~captum_vlm.targets.TokenLogProbs` is still the caption being scored.
 
-The helpers at the bottom (default target per family, splitting ``additional_forward_args``,
+The helpers at the bottom (splitting ``additional_forward_args``,
 special tokens kept in text baselines, picking ``target`` columns) are shared with
 :mod:`captum_vlm.attr.occlusion`.
 """
@@ -31,17 +31,9 @@ from captum_vlm._checks import (
     check_same_batch,
     text_vocab_size,
 )
-from captum_vlm.adapters import get_adapter
 from captum_vlm.attr._base import UPSAMPLE_MODES, normalise_targets, upsample_grid
 from captum_vlm.hooks import preserved_model_state
-from captum_vlm.targets import (
-    AnswerLogits,
-    ImageTextSimilarity,
-    MatchLogit,
-    TextImageSimilarity,
-    TokenLogProbs,
-    _Target,
-)
+from captum_vlm.targets import ImageTextSimilarity, _Target, default_target
 
 __all__ = ["TokenIntegratedGradients", "default_target", "text_baseline_ids"]
 
@@ -89,7 +81,7 @@ class TokenIntegratedGradients(GradientAttribution):
         self.target_fn = default_target(model)
         self.adapter = self.target_fn.adapter
         self.model = self.adapter.model
-        self.two_tower = bool(getattr(self.adapter, "two_tower", False))
+        self.two_tower = self.adapter.two_tower
         self._multiply_by_inputs = multiply_by_inputs
         self._want_delta = False
         self._interpolate = bool(getattr(self.target_fn, "interpolate_pos_encoding", False))
@@ -308,36 +300,6 @@ class TokenIntegratedGradients(GradientAttribution):
 # ----- helpers shared with occlusion --------------------------------------------------------------
 
 
-def default_target(model: nn.Module | _Target) -> _Target:
-    """The target a method explains when given a bare model.
-
-    * CLIP, SigLIP: :class:`~captum_vlm.targets.ImageTextSimilarity` (``target=k``: prompt k);
-    * BLIP retrieval, ViLT retrieval: :class:`~captum_vlm.targets.MatchLogit` (``target=None``);
-    * ViLT VQA: :class:`~captum_vlm.targets.AnswerLogits` (``target``: answer id);
-    * BLIP captioning, BLIP VQA, LLaVA: ``TokenLogProbs(model, reduction="sum")`` (``target=None``).
-
-    A target instance is returned as it is.
-    """
-    if isinstance(model, TextImageSimilarity):
-        raise TypeError(
-            "model: TextImageSimilarity takes input_ids first; these methods take pixel_values first, so "
-            "pass the model (or ImageTextSimilarity) and choose the text side with modality='text'"
-        )
-    if isinstance(model, _Target):
-        return model
-    adapter = get_adapter(model)
-    name = type(adapter.model).__name__
-    if getattr(adapter, "two_tower", False):
-        return ImageTextSimilarity(adapter.model)
-    if name in MatchLogit._FAMILIES:
-        return MatchLogit(adapter.model)
-    if name == "ViltForQuestionAnswering":
-        return AnswerLogits(adapter.model)
-    if name in TokenLogProbs._FAMILIES:
-        return TokenLogProbs(adapter.model, reduction="sum")
-    raise TypeError(f"model: no default target for {name}; pass a target from captum_vlm.targets")
-
-
 def split_forward_args(adapter, additional_forward_args) -> tuple[torch.Tensor, torch.Tensor, tuple]:
     """``additional_forward_args`` -> ``(input_ids, attention_mask, extra)``, checked."""
     args = additional_forward_args
@@ -353,41 +315,16 @@ def split_forward_args(adapter, additional_forward_args) -> tuple[torch.Tensor, 
     return ids, mask, tuple(args[2:])
 
 
-def _config_token_ids(model: nn.Module) -> dict[str, int]:
-    found: dict[str, int] = {}
-    configs = [model.config] + [getattr(model.config, key, None) for key in ("text_config",)]
-    for config in configs:
-        if config is None:
-            continue
-        for key in ("pad_token_id", "bos_token_id", "eos_token_id", "sep_token_id", "cls_token_id",
-                    "decoder_start_token_id", "image_token_id", "image_token_index"):
-            value = getattr(config, key, None)
-            if isinstance(value, int) and not isinstance(value, bool):
-                found.setdefault(key, value)
-    return found
-
-
 def special_token_mask(
     adapter, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep_token_ids: Sequence[int] = ()
 ) -> torch.Tensor:
-    """Positions a text baseline or a text occlusion must leave alone ``[B, T]`` (bool): position
-    0 (BOS/CLS), the config's special tokens (BOS, EOS, SEP, CLS, image placeholder), the pooled
-    position, padding, and ``keep_token_ids``."""
-    ids_found = _config_token_ids(adapter.model)
-    special = {v for k, v in ids_found.items() if k != "pad_token_id"} | {int(t) for t in keep_token_ids}
-    keep = torch.zeros_like(input_ids, dtype=torch.bool)
-    for token in special:
-        keep |= input_ids == token
-    keep[:, 0] = True
-    keep |= ~attention_mask.bool()
-    pooled = adapter.pooled_text_position(input_ids, attention_mask).to(input_ids.device)
-    keep[torch.arange(input_ids.shape[0], device=input_ids.device), pooled] = True
-    return keep
+    """Alias of :meth:`captum_vlm.adapters.VLMAdapter.special_token_mask`."""
+    return adapter.special_token_mask(input_ids, attention_mask, keep_token_ids)
 
 
 def pad_token_id(adapter) -> int | None:
-    """The model's pad token id from its config (or text config), if it names one."""
-    return _config_token_ids(adapter.model).get("pad_token_id")
+    """Alias of :attr:`captum_vlm.adapters.VLMAdapter.pad_token_id`."""
+    return adapter.pad_token_id
 
 
 def text_baseline_ids(

@@ -117,31 +117,43 @@ def confidence(scores: Sequence[float], kind: str, index: int) -> tuple[str, boo
     return line + (" — the model does not see it" if absent else ""), absent
 
 
-def _score_function(context: Any, kind: str | None, k: int):
-    """``(forward(images) -> [N], unit)`` of the score text ``k``'s map explains, or ``None``
-    where no single score is explained (per-token answers of LLaVA, ViLT answer labels)."""
-    from captum_vlm.targets import ImageTextSimilarity, MatchLogit, TokenLogProbs
+def _score_function(context: Any, k: int):
+    """``(forward(images) -> [N], unit)`` of the score text ``k``'s map explains (asked of the
+    adapter's task), or ``None`` where the map explains no single score."""
+    from captum_vlm.targets import AnswerLogits, ImageTextSimilarity, MatchLogit, TokenLogProbs
 
-    model, inputs = context.model, context.inputs
+    model, inputs, answers = context.model, context.inputs, context.answers
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
-    if getattr(context.adapter, "two_tower", False):
-        target_fn = ImageTextSimilarity(model)
-        return (lambda images: target_fn(images, ids, mask)[:, k]), "logit"
+    task = context.adapter.task
 
     def rows(*tensors):
         return lambda n: tuple(t[k : k + 1].expand(n, *t.shape[1:]) for t in tensors)
 
-    if kind == "match":
+    if task == "similarity":
+        target_fn = ImageTextSimilarity(model)
+        return (lambda images: target_fn(images, ids, mask)[:, k]), "logit"
+    if task == "match":
         target_fn, args = MatchLogit(model), rows(ids, mask)
         return (lambda images: target_fn(images, *args(len(images)))), "match logit"
-    if kind == "caption":
+    if task == "caption":
         target_fn, args = TokenLogProbs(model, reduction="sum"), rows(ids, mask)
         return (lambda images: target_fn(images, *args(len(images)))), "caption log-probability"
-    answers = context.answers
-    if kind == "vqa" and answers is not None and answers.answer_ids is not None:
+    if task == "answer_tokens" and answers is not None and answers.answer_ids is not None:
         target_fn = TokenLogProbs(model, reduction="sum")
         args = rows(ids, mask, answers.answer_ids, answers.answer_mask)
         return (lambda images: target_fn(images, *args(len(images)))), "answer log-probability"
+    if task == "answer_label" and answers is not None and answers.label_ids is not None:
+        target_fn, args, label = AnswerLogits(model), rows(ids, mask), int(answers.label_ids[k])
+        return (lambda images: target_fn(images, *args(len(images)))[:, label]), "answer logit"
+    if task == "generate" and answers is not None and answers.sequences is not None:
+        sequence = answers.sequences[k]
+        target_fn = TokenLogProbs(model, reduction="sum", score_from=answers.prompt_lengths[k])
+
+        def forward(images):
+            batch = sequence.expand(len(images), -1)
+            return target_fn(images, batch, torch.ones_like(batch))
+
+        return forward, "answer log-probability"
     return None
 
 
@@ -177,7 +189,6 @@ def attach_evidence(
     run: Callable,
     scores: Sequence[float],
     score_kind: str,
-    kind: str | None,
     *,
     steps: int = 8,
     n_random: int = 3,
@@ -201,10 +212,10 @@ def attach_evidence(
         record.evidence_values.update(absent=absent, randomisation_spearman=rho)
         record.evidence["randomisation check"] = verdict
         if ("score", k) not in cache:
-            cache[("score", k)] = _score_function(context, kind, k)
+            cache[("score", k)] = _score_function(context, k)
         scored = cache[("score", k)]
         if scored is None:
-            record.evidence["faithfulness"] = "not measured for this model kind"
+            record.evidence["faithfulness"] = "not measured for this model's task"
             continue
         forward, unit = scored
         row = pixels[k : k + 1] if pixels.shape[0] > 1 else pixels
