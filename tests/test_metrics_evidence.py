@@ -118,3 +118,62 @@ def test_road_morf_and_lerf_by_hand():
         road_curve(f, x, x, fractions=[0.5, 0.2])
     with pytest.raises(ValueError, match="order"):
         road_curve(f, x, x, order="up")
+
+
+# ---------------------------------------------------------------- token-drop curves
+def _clip_logit_without(model, pixels, ids, mask, keep_flat, k):
+    """Reference: CLIP's image tower run by hand on the CLS token and the kept patch tokens."""
+    vision = model.vision_model
+    with torch.no_grad():
+        tokens = vision.embeddings(pixels)
+        kept = torch.cat([tokens[:, :1], tokens[:, 1:][:, keep_flat]], dim=1)
+        hidden = vision.pre_layrnorm(kept)
+        for layer in vision.encoder.layers:
+            out = layer(hidden, None)
+            hidden = out[0] if isinstance(out, tuple) else out
+        pooled = vision.post_layernorm(hidden[:, 0])
+        image = model.visual_projection(pooled)
+        text = model.get_text_features(input_ids=ids, attention_mask=mask)
+        text = text if isinstance(text, torch.Tensor) else text.pooler_output
+        image, text = image / image.norm(dim=-1, keepdim=True), text / text.norm(dim=-1, keepdim=True)
+        return float((model.logit_scale.exp() * image @ text.T)[0, k])
+
+
+def test_token_drop_curves_equal_the_tower_run_on_the_kept_tokens():
+    import tiny_models as tm
+    from model_state import assert_unchanged, snapshot
+
+    from captum_vlm.adapters import get_adapter
+    from captum_vlm.metrics import token_drop_curve
+    from captum_vlm.targets import ImageTextSimilarity
+
+    model = tm.clip()
+    pixels = tm.pixels(1)
+    ids, mask = tm.text_ids(2, 5)
+    h, w = get_adapter(model).patch_grid(pixels)
+    grid = torch.randn(h, w)
+    before = snapshot(model)
+    deletion = token_drop_curve(model, ImageTextSimilarity(model), pixels, grid, target=1,
+                                additional_forward_args=(ids, mask), steps=4)
+    insertion = token_drop_curve(model, ImageTextSimilarity(model), pixels, grid, target=1,
+                                 additional_forward_args=(ids, mask), mode="insertion", steps=4)
+    assert_unchanged(model, before)
+    n = h * w
+    order = torch.sort(grid.flatten(), descending=True, stable=True).indices
+    for step in range(5):
+        count = step * n // 4
+        dropped = torch.zeros(n, dtype=torch.bool)
+        dropped[order[:count]] = True
+        assert deletion.scores[0, step].item() == pytest.approx(
+            _clip_logit_without(model, pixels, ids, mask, ~dropped, 1), rel=1e-4, abs=1e-5)
+        assert insertion.scores[0, step].item() == pytest.approx(
+            _clip_logit_without(model, pixels, ids, mask, dropped, 1), rel=1e-4, abs=1e-5)
+    torch.testing.assert_close(deletion.auc, curve_auc_ref(deletion.scores))
+    with pytest.raises(ValueError, match="grid: expected the model's patch grid"):
+        token_drop_curve(model, ImageTextSimilarity(model), pixels, torch.ones(3, 3), target=0,
+                         additional_forward_args=(ids, mask))
+
+
+def curve_auc_ref(scores):
+    s = scores[0].tolist()
+    return torch.tensor([sum((a + b) / 2 for a, b in zip(s, s[1:])) / (len(s) - 1)], dtype=torch.float64)

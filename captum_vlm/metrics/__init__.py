@@ -15,6 +15,7 @@ from .localization import (
 from .perturbation import PerturbationCurve, curve_auc, deletion_curve, insertion_curve
 from .road import ROADCurve, noisy_linear_impute, road_curve
 from .sanity import RandomizationResult, model_randomization_check, reinitialize, ssim
+from .token_drop import token_drop_curve
 
 __all__ = [
     "DEFAULT_TOLERANCE",
@@ -35,4 +36,5 @@ __all__ = [
     "reinitialize",
     "road_curve",
     "ssim",
+    "token_drop_curve",
 ]
