@@ -82,6 +82,14 @@ def oov(ids: torch.Tensor) -> torch.Tensor:
     return bad
 
 
+def _png() -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (2, 2)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def args(w: World):
     return (w.ids, w.mask)
 
@@ -240,6 +248,10 @@ CASES: dict[str, Case] = {
     "report-nan-grid": Case(lambda w: encode_grid(nan_map), ValueError, "grid", None),
     "report-first-view-png": Case(lambda w: render_report("t", b"", [ReportView("m", "t", grid=grid)]),
                                   ValueError, "first view", None),
+    "report-nan-token-scores": Case(lambda w: render_report("t", _png(), [ReportView("m", "t", _png()), ReportView(
+        "m", "u", grid=grid, tokens=["a"], token_scores=[np.nan])]), ValueError, r"views\[1\].token_scores", None),
+    "report-nan-scores": Case(lambda w: render_report("t", _png(), [ReportView("m", "t", _png())],
+                                                      scores={"a": float("nan")}), ValueError, "scores", None),
     "resize-interpolation": Case(lambda w: resize_map(grid, (4, 4), "cubic"), ValueError, "interpolation", None),
     # ---------------------------------------------------------------- zoo
     "zoo-load-none": Case(lambda w: zoo.load(None), TypeError, "name_or_path", None),

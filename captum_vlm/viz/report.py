@@ -261,6 +261,9 @@ def render_report(
     for i, v in enumerate(views):
         if v.image_png is None and v.grid is None:
             raise ValueError(f"views[{i}]: give image_png or grid")
+        if v.token_scores is not None:
+            check_finite_map(np.asarray(v.token_scores, dtype=np.float64), f"views[{i}].token_scores")
+    check_finite_map(np.asarray(list((scores or {}).values()), dtype=np.float64), "scores")
     methods = list(dict.fromkeys(v.method for v in views))
     targets = list(dict.fromkeys(v.target for v in views))
     data = {
