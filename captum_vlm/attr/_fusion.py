@@ -36,16 +36,10 @@ from captum.log import log_usage
 from torch import nn
 from tqdm.auto import tqdm
 
-from captum_vlm._checks import (
-    check_choice,
-    check_input_ids,
-    check_pixel_inputs,
-    check_same_batch,
-    text_vocab_size,
-)
-from captum_vlm.adapters import classes_for_tasks, get_adapter
+from captum_vlm._checks import check_input_ids, check_same_batch
+from captum_vlm.adapters import classes_for_tasks
 from captum_vlm.adapters.layout import ImageTokenLayout
-from captum_vlm.attr._base import UPSAMPLE_MODES, upsample_grid
+from captum_vlm.attr._core import ImageAttributionBase, int_targets, split_text_args
 from captum_vlm.hooks import capture
 from captum_vlm.targets import AnswerLogits, MatchLogit, TokenLogProbs
 
@@ -114,13 +108,12 @@ def _text_requires_grad(module: nn.Module, args: tuple, output: torch.Tensor) ->
     return output.detach().requires_grad_(True).clone()
 
 
-class FusionAttribution(Attribution):
+class FusionAttribution(ImageAttributionBase, Attribution):
     """Base of the fusion-model image methods; subclasses implement ``_modules``, ``_row_maps``
     and ``_reduce_rows`` (see the module docstring for what is explained per model class)."""
 
     def __init__(self, model: nn.Module):
-        self.adapter = get_adapter(model)
-        self.model = self.adapter.model
+        self.bind(model)
         task = None if self.adapter.two_tower else self.adapter.task
         if task not in FUSION_KINDS:
             raise TypeError(
@@ -259,23 +252,22 @@ class FusionAttribution(Attribution):
 
     # ----- plumbing ---------------------------------------------------------------------------
     def _prepare(self, inputs, target, additional_forward_args, upsample) -> tuple[FusionInputs, list[int]]:
-        pixel_values = check_pixel_inputs(inputs)
-        check_choice(upsample, UPSAMPLE_MODES, "upsample")
-        args = _as_args(additional_forward_args, 4 if self.takes_answer_ids else 2)
+        pixel_values, grid = self.image_inputs(inputs, upsample)
+        wanted = ("(input_ids, attention_mask, answer_ids[, answer_attention_mask])" if self.takes_answer_ids
+                  else "(input_ids, attention_mask)")
+        ids, mask, args = split_text_args(self.adapter, additional_forward_args, 4 if self.takes_answer_ids else 2,
+                                          wanted)
         max_length = self.adapter.max_text_length()
-        ids, mask = check_input_ids(args[0], args[1] if len(args) > 1 else None, max_length=max_length,
-                                    vocab_size=text_vocab_size(self.adapter))
         check_same_batch(pixel_values=pixel_values, input_ids=ids)
-        grid = self.adapter.patch_grid(pixel_values)
         query_mask = mask.bool()
         if self.takes_answer_ids:
-            if len(args) < 3 or args[2] is None:
+            if not args or args[0] is None:
                 raise ValueError(
                     f"additional_forward_args: {type(self.model).__name__} needs "
                     "(input_ids, attention_mask, answer_ids[, answer_attention_mask])"
                 )
             answer_ids, answer_mask = check_input_ids(
-                args[2], args[3] if len(args) > 3 else None, max_length=max_length, name="answer_ids"
+                args[0], args[1] if len(args) > 1 else None, max_length=max_length, name="answer_ids"
             )
             check_same_batch(pixel_values=pixel_values, answer_ids=answer_ids)
             forward_args = (ids, mask, answer_ids, answer_mask)
@@ -310,19 +302,11 @@ class FusionAttribution(Attribution):
             if not positions:
                 raise ValueError("target: no token is scored (texts of one token, or score_from past the end)")
             return positions
-        if isinstance(target, torch.Tensor):
-            if target.dim() > 1 or target.is_floating_point():
-                raise TypeError(f"target: expected an int tensor of positions [] or [n], got {target.dtype} "
-                                f"{tuple(target.shape)}")
-            target = target.tolist()
-        if isinstance(target, int) and not isinstance(target, bool):
-            target = [target]
-        if not isinstance(target, (list, tuple)) or not target:
+        target = int_targets(target, "a token position or a list of positions")
+        if not target:
             raise TypeError(f"target: expected a token position or a list of positions, got {target!r}")
         positions = []
         for t in target:
-            if isinstance(t, bool) or not isinstance(t, int):
-                raise TypeError(f"target: expected int positions, got {t!r}")
             if not -length < t < length or t % length == 0:
                 raise ValueError(
                     f"target: position {t} has no prediction; token positions run 1..{length - 1} "
@@ -379,10 +363,7 @@ class FusionAttribution(Attribution):
         return inputs.layout.to_grid(values)
 
     def _finish(self, grid: torch.Tensor, inputs: FusionInputs, return_grid: bool, upsample: str) -> torch.Tensor:
-        grid = grid.to(inputs.pixel_values.dtype)
-        if return_grid:
-            return grid
-        return upsample_grid(grid, tuple(inputs.pixel_values.shape[-2:]), self.adapter.patch_size(), upsample)
+        return self.finish(grid.to(inputs.pixel_values.dtype), inputs.pixel_values, return_grid, upsample)
 
 
 def _grads(score: torch.Tensor, attentions: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -396,19 +377,6 @@ def _grads(score: torch.Tensor, attentions: list[torch.Tensor]) -> list[torch.Te
     return grads
 
 
-def _as_args(additional_forward_args: object, most: int) -> tuple:
-    if isinstance(additional_forward_args, torch.Tensor):
-        return (additional_forward_args,)
-    if not isinstance(additional_forward_args, (tuple, list)) or not 1 <= len(additional_forward_args) <= most:
-        wanted = "(input_ids, attention_mask, answer_ids[, answer_attention_mask])" if most == 4 else "(input_ids, attention_mask)"
-        raise TypeError(
-            f"additional_forward_args: expected {wanted} from the processor, got "
-            f"{type(additional_forward_args).__name__}"
-            + (f" of length {len(additional_forward_args)}" if isinstance(additional_forward_args, (tuple, list)) else "")
-        )
-    return tuple(additional_forward_args)
-
-
 def _answer_targets(target: object, batch: int, n_answers: int) -> torch.Tensor:
     """ViLT VQA ``target`` (label id, one per example) to ``[B]`` long."""
     if target is None:
@@ -416,19 +384,13 @@ def _answer_targets(target: object, batch: int, n_answers: int) -> torch.Tensor:
             "target: say which answer to explain, its label id (model.config.label2id[answer]), one "
             "int or one per example"
         )
-    if isinstance(target, torch.Tensor):
-        if target.dim() > 1 or target.is_floating_point():
-            raise TypeError(f"target: expected an integer tensor [] or [B], got {target.dtype} {tuple(target.shape)}")
-        target = target.tolist()
-    if isinstance(target, int) and not isinstance(target, bool):
-        target = [target] * batch
-    if not isinstance(target, (list, tuple)):
-        raise TypeError(f"target: expected an answer label id or a list of them, got {type(target).__name__}")
+    single = isinstance(target, int) or (isinstance(target, torch.Tensor) and target.dim() == 0)
+    target = int_targets(target, "an answer label id or a list of them")
+    if single:
+        target = target * batch
     if len(target) != batch:
         raise ValueError(f"target: {len(target)} answers for {batch} examples; give one per example or one int")
     for t in target:
-        if isinstance(t, bool) or not isinstance(t, int):
-            raise TypeError(f"target: expected int label ids, got {t!r}")
         if not 0 <= t < n_answers:
             raise ValueError(f"target: answer id {t} is out of range for {n_answers} answers (0..{n_answers - 1})")
     return torch.tensor(target, dtype=torch.long)

@@ -22,8 +22,10 @@ from captum.log import log_usage
 from torch import nn
 from tqdm.auto import tqdm
 
-from captum_vlm._checks import check_choice, check_count, check_pixel_inputs, check_same_batch
-from captum_vlm.attr._base import UPSAMPLE_MODES, normalise_targets, upsample_grid
+from captum_vlm._checks import check_choice, check_count, check_same_batch
+from captum_vlm._grid import pixels_to_grid
+from captum_vlm.attr._base import normalise_targets, upsample_grid
+from captum_vlm.attr._core import ImageAttributionBase, split_text_args
 from captum_vlm.attr.token_ig import (
     _pixel_baseline,
     check_output_target,
@@ -31,9 +33,7 @@ from captum_vlm.attr.token_ig import (
     pad_token_id,
     select_target,
     special_token_mask,
-    split_forward_args,
 )
-from captum_vlm.hooks import preserved_model_state
 from captum_vlm.targets import MatchLogit, TokenLogProbs, _Target
 
 __all__ = ["CausalOcclusion", "GroundingResult"]
@@ -90,7 +90,7 @@ class GroundingResult:
         return "\n".join(lines)
 
 
-class CausalOcclusion(PerturbationAttribution):
+class CausalOcclusion(ImageAttributionBase, PerturbationAttribution):
     """Occlusion on the patch grid and on text tokens: the change of the target when a part is gone.
 
     Zeiler & Fergus, *Visualizing and Understanding Convolutional Networks*, ECCV 2014: slide a
@@ -122,8 +122,7 @@ class CausalOcclusion(PerturbationAttribution):
 
     def __init__(self, model: nn.Module | _Target):
         self.target_fn = default_target(model)
-        self.adapter = self.target_fn.adapter
-        self.model = self.adapter.model
+        self.bind(self.target_fn.adapter)
         self.two_tower = self.adapter.two_tower
         super().__init__(self.target_fn)
 
@@ -179,12 +178,10 @@ class CausalOcclusion(PerturbationAttribution):
             >>> words = occ.attribute(pixel_values, target=answer_id, modality="text",  # doctest: +SKIP
             ...                       additional_forward_args=(ids, mask))
         """
-        pixel_values = check_pixel_inputs(inputs)
-        grid = self.adapter.patch_grid(pixel_values)  # also: at least one patch
+        pixel_values, grid = self.image_inputs(inputs, upsample)  # also: at least one patch
         check_choice(modality, ("image", "text"), "modality")
-        check_choice(upsample, UPSAMPLE_MODES, "upsample")
         check_count(perturbations_per_eval, "perturbations_per_eval")
-        ids, mask, extra = split_forward_args(self.adapter, additional_forward_args)
+        ids, mask, extra = split_text_args(self.adapter, additional_forward_args)
         if not self.two_tower:
             check_same_batch(inputs=pixel_values, input_ids=ids)
         if modality == "text":
@@ -195,7 +192,7 @@ class CausalOcclusion(PerturbationAttribution):
                     "text_intervention: 'delete' shifts the tokens this TokenLogProbs target scores; use 'replace'"
                 )
             captum_target = self._check_target(pixel_values, ids, mask, extra, target)
-            with preserved_model_state(self.model), torch.no_grad():
+            with self.preserved(grad=False, freeze_parameters=False):
                 return self._text(pixel_values, ids, mask, extra, captum_target, text_intervention,
                                   text_baseline, keep_token_ids, perturbations_per_eval, show_progress)
 
@@ -205,7 +202,7 @@ class CausalOcclusion(PerturbationAttribution):
         if window[0] > grid[0] or window[1] > grid[1]:
             raise ValueError(f"window: {window} patches is larger than the {grid} patch grid")
         captum_target = self._check_target(pixel_values, ids, mask, extra, target)
-        with preserved_model_state(self.model), torch.no_grad():
+        with self.preserved(grad=False, freeze_parameters=False):
             if intervention == "drop":
                 forward, rest = self._drop_forward(ids, mask, extra)
                 keep = torch.ones(pixel_values.shape[0], *grid, dtype=pixel_values.dtype, device=pixel_values.device)
@@ -225,10 +222,7 @@ class CausalOcclusion(PerturbationAttribution):
                     show_progress=show_progress,
                 )
                 maps = pixels_map[:, 0, : grid[0] * ph : ph, : grid[1] * pw : pw]
-        maps = maps.detach()
-        if return_grid:
-            return maps
-        return upsample_grid(maps, tuple(pixel_values.shape[-2:]), self.adapter.patch_size(), upsample)
+        return self.finish(maps, pixel_values, return_grid, upsample)
 
     # ----- grounding test (LVLM-Interpret) ---------------------------------------------------
     def grounding_test(
@@ -268,13 +262,12 @@ class CausalOcclusion(PerturbationAttribution):
             >>> CausalOcclusion(model).grounding_test(pixels, heat, target=0,   # doctest: +SKIP
             ...                                       additional_forward_args=(ids, mask)).grounded
         """
-        pixel_values = check_pixel_inputs(inputs)
-        grid = self.adapter.patch_grid(pixel_values)  # also: at least one patch
+        pixel_values, grid = self.image_inputs(inputs)  # also: at least one patch
         if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
             raise ValueError(f"fraction: expected a number in (0, 1), got {fraction!r}")
         check_count(n_random, "n_random")
         check_choice(intervention, INTERVENTIONS, "intervention")
-        ids, mask, extra = split_forward_args(self.adapter, additional_forward_args)
+        ids, mask, extra = split_text_args(self.adapter, additional_forward_args)
         if not self.two_tower:
             check_same_batch(inputs=pixel_values, input_ids=ids)
         captum_target = self._check_target(pixel_values, ids, mask, extra, target)
@@ -286,7 +279,7 @@ class CausalOcclusion(PerturbationAttribution):
         randoms = [torch.stack([torch.randperm(n, generator=generator)[:k] for _ in range(b)]) for _ in range(n_random)]
         keeps = [_keep_mask(idx, b, grid, pixel_values.device) for idx in [relevant, *randoms]]
 
-        with preserved_model_state(self.model), torch.no_grad():
+        with self.preserved(grad=False, freeze_parameters=False):
             outputs = [self._masked_output(pixel_values, keep, ids, mask, extra, intervention, baselines)
                        for keep in [torch.ones_like(keeps[0]), *keeps]]
         scores = [select_target(o, captum_target) for o in outputs]
@@ -315,7 +308,7 @@ class CausalOcclusion(PerturbationAttribution):
         """Validate ``target``; returns it in the form Captum takes (a per-image list for two-tower)."""
         if self.two_tower:
             return normalise_targets(target, pixel_values.shape[0], ids.shape[0]).tolist()
-        with preserved_model_state(self.model), torch.no_grad():
+        with self.preserved(grad=False, freeze_parameters=False):
             check_output_target(self.target_fn(pixel_values, ids, mask, *extra), target)
         return target
 
@@ -497,9 +490,8 @@ def _as_grid(attribution, pixel_values, grid, patch) -> torch.Tensor:
         return a
     if a.dim() == 4 and a.shape[0] == b:
         a = a.mean(1)
-    if a.dim() == 3 and a.shape == (b, *pixel_values.shape[-2:]):
-        a = a[:, : h * patch[0], : w * patch[1]]
-        return a.reshape(b, h, patch[0], w, patch[1]).mean((2, 4))
+    if a.dim() == 3 and a.shape == (b, *pixel_values.shape[-2:]):  # the patch-cover rule
+        return torch.from_numpy(pixels_to_grid(a.cpu().numpy(), grid, patch)).to(a)
     raise ValueError(
         f"attribution: expected [B, 3, H, W], [B, H, W] or the patch grid {(b, h, w)}, got {tuple(attribution.shape)}"
     )

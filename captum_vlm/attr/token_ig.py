@@ -26,13 +26,10 @@ from captum_vlm._checks import (
     check_choice,
     check_count,
     check_finite,
-    check_input_ids,
-    check_pixel_inputs,
     check_same_batch,
-    text_vocab_size,
 )
-from captum_vlm.attr._base import UPSAMPLE_MODES, normalise_targets, upsample_grid
-from captum_vlm.hooks import preserved_model_state
+from captum_vlm.attr._base import normalise_targets
+from captum_vlm.attr._core import ImageAttributionBase, int_targets, split_text_args
 from captum_vlm.targets import ImageTextSimilarity, _Target, default_target
 
 __all__ = ["TokenIntegratedGradients", "default_target", "text_baseline_ids"]
@@ -41,7 +38,7 @@ MODALITIES = ("image", "text", "both")
 IG_METHODS = ("gausslegendre", "riemann_trapezoid", "riemann_left", "riemann_right", "riemann_middle")
 
 
-class TokenIntegratedGradients(GradientAttribution):
+class TokenIntegratedGradients(ImageAttributionBase, GradientAttribution):
     """Integrated Gradients over text tokens, image patches, or both on one path.
 
     IG (Sundararajan, Taly & Yan, *Axiomatic Attribution for Deep Networks*, ICML 2017) integrates
@@ -79,8 +76,7 @@ class TokenIntegratedGradients(GradientAttribution):
 
     def __init__(self, model: nn.Module | _Target, multiply_by_inputs: bool = True):
         self.target_fn = default_target(model)
-        self.adapter = self.target_fn.adapter
-        self.model = self.adapter.model
+        self.bind(self.target_fn.adapter)
         self.two_tower = self.adapter.two_tower
         self._multiply_by_inputs = multiply_by_inputs
         self._want_delta = False
@@ -147,17 +143,15 @@ class TokenIntegratedGradients(GradientAttribution):
             >>> tokens = ig.attribute(pixel_values, modality="text",         # doctest: +SKIP
             ...                       additional_forward_args=(ids, mask))
         """
-        pixel_values = check_pixel_inputs(inputs)
-        self.adapter.patch_grid(pixel_values)  # at least one patch
+        pixel_values, _ = self.image_inputs(inputs, upsample)  # also: at least one patch
         check_choice(modality, MODALITIES, "modality")
-        check_choice(upsample, UPSAMPLE_MODES, "upsample")
         check_count(n_steps, "n_steps")
         check_choice(method, IG_METHODS, "method")
         if internal_batch_size is not None and (
             isinstance(internal_batch_size, bool) or not isinstance(internal_batch_size, int) or internal_batch_size < 1
         ):
             raise ValueError(f"internal_batch_size: expected None or an int >= 1, got {internal_batch_size!r}")
-        ids, mask, extra = split_forward_args(self.adapter, additional_forward_args)
+        ids, mask, extra = split_text_args(self.adapter, additional_forward_args)
         if not self.two_tower:
             check_same_batch(inputs=pixel_values, input_ids=ids)
         pixel_base = _pixel_baseline(baselines, pixel_values)
@@ -166,7 +160,7 @@ class TokenIntegratedGradients(GradientAttribution):
             text_base = text_baseline_ids(self.adapter, ids, mask, text_baseline, keep_token_ids)
 
         self._want_delta = return_convergence_delta
-        with preserved_model_state(self.model, freeze_parameters=True), torch.enable_grad():
+        with self.preserved():
             if self.two_tower:
                 rows = normalise_targets(target, pixel_values.shape[0], ids.shape[0])
                 image, text, delta = self._two_tower(
@@ -178,8 +172,8 @@ class TokenIntegratedGradients(GradientAttribution):
                     pixel_values, pixel_base, ids, mask, extra, text_base, target, modality,
                     n_steps, method, internal_batch_size, show_progress,
                 )
-        if image is not None and not return_grid:
-            image = upsample_grid(image, tuple(pixel_values.shape[-2:]), self.adapter.patch_size(), upsample)
+        if image is not None:
+            image = self.finish(image, pixel_values, return_grid, upsample)
         out = {"image": image, "text": text, "both": (image, text)}[modality]
         return (out, delta) if return_convergence_delta else out
 
@@ -301,18 +295,8 @@ class TokenIntegratedGradients(GradientAttribution):
 
 
 def split_forward_args(adapter, additional_forward_args) -> tuple[torch.Tensor, torch.Tensor, tuple]:
-    """``additional_forward_args`` -> ``(input_ids, attention_mask, extra)``, checked."""
-    args = additional_forward_args
-    if isinstance(args, torch.Tensor):
-        args = (args,)
-    if not isinstance(args, (tuple, list)) or not args:
-        raise TypeError(
-            "additional_forward_args: expected (input_ids, attention_mask, ...) from the processor, got "
-            f"{type(additional_forward_args).__name__}"
-        )
-    mask = args[1] if len(args) > 1 else None
-    ids, mask = check_input_ids(args[0], mask, max_length=adapter.max_text_length(), vocab_size=text_vocab_size(adapter))
-    return ids, mask, tuple(args[2:])
+    """Alias of :func:`captum_vlm.attr._core.split_text_args`."""
+    return split_text_args(adapter, additional_forward_args)
 
 
 def special_token_mask(
@@ -388,11 +372,8 @@ def check_output_target(output: torch.Tensor, target) -> None:
         if columns != 1:
             raise ValueError(f"target: the output has {columns} columns; say which to explain (target=...)")
         return
-    values = target.flatten().tolist() if isinstance(target, torch.Tensor) else target
-    values = values if isinstance(values, (list, tuple)) else [values]
+    values = int_targets(target.flatten() if isinstance(target, torch.Tensor) else target)
     for value in values:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"target: expected ints, got {value!r}")
         if not -columns <= value < columns:
             raise ValueError(f"target: {value} is out of range for {columns} outputs (0..{columns - 1})")
     if len(values) not in (1, output.shape[0]):
