@@ -37,7 +37,7 @@ print("map shape (like pixel_values):", tuple(heat.shape))
 hit = metrics.pointing_game(heat[0], scene.objects[0].mask)
 print(f"pointing game for {prompts[target]!r}: {'hit' if hit.mean == 1 else 'miss'}")
 
-fig = viz.overlay(scene.image, heat[0], method="grad-eclip", layers="last", target=prompts[target])
+fig = viz.overlay(scene.image, heat[0], method="grad-eclip", layers="last vision block", target=prompts[target])
 fig.savefig(out / "quickstart-grad-eclip.png", dpi=120, bbox_inches="tight")
 
 # 4. The convenience layer: several methods, one self-contained HTML report.
