@@ -54,8 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--model", default=DEFAULT_MODEL,
                          help=f"zoo:NAME for a bundled model or a local checkpoint folder (default {DEFAULT_MODEL})")
     explain.add_argument("--method", action="append", metavar="NAME",
-                         help="attribution method; repeat for several (default: the first one for the model's family, "
-                         "grad-eclip for CLIP/SigLIP)")
+                         help="attribution method; repeat for several (default: the zoo benchmark's most faithful "
+                         "for the model's family: relevancy for CLIP, grad-eclip for SigLIP, bimodal-relevancy for "
+                         "BLIP/ViLT/LLaVA)")
     explain.add_argument("--target", type=int, action="append", metavar="K",
                          help="index of a text to explain; repeat for several (default: all)")
     explain.add_argument("--out", default="report.html", help="HTML report to write (default report.html)")
@@ -80,14 +81,27 @@ def load_model(spec: str):
         name = spec[4:]
         if name not in zoo.list_models():
             raise UsageError(f"unknown zoo model {name!r}; available: {', '.join(zoo.list_models()) or 'none'}")
-        return zoo.load(name)
+        return _quietly(zoo.load, name)
     path = Path(spec)
     if not path.is_dir():
         raise UsageError(f"model {spec!r} is neither zoo:NAME nor a local checkpoint folder")
     try:
-        return zoo.load(path)
+        return _quietly(zoo.load, path)
     except Exception as err:  # noqa: BLE001 - any loader failure is the user's model, one line
         raise UsageError(f"cannot load model from {spec}: {err}") from err
+
+
+def _quietly(load, *args):
+    """Load without transformers' progress bars, so errors stay one line (restored after)."""
+    from transformers.utils import logging
+
+    was_enabled = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        return load(*args)
+    finally:
+        if was_enabled:
+            logging.enable_progress_bar()
 
 
 def open_image(path: str):
@@ -102,32 +116,59 @@ def open_image(path: str):
         raise UsageError(f"cannot read image {path}: {err}") from err
 
 
+def check_outputs(out: str, png_dir: str | None) -> None:
+    """Refuse output paths that cannot be written, before any work is done."""
+    out_path = Path(out)
+    if out_path.is_dir():
+        raise UsageError(f"--out {out} is a directory; give a file name, e.g. {out_path / 'report.html'}")
+    if out_path.parent.exists() and not out_path.parent.is_dir():
+        raise UsageError(f"--out {out}: {out_path.parent} is a file, not a folder")
+    if png_dir is not None and Path(png_dir).exists() and not Path(png_dir).is_dir():
+        raise UsageError(f"--png {png_dir} is a file; give a folder for the PNGs")
+
+
+def check_request(texts: list[str], targets: list[int] | None) -> None:
+    """Texts and target indices that cannot work, refused before the model is loaded."""
+    from captum_vlm._checks import check_texts
+
+    try:
+        check_texts(texts, name="--text")
+    except ValueError as err:
+        raise UsageError(str(err)) from err
+    bad = [t for t in targets or [] if not 0 <= t < len(texts)]
+    if bad:
+        raise UsageError(f"--target {bad} out of range for {len(texts)} texts (0..{len(texts) - 1})")
+
+
 def run_explain(image_path: str, texts: list[str], model_spec: str, methods: list[str] | None,
                 targets: list[int] | None, out: str, png_dir: str | None, quiet: bool) -> Path:
     from captum_vlm.adapters import get_adapter
     from captum_vlm.explain import METHODS, explain, method_names
+    from captum_vlm.explain.evidence import default_methods
 
     unknown = [m for m in methods or [] if m not in METHODS]
     if unknown:
         raise UsageError(f"unknown method {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+    check_outputs(out, png_dir)
+    check_request(texts, targets)
     image = open_image(image_path)
     model, processor = load_model(model_spec)
     try:
         family = get_adapter(model).family
     except TypeError as err:
         raise UsageError(str(err)) from err
-    methods = methods or method_names(family)[:1]
+    methods = methods or default_methods(family, method_names(family))
     try:
         explanation = explain(model, processor, image, texts, methods=methods, target=targets,
                               model_name=model_spec.removeprefix("zoo:"), show_progress=not quiet)
-    except ValueError as err:
+    except (ValueError, TypeError) as err:
         raise UsageError(str(err)) from err
     out_path = Path(out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     explanation.to_html(out_path)
     if png_dir:
         explanation.save(png_dir)
-    return out_path
+    return out_path, explanation
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -148,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
             out = run_lens_inside(args)
             print(f"wrote {out}")
             return 0
-        out = run_explain(args.image, args.text, args.model, args.method, args.target, args.out, args.png, args.quiet)
+        out, _ = run_explain(args.image, args.text, args.model, args.method, args.target, args.out, args.png,
+                             args.quiet)
         print(f"wrote {out}" + (f" and PNGs in {args.png}" if args.png else ""))
         return 0
     except UsageError as err:
@@ -164,9 +206,13 @@ def run_demo(out_dir: str) -> int:
 
     scene = files("captum_vlm.zoo") / "assets" / "demo-scene.png"
     out = Path(out_dir)
-    report = run_explain(str(scene), list(DEMO_TEXTS), DEFAULT_MODEL, method_names("clip"), None,
-                         str(out / "report.html"), str(out), quiet=False)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out_dir} is a file; give a folder for the demo's report and PNGs")
+    report, explanation = run_explain(str(scene), list(DEMO_TEXTS), DEFAULT_MODEL, method_names("clip"), None,
+                                      str(out / "report.html"), str(out), quiet=False)
     print(f"demo: shapes-clip explained on {scene.name} against {len(DEMO_TEXTS)} prompts")
+    for line in demo_summary(explanation):
+        print(f"demo: {line}")
     print(f"demo: open {report.resolve()} in a browser; PNGs and explanation.json are in {out.resolve()}")
     return 0
 
@@ -279,6 +325,32 @@ def run_lens(args) -> int:
         raise UsageError(str(err)) from err
     print(f"wrote {out}" + (f" and a Projector export in {args.projector}" if args.projector else ""))
     return 0
+
+
+def demo_summary(explanation) -> list[str]:
+    """What a first-time user should read first: absent prompts, each method's evidence, agreement."""
+    lines = []
+    absent = sorted({r.target for r in explanation.records if r.evidence_values.get("absent")})
+    if absent:
+        lines.append(f"the model does not see {', '.join(map(repr, absent))}: its maps are marked in the report")
+    for method in explanation.methods:
+        records = [r for r in explanation.records if r.method == method]
+        found = [list(r.evidence_values["per_prompt"].values()) if "per_prompt" in r.evidence_values
+                 else [r.evidence_values] for r in records]
+        per_prompt = [v for group in found for v in group if "beats_random" in v]
+        better = sum(bool(v["beats_random"]) for v in per_prompt)
+        shared = " (prompt-independent: one map)" if any(r.evidence_values.get("prompt_independent") for r in records) else ""
+        check = records[0].evidence.get("randomisation check", "not run").split(":")[0]
+        lines.append(f"{method}{shared}: beats a random order on {better}/{len(per_prompt)} prompts; "
+                     f"randomisation check {check}")
+    agreement = explanation.agreement()
+    if agreement:
+        (a, b), best = max(agreement.items(), key=lambda kv: kv[1])
+        lines.append(f"methods agree at most {best:.2f} (Spearman, {a} vs {b}); mean pairwise "
+                     f"{sum(agreement.values()) / len(agreement):.2f}: read no single map alone")
+    return lines
+
+
 # ----- lens-inside: logit lens and attention-head statistics ------------------------------------
 def add_lens_inside_parser(sub) -> None:
     lens = sub.add_parser("lens-inside", help="inside the model: logit lens, attention-head statistics")

@@ -77,6 +77,11 @@ def model_dir(name_or_path: str | Path) -> Path:
     Raises:
         ValueError: for an unknown name; the message lists the available ones.
     """
+    if not isinstance(name_or_path, (str, Path)):
+        raise TypeError(
+            f"name_or_path: expected a zoo name such as 'shapes-clip' or a model folder, got "
+            f"{type(name_or_path).__name__} (available: {', '.join(sorted(list_models()))})"
+        )
     path = Path(name_or_path)
     if path.is_dir() and (path / "config.json").is_file():
         return path
