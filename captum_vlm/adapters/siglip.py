@@ -19,6 +19,8 @@ class SiglipAdapter(CLIPAdapter):
 
     family = "siglip"
     model_classes = ("SiglipModel",)
+    #: SigLIP is trained on texts padded to the full length (the processor's ``padding=``)
+    text_padding = "max_length"
 
     @property
     def num_prefix_tokens(self) -> int:
