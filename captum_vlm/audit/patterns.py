@@ -82,7 +82,8 @@ def fixed_peak_labels(
 
     Args:
         labels: one label per example (``None`` entries are skipped).
-        peaks: the peak ``(row, col)`` of each example's map.
+        peaks: the peak ``(row, col)`` of each example's map (``None`` or ``(None, None)`` for an
+            empty map: skipped).
         method: the method's name, carried into the findings.
         max_cells, min_rate, min_lift, alpha, min_count: see above; labels with fewer than
             ``min_count`` examples are not tested.
@@ -96,7 +97,8 @@ def fixed_peak_labels(
         >>> [f.label for f in fixed_peak_labels(labels, peaks)]
         ['cat']
     """
-    pairs = [(str(lab), (int(p[0]), int(p[1]))) for lab, p in zip(labels, peaks, strict=True) if lab is not None]
+    pairs = [(str(lab), (int(p[0]), int(p[1]))) for lab, p in zip(labels, peaks, strict=True)
+             if lab is not None and p is not None and p[0] is not None and p[1] is not None]
     counts = Counter(lab for lab, _ in pairs)
     tested = [lab for lab, n in counts.items() if n >= min_count]
     findings = []

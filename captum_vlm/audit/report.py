@@ -105,7 +105,7 @@ def render_audit(result: Any, gallery: int = 12) -> str:
     parts.append("<h2>Pattern finder (no masks needed)</h2>")
     parts.append("".join(f'<div class="finding">{_e(f.summary())}</div>' for f in findings)
                  or "<p>No label stands out: no fixed peak cells, no label far more often not grounded.</p>")
-    columns = ["label", "count", "errors", "accuracy", "confidence", "entropy", "mass_inside",
+    columns = ["label", "count", "errors", "empty_maps", "accuracy", "confidence", "entropy", "mass_inside",
                "deletion_auc", "deletion_auc_random", "not_grounded"]
     for method in config.methods:
         parts.append(f"<h2>Per label: {_e(method)}</h2>")

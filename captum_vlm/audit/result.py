@@ -68,7 +68,7 @@ class Audit:
     # ----- aggregates ------------------------------------------------------------------------
     def label_table(self, method: str | None = None) -> list[dict[str, Any]]:
         """Per label (the prediction when an image has no label): count, errors, accuracy, mean
-        confidence and, for ``method``, mean entropy, mass on the object, deletion AUCs (map
+        confidence and, for ``method``, the maps without a positive cell, mean entropy, mass on the object, deletion AUCs (map
         and random order) and the share of maps not grounded."""
         method = self._method(method)
         groups: dict[str, list[dict]] = {}
@@ -80,6 +80,7 @@ class Audit:
             verdicts = [r[f"{method}.grounded"] for r in ok if r[f"{method}.grounded"] is not None]
             rows.append({
                 "label": label, "count": len(items), "errors": len(items) - len(ok),
+                "empty_maps": sum(r[f"{method}.peak_row"] is None for r in ok),
                 "accuracy": _mean([r["correct"] for r in ok]),
                 "confidence": _mean([r["confidence"] for r in ok]),
                 "entropy": _mean([r[f"{method}.entropy"] for r in ok]),

@@ -30,9 +30,12 @@ def positive_mass(grid: np.ndarray) -> np.ndarray | None:
     return positive / total
 
 
-def peak_cell(grid: np.ndarray) -> tuple[int, int]:
-    """``(row, col)`` of the largest value (the first one in row-major order on ties)."""
+def peak_cell(grid: np.ndarray) -> tuple[int, int] | None:
+    """``(row, col)`` of the largest value (the first one in row-major order on ties); ``None``
+    when no cell is positive (an empty map points nowhere, not at the first cell)."""
     grid = np.asarray(grid)
+    if positive_mass(grid) is None:
+        return None
     flat = int(np.argmax(grid))
     return flat // grid.shape[1], flat % grid.shape[1]
 

@@ -223,7 +223,7 @@ class AuditWorker:
     def _summary(self, method, grid, pixels, target, mask, crop_box, seed) -> dict[str, Any]:
         from captum_vlm.metrics import deletion_curve
 
-        row, col = peak_cell(grid)
+        row, col = peak_cell(grid) or (None, None)
         values: dict[str, Any] = {"peak_row": row, "peak_col": col, "entropy": map_entropy(grid)}
         if mask is not None:
             inside = mass_inside(grid, mask_cells(mask, grid.shape, crop_box))
