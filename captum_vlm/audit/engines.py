@@ -58,7 +58,8 @@ def run_ray(model, processor, config, data: Any, store: RunStore, batch_size: in
             num_cpus: float, num_gpus: float, address: str | None, show_progress: bool) -> int:
     """Audit with Ray Data: ``map_batches(AuditWorker)`` over ``concurrency`` actors (each holds
     the model once), records written by Ray's Parquet writer into a staging folder and moved
-    into ``records/`` once whole. Dead actors are restarted and their batches retried.
+    into ``records/`` once whole. Ray Data restarts a dead actor and retries its batch
+    (its actor pools default to ``max_restarts=-1``, ``max_task_retries=-1``).
 
     Args:
         data: the rows (a list of dicts) or a ``ray.data.Dataset`` with an ``id`` (or ``path``)
@@ -82,14 +83,21 @@ def run_ray(model, processor, config, data: Any, store: RunStore, batch_size: in
         dataset = ray.data.from_items(pending, override_num_blocks=blocks)
     else:
         dataset = _ray_rows(data, done)
-    model_ref, processor_ref = ray.put(model), ray.put(processor)
+    model_ref, processor_ref = ray.put(model), ray.put(processor)  # held until the run ends (restarts)
     records = dataset.map_batches(
         AuditWorker, fn_constructor_kwargs={"model": model_ref, "processor": processor_ref,
                                             "config": config.to_json()},
-        batch_size=batch_size, batch_format="numpy", concurrency=concurrency,
-        num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=-1, max_task_retries=-1,
+        batch_size=batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=concurrency),
+        num_cpus=num_cpus, num_gpus=num_gpus,
     )
-    records.write_parquet(str(store.new_staging()))
+    data_logger = logging.getLogger("ray.data")
+    level = data_logger.level
+    data_logger.setLevel(logging.INFO if show_progress else logging.WARNING)
+    try:
+        records.write_parquet(str(store.new_staging()))
+    finally:
+        data_logger.setLevel(level)
+    del model_ref, processor_ref
     return store.adopt_staged()
 
 
@@ -103,6 +111,14 @@ def _ray_rows(dataset: Any, done: set[str]):
     if "image" not in names and "path" not in names:
         raise ValueError(f"data: the ray.data.Dataset needs an 'image' or 'path' column; it has {sorted(names)}")
     if done:
-        done_ids = frozenset(done)
-        dataset = dataset.filter(lambda row: str(row["id"]) not in done_ids)
+        dataset = dataset.map_batches(_drop_done, fn_kwargs={"done": sorted(done)}, batch_format="pyarrow")
     return dataset
+
+
+def _drop_done(batch, done: list[str]):
+    """The rows of a ``pyarrow`` batch whose id is not in ``done``."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    ids = pc.cast(batch.column("id"), pa.string())
+    return batch.filter(pc.invert(pc.is_in(ids, value_set=pa.array(done, pa.string()))))

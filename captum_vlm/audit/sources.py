@@ -101,8 +101,9 @@ def _per_item(values: Any, n: int, name: str) -> list[Any]:
 
 def _item_row(index: int, item: Any, label: Any, mask: Any, box: Any) -> dict[str, Any]:
     if isinstance(item, Mapping):
-        extra = {k: item[k] for k in ("label", "mask", "box") if k in item}
-        label, mask, box = extra.get("label", label), extra.get("mask", mask), extra.get("box", box)
+        extra = {k: item[k] for k in ("label", "mask", "mask_path", "box") if k in item}
+        mask = extra.get("mask", extra.get("mask_path", mask))
+        label, box = extra.get("label", label), extra.get("box", box)
         id_ = item.get("id", index)
         item = item.get("image", item.get("path"))
     else:
@@ -148,7 +149,7 @@ def rows_from(data: Any, labels: Any = None, masks: Any = None, boxes: Any = Non
     Args:
         data: a folder of images (its ``labels.csv``/``labels.jsonl`` is read when present),
             a list of image paths, PIL images, ``(H, W, 3)`` arrays or dicts with ``image`` (and
-            ``label``, ``mask``, ``box``, ``id``), or a Hugging Face ``datasets.Dataset``.
+            ``label``, ``mask`` or ``mask_path``, ``box``, ``id``), or a Hugging Face ``datasets.Dataset``.
         labels: one label per image, or the labels file of a folder.
         masks: one boolean ``(H, W)`` mask (array or file) per image, or ``None``.
         boxes: one ``(x0, y0, x1, y1)`` box per image, or ``None``.
