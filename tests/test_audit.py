@@ -324,3 +324,43 @@ def test_cli_audit_errors_are_one_line_and_exit_2(folder, args, message, tmp_pat
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if "Loading weights" not in line]  # transformers' own bar
     assert len(lines) == 1 and lines[0].startswith("captum-vlm: error:") and message in lines[0]
+
+
+def test_staged_ray_files_are_adopted_whole_and_without_duplicates(tmp_path):
+    """What Ray's Parquet writer left behind: a complete file that repeats a recorded id, and a
+    file cut short. The first is adopted without the repeat, the second dropped."""
+    import pyarrow as pa
+
+    from captum_vlm.audit import AuditConfig
+    from captum_vlm.audit.worker import record_schema
+
+    config = AuditConfig(texts=("a", "b"), methods=("grad-eclip",))
+    schema = record_schema(config)
+    store = RunStore(tmp_path / "o", config)
+    store.write_shard(pa.Table.from_pylist([{"id": "a", "label": "x"}, {"id": "b", "label": "y"}], schema=schema))
+    staged = store.new_staging()
+    pq.write_table(pa.Table.from_pylist([{"id": "b", "label": "y"}, {"id": "c", "label": "z"}], schema=schema),
+                   staged / "one.parquet")
+    pq.write_table(pa.Table.from_pylist([{"id": "d", "label": "w"}], schema=schema), staged / "cut.parquet")
+    whole = (staged / "cut.parquet").read_bytes()
+    (staged / "cut.parquet").write_bytes(whole[: len(whole) - 12])  # no footer
+    assert store.adopt_staged() == 1
+    assert store.table().column("id").to_pylist() == ["a", "b", "c"]
+    assert store.done_ids() == {"a", "b", "c"} and not store.staging.exists()
+
+
+def test_a_hugging_face_dataset_gives_the_records_of_the_same_list(clip, tmp_path):
+    datasets = pytest.importorskip("datasets")
+    from PIL import Image
+
+    model, processor = clip
+    images = [Image.open(write_image(tmp_path / f"{i}.png", i)).convert("RGB") for i in range(4)]
+    names = ["a red circle", "a blue square"]
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=names)})
+    hf = datasets.Dataset.from_dict({"image": images, "label": [0, 1, 1, 0]}, features=features)
+    from_hf = cv.audit(model, processor, hf, PROMPTS, methods=["rollout"], checks=("deletion",), output=tmp_path / "h")
+    from_list = cv.audit(model, processor, images, PROMPTS, methods=["rollout"], checks=("deletion",),
+                         labels=[names[k] for k in (0, 1, 1, 0)], output=tmp_path / "l")
+    assert from_hf.table().column("label").to_pylist() == ["a red circle", "a blue square", "a blue square",
+                                                           "a red circle"]
+    assert same_records(from_hf.table(), from_list.table())

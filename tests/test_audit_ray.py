@@ -4,7 +4,6 @@ run resumes a run that was cut short."""
 
 from __future__ import annotations
 
-import logging
 import os
 import signal
 import threading
@@ -17,6 +16,7 @@ from model_state import assert_unchanged, snapshot
 from PIL import Image
 
 import captum_vlm as cv
+from captum_vlm.audit.engines import start_local_ray
 from captum_vlm.audit.store import RunStore
 
 ray = pytest.importorskip("ray", reason="engine='ray' needs the ray extra")
@@ -27,8 +27,8 @@ KWARGS = dict(methods=["grad-eclip"], checks=("deletion", "grounding"))
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    ray.init(num_cpus=2, object_store_memory=150 * 2**20, _node_ip_address="127.0.0.1",
-             include_dashboard=False, logging_level=logging.WARNING)
+    """2 CPUs, a 150 MB object store, on 127.0.0.1; shut down after the module, also on failure."""
+    start_local_ray(num_cpus=2, object_store_memory=150 * 2**20)
     try:
         yield
     finally:

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from captum_vlm.audit.store import RunStore
 from captum_vlm.audit.worker import AuditWorker
 
-__all__ = ["import_ray", "run_local", "run_ray"]
+__all__ = ["import_ray", "run_local", "run_ray", "start_local_ray"]
 
 
 def import_ray():
@@ -45,13 +45,35 @@ def run_local(model, processor, config, rows: list[dict], store: RunStore, batch
     return len(pending)
 
 
+def start_local_ray(attempts: int = 3, **init_kwargs: Any) -> None:
+    """``ray.init`` of a local cluster bound to 127.0.0.1, without the dashboard.
+
+    Ray gives its raylet 30 s to register and raises a bare ``Exception`` when it misses that
+    (seen on a loaded 2-core machine); the start is then tried again, up to ``attempts`` times.
+
+    Args:
+        attempts: starts to try.
+        **init_kwargs: more ``ray.init`` arguments (``num_cpus``, ``object_store_memory``...).
+    """
+    ray = import_ray()
+    for attempt in range(attempts):
+        try:
+            ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, logging_level=logging.WARNING,
+                     **init_kwargs)
+            return
+        except Exception as err:  # noqa: BLE001 - Ray's start-up timeout is a bare Exception
+            ray.shutdown()
+            if "timed out during startup" not in str(err) or attempt == attempts - 1:
+                raise
+
+
 def _start_ray(ray, address: str | None) -> None:
     if ray.is_initialized():
         return
     if address is not None:
         ray.init(address=address, logging_level=logging.WARNING)
     else:  # a local cluster on this machine only
-        ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, logging_level=logging.WARNING)
+        start_local_ray()
 
 
 def run_ray(model, processor, config, data: Any, store: RunStore, batch_size: int, concurrency: int,
