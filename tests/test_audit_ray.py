@@ -27,12 +27,21 @@ KWARGS = dict(methods=["grad-eclip"], checks=("deletion", "grounding"))
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    """2 CPUs, a 150 MB object store, on 127.0.0.1; shut down after the module, also on failure."""
-    start_local_ray(num_cpus=2, object_store_memory=150 * 2**20)
+    """2 CPUs, a 150 MB object store, on 127.0.0.1; shut down after the module, also on failure.
+
+    Ray runs its workers at nice 15; on this shared 2-core machine that starves them, so the
+    workers here run at the driver's priority (RAY_worker_niceness=0)."""
+    before = os.environ.get("RAY_worker_niceness")
+    os.environ["RAY_worker_niceness"] = "0"
     try:
+        start_local_ray(num_cpus=2, object_store_memory=150 * 2**20)
         yield
     finally:
         ray.shutdown()
+        if before is None:
+            os.environ.pop("RAY_worker_niceness", None)
+        else:
+            os.environ["RAY_worker_niceness"] = before
 
 
 @pytest.fixture(scope="module")

@@ -45,26 +45,39 @@ def run_local(model, processor, config, rows: list[dict], store: RunStore, batch
     return len(pending)
 
 
-def start_local_ray(attempts: int = 3, **init_kwargs: Any) -> None:
+def start_local_ray(startup_timeout_s: float = 180.0, **init_kwargs: Any) -> None:
     """``ray.init`` of a local cluster bound to 127.0.0.1, without the dashboard.
 
-    Ray gives its raylet 30 s to register and raises a bare ``Exception`` when it misses that
-    (seen on a loaded 2-core machine); the start is then tried again, up to ``attempts`` times.
+    Ray gives its raylet a fixed 30 s to register with the GCS and then fails with a bare
+    ``Exception`` (seen on a loaded 2-core machine). While this call starts the cluster, Ray's
+    node lookup (``ray._private.services.get_node``, when it exists) keeps asking for up to
+    ``startup_timeout_s`` instead.
 
     Args:
-        attempts: starts to try.
+        startup_timeout_s: how long the raylet may take to register.
         **init_kwargs: more ``ray.init`` arguments (``num_cpus``, ``object_store_memory``...).
     """
+    import time
+    from unittest import mock
+
     ray = import_ray()
-    for attempt in range(attempts):
-        try:
-            ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, logging_level=logging.WARNING,
-                     **init_kwargs)
-            return
-        except Exception as err:  # noqa: BLE001 - Ray's start-up timeout is a bare Exception
-            ray.shutdown()
-            if "timed out during startup" not in str(err) or attempt == attempts - 1:
-                raise
+    services = getattr(getattr(ray, "_private", None), "services", None)
+    real = getattr(services, "get_node", None)
+
+    def patient_get_node(*args, **kwargs):
+        deadline = time.monotonic() + startup_timeout_s
+        while True:
+            try:
+                return real(*args, **kwargs)
+            except RuntimeError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+
+    patch = mock.patch.object(services, "get_node", patient_get_node) if real else mock.MagicMock()
+    with patch:
+        ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, logging_level=logging.WARNING,
+                 **init_kwargs)
 
 
 def _start_ray(ray, address: str | None) -> None:

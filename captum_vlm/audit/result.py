@@ -38,7 +38,7 @@ class Audit:
         if not manifest.is_file():
             raise ValueError(f"output: {str(output)!r} holds no audit (no manifest.json)")
         self.config = AuditConfig.from_json(json.dumps(json.loads(manifest.read_text(encoding="utf-8"))["config"]))
-        self._store = RunStore(self.output, self.config)
+        self._store = RunStore(self.output, self.config, writable=False)
 
     @property
     def methods(self) -> list[str]:

@@ -31,9 +31,10 @@ class RunStore:
     Args:
         output: the folder (created when missing).
         config: the run's configuration; a folder written with another one raises ``ValueError``.
+        writable: ``False`` only reads (touches nothing, so a run in progress is left alone).
     """
 
-    def __init__(self, output: str | Path, config: AuditConfig):
+    def __init__(self, output: str | Path, config: AuditConfig, writable: bool = True):
         self.root = Path(output)
         self.records = self.root / "records"
         self.staging = self.root / "staging"
@@ -46,13 +47,15 @@ class RunStore:
                     f"output: {str(self.root)!r} holds an audit with another configuration "
                     f"({written}); pass a new output folder to start a different audit"
                 )
+        if not writable:
+            return
         self.records.mkdir(parents=True, exist_ok=True)
         for leftover in self.records.glob(".tmp-*"):  # a shard cut by an interruption
             leftover.unlink()
         self._write_manifest()
 
     def _write_manifest(self) -> None:
-        shards = sorted(p.name for p in self.records.glob("*.parquet"))
+        shards = [p.name for p in self.shard_paths()]
         text = json.dumps({"config": json.loads(self.config.to_json()), "shards": shards}, indent=1)
         self._atomic_write(self.root / "manifest.json", text.encode("utf-8"))
 
@@ -62,7 +65,10 @@ class RunStore:
         os.replace(tmp, path)
 
     def shard_paths(self) -> list[Path]:
-        return sorted(self.records.glob("*.parquet"))
+        """The complete shards (temporary files of a shard being written are not among them)."""
+        if not self.records.is_dir():
+            return []
+        return sorted(p for p in self.records.glob("*.parquet") if not p.name.startswith("."))
 
     def done_ids(self) -> set[str]:
         """Ids of the images whose records are written."""
