@@ -7,6 +7,7 @@ output folder, so they write the same records and resume each other's runs.
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 from tqdm.auto import tqdm
@@ -48,13 +49,14 @@ def run_local(model, processor, config, rows: list[dict], store: RunStore, batch
 def start_local_ray(startup_timeout_s: float = 180.0, **init_kwargs: Any) -> None:
     """``ray.init`` of a local cluster bound to 127.0.0.1, without the dashboard.
 
-    Ray gives its raylet a fixed 30 s to register with the GCS and then fails with a bare
-    ``Exception`` (seen on a loaded 2-core machine). While this call starts the cluster, Ray's
-    node lookup (``ray._private.services.get_node``, when it exists) keeps asking for up to
-    ``startup_timeout_s`` instead.
+    On a loaded 2-core machine Ray's own start-up limits were missed: the raylet gives its
+    metrics agent ``RAY_agent_register_timeout_ms`` (100 s) and the driver gives the raylet a
+    fixed 30 s to register. While this call starts the cluster, both wait up to
+    ``startup_timeout_s`` (the first through that variable, unless it is set already; the second
+    by asking ``ray._private.services.get_node`` again, when Ray has it).
 
     Args:
-        startup_timeout_s: how long the raylet may take to register.
+        startup_timeout_s: how long the cluster may take to start.
         **init_kwargs: more ``ray.init`` arguments (``num_cpus``, ``object_store_memory``...).
     """
     import time
@@ -75,7 +77,9 @@ def start_local_ray(startup_timeout_s: float = 180.0, **init_kwargs: Any) -> Non
                 time.sleep(0.5)
 
     patch = mock.patch.object(services, "get_node", patient_get_node) if real else mock.MagicMock()
-    with patch:
+    agent_wait = {"RAY_agent_register_timeout_ms": os.environ.get("RAY_agent_register_timeout_ms",
+                                                                  str(int(startup_timeout_s * 1000)))}
+    with patch, mock.patch.dict(os.environ, agent_wait):
         ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, logging_level=logging.WARNING,
                  **init_kwargs)
 
