@@ -33,6 +33,7 @@ __all__ = [
     "MatchLogit",
     "AnswerLogits",
     "TokenLogProbs",
+    "default_target",
 ]
 
 
@@ -60,7 +61,7 @@ class ImageTextSimilarity(_Target):
 
     def __init__(self, model: nn.Module, interpolate_pos_encoding: bool = False):
         super().__init__(model)
-        if not getattr(self.adapter, "two_tower", False):
+        if not self.adapter.two_tower:
             raise TypeError(
                 f"model: ImageTextSimilarity needs a two-tower model (CLIP, SigLIP), got "
                 f"{type(self.model).__name__}; use MatchLogit or TokenLogProbs for fusion models"
@@ -102,7 +103,7 @@ class TextImageSimilarity(_Target):
 
     def __init__(self, model: nn.Module, interpolate_pos_encoding: bool = False):
         super().__init__(model)
-        if not getattr(self.adapter, "two_tower", False):
+        if not self.adapter.two_tower:
             raise TypeError(
                 f"model: TextImageSimilarity needs a two-tower model (CLIP, SigLIP), got {type(self.model).__name__}"
             )
@@ -261,11 +262,17 @@ class TokenLogProbs(_Target):
         logits = self.model(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask).logits
         return logits, input_ids, attention_mask
 
+    @property
+    def scores_input_ids(self) -> bool:
+        """The scored tokens are ``input_ids`` themselves (captions, LLaVA), not separate
+        ``answer_ids``."""
+        return not self.adapter.takes_answer_ids
+
     def score_mask(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Which positions of ``tokens`` are scored ``[B, T]`` (bool)."""
         scored = mask.bool().clone()
         scored[:, : self.score_from] = False
-        if self.kind == "LlavaForConditionalGeneration":
+        if self.adapter.image_tokens_in_input_ids:
             scored &= ~self.adapter.image_token_positions(tokens)
         return scored
 
@@ -285,3 +292,37 @@ class TokenLogProbs(_Target):
         per_token = torch.cat([torch.zeros_like(picked[:, :1]), picked], dim=1)
         per_token = per_token * self.score_mask(tokens, mask)
         return per_token.sum(dim=1) if self.reduction == "sum" else per_token
+
+
+def default_target(model: nn.Module | _Target) -> _Target:
+    """The target a method explains when given a bare model, from its adapter's task.
+
+    * ``"similarity"`` (CLIP, SigLIP): :class:`ImageTextSimilarity` (``target=k``: prompt k);
+    * ``"match"`` (BLIP retrieval, ViLT retrieval): :class:`MatchLogit` (``target=None``);
+    * ``"answer_label"`` (ViLT VQA): :class:`AnswerLogits` (``target``: answer id);
+    * token tasks (BLIP captioning, BLIP VQA, LLaVA): ``TokenLogProbs(model, reduction="sum")``.
+
+    A target instance is returned as it is.
+
+    Example:
+        >>> default_target(clip_model)                                     # doctest: +SKIP
+        <captum_vlm.targets.ImageTextSimilarity object at ...>
+    """
+    if isinstance(model, TextImageSimilarity):
+        raise TypeError(
+            "model: TextImageSimilarity takes input_ids first; these methods take pixel_values first, so "
+            "pass the model (or ImageTextSimilarity) and choose the text side with modality='text'"
+        )
+    if isinstance(model, _Target):
+        return model
+    adapter = get_adapter(model)
+    task = adapter.task
+    if task == "similarity":
+        return ImageTextSimilarity(adapter.model)
+    if task == "match":
+        return MatchLogit(adapter.model)
+    if task == "answer_label":
+        return AnswerLogits(adapter.model)
+    if adapter.scores_tokens:
+        return TokenLogProbs(adapter.model, reduction="sum")
+    raise TypeError(f"model: no default target for {type(adapter.model).__name__}; pass a target from captum_vlm.targets")

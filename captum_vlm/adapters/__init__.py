@@ -2,6 +2,7 @@
 
 from captum_vlm.adapters.base import (
     VLMAdapter,
+    classes_for_tasks,
     get_adapter,
     register_adapter,
     supported_model_classes,
@@ -14,6 +15,7 @@ from captum_vlm.adapters.vilt import ViltAdapter
 
 __all__ = [
     "VLMAdapter",
+    "classes_for_tasks",
     "get_adapter",
     "register_adapter",
     "supported_model_classes",

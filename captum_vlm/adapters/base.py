@@ -1,17 +1,41 @@
 """The adapter base class and the registry that picks an adapter from a model's class.
 
-An adapter tells the rest of captum-vlm where things live inside one model family: the vision
+An adapter tells the rest of captum-vlm where things live inside one model family (the vision
 blocks and their attention modules, the text blocks, cross-attention, the embedding layers, the
-patch grid for an actual input, the prefix tokens and the pooled text position. Methods in
-``captum_vlm.attr`` ask the adapter instead of knowing model internals.
+final norm and LM head) and how to read it: what each class computes (:attr:`VLMAdapter.task`),
+capability flags (image stream, pooling, padding rule, how a score becomes a probability), the
+patch grid for an actual input, where the image tokens sit (:meth:`VLMAdapter.image_layout`), how
+to run without some of them (:meth:`VLMAdapter.drop_image_tokens`), the special and pad token ids
+and the pooled text position. Code in ``captum_vlm.attr``, ``explain`` and ``metrics`` asks the
+adapter instead of naming a family or a model class.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from torch import nn
 
 from captum_vlm._checks import check_pixel_values
+from captum_vlm.adapters.layout import ImageTokenLayout
+
+#: what a model class computes, the values of :attr:`VLMAdapter.task`
+TASKS = {
+    "similarity": "two-tower logits of images against K prompts",
+    "match": "one image-text match logit per example",
+    "answer_label": "VQA answer-classifier logits (the answer is a label)",
+    "caption": "teacher-forced log-probabilities of the caption in input_ids",
+    "answer_tokens": "teacher-forced log-probabilities of separate answer_ids after the question",
+    "generate": "a language model continuing input_ids, which hold the image tokens",
+}
+#: tasks whose scores are log-probabilities of tokens (one backward per explained token)
+TOKEN_TASKS = ("caption", "answer_tokens", "generate")
+#: tasks explained through the model's own answer to each text
+ANSWER_TASKS = ("answer_label", "answer_tokens", "generate")
+_CONFIG_TOKEN_KEYS = ("pad_token_id", "bos_token_id", "eos_token_id", "sep_token_id", "cls_token_id",
+                      "decoder_start_token_id", "image_token_id", "image_token_index")
 
 _REGISTRY: dict[str, type[VLMAdapter]] = {}
 
@@ -33,11 +57,122 @@ class VLMAdapter:
 
     family: str = ""
     model_classes: tuple[str, ...] = ()
+    #: what each of :attr:`model_classes` computes, one of :data:`TASKS`
+    tasks: dict[str, str] = {}
     #: attention modules whose forward must be asked for ``output_attentions`` (ViLT)
     attention_needs_output_flag: bool = False
 
+    # ----- capability flags (class attributes; subclasses override what differs) -------------
+    #: two towers embed image and text apart and compare the embeddings
+    two_tower: bool = False
+    #: where text meets the image tokens: ``"separate"`` (two towers, never), ``"cross"`` (text
+    #: cross-attends to a separate image stream), ``"joint"`` (one sequence of both)
+    image_stream: str = "separate"
+    #: how the image side is pooled: ``"cls"`` (a prefix token), ``"attention_head"`` (a probe
+    #: query attends over the patch tokens after the encoder), ``"none"`` (all image tokens used)
+    image_pooling: str = "cls"
+    #: the processor's ``padding=`` the text tower was trained with
+    text_padding: bool | str = True
+    #: special tokens at the start of every text (a BOS) that carry no word
+    text_start_tokens: int = 0
+    #: the image tokens sit in ``input_ids`` as placeholders (one per image feature)
+    image_tokens_in_input_ids: bool = False
+    #: two-tower models: how similarity logits become probabilities, ``"softmax"`` over the
+    #: prompts or ``"sigmoid"`` of each
+    similarity_probability: str = "softmax"
+
     def __init__(self, model: nn.Module):
         self.model = model
+
+    # ----- what the model computes ---------------------------------------------------------------
+    @property
+    def task(self) -> str:
+        """What this model class computes (one of :data:`TASKS`), read from :attr:`tasks` along
+        the class's bases."""
+        for klass in type(self.model).__mro__:
+            if klass.__name__ in self.tasks:
+                return self.tasks[klass.__name__]
+        if self.two_tower:
+            return "similarity"
+        raise NotImplementedError(f"{self.family}: no task declared for {type(self.model).__name__}")
+
+    @property
+    def scores_tokens(self) -> bool:
+        """The score is the log-probability of tokens, each explained by its own backward."""
+        return self.task in TOKEN_TASKS
+
+    @property
+    def answers_questions(self) -> bool:
+        """Its maps explain the model's own answer to each text (VQA, generative models)."""
+        return self.task in ANSWER_TASKS
+
+    @property
+    def takes_answer_ids(self) -> bool:
+        """The scored tokens are separate ``answer_ids`` after the question (not ``input_ids``)."""
+        return self.task == "answer_tokens"
+
+    @property
+    def probability(self) -> str:
+        """How the model's score becomes a probability: ``"softmax"`` (over prompts),
+        ``"sigmoid"`` (a logit) or ``"exp"`` (a log-probability)."""
+        if self.task == "similarity":
+            return self.similarity_probability
+        return "exp" if self.scores_tokens else "sigmoid"
+
+    def to_probability(self, scores: torch.Tensor) -> torch.Tensor:
+        """``scores`` (logits ``[..., K]`` or log-probabilities) as probabilities, see
+        :attr:`probability`."""
+        how = self.probability
+        if how == "softmax":
+            return scores.softmax(-1)
+        return scores.exp() if how == "exp" else torch.sigmoid(scores)
+
+    def default_target(self):
+        """The scalar a method explains when given the bare model, see
+        :func:`captum_vlm.targets.default_target`."""
+        from captum_vlm.targets import default_target
+
+        return default_target(self.model)
+
+    # ----- special tokens ---------------------------------------------------------------------
+    def config_token_ids(self) -> dict[str, int]:
+        """Special token ids named by the model's config (or its text config):
+        ``{"pad_token_id": 0, "eos_token_id": 2, ...}``."""
+        found: dict[str, int] = {}
+        config = getattr(self.model, "config", None)
+        for part in (config, getattr(config, "text_config", None)):
+            if part is None:
+                continue
+            for key in _CONFIG_TOKEN_KEYS:
+                value = getattr(part, key, None)
+                if isinstance(value, int) and not isinstance(value, bool):
+                    found.setdefault(key, value)
+        return found
+
+    @property
+    def pad_token_id(self) -> int | None:
+        """The pad token id, if the config names one."""
+        return self.config_token_ids().get("pad_token_id")
+
+    @property
+    def special_token_ids(self) -> set[int]:
+        """Ids of the special tokens that are not padding (BOS, EOS, SEP, CLS, image placeholder)."""
+        return {v for k, v in self.config_token_ids().items() if k != "pad_token_id"}
+
+    def special_token_mask(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep_token_ids: Sequence[int] = ()
+    ) -> torch.Tensor:
+        """Positions a text baseline or a text occlusion must leave alone ``[B, T]`` (bool):
+        position 0 (BOS/CLS), the special tokens, the pooled position, padding and
+        ``keep_token_ids``."""
+        keep = torch.zeros_like(input_ids, dtype=torch.bool)
+        for token in self.special_token_ids | {int(t) for t in keep_token_ids}:
+            keep |= input_ids == token
+        keep[:, 0] = True
+        keep |= ~attention_mask.bool()
+        pooled = self.pooled_text_position(input_ids, attention_mask).to(input_ids.device)
+        keep[torch.arange(input_ids.shape[0], device=input_ids.device), pooled] = True
+        return keep
 
     # ----- vision tower -------------------------------------------------------------------
     # The defaults below fit the transformers ViTs (CLIP, SigLIP, BLIP, LLaVA's tower): blocks
@@ -123,34 +258,143 @@ class VLMAdapter:
         """Longest token sequence the text model accepts (position embeddings), if bounded."""
         return None
 
-    # ----- multimodal sequence ----------------------------------------------------------------
+    def final_norm(self) -> nn.Module:
+        """The norm applied to the last hidden state before the LM head (logit lens)."""
+        raise NotImplementedError(f"{self.family}: final_norm")
+
+    def lm_head(self) -> nn.Module:
+        """The module mapping final hidden states to vocabulary logits."""
+        raise NotImplementedError(f"{self.family}: lm_head")
+
+    # ----- image-token layout ------------------------------------------------------------------
     def image_token_positions(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Boolean mask ``[B, T]`` of the positions holding image tokens in a joint sequence."""
         raise NotImplementedError(f"{self.family}: image tokens do not sit in the text sequence")
+
+    @contextmanager
+    def image_layout(
+        self, pixel_values: torch.Tensor, input_ids: torch.Tensor | None = None
+    ) -> Iterator[Callable[[], ImageTokenLayout]]:
+        """Scope one forward and read where its image tokens sit.
+
+        Yields a function that returns the :class:`ImageTokenLayout` of the forward run inside
+        the block, over the sequence whose columns a method scores: the vision tokens (two
+        towers, cross-attention) or the joint sequence (``input_ids`` with image tokens in it).
+        Families whose layout the forward decides (ViLT shuffles its patches) override this.
+
+        Example:
+            >>> with adapter.image_layout(pixel_values, input_ids) as layout:    # doctest: +SKIP
+            ...     model(pixel_values=pixel_values, input_ids=input_ids)
+            >>> grids = layout().to_grid(scores)                                  # doctest: +SKIP
+        """
+        grid = self.patch_grid(pixel_values)
+        batch = pixel_values.shape[0]
+        if self.image_tokens_in_input_ids:
+            if input_ids is None:
+                raise ValueError("input_ids: needed to find the image tokens of this model")
+            positions = self.image_token_positions(input_ids)
+            with_prefix = bool((positions.sum(1) == grid[0] * grid[1] + self.num_prefix_tokens).all())
+            skip = self.num_prefix_tokens if with_prefix else 0  # the CLS feature, when kept
+            yield lambda: ImageTokenLayout.at_positions(positions, grid, skip=skip)
+            return
+        prefix = self.num_prefix_tokens
+        yield lambda: ImageTokenLayout.plain(batch, grid, start=prefix)
+
+    @contextmanager
+    def drop_image_tokens(self, keep: torch.Tensor) -> Iterator[Callable[[torch.Tensor], torch.Tensor]]:
+        """Inside the block the model runs without the patch tokens where ``keep`` ``[B, h, w]``
+        is False (every row must drop equally many). Restored on exit, also on error.
+
+        Yields:
+            ``stays(input_ids) -> [B, T]`` bool: which ``input_ids`` positions stay in the text
+            (all of them, unless image placeholders must go with their dropped features).
+        """
+        keep_flat = keep.reshape(keep.shape[0], -1) > 0.5
+        handle = self.vision_model().embeddings.register_forward_hook(
+            _token_dropper(keep_flat, self.num_prefix_tokens)
+        )
+        try:
+            yield self._staying_positions(keep_flat)
+        finally:
+            handle.remove()
+
+    def _staying_positions(self, keep_flat: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        """``stays(input_ids)`` for :meth:`drop_image_tokens`: with image placeholders in
+        ``input_ids``, the placeholders of dropped patches go too (a prefix feature stays)."""
+
+        def stays(input_ids: torch.Tensor) -> torch.Tensor:
+            if not self.image_tokens_in_input_ids:
+                return torch.ones_like(input_ids, dtype=torch.bool)
+            image = self.image_token_positions(input_ids)
+            n_patches = keep_flat.shape[1]
+            offset = image.sum(1, keepdim=True) - n_patches  # a CLS feature, when the strategy keeps it
+            patch = image.long().cumsum(1) - 1 - offset
+            kept_patch = keep_flat.to(input_ids.device).gather(1, patch.clamp(0, n_patches - 1))
+            return ~(image & (patch >= 0) & ~kept_patch)
+
+        return stays
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({type(self.model).__name__})"
 
 
-def register_adapter(cls: type[VLMAdapter]) -> type[VLMAdapter]:
+def register_adapter(cls: type[VLMAdapter] | None = None, *, overwrite: bool = False):
     """Class decorator: make ``cls`` the adapter of every class named in ``cls.model_classes``.
+
+    Args:
+        cls: the adapter class (when used as ``@register_adapter``).
+        overwrite: replace an adapter already registered for one of the classes; without it a
+            class served by another adapter is refused (ValueError).
 
     Example:
         >>> @register_adapter
         ... class MyAdapter(VLMAdapter):
         ...     family = "mine"
         ...     model_classes = ("MyVLModel",)
+        >>> @register_adapter(overwrite=True)          # replace it
+        ... class MyBetterAdapter(VLMAdapter):
+        ...     family = "mine"
+        ...     model_classes = ("MyVLModel",)
     """
-    if not cls.model_classes:
-        raise ValueError(f"{cls.__name__}.model_classes is empty: name the model classes it serves")
-    for name in cls.model_classes:
-        _REGISTRY[name] = cls
-    return cls
+    if not isinstance(overwrite, bool):
+        raise TypeError(f"overwrite: expected a bool, got {overwrite!r}")
+
+    def wrap(adapter: type[VLMAdapter]) -> type[VLMAdapter]:
+        if not (isinstance(adapter, type) and issubclass(adapter, VLMAdapter)):
+            raise TypeError(f"register_adapter: expected a VLMAdapter subclass, got {adapter!r}")
+        if not adapter.model_classes:
+            raise ValueError(f"{adapter.__name__}.model_classes is empty: name the model classes it serves")
+        taken = {n: _REGISTRY[n] for n in adapter.model_classes if _REGISTRY.get(n) not in (None, adapter)}
+        if taken and not overwrite:
+            held = ", ".join(f"{n} (by {c.__name__})" for n, c in taken.items())
+            raise ValueError(
+                f"register_adapter: {adapter.__name__} names model classes that already have an adapter: "
+                f"{held}; pass overwrite=True to replace it"
+            )
+        for name in adapter.model_classes:
+            _REGISTRY[name] = adapter
+        return adapter
+
+    return wrap if cls is None else wrap(cls)
 
 
-def supported_model_classes() -> list[str]:
-    """Names of the model classes that have a registered adapter."""
-    return sorted(_REGISTRY)
+def supported_model_classes(tasks: Sequence[str] | None = None) -> list[str]:
+    """Names of the model classes that have a registered adapter, optionally only those whose
+    :attr:`VLMAdapter.task` is one of ``tasks``."""
+    if tasks is None:
+        return sorted(_REGISTRY)
+    return sorted(name for name, cls in _REGISTRY.items() if class_task(cls, name) in tasks)
+
+
+def classes_for_tasks(tasks: Sequence[str]) -> list[str]:
+    """Names of the supported model classes whose task is one of ``tasks`` (for error messages
+    that say what a method takes)."""
+    return supported_model_classes(tasks=tasks)
+
+
+def class_task(adapter: type[VLMAdapter], class_name: str) -> str | None:
+    """The task ``adapter`` declares for the model class ``class_name`` (``None`` if none)."""
+    return adapter.tasks.get(class_name, "similarity" if adapter.two_tower else None)
 
 
 def get_adapter(model: nn.Module | VLMAdapter) -> VLMAdapter:
@@ -178,6 +422,24 @@ def get_adapter(model: nn.Module | VLMAdapter) -> VLMAdapter:
         "captum_vlm.adapters.VLMAdapter, set model_classes = ('YourModelClass',) and decorate it "
         "with @captum_vlm.adapters.register_adapter."
     )
+
+
+def _token_dropper(keep: torch.Tensor, prefix: int):
+    """Forward hook on ViT embeddings ``[B, prefix + N, D]``: keep the prefix and kept patches."""
+
+    def hook(module, args, output):
+        if output.shape[0] != keep.shape[0] or output.shape[1] != prefix + keep.shape[1]:
+            raise RuntimeError(
+                f"occlusion: vision embeddings {tuple(output.shape)} do not match {keep.shape[0]} images of "
+                f"{prefix} prefix + {keep.shape[1]} patch tokens"
+            )
+        counts = keep.sum(1)
+        if not bool((counts == counts[0]).all()):
+            raise RuntimeError("occlusion: every example must lose the same number of patches")
+        patches = output[:, prefix:][keep].view(output.shape[0], int(counts[0]), output.shape[2])
+        return torch.cat([output[:, :prefix], patches], dim=1)
+
+    return hook
 
 
 def first_position_of(

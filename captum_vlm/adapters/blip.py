@@ -22,7 +22,13 @@ class BlipAdapter(VLMAdapter):
 
     family = "blip"
     model_classes = ("BlipForImageTextRetrieval", "BlipForConditionalGeneration", "BlipForQuestionAnswering")
-    two_tower = False
+    tasks = {
+        "BlipForImageTextRetrieval": "match",
+        "BlipForConditionalGeneration": "caption",
+        "BlipForQuestionAnswering": "answer_tokens",
+    }
+    image_stream = "cross"
+    text_start_tokens = 1  # CLS (ITM) or the decoder's BOS
 
     def vision_model(self) -> nn.Module:
         return self.model.vision_model

@@ -17,7 +17,11 @@ class CLIPAdapter(VLMAdapter):
 
     family = "clip"
     model_classes = ("CLIPModel",)
+    tasks = {"CLIPModel": "similarity"}
     two_tower = True
+    image_pooling = "cls"
+    text_start_tokens = 1  # the BOS token
+    similarity_probability = "softmax"
 
     def vision_model(self) -> nn.Module:
         return self.model.vision_model

@@ -19,7 +19,10 @@ class LlavaAdapter(VLMAdapter):
 
     family = "llava"
     model_classes = ("LlavaForConditionalGeneration",)
-    two_tower = False
+    tasks = {"LlavaForConditionalGeneration": "generate"}
+    image_stream = "joint"
+    image_pooling = "none"
+    image_tokens_in_input_ids = True
 
     def _inner(self) -> nn.Module:
         return self.model.model
@@ -53,6 +56,12 @@ class LlavaAdapter(VLMAdapter):
             return torch.full((input_ids.shape[0],), input_ids.shape[1] - 1, dtype=torch.long)
         positions = torch.arange(input_ids.shape[1]).expand_as(input_ids)
         return torch.where(attention_mask.bool(), positions, -1).max(dim=1).values
+
+    def final_norm(self) -> nn.Module:
+        return self._inner().language_model.norm
+
+    def lm_head(self) -> nn.Module:
+        return self.model.lm_head
 
     @property
     def image_token_id(self) -> int:

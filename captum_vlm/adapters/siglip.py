@@ -19,8 +19,11 @@ class SiglipAdapter(CLIPAdapter):
 
     family = "siglip"
     model_classes = ("SiglipModel",)
-    #: SigLIP is trained on texts padded to the full length (the processor's ``padding=``)
-    text_padding = "max_length"
+    tasks = {"SiglipModel": "similarity"}
+    image_pooling = "attention_head"
+    text_padding = "max_length"  # SigLIP pools the last position of texts padded to full length
+    text_start_tokens = 0
+    similarity_probability = "sigmoid"
 
     @property
     def num_prefix_tokens(self) -> int:

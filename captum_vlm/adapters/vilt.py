@@ -3,13 +3,17 @@ transformer over the joint sequence ``[text tokens, image CLS, patch tokens]``."
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
 from torch import nn
 
 from captum_vlm.adapters.base import VLMAdapter, register_adapter
+from captum_vlm.adapters.layout import ImageTokenLayout
+
+_EMBEDDING_ARGS = ("input_ids", "attention_mask", "token_type_ids", "pixel_values", "pixel_mask",
+                   "inputs_embeds", "image_embeds")
 
 
 @register_adapter
@@ -24,8 +28,10 @@ class ViltAdapter(VLMAdapter):
 
     family = "vilt"
     model_classes = ("ViltForQuestionAnswering", "ViltForImageAndTextRetrieval")
+    tasks = {"ViltForQuestionAnswering": "answer_label", "ViltForImageAndTextRetrieval": "match"}
     attention_needs_output_flag = True
-    two_tower = False
+    image_stream = "joint"
+    text_start_tokens = 1  # CLS
 
     def vision_blocks(self) -> list[nn.Module]:
         return list(self.model.vilt.encoder.layer)
@@ -91,3 +97,60 @@ class ViltAdapter(VLMAdapter):
                 del embeddings.visual_embed
             else:
                 embeddings.visual_embed = shadowed
+
+    @contextmanager
+    def image_layout(
+        self, pixel_values: torch.Tensor, input_ids: torch.Tensor | None = None
+    ) -> Iterator[Callable[[], ImageTokenLayout]]:
+        """The joint sequence is ``[text, image CLS, patches]`` with the patches in the order the
+        forward inside the block sampled them (read from its ``patch_index``)."""
+        if input_ids is None:
+            raise ValueError("input_ids: needed to find the image tokens of this model")
+        grid, start = self.patch_grid(pixel_values), self.image_sequence_start(input_ids) + 1
+
+        with self.recorded_patch_index() as calls:
+
+            def layout() -> ImageTokenLayout:
+                if not calls:
+                    raise RuntimeError("image_layout: no forward ran inside the block")
+                index = calls[-1]
+                cells = index[..., 0] * grid[1] + index[..., 1]
+                columns = torch.arange(index.shape[1], device=index.device) + start
+                return ImageTokenLayout(grid, columns.expand_as(cells), cells, start + index.shape[1])
+
+            yield layout
+
+    @contextmanager
+    def drop_image_tokens(self, keep: torch.Tensor) -> Iterator[Callable[[torch.Tensor], torch.Tensor]]:
+        """ViLT's embeddings sample and shuffle the patch tokens, so the dropped ones are found
+        by their ``patch_index`` and masked out of attention, which removes them for every other
+        token."""
+        keep_flat = keep.reshape(keep.shape[0], -1) > 0.5
+        handle = self.model.vilt.embeddings.register_forward_pre_hook(
+            _patch_masker(keep_flat, tuple(keep.shape[-2:])), with_kwargs=True
+        )
+        try:
+            yield self._staying_positions(keep_flat)
+        finally:
+            handle.remove()
+
+
+def _patch_masker(keep: torch.Tensor, grid: tuple[int, int]):
+    """Forward pre-hook on ``ViltEmbeddings``: embed the patches itself, then mask the occluded
+    ones (found by ``patch_index``, as ViLT shuffles them) out of attention."""
+    keep_grid = keep.view(keep.shape[0], *grid)
+
+    def hook(module, args, kwargs):
+        named = dict(zip(_EMBEDDING_ARGS, args))
+        named.update(kwargs)
+        x, x_mask, (patch_index, _) = module.visual_embed(
+            named["pixel_values"], named["pixel_mask"], max_image_length=module.config.max_image_length
+        )
+        rows = torch.arange(x.shape[0], device=x.device)[:, None]
+        kept = keep_grid[rows, patch_index[..., 0], patch_index[..., 1]]
+        x_mask = x_mask.clone()
+        x_mask[:, 1:] = x_mask[:, 1:] * kept.to(x_mask.dtype)
+        named.update(image_embeds=x, pixel_mask=x_mask)
+        return (), named
+
+    return hook

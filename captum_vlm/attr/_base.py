@@ -38,14 +38,18 @@ from captum.attr import Attribution
 from captum.log import log_usage
 from torch import nn
 
-from captum_vlm._checks import check_choice, check_input_ids, check_pixel_inputs
-from captum_vlm.adapters import get_adapter
-from captum_vlm.hooks import capture, preserved_model_state
+from captum_vlm.attr._core import (
+    UPSAMPLE_MODES,
+    ImageAttributionBase,
+    int_targets,
+    split_text_args,
+    upsample_grid,
+)
+from captum_vlm.hooks import capture
 from captum_vlm.targets import ImageTextSimilarity
 
-__all__ = ["ImageAttribution", "resolve_layers", "upsample_grid", "mha_projections", "fuse_heads"]
+__all__ = ["ImageAttribution", "UPSAMPLE_MODES", "resolve_layers", "upsample_grid", "mha_projections", "fuse_heads"]
 
-UPSAMPLE_MODES = ("nearest", "bilinear")
 PROMPT_CHUNK = 16  # prompts whose gradients share one batched backward
 
 
@@ -88,36 +92,6 @@ def resolve_layers(layers: int | Sequence[int] | None, n_layers: int, name: str 
                              f"({-n_layers}..{n_layers - 1})")
         out.add(layer % n_layers)
     return sorted(out)
-
-
-def upsample_grid(
-    grid: torch.Tensor, size: tuple[int, int], patch: tuple[int, int], mode: str = "nearest"
-) -> torch.Tensor:
-    """Patch grid ``[..., h, w]`` to pixel map ``[..., 3, H, W]`` (same map in each channel).
-
-    Args:
-        grid: patch-grid map, any leading dimensions.
-        size: ``(H, W)`` of the input.
-        patch: patch ``(height, width)`` in pixels.
-        mode: ``"nearest"`` (each pixel gets its patch's value) or ``"bilinear"``.
-
-    Returns:
-        ``[..., 3, H, W]``; pixels beyond ``h * patch_h`` or ``w * patch_w`` are 0.
-
-    Example:
-        >>> upsample_grid(torch.ones(1, 2, 2), (17, 16), (8, 8)).shape
-        torch.Size([1, 3, 17, 16])
-    """
-    check_choice(mode, UPSAMPLE_MODES, "upsample")
-    lead, (h, w) = grid.shape[:-2], grid.shape[-2:]
-    flat = grid.reshape(-1, 1, h, w).float()
-    covered = (h * patch[0], w * patch[1])
-    if mode == "nearest":
-        up = flat.repeat_interleave(patch[0], dim=-2).repeat_interleave(patch[1], dim=-1)
-    else:
-        up = F.interpolate(flat, size=covered, mode="bilinear", align_corners=False)
-    up = F.pad(up, (0, size[1] - covered[1], 0, size[0] - covered[0]))
-    return up.reshape(*lead, 1, *size).expand(*lead, 3, *size).to(grid.dtype).contiguous()
 
 
 def mha_projections(mha: nn.MultiheadAttention) -> tuple[torch.Tensor, ...]:
@@ -194,19 +168,6 @@ def recorded_pooling_head(head: nn.Module, num_heads: int | None = None) -> Iter
         handle.remove()
 
 
-def _text_args(additional_forward_args: object) -> tuple[torch.Tensor, torch.Tensor | None]:
-    if isinstance(additional_forward_args, torch.Tensor):
-        return additional_forward_args, None
-    if not isinstance(additional_forward_args, (tuple, list)) or not 1 <= len(additional_forward_args) <= 2:
-        raise TypeError(
-            "additional_forward_args: expected (input_ids, attention_mask) from the processor, got "
-            f"{type(additional_forward_args).__name__}"
-        )
-    ids = additional_forward_args[0]
-    mask = additional_forward_args[1] if len(additional_forward_args) == 2 else None
-    return ids, mask
-
-
 def normalise_targets(target: object, batch: int, n_prompts: int) -> torch.Tensor:
     """Captum-style ``target`` to one prompt index per image ``[B]`` (long).
 
@@ -223,29 +184,21 @@ def normalise_targets(target: object, batch: int, n_prompts: int) -> torch.Tenso
         if n_prompts != 1:
             raise ValueError(f"target: {n_prompts} prompts were given; say which to explain (target=k)")
         target = 0
-    if isinstance(target, bool):
-        raise TypeError("target: expected an int, a list of ints or a tensor, got bool")
-    if isinstance(target, torch.Tensor):
-        if target.dim() > 1 or target.is_floating_point():
-            raise TypeError(f"target: expected an integer tensor of shape [] or [B], got {target.dtype} {tuple(target.shape)}")
-        target = target.tolist()
-    if isinstance(target, int):
-        target = [target] * batch
-    if not isinstance(target, (list, tuple)):
-        raise TypeError(f"target: expected an int, a list of ints or a tensor, got {type(target).__name__}")
-    if len(target) != batch:
-        raise ValueError(f"target: {len(target)} targets for {batch} images; give one per image or one int")
+    single = isinstance(target, int) or (isinstance(target, torch.Tensor) and target.dim() == 0)
+    values = int_targets(target)
+    if single:
+        values = values * batch
+    if len(values) != batch:
+        raise ValueError(f"target: {len(values)} targets for {batch} images; give one per image or one int")
     out = []
-    for t in target:
-        if isinstance(t, bool) or not isinstance(t, int):
-            raise TypeError(f"target: expected ints, got {t!r}")
+    for t in values:
         if not -n_prompts <= t < n_prompts:
             raise ValueError(f"target: {t} is out of range for {n_prompts} prompts (0..{n_prompts - 1})")
         out.append(t % n_prompts)
     return torch.tensor(out, dtype=torch.long)
 
 
-class ImageAttribution(Attribution):
+class ImageAttribution(ImageAttributionBase, Attribution):
     """Base of the two-tower image methods: maps over the patch grid, one per (image, prompt).
 
     The forward function is :class:`captum_vlm.targets.ImageTextSimilarity`: logits ``[B, K]`` of
@@ -265,14 +218,10 @@ class ImageAttribution(Attribution):
         ...                                   additional_forward_args=(ids, mask), return_grid=True)
     """
 
+    requires = {"two_tower": True}
+
     def __init__(self, model: nn.Module, interpolate_pos_encoding: bool = False):
-        self.adapter = get_adapter(model)
-        self.model = self.adapter.model
-        if not getattr(self.adapter, "two_tower", False):
-            raise TypeError(
-                f"model: {type(self).__name__} explains two-tower models (CLIPModel, SiglipModel), got "
-                f"{type(self.model).__name__}"
-            )
+        self.bind(model)
         if not isinstance(interpolate_pos_encoding, bool):
             raise TypeError(f"interpolate_pos_encoding: expected a bool, got {interpolate_pos_encoding!r}")
         self.interpolate_pos_encoding = interpolate_pos_encoding
@@ -284,7 +233,7 @@ class ImageAttribution(Attribution):
     def pools_with_head(self) -> bool:
         """True when the image embedding comes from an attention-pooling head (SigLIP), so no
         token inside the encoder blocks is the pooled one."""
-        return self.adapter.num_prefix_tokens == 0 and hasattr(self.adapter, "pooling_head")
+        return self.adapter.image_pooling == "attention_head"
 
     @property
     def n_vision_layers(self) -> int:
@@ -336,7 +285,7 @@ class ImageAttribution(Attribution):
         pixel_values, input_ids, attention_mask, grid = self._prepare(inputs, additional_forward_args, upsample)
         targets = normalise_targets(target, pixel_values.shape[0], input_ids.shape[0])[:, None]
         maps = self._run(pixel_values, input_ids, attention_mask, targets, grid)[:, 0]
-        return maps if return_grid else self._upsample(maps, pixel_values, upsample)
+        return self.finish(maps, pixel_values, return_grid, upsample)
 
     def attribute_prompts(
         self,
@@ -370,15 +319,13 @@ class ImageAttribution(Attribution):
             raise TypeError(f"prompts: expected a non-empty list of prompt indices, got {prompts!r}")
         columns = [normalise_targets(p, b, k) for p in prompts]
         maps = self._run(pixel_values, input_ids, attention_mask, torch.stack(columns, dim=1), grid)
-        return maps if return_grid else self._upsample(maps, pixel_values, upsample)
+        return self.finish(maps, pixel_values, return_grid, upsample)
 
     # ----- plumbing ---------------------------------------------------------------------------
     def _prepare(self, inputs, additional_forward_args, upsample):
-        pixel_values = check_pixel_inputs(inputs)
-        ids, mask = _text_args(additional_forward_args)
-        ids, mask = check_input_ids(ids, mask, max_length=self.adapter.max_text_length())
-        check_choice(upsample, UPSAMPLE_MODES, "upsample")
-        grid = self.adapter.patch_grid(pixel_values)
+        pixel_values, grid = self.image_inputs(inputs, upsample)
+        ids, mask, _ = split_text_args(self.adapter, additional_forward_args, most=2,
+                                       wanted="(input_ids, attention_mask)")
         config = self.model.config.vision_config
         trained = (config.image_size // config.patch_size,) * 2
         if grid != trained and not self.interpolate_pos_encoding:
@@ -389,12 +336,9 @@ class ImageAttribution(Attribution):
         return pixel_values, ids, mask, grid
 
     def _run(self, pixel_values, input_ids, attention_mask, targets, grid) -> torch.Tensor:
-        with preserved_model_state(self.model, freeze_parameters=True), torch.enable_grad():
+        with self.preserved():
             maps = self._patch_maps(pixel_values, input_ids, attention_mask, targets)
         return maps.detach().reshape(*maps.shape[:2], *grid)
-
-    def _upsample(self, maps: torch.Tensor, pixel_values: torch.Tensor, mode: str) -> torch.Tensor:
-        return upsample_grid(maps, tuple(pixel_values.shape[-2:]), self.adapter.patch_size(), mode)
 
     def _attention_pass(
         self,

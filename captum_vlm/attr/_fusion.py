@@ -5,7 +5,7 @@ ViLT and LLaVA through one joint sequence. Both methods here record attention pr
 their gradients for one or more scores, turn them into *row maps* ``[B, Q, K]`` (one row per text
 query position, one column per key), and read the image columns onto the patch grid.
 
-What is explained depends on the model class (the "kind"):
+What is explained depends on the adapter's task (the "kind" here):
 
 * ``"match"`` -- ``BlipForImageTextRetrieval``, ``ViltForImageAndTextRetrieval``: the match logit
   (:class:`captum_vlm.targets.MatchLogit`), one number per example; ``target`` must be ``None``.
@@ -36,21 +36,22 @@ from captum.log import log_usage
 from torch import nn
 from tqdm.auto import tqdm
 
-from captum_vlm._checks import check_choice, check_input_ids, check_pixel_inputs, check_same_batch
-from captum_vlm.adapters import get_adapter
-from captum_vlm.attr._base import UPSAMPLE_MODES, upsample_grid
+from captum_vlm._checks import check_input_ids, check_same_batch
+from captum_vlm.adapters import classes_for_tasks
+from captum_vlm.adapters.layout import ImageTokenLayout
+from captum_vlm.attr._core import ImageAttributionBase, int_targets, split_text_args
 from captum_vlm.hooks import capture
 from captum_vlm.targets import AnswerLogits, MatchLogit, TokenLogProbs
 
 __all__ = ["FUSION_KINDS", "FusionAttribution", "FusionInputs", "averaged_gradient_attention"]
 
+#: the adapter tasks these methods explain, and what this module calls each
 FUSION_KINDS: dict[str, str] = {
-    "BlipForImageTextRetrieval": "match",
-    "ViltForImageAndTextRetrieval": "match",
-    "ViltForQuestionAnswering": "answer",
-    "BlipForConditionalGeneration": "tokens",
-    "BlipForQuestionAnswering": "tokens",
-    "LlavaForConditionalGeneration": "tokens",
+    "match": "match",
+    "answer_label": "answer",
+    "caption": "tokens",
+    "answer_tokens": "tokens",
+    "generate": "tokens",
 }
 
 
@@ -84,7 +85,8 @@ class FusionInputs:
             which of its positions can have a map (``[B, T]`` bool).
         query_mask: which query rows of the recorded attention are text ``[B, Q]`` (bool).
         grid: patch grid ``(h, w)``.
-        patch_index: ViLT only, the grid ``(row, col)`` of each image token ``[B, P, 2]``.
+        layout: where the image tokens of the recorded forward sit (the adapter's
+            :meth:`~captum_vlm.adapters.VLMAdapter.image_layout`).
     """
 
     pixel_values: torch.Tensor
@@ -95,7 +97,7 @@ class FusionInputs:
     token_mask: torch.Tensor
     query_mask: torch.Tensor
     grid: tuple[int, int]
-    patch_index: torch.Tensor | None = None
+    layout: ImageTokenLayout | None = None
 
 
 def _text_requires_grad(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
@@ -106,21 +108,21 @@ def _text_requires_grad(module: nn.Module, args: tuple, output: torch.Tensor) ->
     return output.detach().requires_grad_(True).clone()
 
 
-class FusionAttribution(Attribution):
+class FusionAttribution(ImageAttributionBase, Attribution):
     """Base of the fusion-model image methods; subclasses implement ``_modules``, ``_row_maps``
     and ``_reduce_rows`` (see the module docstring for what is explained per model class)."""
 
     def __init__(self, model: nn.Module):
-        self.adapter = get_adapter(model)
-        self.model = self.adapter.model
-        name = type(self.model).__name__
-        if name not in FUSION_KINDS:
+        self.bind(model)
+        task = None if self.adapter.two_tower else self.adapter.task
+        if task not in FUSION_KINDS:
             raise TypeError(
-                f"model: {type(self).__name__} explains fusion models ({', '.join(FUSION_KINDS)}), got "
-                f"{name}; for two-tower models (CLIP, SigLIP) use GradECLIP or another image method"
+                f"model: {type(self).__name__} explains fusion models "
+                f"({', '.join(classes_for_tasks(list(FUSION_KINDS)))}), got {type(self.model).__name__}; "
+                "for two-tower models use GradECLIP or another image method"
             )
-        self.kind = FUSION_KINDS[name]
-        self.blip_vqa = name == "BlipForQuestionAnswering"  # the only one with answer_ids
+        self.kind = FUSION_KINDS[task]
+        self.takes_answer_ids = self.adapter.takes_answer_ids  # the scored tokens are separate answer_ids
         if self.kind == "match":
             forward_func = MatchLogit(self.model)
         elif self.kind == "answer":
@@ -250,22 +252,22 @@ class FusionAttribution(Attribution):
 
     # ----- plumbing ---------------------------------------------------------------------------
     def _prepare(self, inputs, target, additional_forward_args, upsample) -> tuple[FusionInputs, list[int]]:
-        pixel_values = check_pixel_inputs(inputs)
-        check_choice(upsample, UPSAMPLE_MODES, "upsample")
-        args = _as_args(additional_forward_args, 4 if self.blip_vqa else 2)
+        pixel_values, grid = self.image_inputs(inputs, upsample)
+        wanted = ("(input_ids, attention_mask, answer_ids[, answer_attention_mask])" if self.takes_answer_ids
+                  else "(input_ids, attention_mask)")
+        ids, mask, args = split_text_args(self.adapter, additional_forward_args, 4 if self.takes_answer_ids else 2,
+                                          wanted)
         max_length = self.adapter.max_text_length()
-        ids, mask = check_input_ids(args[0], args[1] if len(args) > 1 else None, max_length=max_length)
         check_same_batch(pixel_values=pixel_values, input_ids=ids)
-        grid = self.adapter.patch_grid(pixel_values)
         query_mask = mask.bool()
-        if self.blip_vqa:
-            if len(args) < 3 or args[2] is None:
+        if self.takes_answer_ids:
+            if not args or args[0] is None:
                 raise ValueError(
-                    "additional_forward_args: BlipForQuestionAnswering needs "
+                    f"additional_forward_args: {type(self.model).__name__} needs "
                     "(input_ids, attention_mask, answer_ids[, answer_attention_mask])"
                 )
             answer_ids, answer_mask = check_input_ids(
-                args[2], args[3] if len(args) > 3 else None, max_length=max_length, name="answer_ids"
+                args[0], args[1] if len(args) > 1 else None, max_length=max_length, name="answer_ids"
             )
             check_same_batch(pixel_values=pixel_values, answer_ids=answer_ids)
             forward_args = (ids, mask, answer_ids, answer_mask)
@@ -277,7 +279,7 @@ class FusionAttribution(Attribution):
             tokens, token_mask = ids, mask.bool()
             if self.kind == "tokens":
                 token_mask = self.forward_func.score_mask(ids, mask)
-            if self.adapter.family == "llava":
+            if self.adapter.image_tokens_in_input_ids:
                 query_mask = query_mask & ~self.adapter.image_token_positions(ids)
         prepared = FusionInputs(pixel_values, forward_args, ids, mask, tokens, token_mask, query_mask, grid)
         return prepared, self._positions(target, prepared)
@@ -300,19 +302,11 @@ class FusionAttribution(Attribution):
             if not positions:
                 raise ValueError("target: no token is scored (texts of one token, or score_from past the end)")
             return positions
-        if isinstance(target, torch.Tensor):
-            if target.dim() > 1 or target.is_floating_point():
-                raise TypeError(f"target: expected an int tensor of positions [] or [n], got {target.dtype} "
-                                f"{tuple(target.shape)}")
-            target = target.tolist()
-        if isinstance(target, int) and not isinstance(target, bool):
-            target = [target]
-        if not isinstance(target, (list, tuple)) or not target:
+        target = int_targets(target, "a token position or a list of positions")
+        if not target:
             raise TypeError(f"target: expected a token position or a list of positions, got {target!r}")
         positions = []
         for t in target:
-            if isinstance(t, bool) or not isinstance(t, int):
-                raise TypeError(f"target: expected int positions, got {t!r}")
             if not -length < t < length or t % length == 0:
                 raise ValueError(
                     f"target: position {t} has no prediction; token positions run 1..{length - 1} "
@@ -332,13 +326,12 @@ class FusionAttribution(Attribution):
         with ExitStack() as stack:
             record = stack.enter_context(capture(self.model, attentions=modules, grads=False, freeze_parameters=True))
             stack.enter_context(torch.enable_grad())
-            patch_calls = stack.enter_context(self.adapter.recorded_patch_index()) if self.adapter.family == "vilt" else None
-            embeddings = [self.adapter.text_embedding()] + ([self.adapter.answer_embedding()] if self.blip_vqa else [])
+            layout = stack.enter_context(self.adapter.image_layout(inputs.pixel_values, inputs.input_ids))
+            embeddings = [self.adapter.text_embedding()] + ([self.adapter.answer_embedding()] if self.takes_answer_ids else [])
             for embedding in embeddings:  # capture removes these hooks
                 embedding.register_forward_hook(_text_requires_grad)
             output = self.forward_func(pixels, *inputs.args)
-            if patch_calls is not None:
-                inputs.patch_index = patch_calls[-1]
+            inputs.layout = layout()
             attentions = record.attentions
             if self.kind == "tokens":
                 per_token = None
@@ -367,34 +360,10 @@ class FusionAttribution(Attribution):
 
     def _to_grid(self, values: torch.Tensor, inputs: FusionInputs) -> torch.Tensor:
         """Image columns of ``values`` ``[B, R, K]`` onto the patch grid ``[B, R, h, w]``."""
-        (h, w), b, r = inputs.grid, values.shape[0], values.shape[1]
-        family = self.adapter.family
-        if family == "vilt":
-            image = values[..., inputs.input_ids.shape[1] + 1 :]  # after the text and the image CLS
-            index = inputs.patch_index.to(values.device)
-            flat = (index[..., 0] * w + index[..., 1])[:, None, :].expand(b, r, -1)
-            grid = values.new_zeros(b, r, h * w).scatter_add_(-1, flat, image)
-            return grid.reshape(b, r, h, w)
-        if family == "llava":
-            positions = self.adapter.image_token_positions(inputs.input_ids)
-            image = torch.stack([values[i][:, positions[i]] for i in range(b)])
-        else:
-            image = values
-        prefix = self.adapter.num_prefix_tokens
-        if image.shape[-1] == h * w + prefix:
-            image = image[..., prefix:]
-        if image.shape[-1] != h * w:
-            raise ValueError(
-                f"inputs: the model saw {image.shape[-1]} image tokens but the {h}x{w} patch grid of "
-                f"pixel_values {tuple(inputs.pixel_values.shape)} has {h * w}"
-            )
-        return image.reshape(b, r, h, w)
+        return inputs.layout.to_grid(values)
 
     def _finish(self, grid: torch.Tensor, inputs: FusionInputs, return_grid: bool, upsample: str) -> torch.Tensor:
-        grid = grid.to(inputs.pixel_values.dtype)
-        if return_grid:
-            return grid
-        return upsample_grid(grid, tuple(inputs.pixel_values.shape[-2:]), self.adapter.patch_size(), upsample)
+        return self.finish(grid.to(inputs.pixel_values.dtype), inputs.pixel_values, return_grid, upsample)
 
 
 def _grads(score: torch.Tensor, attentions: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -408,19 +377,6 @@ def _grads(score: torch.Tensor, attentions: list[torch.Tensor]) -> list[torch.Te
     return grads
 
 
-def _as_args(additional_forward_args: object, most: int) -> tuple:
-    if isinstance(additional_forward_args, torch.Tensor):
-        return (additional_forward_args,)
-    if not isinstance(additional_forward_args, (tuple, list)) or not 1 <= len(additional_forward_args) <= most:
-        wanted = "(input_ids, attention_mask, answer_ids[, answer_attention_mask])" if most == 4 else "(input_ids, attention_mask)"
-        raise TypeError(
-            f"additional_forward_args: expected {wanted} from the processor, got "
-            f"{type(additional_forward_args).__name__}"
-            + (f" of length {len(additional_forward_args)}" if isinstance(additional_forward_args, (tuple, list)) else "")
-        )
-    return tuple(additional_forward_args)
-
-
 def _answer_targets(target: object, batch: int, n_answers: int) -> torch.Tensor:
     """ViLT VQA ``target`` (label id, one per example) to ``[B]`` long."""
     if target is None:
@@ -428,19 +384,13 @@ def _answer_targets(target: object, batch: int, n_answers: int) -> torch.Tensor:
             "target: say which answer to explain, its label id (model.config.label2id[answer]), one "
             "int or one per example"
         )
-    if isinstance(target, torch.Tensor):
-        if target.dim() > 1 or target.is_floating_point():
-            raise TypeError(f"target: expected an integer tensor [] or [B], got {target.dtype} {tuple(target.shape)}")
-        target = target.tolist()
-    if isinstance(target, int) and not isinstance(target, bool):
-        target = [target] * batch
-    if not isinstance(target, (list, tuple)):
-        raise TypeError(f"target: expected an answer label id or a list of them, got {type(target).__name__}")
+    single = isinstance(target, int) or (isinstance(target, torch.Tensor) and target.dim() == 0)
+    target = int_targets(target, "an answer label id or a list of them")
+    if single:
+        target = target * batch
     if len(target) != batch:
         raise ValueError(f"target: {len(target)} answers for {batch} examples; give one per example or one int")
     for t in target:
-        if isinstance(t, bool) or not isinstance(t, int):
-            raise TypeError(f"target: expected int label ids, got {t!r}")
         if not 0 <= t < n_answers:
             raise ValueError(f"target: answer id {t} is out of range for {n_answers} answers (0..{n_answers - 1})")
     return torch.tensor(target, dtype=torch.long)

@@ -89,11 +89,11 @@ class BimodalRelevancy(FusionAttribution):
 
     def __init__(self, model: nn.Module, image_relevancy: str | None = None):
         super().__init__(model)
-        self.two_streams = self.adapter.family == "blip"
+        self.two_streams = self.adapter.image_stream == "cross"  # a separate image stream
         if image_relevancy is not None and not self.two_streams:
             raise ValueError(
-                f"image_relevancy: only BLIP keeps a separate image stream; {type(self.model).__name__} "
-                "has one joint sequence, leave it None"
+                f"image_relevancy: only models with a separate image stream take it; "
+                f"{type(self.model).__name__} has one joint sequence, leave it None"
             )
         if image_relevancy is None:
             image_relevancy = "vision"
@@ -105,7 +105,7 @@ class BimodalRelevancy(FusionAttribution):
             return self.adapter.text_attentions()
         vision = self.adapter.vision_attentions() if self.image_relevancy == "vision" else []
         modules = vision + self.adapter.text_attentions() + self.adapter.cross_attentions()
-        if self.blip_vqa:
+        if self.takes_answer_ids:
             modules += self.adapter.answer_self_attentions() + self.adapter.answer_cross_attentions()
         return modules
 
@@ -113,7 +113,7 @@ class BimodalRelevancy(FusionAttribution):
         a_bar = [averaged_gradient_attention(a, g) for a, g in zip(attentions, grads)]
         if not self.two_streams:
             return _self_attention_relevancy(a_bar)
-        n_answer = len(self.adapter.answer_self_attentions()) if self.blip_vqa else 0
+        n_answer = len(self.adapter.answer_self_attentions()) if self.takes_answer_ids else 0
         if n_answer:
             a_bar, answer = a_bar[: -2 * n_answer], a_bar[-2 * n_answer :]
         n_text = len(self.adapter.text_attentions())

@@ -18,7 +18,7 @@ from captum_vlm.attr._base import (
     recorded_pooling_head,
     resolve_layers,
 )
-from captum_vlm.hooks import eager_attention, preserved_model_state
+from captum_vlm.hooks import eager_attention
 
 __all__ = ["GradECLIP"]
 
@@ -252,7 +252,7 @@ class GradECLIP(ImageAttribution):
         positions = torch.arange(t, device=device)
         valid = (positions[None] <= pooled[:, None]) & mask.bool().to(device)
         modules = [self.adapter.text_attentions()[i] for i in self.text_layers]
-        with preserved_model_state(self.model, freeze_parameters=True), torch.enable_grad(), ExitStack() as stack:
+        with self.preserved(), ExitStack() as stack:
             if self._paper:
                 stack.enter_context(eager_attention(self.model))
             with torch.no_grad():
@@ -271,8 +271,7 @@ class GradECLIP(ImageAttribution):
                 maps.append(self._combine(per_layer))
             maps = torch.stack(maps).detach()  # [B, K, T]
         keep = valid & (positions[None] != pooled[:, None])
-        if self.adapter.family == "clip":
-            keep[:, 0] = False
+        keep[:, : self.adapter.text_start_tokens] = False  # a BOS carries no word
         if special_tokens_mask is not None:
             keep &= ~special_tokens_mask.bool().to(keep.device)
         maps = maps * keep

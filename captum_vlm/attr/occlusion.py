@@ -3,20 +3,17 @@
 Image windows are counted in patches of the adapter's grid. ``intervention="paint"`` is Captum's
 :class:`~captum.attr.Occlusion` on ``pixel_values`` with windows aligned to the patches;
 ``intervention="drop"`` is the same sliding-window scheme run on a patch *keep mask*, where the
-model runs without the occluded patch tokens instead of on painted pixels:
-
-* CLIP, SigLIP, BLIP, LLaVA: a forward hook on the vision embeddings (position embeddings are
-  already added there) keeps the prefix (CLS) and the unoccluded patch tokens; LLaVA also loses
-  the matching image placeholders from ``input_ids`` (per-token scores are put back in place).
-* ViLT: its embeddings sample and shuffle the patch tokens, so the occluded ones are found by
-  their ``patch_index`` and masked out of attention, which removes them for every other token.
+model runs without the occluded patch tokens instead of on painted pixels: the adapter's
+:meth:`~captum_vlm.adapters.VLMAdapter.drop_image_tokens` removes them (a hook on the vision
+embeddings, after the position embeddings; ViLT masks its shuffled patches out of attention).
+When the image tokens sit in ``input_ids`` as placeholders (LLaVA), the placeholders of dropped
+patches leave ``input_ids`` too, and per-token scores are put back in place.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -25,8 +22,10 @@ from captum.log import log_usage
 from torch import nn
 from tqdm.auto import tqdm
 
-from captum_vlm._checks import check_choice, check_count, check_pixel_inputs, check_same_batch
-from captum_vlm.attr._base import UPSAMPLE_MODES, normalise_targets, upsample_grid
+from captum_vlm._checks import check_choice, check_count, check_same_batch
+from captum_vlm._grid import pixels_to_grid
+from captum_vlm.attr._base import normalise_targets, upsample_grid
+from captum_vlm.attr._core import ImageAttributionBase, split_text_args
 from captum_vlm.attr.token_ig import (
     _pixel_baseline,
     check_output_target,
@@ -34,17 +33,13 @@ from captum_vlm.attr.token_ig import (
     pad_token_id,
     select_target,
     special_token_mask,
-    split_forward_args,
 )
-from captum_vlm.hooks import preserved_model_state
 from captum_vlm.targets import MatchLogit, TokenLogProbs, _Target
 
 __all__ = ["CausalOcclusion", "GroundingResult"]
 
 INTERVENTIONS = ("drop", "paint")
 TEXT_INTERVENTIONS = ("replace", "delete")
-_VILT_EMBEDDING_ARGS = ("input_ids", "attention_mask", "token_type_ids", "pixel_values", "pixel_mask",
-                        "inputs_embeds", "image_embeds")
 
 
 @dataclass
@@ -95,7 +90,7 @@ class GroundingResult:
         return "\n".join(lines)
 
 
-class CausalOcclusion(PerturbationAttribution):
+class CausalOcclusion(ImageAttributionBase, PerturbationAttribution):
     """Occlusion on the patch grid and on text tokens: the change of the target when a part is gone.
 
     Zeiler & Fergus, *Visualizing and Understanding Convolutional Networks*, ECCV 2014: slide a
@@ -127,9 +122,8 @@ class CausalOcclusion(PerturbationAttribution):
 
     def __init__(self, model: nn.Module | _Target):
         self.target_fn = default_target(model)
-        self.adapter = self.target_fn.adapter
-        self.model = self.adapter.model
-        self.two_tower = bool(getattr(self.adapter, "two_tower", False))
+        self.bind(self.target_fn.adapter)
+        self.two_tower = self.adapter.two_tower
         super().__init__(self.target_fn)
 
     @log_usage()  # Captum's NoiseTunnel calls attribute.__wrapped__
@@ -184,24 +178,21 @@ class CausalOcclusion(PerturbationAttribution):
             >>> words = occ.attribute(pixel_values, target=answer_id, modality="text",  # doctest: +SKIP
             ...                       additional_forward_args=(ids, mask))
         """
-        pixel_values = check_pixel_inputs(inputs)
-        grid = self.adapter.patch_grid(pixel_values)  # also: at least one patch
+        pixel_values, grid = self.image_inputs(inputs, upsample)  # also: at least one patch
         check_choice(modality, ("image", "text"), "modality")
-        check_choice(upsample, UPSAMPLE_MODES, "upsample")
         check_count(perturbations_per_eval, "perturbations_per_eval")
-        ids, mask, extra = split_forward_args(self.adapter, additional_forward_args)
+        ids, mask, extra = split_text_args(self.adapter, additional_forward_args)
         if not self.two_tower:
             check_same_batch(inputs=pixel_values, input_ids=ids)
         if modality == "text":
             check_choice(text_intervention, TEXT_INTERVENTIONS, "text_intervention")
-            scores_input_ids = isinstance(self.target_fn, TokenLogProbs) and \
-                self.target_fn.kind != "BlipForQuestionAnswering"
+            scores_input_ids = isinstance(self.target_fn, TokenLogProbs) and self.target_fn.scores_input_ids
             if text_intervention == "delete" and scores_input_ids:
                 raise ValueError(
                     "text_intervention: 'delete' shifts the tokens this TokenLogProbs target scores; use 'replace'"
                 )
             captum_target = self._check_target(pixel_values, ids, mask, extra, target)
-            with preserved_model_state(self.model), torch.no_grad():
+            with self.preserved(grad=False, freeze_parameters=False):
                 return self._text(pixel_values, ids, mask, extra, captum_target, text_intervention,
                                   text_baseline, keep_token_ids, perturbations_per_eval, show_progress)
 
@@ -211,7 +202,7 @@ class CausalOcclusion(PerturbationAttribution):
         if window[0] > grid[0] or window[1] > grid[1]:
             raise ValueError(f"window: {window} patches is larger than the {grid} patch grid")
         captum_target = self._check_target(pixel_values, ids, mask, extra, target)
-        with preserved_model_state(self.model), torch.no_grad():
+        with self.preserved(grad=False, freeze_parameters=False):
             if intervention == "drop":
                 forward, rest = self._drop_forward(ids, mask, extra)
                 keep = torch.ones(pixel_values.shape[0], *grid, dtype=pixel_values.dtype, device=pixel_values.device)
@@ -231,10 +222,7 @@ class CausalOcclusion(PerturbationAttribution):
                     show_progress=show_progress,
                 )
                 maps = pixels_map[:, 0, : grid[0] * ph : ph, : grid[1] * pw : pw]
-        maps = maps.detach()
-        if return_grid:
-            return maps
-        return upsample_grid(maps, tuple(pixel_values.shape[-2:]), self.adapter.patch_size(), upsample)
+        return self.finish(maps, pixel_values, return_grid, upsample)
 
     # ----- grounding test (LVLM-Interpret) ---------------------------------------------------
     def grounding_test(
@@ -274,13 +262,12 @@ class CausalOcclusion(PerturbationAttribution):
             >>> CausalOcclusion(model).grounding_test(pixels, heat, target=0,   # doctest: +SKIP
             ...                                       additional_forward_args=(ids, mask)).grounded
         """
-        pixel_values = check_pixel_inputs(inputs)
-        grid = self.adapter.patch_grid(pixel_values)  # also: at least one patch
+        pixel_values, grid = self.image_inputs(inputs)  # also: at least one patch
         if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
             raise ValueError(f"fraction: expected a number in (0, 1), got {fraction!r}")
         check_count(n_random, "n_random")
         check_choice(intervention, INTERVENTIONS, "intervention")
-        ids, mask, extra = split_forward_args(self.adapter, additional_forward_args)
+        ids, mask, extra = split_text_args(self.adapter, additional_forward_args)
         if not self.two_tower:
             check_same_batch(inputs=pixel_values, input_ids=ids)
         captum_target = self._check_target(pixel_values, ids, mask, extra, target)
@@ -292,7 +279,7 @@ class CausalOcclusion(PerturbationAttribution):
         randoms = [torch.stack([torch.randperm(n, generator=generator)[:k] for _ in range(b)]) for _ in range(n_random)]
         keeps = [_keep_mask(idx, b, grid, pixel_values.device) for idx in [relevant, *randoms]]
 
-        with preserved_model_state(self.model), torch.no_grad():
+        with self.preserved(grad=False, freeze_parameters=False):
             outputs = [self._masked_output(pixel_values, keep, ids, mask, extra, intervention, baselines)
                        for keep in [torch.ones_like(keeps[0]), *keeps]]
         scores = [select_target(o, captum_target) for o in outputs]
@@ -321,19 +308,43 @@ class CausalOcclusion(PerturbationAttribution):
         """Validate ``target``; returns it in the form Captum takes (a per-image list for two-tower)."""
         if self.two_tower:
             return normalise_targets(target, pixel_values.shape[0], ids.shape[0]).tolist()
-        with preserved_model_state(self.model), torch.no_grad():
+        with self.preserved(grad=False, freeze_parameters=False):
             check_output_target(self.target_fn(pixel_values, ids, mask, *extra), target)
         return target
 
     def _call(self, pixel_values, ids, mask, extra, keep=None) -> torch.Tensor:
-        """The target's full output, without the patches where ``keep`` ``[B, h, w]`` is 0."""
+        """The target's full output, without the patches where ``keep`` ``[B, h, w]`` is 0
+        (the adapter's :meth:`~captum_vlm.adapters.VLMAdapter.drop_image_tokens`)."""
         if keep is None or bool(keep.all()):
             return self.target_fn(pixel_values, ids, mask, *extra)
-        keep_flat = keep.reshape(keep.shape[0], -1) > 0.5
-        if self.adapter.family == "llava":
-            return self._llava_dropped(pixel_values, ids, mask, extra, keep_flat)
-        with self._dropping(keep_flat, keep.shape[-2:]):
-            return self.target_fn(pixel_values, ids, mask, *extra)
+        with self.adapter.drop_image_tokens(keep) as stays:
+            stay = stays(ids)
+            if bool(stay.all()):
+                return self.target_fn(pixel_values, ids, mask, *extra)
+            return self._shortened(pixel_values, ids, mask, extra, stay)
+
+    def _shortened(self, pixel_values, ids, mask, extra, stay):
+        """The target on ``input_ids`` without the positions where ``stay`` is False (image
+        placeholders of dropped patches); a per-token output is put back in the columns of the
+        original ``input_ids``."""
+        counts = stay.sum(1)
+        if not bool((counts == counts[0]).all()):
+            raise RuntimeError("occlusion: every example must lose the same number of patches")
+        rows, length = ids.shape[0], int(counts[0])
+        target_fn = self.target_fn
+        if isinstance(target_fn, TokenLogProbs) and target_fn.score_from > 1:
+            # the scored part starts earlier by the placeholders removed before it
+            shift = (~stay[:, : target_fn.score_from]).sum(1)
+            if not bool((shift == shift[0]).all()):
+                raise RuntimeError("occlusion: rows place their image tokens differently; occlude them one at a time")
+            target_fn = copy.copy(target_fn)
+            target_fn.score_from = max(1, self.target_fn.score_from - int(shift[0]))
+        out = target_fn(pixel_values, ids[stay].view(rows, length), mask[stay].view(rows, length), *extra)
+        if out.dim() == 2 and out.shape[1] == length and length != ids.shape[1]:
+            full = out.new_zeros(rows, ids.shape[1])
+            full[stay] = out.reshape(-1)
+            out = full
+        return out
 
     def _drop_forward(self, ids, mask, extra) -> tuple[Callable, tuple]:
         """``forward(keep, pixel_values, *rest)`` for Captum, and the ``rest`` it expands (two-tower
@@ -367,51 +378,6 @@ class CausalOcclusion(PerturbationAttribution):
         if isinstance(self.target_fn, TokenLogProbs) or output.dim() == 1 or output.shape[1] == 1:
             return None
         return output.argmax(1)
-
-    # ----- dropping patch tokens ---------------------------------------------------------------
-    @contextmanager
-    def _dropping(self, keep: torch.Tensor, grid: tuple[int, int]) -> Iterator[None]:
-        """Inside the block, the vision tower runs without the patch tokens where ``keep`` ``[B, N]``
-        is False (rows must drop equally many, as sliding windows do)."""
-        if self.adapter.family == "vilt":
-            embeddings = self.model.vilt.embeddings
-            handle = embeddings.register_forward_pre_hook(_vilt_masker(keep, grid), with_kwargs=True)
-        else:
-            embeddings = self.adapter.vision_model().embeddings
-            handle = embeddings.register_forward_hook(_token_dropper(keep, self.adapter.num_prefix_tokens))
-        try:
-            yield
-        finally:
-            handle.remove()
-
-    def _llava_dropped(self, pixel_values, ids, mask, extra, keep_flat):
-        """LLaVA without some patches: fewer image features, so fewer placeholders in ``input_ids``;
-        a per-token output is put back in the columns of the original ``input_ids``."""
-        image = self.adapter.image_token_positions(ids)
-        n_patches = keep_flat.shape[1]
-        offset = image.sum(1, keepdim=True) - n_patches  # a CLS feature, when the strategy keeps it
-        patch = image.long().cumsum(1) - 1 - offset
-        kept_patch = keep_flat.gather(1, patch.clamp(0, n_patches - 1))
-        stay = ~(image & (patch >= 0) & ~kept_patch)
-        counts = stay.sum(1)
-        if not bool((counts == counts[0]).all()):
-            raise RuntimeError("occlusion: every example must lose the same number of patches")
-        rows, length = ids.shape[0], int(counts[0])
-        target_fn = self.target_fn
-        if isinstance(target_fn, TokenLogProbs) and target_fn.score_from > 1:
-            # the scored part starts earlier by the placeholders removed before it
-            shift = (~stay[:, : target_fn.score_from]).sum(1)
-            if not bool((shift == shift[0]).all()):
-                raise RuntimeError("occlusion: rows place their image tokens differently; occlude them one at a time")
-            target_fn = copy.copy(target_fn)
-            target_fn.score_from = max(1, self.target_fn.score_from - int(shift[0]))
-        with self._dropping(keep_flat, ()):
-            out = target_fn(pixel_values, ids[stay].view(rows, length), mask[stay].view(rows, length), *extra)
-        if out.dim() == 2 and out.shape[1] == length and length != ids.shape[1]:
-            full = out.new_zeros(rows, ids.shape[1])
-            full[stay] = out.reshape(-1)
-            out = full
-        return out
 
     # ----- text ---------------------------------------------------------------------------------
     def _text(self, pixels, ids, mask, extra, target, how, replacement, keep_token_ids, per_eval, progress):
@@ -466,45 +432,6 @@ class CausalOcclusion(PerturbationAttribution):
 
 
 # ----- hooks and small helpers ------------------------------------------------------------------
-
-
-def _token_dropper(keep: torch.Tensor, prefix: int):
-    """Forward hook on ViT embeddings ``[B, prefix + N, D]``: keep the prefix and kept patches."""
-
-    def hook(module, args, output):
-        if output.shape[0] != keep.shape[0] or output.shape[1] != prefix + keep.shape[1]:
-            raise RuntimeError(
-                f"occlusion: vision embeddings {tuple(output.shape)} do not match {keep.shape[0]} images of "
-                f"{prefix} prefix + {keep.shape[1]} patch tokens"
-            )
-        counts = keep.sum(1)
-        if not bool((counts == counts[0]).all()):
-            raise RuntimeError("occlusion: every example must lose the same number of patches")
-        patches = output[:, prefix:][keep].view(output.shape[0], int(counts[0]), output.shape[2])
-        return torch.cat([output[:, :prefix], patches], dim=1)
-
-    return hook
-
-
-def _vilt_masker(keep: torch.Tensor, grid: tuple[int, int]):
-    """Forward pre-hook on ``ViltEmbeddings``: embed the patches itself, then mask the occluded
-    ones (found by ``patch_index``, as ViLT shuffles them) out of attention."""
-    keep_grid = keep.view(keep.shape[0], *grid)
-
-    def hook(module, args, kwargs):
-        named = dict(zip(_VILT_EMBEDDING_ARGS, args))
-        named.update(kwargs)
-        x, x_mask, (patch_index, _) = module.visual_embed(
-            named["pixel_values"], named["pixel_mask"], max_image_length=module.config.max_image_length
-        )
-        rows = torch.arange(x.shape[0], device=x.device)[:, None]
-        kept = keep_grid[rows, patch_index[..., 0], patch_index[..., 1]]
-        x_mask = x_mask.clone()
-        x_mask[:, 1:] = x_mask[:, 1:] * kept.to(x_mask.dtype)
-        named.update(image_embeds=x, pixel_mask=x_mask)
-        return (), named
-
-    return hook
 
 
 def _embedding_replacer(positions: torch.Tensor, vector: torch.Tensor):
@@ -563,9 +490,8 @@ def _as_grid(attribution, pixel_values, grid, patch) -> torch.Tensor:
         return a
     if a.dim() == 4 and a.shape[0] == b:
         a = a.mean(1)
-    if a.dim() == 3 and a.shape == (b, *pixel_values.shape[-2:]):
-        a = a[:, : h * patch[0], : w * patch[1]]
-        return a.reshape(b, h, patch[0], w, patch[1]).mean((2, 4))
+    if a.dim() == 3 and a.shape == (b, *pixel_values.shape[-2:]):  # the patch-cover rule
+        return torch.from_numpy(pixels_to_grid(a.cpu().numpy(), grid, patch)).to(a)
     raise ValueError(
         f"attribution: expected [B, 3, H, W], [B, H, W] or the patch grid {(b, h, w)}, got {tuple(attribution.shape)}"
     )

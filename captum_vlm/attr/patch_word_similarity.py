@@ -101,4 +101,4 @@ class PatchWordSimilarity(ImageAttribution):
         sims = sims[torch.arange(sims.shape[0], device=sims.device), targets.to(sims.device)]
         sims = sims * mask[targets].to(sims)[..., None]
         maps = sims.reshape(*sims.shape[:2], *grid)
-        return maps if return_grid else self._upsample(maps, pixel_values, upsample)
+        return self.finish(maps, pixel_values, return_grid, upsample)

@@ -5,7 +5,7 @@ IG runs at the *output* of the text-embedding layer and of the patch-embedding l
 image placeholders stay where they are and are filled with image features as usual, and a
 caption scored by :class:`~captum_vlm.targets.TokenLogProbs` is still the caption being scored.
 
-The helpers at the bottom (default target per family, splitting ``additional_forward_args``,
+The helpers at the bottom (splitting ``additional_forward_args``,
 special tokens kept in text baselines, picking ``target`` columns) are shared with
 :mod:`captum_vlm.attr.occlusion`.
 """
@@ -25,21 +25,11 @@ from tqdm.auto import tqdm
 from captum_vlm._checks import (
     check_choice,
     check_count,
-    check_input_ids,
-    check_pixel_inputs,
     check_same_batch,
 )
-from captum_vlm.adapters import get_adapter
-from captum_vlm.attr._base import UPSAMPLE_MODES, normalise_targets, upsample_grid
-from captum_vlm.hooks import preserved_model_state
-from captum_vlm.targets import (
-    AnswerLogits,
-    ImageTextSimilarity,
-    MatchLogit,
-    TextImageSimilarity,
-    TokenLogProbs,
-    _Target,
-)
+from captum_vlm.attr._base import normalise_targets
+from captum_vlm.attr._core import ImageAttributionBase, int_targets, split_text_args
+from captum_vlm.targets import ImageTextSimilarity, _Target, default_target
 
 __all__ = ["TokenIntegratedGradients", "default_target", "text_baseline_ids"]
 
@@ -47,7 +37,7 @@ MODALITIES = ("image", "text", "both")
 IG_METHODS = ("gausslegendre", "riemann_trapezoid", "riemann_left", "riemann_right", "riemann_middle")
 
 
-class TokenIntegratedGradients(GradientAttribution):
+class TokenIntegratedGradients(ImageAttributionBase, GradientAttribution):
     """Integrated Gradients over text tokens, image patches, or both on one path.
 
     IG (Sundararajan, Taly & Yan, *Axiomatic Attribution for Deep Networks*, ICML 2017) integrates
@@ -85,9 +75,8 @@ class TokenIntegratedGradients(GradientAttribution):
 
     def __init__(self, model: nn.Module | _Target, multiply_by_inputs: bool = True):
         self.target_fn = default_target(model)
-        self.adapter = self.target_fn.adapter
-        self.model = self.adapter.model
-        self.two_tower = bool(getattr(self.adapter, "two_tower", False))
+        self.bind(self.target_fn.adapter)
+        self.two_tower = self.adapter.two_tower
         self._multiply_by_inputs = multiply_by_inputs
         self._want_delta = False
         self._interpolate = bool(getattr(self.target_fn, "interpolate_pos_encoding", False))
@@ -153,17 +142,15 @@ class TokenIntegratedGradients(GradientAttribution):
             >>> tokens = ig.attribute(pixel_values, modality="text",         # doctest: +SKIP
             ...                       additional_forward_args=(ids, mask))
         """
-        pixel_values = check_pixel_inputs(inputs)
-        self.adapter.patch_grid(pixel_values)  # at least one patch
+        pixel_values, _ = self.image_inputs(inputs, upsample)  # also: at least one patch
         check_choice(modality, MODALITIES, "modality")
-        check_choice(upsample, UPSAMPLE_MODES, "upsample")
         check_count(n_steps, "n_steps")
         check_choice(method, IG_METHODS, "method")
         if internal_batch_size is not None and (
             isinstance(internal_batch_size, bool) or not isinstance(internal_batch_size, int) or internal_batch_size < 1
         ):
             raise ValueError(f"internal_batch_size: expected None or an int >= 1, got {internal_batch_size!r}")
-        ids, mask, extra = split_forward_args(self.adapter, additional_forward_args)
+        ids, mask, extra = split_text_args(self.adapter, additional_forward_args)
         if not self.two_tower:
             check_same_batch(inputs=pixel_values, input_ids=ids)
         pixel_base = _pixel_baseline(baselines, pixel_values)
@@ -172,7 +159,7 @@ class TokenIntegratedGradients(GradientAttribution):
             text_base = text_baseline_ids(self.adapter, ids, mask, text_baseline, keep_token_ids)
 
         self._want_delta = return_convergence_delta
-        with preserved_model_state(self.model, freeze_parameters=True), torch.enable_grad():
+        with self.preserved():
             if self.two_tower:
                 rows = normalise_targets(target, pixel_values.shape[0], ids.shape[0])
                 image, text, delta = self._two_tower(
@@ -184,8 +171,8 @@ class TokenIntegratedGradients(GradientAttribution):
                     pixel_values, pixel_base, ids, mask, extra, text_base, target, modality,
                     n_steps, method, internal_batch_size, show_progress,
                 )
-        if image is not None and not return_grid:
-            image = upsample_grid(image, tuple(pixel_values.shape[-2:]), self.adapter.patch_size(), upsample)
+        if image is not None:
+            image = self.finish(image, pixel_values, return_grid, upsample)
         out = {"image": image, "text": text, "both": (image, text)}[modality]
         return (out, delta) if return_convergence_delta else out
 
@@ -306,86 +293,21 @@ class TokenIntegratedGradients(GradientAttribution):
 # ----- helpers shared with occlusion --------------------------------------------------------------
 
 
-def default_target(model: nn.Module | _Target) -> _Target:
-    """The target a method explains when given a bare model.
-
-    * CLIP, SigLIP: :class:`~captum_vlm.targets.ImageTextSimilarity` (``target=k``: prompt k);
-    * BLIP retrieval, ViLT retrieval: :class:`~captum_vlm.targets.MatchLogit` (``target=None``);
-    * ViLT VQA: :class:`~captum_vlm.targets.AnswerLogits` (``target``: answer id);
-    * BLIP captioning, BLIP VQA, LLaVA: ``TokenLogProbs(model, reduction="sum")`` (``target=None``).
-
-    A target instance is returned as it is.
-    """
-    if isinstance(model, TextImageSimilarity):
-        raise TypeError(
-            "model: TextImageSimilarity takes input_ids first; these methods take pixel_values first, so "
-            "pass the model (or ImageTextSimilarity) and choose the text side with modality='text'"
-        )
-    if isinstance(model, _Target):
-        return model
-    adapter = get_adapter(model)
-    name = type(adapter.model).__name__
-    if getattr(adapter, "two_tower", False):
-        return ImageTextSimilarity(adapter.model)
-    if name in MatchLogit._FAMILIES:
-        return MatchLogit(adapter.model)
-    if name == "ViltForQuestionAnswering":
-        return AnswerLogits(adapter.model)
-    if name in TokenLogProbs._FAMILIES:
-        return TokenLogProbs(adapter.model, reduction="sum")
-    raise TypeError(f"model: no default target for {name}; pass a target from captum_vlm.targets")
-
-
 def split_forward_args(adapter, additional_forward_args) -> tuple[torch.Tensor, torch.Tensor, tuple]:
-    """``additional_forward_args`` -> ``(input_ids, attention_mask, extra)``, checked."""
-    args = additional_forward_args
-    if isinstance(args, torch.Tensor):
-        args = (args,)
-    if not isinstance(args, (tuple, list)) or not args:
-        raise TypeError(
-            "additional_forward_args: expected (input_ids, attention_mask, ...) from the processor, got "
-            f"{type(additional_forward_args).__name__}"
-        )
-    mask = args[1] if len(args) > 1 else None
-    ids, mask = check_input_ids(args[0], mask, max_length=adapter.max_text_length())
-    return ids, mask, tuple(args[2:])
-
-
-def _config_token_ids(model: nn.Module) -> dict[str, int]:
-    found: dict[str, int] = {}
-    configs = [model.config] + [getattr(model.config, key, None) for key in ("text_config",)]
-    for config in configs:
-        if config is None:
-            continue
-        for key in ("pad_token_id", "bos_token_id", "eos_token_id", "sep_token_id", "cls_token_id",
-                    "decoder_start_token_id", "image_token_id", "image_token_index"):
-            value = getattr(config, key, None)
-            if isinstance(value, int) and not isinstance(value, bool):
-                found.setdefault(key, value)
-    return found
+    """Alias of :func:`captum_vlm.attr._core.split_text_args`."""
+    return split_text_args(adapter, additional_forward_args)
 
 
 def special_token_mask(
     adapter, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep_token_ids: Sequence[int] = ()
 ) -> torch.Tensor:
-    """Positions a text baseline or a text occlusion must leave alone ``[B, T]`` (bool): position
-    0 (BOS/CLS), the config's special tokens (BOS, EOS, SEP, CLS, image placeholder), the pooled
-    position, padding, and ``keep_token_ids``."""
-    ids_found = _config_token_ids(adapter.model)
-    special = {v for k, v in ids_found.items() if k != "pad_token_id"} | {int(t) for t in keep_token_ids}
-    keep = torch.zeros_like(input_ids, dtype=torch.bool)
-    for token in special:
-        keep |= input_ids == token
-    keep[:, 0] = True
-    keep |= ~attention_mask.bool()
-    pooled = adapter.pooled_text_position(input_ids, attention_mask).to(input_ids.device)
-    keep[torch.arange(input_ids.shape[0], device=input_ids.device), pooled] = True
-    return keep
+    """Alias of :meth:`captum_vlm.adapters.VLMAdapter.special_token_mask`."""
+    return adapter.special_token_mask(input_ids, attention_mask, keep_token_ids)
 
 
 def pad_token_id(adapter) -> int | None:
-    """The model's pad token id from its config (or text config), if it names one."""
-    return _config_token_ids(adapter.model).get("pad_token_id")
+    """Alias of :attr:`captum_vlm.adapters.VLMAdapter.pad_token_id`."""
+    return adapter.pad_token_id
 
 
 def text_baseline_ids(
@@ -449,11 +371,8 @@ def check_output_target(output: torch.Tensor, target) -> None:
         if columns != 1:
             raise ValueError(f"target: the output has {columns} columns; say which to explain (target=...)")
         return
-    values = target.flatten().tolist() if isinstance(target, torch.Tensor) else target
-    values = values if isinstance(values, (list, tuple)) else [values]
+    values = int_targets(target.flatten() if isinstance(target, torch.Tensor) else target)
     for value in values:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"target: expected ints, got {value!r}")
         if not -columns <= value < columns:
             raise ValueError(f"target: {value} is out of range for {columns} outputs (0..{columns - 1})")
     if len(values) not in (1, output.shape[0]):

@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from captum_vlm._grid import grid_to_pixels
+
 from ._utils import TargetType, check_target, select_target
 
 BaselineType = float | int | Tensor | Literal["blur", "mean"]
@@ -98,7 +100,8 @@ def _baseline(inputs: Tensor, baseline: BaselineType, blur_sigma: float) -> Tens
 
 
 def _pixel_maps(attribution: Any, batch: int, size: tuple[int, int]) -> Tensor:
-    """Attribution as (B, H, W) float64 on CPU (channels summed, grids upsampled nearest)."""
+    """Attribution as (B, H, W) float64 on CPU (channels summed; a patch grid spread over the
+    pixels each patch covers, :func:`captum_vlm._grid.grid_to_pixels`)."""
     if not isinstance(attribution, Tensor):
         attribution = torch.as_tensor(attribution)
     attr = attribution.detach().to("cpu", torch.float64)
@@ -117,8 +120,8 @@ def _pixel_maps(attribution: Any, batch: int, size: tuple[int, int]) -> Tensor:
     h, w = attr.shape[-2:]
     if h > size[0] or w > size[1]:
         raise ValueError(f"attribution map {h}x{w} is larger than the inputs {size[0]}x{size[1]}")
-    if (h, w) != size:
-        attr = F.interpolate(attr.unsqueeze(1), size=size, mode="nearest-exact")[:, 0]
+    if (h, w) != size:  # the one patch-cover rule of captum_vlm._grid (unseen pixels get 0)
+        attr = torch.from_numpy(grid_to_pixels(attr.numpy(), size))
     if not torch.isfinite(attr).all():
         raise ValueError("attribution contains NaN or infinite values")
     return attr
@@ -245,7 +248,8 @@ _ARGS_DOC = """
         inputs: (B, C, H, W) images, or (C, H, W) for one; any H and W.
         attribution: map(s) of shape (B, C, H, W), (B, H, W), (B, h, w) patch grid, or
             (C, H, W) / (H, W) for one example. Channels are summed; a smaller grid is
-            upsampled with nearest-exact interpolation.
+            spread over the pixels each patch covers (``captum_vlm._grid``: patch size
+            ``H // h``; pixels past the grid get 0, as the model never sees them).
         target: as in Captum: None (one score per input), an int, or one int per example.
         additional_forward_args: passed to ``forward_func`` after the perturbed inputs.
         patch_size: side of the square patches (or (height, width)) ranked by their mean
