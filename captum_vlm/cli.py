@@ -94,7 +94,6 @@ def add_audit_parser(sub) -> None:
 
 def run_audit(args) -> str:
     from captum_vlm.audit import audit
-
     from captum_vlm.explain import METHODS
 
     if not Path(args.data).is_dir():

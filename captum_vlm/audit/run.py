@@ -37,7 +37,7 @@ def _check_config(model, texts, methods, checks, explain, deletion_steps, ground
     if not all(isinstance(t, str) and t.strip() for t in texts) or len(set(texts)) != len(texts):
         raise ValueError(f"texts: every prompt must be a distinct non-empty string, got {list(texts)!r}")
     methods = [methods] if isinstance(methods, str) else list(methods)
-    usable = method_names(adapter.family)
+    usable = method_names(model)
     bad = [m for m in methods if m not in METHODS or m not in usable]
     if bad or not methods:
         raise ValueError(f"methods: {bad or methods!r} cannot explain {type(model).__name__}; choose from {usable}")

@@ -163,7 +163,7 @@ class AuditWorker:
         self.adapter = cv.get_adapter(self.model)
         self.score = cv.ImageTextSimilarity(self.model)
         self.occlusion = cv.CausalOcclusion(self.model) if "grounding" in self.config.checks else None
-        padding = getattr(self.adapter, "text_padding", True)
+        padding = self.adapter.text_padding
         text = self.processor(text=list(self.config.texts), return_tensors="pt", padding=padding)
         self.ids, self.mask = text["input_ids"], text["attention_mask"]
 
@@ -197,7 +197,7 @@ class AuditWorker:
 
         pixels = self.processor(images=image, return_tensors="pt")["pixel_values"]
         with torch.no_grad():
-            probabilities = self.score(pixels, self.ids, self.mask).softmax(-1)[0]
+            probabilities = self._probabilities(pixels, self.ids, self.mask)[0]
         predicted = int(probabilities.argmax())
         if self.config.explain == "label" and label_index is None:
             raise ValueError(f"label {row.get('label')!r} is not one of the texts; cannot explain it")
@@ -251,4 +251,6 @@ class AuditWorker:
         return {f"{method}.{k}": v for k, v in values.items()}
 
     def _probabilities(self, pixels, ids, mask):
-        return self.score(pixels, ids, mask).softmax(-1)
+        """The model's probabilities of the prompts (softmax over them, or SigLIP's sigmoid: the
+        adapter says which)."""
+        return self.adapter.to_probability(self.score(pixels, ids, mask))
