@@ -49,10 +49,10 @@ def run_local(model, processor, config, rows: list[dict], store: RunStore, batch
 def start_local_ray(startup_timeout_s: float = 180.0, **init_kwargs: Any) -> None:
     """``ray.init`` of a local cluster bound to 127.0.0.1, without the dashboard.
 
-    On a loaded 2-core machine Ray's own start-up limits were missed: the raylet gives its
-    metrics agent ``RAY_agent_register_timeout_ms`` (100 s) and the driver gives the raylet a
-    fixed 30 s to register. While this call starts the cluster, both wait up to
-    ``startup_timeout_s`` (the first through that variable, unless it is set already; the second
+    On a loaded 2-core machine Ray's own start-up limits were missed: the raylet waits a limited
+    time for its metrics agent (``RAY_agent_register_timeout_ms``, ``RAY_raylet_start_wait_time_s``)
+    and the driver gives the raylet a fixed 30 s to register. While this call starts the cluster,
+    they wait up to ``startup_timeout_s`` (the variables unless they are set already; the driver
     by asking ``ray._private.services.get_node`` again, when Ray has it).
 
     Args:
@@ -77,8 +77,11 @@ def start_local_ray(startup_timeout_s: float = 180.0, **init_kwargs: Any) -> Non
                 time.sleep(0.5)
 
     patch = mock.patch.object(services, "get_node", patient_get_node) if real else mock.MagicMock()
-    agent_wait = {"RAY_agent_register_timeout_ms": os.environ.get("RAY_agent_register_timeout_ms",
-                                                                  str(int(startup_timeout_s * 1000)))}
+    agent_wait = {
+        "RAY_agent_register_timeout_ms": os.environ.get("RAY_agent_register_timeout_ms",
+                                                        str(int(startup_timeout_s * 1000))),
+        "RAY_raylet_start_wait_time_s": os.environ.get("RAY_raylet_start_wait_time_s", str(int(startup_timeout_s))),
+    }
     with patch, mock.patch.dict(os.environ, agent_wait):
         ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, logging_level=logging.WARNING,
                  **init_kwargs)
