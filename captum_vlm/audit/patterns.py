@@ -1,7 +1,8 @@
 """The pattern finder: labels whose explanations behave unlike the rest, without masks.
 
 Two signals, each a one-sided Fisher exact test of one label against all the other labels
-(Fisher, *Statistical Methods for Research Workers*, 1925), Bonferroni-corrected over the labels:
+(Fisher, *Statistical Methods for Research Workers*, 1925), Bonferroni-corrected over the labels
+(and, for peaks, over every set of cells of that size the label's cells were picked from):
 
 * **fixed peaks** — a label whose maps peak in the same few cells far more often than the other
   labels' maps peak there. Objects move from image to image, so maps that follow the object
@@ -13,6 +14,7 @@ Two signals, each a one-sided Fisher exact test of one label against all the oth
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -56,7 +58,7 @@ class Finding:
                 f"p = {self.p_value:.2g})")
 
 
-def _test(hits: int, n: int, hits_rest: int, n_rest: int, tests: int) -> tuple[float, float]:
+def _test(hits: int, n: int, hits_rest: int, n_rest: int, tests: float) -> tuple[float, float]:
     """(lift, corrected p) of ``hits / n`` being larger than ``hits_rest / n_rest``."""
     _, p = fisher_exact([[hits, n - hits], [hits_rest, n_rest - hits_rest]], alternative="greater")
     lift = ((hits + 1) / (n + 1)) / ((hits_rest + 1) / (n_rest + 1))
@@ -71,14 +73,16 @@ def fixed_peak_labels(
     min_rate: float = 0.5,
     min_lift: float = 3.0,
     alpha: float = 0.01,
-    min_count: int = 5,
+    min_count: int = 10,
 ) -> list[Finding]:
     """Labels whose maps peak in the same ``<= max_cells`` cells far more than other labels'.
 
     For each label, its most frequent peak cells are taken one by one until they hold
     ``min_rate`` of the label's peaks (at most ``max_cells``); the label is flagged when that
     share is ``min_lift`` times the other labels' share in the same cells and the Fisher test
-    (corrected) gives ``p < alpha``.
+    gives ``p < alpha`` after multiplying by the number of labels tested and by the number of
+    cell sets of that size (``C(cells seen, k)``: the cells are picked from the label's own
+    peaks, so a few examples falling together by chance must not count).
 
     Args:
         labels: one label per example (``None`` entries are skipped).
@@ -101,6 +105,7 @@ def fixed_peak_labels(
              if lab is not None and p is not None and p[0] is not None and p[1] is not None]
     counts = Counter(lab for lab, _ in pairs)
     tested = [lab for lab, n in counts.items() if n >= min_count]
+    n_cells = len({cell for _, cell in pairs})
     findings = []
     for label in tested:
         own = Counter(cell for lab, cell in pairs if lab == label)
@@ -112,7 +117,7 @@ def fixed_peak_labels(
                 break
         rest = [cell for lab, cell in pairs if lab != label]
         hits_rest = sum(cell in cells for cell in rest)
-        lift, p = _test(hits, counts[label], hits_rest, len(rest), len(tested))
+        lift, p = _test(hits, counts[label], hits_rest, len(rest), len(tested) * math.comb(n_cells, len(cells)))
         rate = hits / counts[label]
         if rate >= min_rate and lift >= min_lift and p < alpha:
             findings.append(Finding("fixed peaks", label, method, rate, hits_rest / max(1, len(rest)), lift, p,
@@ -126,7 +131,7 @@ def ungrounded_labels(
     method: str = "",
     min_lift: float = 2.0,
     alpha: float = 0.01,
-    min_count: int = 5,
+    min_count: int = 10,
 ) -> list[Finding]:
     """Labels whose maps are "not grounded" far more often than the other labels'.
 
