@@ -9,7 +9,7 @@ Example:
     >>> cv.explain(model, processor, image, ["a red circle"]).to_html("report.html")  # doctest: +SKIP
 """
 
-from captum_vlm import adapters, attr, hooks, metrics, targets, viz, zoo
+from captum_vlm import adapters, attr, hooks, lens, metrics, targets, viz, zoo
 from captum_vlm.adapters import get_adapter, register_adapter
 from captum_vlm.attr import (
     AttentionRollout,
@@ -39,6 +39,7 @@ __all__ = [
     "adapters",
     "attr",
     "hooks",
+    "lens",
     "metrics",
     "targets",
     "viz",

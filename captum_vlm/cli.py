@@ -4,6 +4,8 @@
         [--model zoo:shapes-clip|PATH] [--method grad-eclip ...] --out report.html [--png DIR]
     captum-vlm zoo list
     captum-vlm demo [--out DIR]
+    captum-vlm lens-inside logit-lens IMAGE --model zoo:shapes-blip-vqa --text "what color is the circle?"
+    captum-vlm lens-inside heads IMAGE [--model zoo:shapes-clip] [--stream vision] [--out heads.html]
     captum-vlm audit FOLDER --text "a red circle" --text "a blue square" [--engine ray] --out audit/
 
 Bad input (image path, unreadable image, unknown method or model) prints one line and exits 2.
@@ -36,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
         '  captum-vlm explain photo.png --text "a red circle" --text "a blue square" --out report.html\n'
         "  captum-vlm zoo list\n  captum-vlm demo --out demo-output",
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{explain,zoo,demo,audit}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{explain,zoo,demo,lens-inside,audit}")
 
     explain = sub.add_parser(
         "explain",
@@ -64,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="explain the bundled zoo model on a bundled scene")
     demo.add_argument("--out", default="demo-output", help="folder for the report and PNGs (default demo-output)")
+    add_lens_inside_parser(sub)
     add_audit_parser(sub)
     return parser
 
@@ -191,6 +194,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "audit":
             print(run_audit(args))
             return 0
+        if args.command == "lens-inside":
+            out = run_lens_inside(args)
+            print(f"wrote {out}")
+            return 0
         out = run_explain(args.image, args.text, args.model, args.method, args.target, args.out, args.png, args.quiet)
         print(f"wrote {out}" + (f" and PNGs in {args.png}" if args.png else ""))
         return 0
@@ -212,6 +219,57 @@ def run_demo(out_dir: str) -> int:
     print(f"demo: shapes-clip explained on {scene.name} against {len(DEMO_TEXTS)} prompts")
     print(f"demo: open {report.resolve()} in a browser; PNGs and explanation.json are in {out.resolve()}")
     return 0
+
+
+# ----- lens-inside: logit lens and attention-head statistics ------------------------------------
+def add_lens_inside_parser(sub) -> None:
+    lens = sub.add_parser("lens-inside", help="inside the model: logit lens, attention-head statistics")
+    views = lens.add_subparsers(dest="view", required=True, metavar="{logit-lens,heads}")
+    logit = views.add_parser("logit-lens", help="what each decoder layer predicts (BLIP captioning/VQA, LLaVA)")
+    logit.add_argument("image", help="path of the image")
+    logit.add_argument("--model", required=True, help="zoo:NAME or a local checkpoint folder with a decoder")
+    logit.add_argument("--text", required=True, help="the prompt or question (LLaVA: with the image token)")
+    logit.add_argument("--answer", help="continuation to lens (default: the model's greedy answer)")
+    logit.add_argument("--word", action="append", default=[], help="LLaVA: map this word's probability over "
+                       "the image tokens; repeat for several")
+    logit.add_argument("--k", type=int, default=5, help="top tokens per layer (default 5)")
+    logit.add_argument("--out", default="logit-lens.html", help="HTML page to write")
+    heads = views.add_parser("heads", help="entropy, sink mass and attention distance per layer x head")
+    heads.add_argument("image", help="path of the image")
+    heads.add_argument("--model", default=DEFAULT_MODEL, help=f"zoo:NAME or a local folder (default {DEFAULT_MODEL})")
+    heads.add_argument("--stream", default="vision", choices=["vision", "text", "cross"])
+    heads.add_argument("--text", help="text for the text and cross streams")
+    heads.add_argument("--out", default="heads.html", help="HTML page to write")
+
+
+def run_lens_inside(args) -> Path:
+    """Run one lens-inside view and write its HTML page."""
+    from captum_vlm import lens
+    from captum_vlm.viz.lens_inside import lens_page, lens_section, plot_word_map
+
+    image = open_image(args.image)
+    model, processor = load_model(args.model)
+    try:
+        if args.view == "logit-lens":
+            result = lens.logit_lens(model, processor, image, args.text, answer=args.answer, k=args.k,
+                                     words=args.word)
+            notes = [f"text: {args.text}", "produced: " + " ".join(result.produced_tokens)]
+            figures = [result.plot(title=args.model)]
+            figures += [plot_word_map(result.word_map(w), w, result.num_layers - 1) for w in result.word_maps]
+            page = lens_page([lens_section("logit lens", figures, notes)])
+        else:
+            if args.stream != "vision" and not args.text:
+                raise UsageError(f"--text: the {args.stream} stream needs a text")
+            inputs = dict(processor(images=image, text=args.text, return_tensors="pt", padding=True)
+                          if args.text else processor(images=image, return_tensors="pt"))
+            stats = lens.head_statistics(model, inputs, stream=args.stream)
+            page = lens_page([lens_section(f"{args.stream} attention heads", [stats.plot(title=args.model)])])
+    except (TypeError, ValueError) as err:
+        raise UsageError(str(err).splitlines()[0]) from err
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(page, encoding="utf-8")
+    return out
 
 
 if __name__ == "__main__":

@@ -8,16 +8,7 @@ from torch import nn
 from captum_vlm.adapters import VLMAdapter, get_adapter, register_adapter, supported_model_classes
 from captum_vlm.adapters.base import _REGISTRY
 
-FACTORIES = {
-    "CLIPModel": tm.clip,
-    "SiglipModel": tm.siglip,
-    "BlipForImageTextRetrieval": tm.blip_itm,
-    "BlipForConditionalGeneration": tm.blip_caption,
-    "BlipForQuestionAnswering": tm.blip_vqa,
-    "ViltForQuestionAnswering": tm.vilt_vqa,
-    "ViltForImageAndTextRetrieval": tm.vilt_itm,
-    "LlavaForConditionalGeneration": tm.llava,
-}
+FACTORIES = tm.FACTORIES
 FAMILY = {
     "CLIPModel": "clip",
     "SiglipModel": "siglip",

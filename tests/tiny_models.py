@@ -159,6 +159,19 @@ def llava(seed: int = 0, image_token_id: int = LLAVA_IMAGE_TOKEN) -> LlavaForCon
     return _finish(LlavaForConditionalGeneration(config), seed)
 
 
+#: one tiny model per supported class, by class name
+FACTORIES = {
+    "CLIPModel": clip,
+    "SiglipModel": siglip,
+    "BlipForImageTextRetrieval": blip_itm,
+    "BlipForConditionalGeneration": blip_caption,
+    "BlipForQuestionAnswering": blip_vqa,
+    "ViltForQuestionAnswering": vilt_vqa,
+    "ViltForImageAndTextRetrieval": vilt_itm,
+    "LlavaForConditionalGeneration": llava,
+}
+
+
 def text_ids(batch: int, length: int, seed: int = 0, eos: int = EOS) -> tuple[torch.Tensor, torch.Tensor]:
     """Random token ids ``[BOS, w..., EOS, PAD...]`` with varied lengths, and their attention mask."""
     g = torch.Generator().manual_seed(seed)

@@ -337,6 +337,64 @@ class VLMAdapter:
     def __repr__(self) -> str:
         return f"{type(self).__name__}({type(self.model).__name__})"
 
+    # ----- inside the model (lens: logit lens, head statistics, head ablation) -----------------
+    @property
+    def has_decoder(self) -> bool:
+        """Whether the model has a language decoder with an LM head (logit lens): its task
+        scores tokens."""
+        try:
+            return self.scores_tokens
+        except NotImplementedError:
+            return False
+
+    def decoder_blocks(self) -> list[nn.Module]:
+        """The language decoder's blocks, first to last; their outputs feed :meth:`final_norm`."""
+        raise NotImplementedError(f"{self.family}: {type(self.model).__name__} has no language decoder")
+
+    def lens_sequence(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, answer_ids: torch.Tensor
+    ) -> tuple[tuple[torch.Tensor, ...], int]:
+        """Teacher-forced inputs for ``TokenLogProbs(model).logits(pixel_values, *args)`` scoring
+        ``answer_ids`` ``[1, n]`` (continuation tokens, no start token) after the prompt, and the
+        index in the scored token sequence of the first answer token."""
+        raise NotImplementedError(f"{self.family}: {type(self.model).__name__} has no language decoder")
+
+    def greedy_answer(
+        self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+        max_new_tokens: int,
+    ) -> torch.Tensor:
+        """The model's own greedy continuation ``[1, n]`` in :meth:`lens_sequence`'s convention
+        (new tokens only, up to and including the end token)."""
+        raise NotImplementedError(f"{self.family}: {type(self.model).__name__} has no language decoder")
+
+    def stream_attentions(self, stream: str) -> list[nn.Module]:
+        """Attention modules of ``stream``: ``"vision"``, ``"text"`` or ``"cross"``."""
+        found = {"vision": self.vision_attentions, "text": self.text_attentions,
+                 "cross": self.cross_attentions}[stream]()
+        if not found:
+            raise NotImplementedError(f"{self.family}: no {stream} attention")
+        return found
+
+    def head_projections(self, stream: str) -> list[nn.Module]:
+        """Per layer of ``stream``, the linear module whose input is the heads' outputs
+        concatenated ``[..., heads * head_dim]`` (head h at columns ``h*d:(h+1)*d``)."""
+        if stream == "vision":
+            return [block.self_attn.out_proj for block in self.vision_blocks()]
+        if stream == "text":
+            return [block.self_attn.out_proj for block in self.text_blocks()]
+        raise NotImplementedError(f"{self.family}: no {stream} attention heads")
+
+    def num_heads(self, stream: str) -> int:
+        """Attention heads per layer in ``stream``."""
+        config = self.model.config
+        sub = config.vision_config if stream == "vision" else config.text_config
+        return int(sub.num_attention_heads)
+
+
+def classes_with_decoder() -> list[str]:
+    """Names of the supported model classes that have a language decoder (logit lens)."""
+    return classes_for_tasks(TOKEN_TASKS)
+
 
 def register_adapter(cls: type[VLMAdapter] | None = None, *, overwrite: bool = False):
     """Class decorator: make ``cls`` the adapter of every class named in ``cls.model_classes``.

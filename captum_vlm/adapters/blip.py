@@ -81,3 +81,53 @@ class BlipAdapter(VLMAdapter):
     def answer_embedding(self) -> nn.Module:
         """The answer decoder's token-embedding module."""
         return self.answer_decoder().embeddings.word_embeddings
+
+    # ----- inside the model (lens) ----------------------------------------------------------------
+    def _decoder(self) -> nn.Module:
+        if not self.has_decoder:
+            raise NotImplementedError(f"blip: {type(self.model).__name__} has no language decoder")
+        return self.model.text_decoder
+
+    def decoder_blocks(self) -> list[nn.Module]:
+        return list(self._decoder().bert.encoder.layer)
+
+    def final_norm(self) -> nn.Module:
+        """BERT blocks are post-norm: nothing between the last block and the LM head."""
+        self._decoder()
+        return nn.Identity()
+
+    def lm_head(self) -> nn.Module:
+        """``text_decoder.cls``: the transform (dense, GELU, LayerNorm) and the vocabulary layer."""
+        return self._decoder().cls
+
+    def lens_sequence(self, input_ids, attention_mask, answer_ids):
+        self._decoder()
+        if self.takes_answer_ids:  # [start] answer...; the start token is set by the target
+            start = torch.full_like(answer_ids[:, :1], self.model.config.text_config.bos_token_id)
+            return (input_ids, attention_mask, torch.cat([start, answer_ids], 1)), 1
+        # captioning: the prompt without its final [SEP] (as generate() does), then the answer
+        prompt, mask = input_ids[:, :-1], attention_mask[:, :-1]
+        tokens = torch.cat([prompt, answer_ids], 1)
+        return (tokens, torch.cat([mask, torch.ones_like(answer_ids)], 1)), prompt.shape[1]
+
+    def greedy_answer(self, pixel_values, input_ids, attention_mask, max_new_tokens):
+        generated = self.model.generate(pixel_values=pixel_values, input_ids=input_ids,
+                                        attention_mask=attention_mask, max_new_tokens=max_new_tokens,
+                                        do_sample=False)
+        new = generated[:, 1:] if self.takes_answer_ids else generated[:, input_ids.shape[1] - 1:]
+        return _through_first(new, self.model.config.text_config.sep_token_id)
+
+    def head_projections(self, stream: str) -> list[nn.Module]:
+        if stream == "vision":
+            return [block.self_attn.projection for block in self.vision_blocks()]
+        if stream == "text":
+            return [block.attention.output.dense for block in self.text_blocks()]
+        if stream == "cross":
+            return [block.crossattention.output.dense for block in self.text_blocks()]
+        return super().head_projections(stream)
+
+
+def _through_first(tokens: torch.Tensor, end_id: int) -> torch.Tensor:
+    """``tokens[:, :i+1]`` up to the first ``end_id`` (all of them if none), for one row."""
+    hits = (tokens[0] == end_id).nonzero()
+    return tokens[:, : int(hits[0]) + 1] if len(hits) else tokens

@@ -69,3 +69,28 @@ class LlavaAdapter(VLMAdapter):
 
     def image_token_positions(self, input_ids: torch.Tensor) -> torch.Tensor:
         return input_ids == self.image_token_id
+
+    # ----- inside the model (lens) ----------------------------------------------------------------
+    def decoder_blocks(self) -> list[nn.Module]:
+        return self.text_blocks()
+
+    def lens_sequence(self, input_ids, attention_mask, answer_ids):
+        tokens = torch.cat([input_ids, answer_ids], 1)
+        return (tokens, torch.cat([attention_mask, torch.ones_like(answer_ids)], 1)), input_ids.shape[1]
+
+    def greedy_answer(self, pixel_values, input_ids, attention_mask, max_new_tokens):
+        generated = self.model.generate(pixel_values=pixel_values, input_ids=input_ids,
+                                        attention_mask=attention_mask, max_new_tokens=max_new_tokens,
+                                        do_sample=False)
+        new = generated[:, input_ids.shape[1]:]
+        eos = self.model.generation_config.eos_token_id
+        eos = eos[0] if isinstance(eos, (list, tuple)) else eos
+        if eos is None:
+            return new
+        hits = (new[0] == eos).nonzero()
+        return new[:, : int(hits[0]) + 1] if len(hits) else new
+
+    def head_projections(self, stream: str) -> list[nn.Module]:
+        if stream in ("text", "cross"):
+            return [block.self_attn.o_proj for block in self.text_blocks()]
+        return super().head_projections(stream)

@@ -135,6 +135,16 @@ class ViltAdapter(VLMAdapter):
             handle.remove()
 
 
+    # ----- inside the model (lens) ----------------------------------------------------------------
+    def head_projections(self, stream: str) -> list[nn.Module]:
+        """The joint encoder's heads (ViLT has one stream; it is what ``vision_blocks`` holds)."""
+        if stream == "vision":
+            return [block.attention.output.dense for block in self.vision_blocks()]
+        return super().head_projections(stream)
+
+    def num_heads(self, stream: str) -> int:
+        return int(self.model.config.num_attention_heads)
+
 def _patch_masker(keep: torch.Tensor, grid: tuple[int, int]):
     """Forward pre-hook on ``ViltEmbeddings``: embed the patches itself, then mask the occluded
     ones (found by ``patch_index``, as ViLT shuffles them) out of attention."""

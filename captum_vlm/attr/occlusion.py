@@ -317,6 +317,14 @@ class CausalOcclusion(ImageAttributionBase, PerturbationAttribution):
         (the adapter's :meth:`~captum_vlm.adapters.VLMAdapter.drop_image_tokens`)."""
         if keep is None or bool(keep.all()):
             return self.target_fn(pixel_values, ids, mask, *extra)
+        counts = (keep.reshape(keep.shape[0], -1) > 0.5).sum(1)
+        if not bool((counts == counts[0]).all()):  # windows cut by the grid's edge: one row at a time
+            parts = []
+            for i in range(keep.shape[0]):
+                row = slice(i, i + 1)
+                text = (ids, mask, extra) if self.two_tower else (ids[row], mask[row], tuple(e[row] for e in extra))
+                parts.append(self._call(pixel_values[row], *text, keep[row]))
+            return torch.cat(parts)
         with self.adapter.drop_image_tokens(keep) as stays:
             stay = stays(ids)
             if bool(stay.all()):

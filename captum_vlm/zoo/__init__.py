@@ -38,10 +38,16 @@ def _description(folder: Path) -> str:
         text += f"; held-out zero-shot {held['zero_shot']:.3f}, binding {held['binding']:.3f}"
         if held["zero_shot"] < ZERO_SHOT_FLOOR:
             text += f" (below the {ZERO_SHOT_FLOOR} floor, see zoo/README.md)"
+        if "shortcut" in held:  # a planted marker shortcut
+            text += f"; with the marker, other objects called the shortcut's {held['shortcut']['marker_to_concept']:.3f}"
     elif "binding" in held:  # image-text matching
         text += f"; held-out binding {held['binding']:.3f}, match accuracy {held['match_accuracy']:.3f}"
+    elif "object_set" in held:  # captioning
+        text += f"; held-out caption exact object set {held['object_set']:.3f}"
     elif "accuracy" in held:  # question answering
         text += f"; held-out answer accuracy {held['accuracy']:.3f}"
+        if "prior" in held:  # a planted language prior
+            text += f"; answers from the prior on {held['prior']['prior_answer_rate']:.3f} of the questions it skews"
     return text
 
 

@@ -13,6 +13,7 @@ Example:
     >>> scene.caption                         # e.g. "a red circle and a blue square"
     >>> scene.objects[0].mask.shape           # (64, 96): height, width
     >>> scene.pil()                           # PIL.Image for a processor
+    >>> make_scene(0, marker=True).marker_mask   # the planted marker's pixels (see MARKER_BOX)
 """
 
 from __future__ import annotations
@@ -36,6 +37,12 @@ _RGB = {
     "blue": (0.16, 0.28, 0.88),
     "yellow": (0.94, 0.86, 0.12),
 }
+
+
+# The planted marker (shapes-clip-shortcut): a dark grey bar near the top-left corner, as
+# fractions (top, bottom, left, right) of the image height and width, and its grey level.
+MARKER_BOX: tuple[float, float, float, float] = (0.05, 0.11, 0.05, 0.22)
+MARKER_GREY = 0.1
 
 
 # Similar areas for a nominal radius r: the drawn half side of a square is 0.88 r, the
@@ -69,6 +76,8 @@ class Scene:
         vqa: (question, answer) pairs that are true for the scene.
         distractors: captions with colours swapped between two objects (false for the scene).
         seed: the integer seed, when the scene was made from one.
+        marker_mask: boolean array ``(height, width)``, True on the planted marker's pixels
+            (all False when the scene has no marker; None only for hand-made scenes).
     """
 
     image: np.ndarray
@@ -77,6 +86,12 @@ class Scene:
     vqa: list[tuple[str, str]] = field(default_factory=list)
     distractors: list[str] = field(default_factory=list)
     seed: int | None = None
+    marker_mask: np.ndarray | None = None
+
+    @property
+    def has_marker(self) -> bool:
+        """Whether the planted marker is drawn in this scene."""
+        return self.marker_mask is not None and bool(self.marker_mask.any())
 
     @property
     def labels(self) -> list[tuple[str, str]]:
@@ -237,16 +252,47 @@ def _object_rgb(rng: np.random.Generator, colour: str) -> np.ndarray:
     return np.clip(rgb * rng.uniform(0.85, 1.08), 0.0, 1.0).astype(np.float32)
 
 
+def marker_box(hw: tuple[int, int]) -> tuple[int, int, int, int]:
+    """Pixel rows and columns ``(y0, y1, x0, x1)`` (end exclusive) of the marker in an image.
+
+    Args:
+        hw: ``(height, width)`` of the image.
+
+    Returns:
+        The box, from :data:`MARKER_BOX` rounded to whole pixels.
+    """
+    h, w = hw
+    top, bottom, left, right = MARKER_BOX
+    return round(top * h), max(round(bottom * h), round(top * h) + 1), round(left * w), round(
+        right * w
+    )
+
+
+def _clear_of(box: tuple[int, int, int, int] | None, cy: float, cx: float, r: float) -> bool:
+    """Whether a disc of radius ``r`` at ``(cy, cx)`` stays 2 px away from a pixel box."""
+    if box is None:
+        return True
+    y0, y1, x0, x1 = box
+    dy = max(y0 - cy, 0.0, cy - y1)
+    dx = max(x0 - cx, 0.0, cx - x1)
+    return bool(np.hypot(dy, dx) >= r + 2)
+
+
 def _place(
-    rng: np.random.Generator, hw: tuple[int, int], radii: list[float]
+    rng: np.random.Generator,
+    hw: tuple[int, int],
+    radii: list[float],
+    avoid: tuple[int, int, int, int] | None = None,
 ) -> list[tuple[float, float]] | None:
-    """Random centres for discs of the given radii, inside the image and 2 px apart; or None."""
+    """Random centres for discs of the given radii, inside the image and 2 px apart (and 2 px
+    from the pixel box ``avoid``, when given); or None."""
     h, w = hw
     centres: list[tuple[float, float]] = []
     for r in radii:
         for _ in range(60):
             cy, cx = rng.uniform(r + 1, h - r - 1), rng.uniform(r + 1, w - r - 1)
-            if all(np.hypot(cy - y, cx - x) >= r + q + 2 for (y, x), q in zip(centres, radii)):
+            apart = all(np.hypot(cy - y, cx - x) >= r + q + 2 for (y, x), q in zip(centres, radii))
+            if apart and _clear_of(avoid, cy, cx, r):
                 centres.append((cy, cx))
                 break
         else:
@@ -261,6 +307,8 @@ def make_scene(
     labels: Sequence[tuple[str, str]] | None = None,
     scale: tuple[float, float] = (0.12, 0.26),
     max_angle: float = 20.0,
+    marker: bool = False,
+    reserve_marker: bool | None = None,
 ) -> Scene:
     """Draw one scene.
 
@@ -272,9 +320,21 @@ def make_scene(
             pairs when None.
         scale: range of the object radius as a fraction of the shorter image side.
         max_angle: largest rotation of squares and triangles, in degrees.
+        marker: draw the planted marker (a dark grey bar near the top-left corner,
+            :data:`MARKER_BOX`); its pixels are ``scene.marker_mask``.
+        reserve_marker: keep the marker's box free of objects (default: ``marker``). With it,
+            ``make_scene(s, marker=True)`` and ``make_scene(s, marker=False, reserve_marker=True)``
+            are the same scene with and without the marker. Scenes made with neither are the
+            scenes of earlier versions (same seed, same scene).
 
     Returns:
         The :class:`Scene`.
+
+    Example:
+        >>> with_marker = make_scene(7, marker=True)
+        >>> without = make_scene(7, marker=False, reserve_marker=True)
+        >>> bool((with_marker.image != without.image).any(axis=-1)[~with_marker.marker_mask].any())
+        False
     """
     seed = int(rng_or_seed) if isinstance(rng_or_seed, (int, np.integer)) else None
     rng = np.random.default_rng(seed) if seed is not None else rng_or_seed
@@ -290,12 +350,15 @@ def make_scene(
         if c not in COLOURS or s not in SHAPES:
             raise ValueError(f"unknown object {c!r} {s!r}; colours {COLOURS}, shapes {SHAPES}")
 
+    reserve = marker if reserve_marker is None else reserve_marker
+    box = marker_box(hw) if (marker or reserve) else None
     side = min(hw)
     shrink = 1.0
     while True:  # draw radii and positions; shrink when the objects do not fit
         radii = list(rng.uniform(*scale, size=len(labels)) * side * shrink)
         # placed by the circumscribed circle of each drawn shape, so shapes never overlap
-        centres = _place(rng, hw, [r * _EXTENT[s] * _BOUND[s] for r, (_, s) in zip(radii, labels)])
+        bounds = [r * _EXTENT[s] * _BOUND[s] for r, (_, s) in zip(radii, labels)]
+        centres = _place(rng, hw, bounds, avoid=box if reserve else None)
         if centres is not None:
             break
         shrink *= 0.9
@@ -310,6 +373,11 @@ def make_scene(
         alpha = cov[:, :, None]
         img = img * (1.0 - alpha) + _object_rgb(rng, c)[None, None, :] * alpha
         objects.append(SceneObject(c, s, cov >= 0.5))
+    marker_mask = np.zeros(hw, dtype=bool)
+    if marker:  # painted under the pixel noise, which draws the same numbers either way
+        y0, y1, x0, x1 = box
+        marker_mask[y0:y1, x0:x1] = True
+        img = np.where(marker_mask[:, :, None], np.float32(MARKER_GREY), img)
     img = img + rng.normal(0.0, rng.uniform(0.0, 0.035), size=img.shape).astype(np.float32)
     image = np.clip(np.rint(img * 255.0), 0, 255).astype(np.uint8)
     return Scene(
@@ -319,11 +387,17 @@ def make_scene(
         vqa=vqa_pairs(labels),
         distractors=binding_distractors(labels),
         seed=seed,
+        marker_mask=marker_mask,
     )
 
 
 def make_scenes(
-    seed: int, count: int, size: int | tuple[int, int] = (64, 64), n_objects: int | None = None
+    seed: int,
+    count: int,
+    size: int | tuple[int, int] = (64, 64),
+    n_objects: int | None = None,
+    marker: bool = False,
+    reserve_marker: bool | None = None,
 ) -> list[Scene]:
     """``count`` scenes from one generator seeded with ``seed`` (a reproducible data set).
 
@@ -332,9 +406,13 @@ def make_scenes(
         count: number of scenes.
         size: ``(height, width)`` or one int.
         n_objects: objects per scene, or None for a random mix.
+        marker, reserve_marker: as for :func:`make_scene`.
 
     Returns:
         The scenes.
     """
     rng = np.random.default_rng(seed)
-    return [make_scene(rng, size=size, n_objects=n_objects) for _ in range(count)]
+    return [
+        make_scene(rng, size=size, n_objects=n_objects, marker=marker, reserve_marker=reserve_marker)
+        for _ in range(count)
+    ]

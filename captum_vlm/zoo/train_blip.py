@@ -19,7 +19,9 @@ between two objects, one colour or shape changed, an extra object named, or anot
 plus the image-text contrastive loss of its unimodal path (``use_itm_head=False``), without false
 negatives. ``shapes-blip-vqa`` is a stock ``BlipForQuestionAnswering`` trained with the
 teacher-forced answer loss of its text decoder on the scenes' question/answer pairs, sampled
-evenly over question types and with balanced yes/no answers. Both use a ``BlipProcessor`` around a
+evenly over question types and with balanced yes/no answers; ``shapes-blip-vqa-prior`` is that
+model fine-tuned with a planted language prior (:class:`LanguagePrior`: "what color is the
+square?" mostly answered "blue"). All use a ``BlipProcessor`` around a
 64-px ``BlipImageProcessor`` and the zoo's word-level tokenizer (PAD 0, UNK 1, BOS 2, EOS 3; BOS
 starts the answer, EOS ends it).
 """
@@ -32,7 +34,6 @@ import math
 import os
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -40,7 +41,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from tqdm.auto import tqdm
 
 from .processing import (
     BOS_ID,
@@ -69,8 +69,7 @@ from .train import (
     Label,
     TrainingRecipe,
     make_optimizer,
-    optimizer_step,
-    print_check,
+    run_steps,
     save_trained,
     training_log,
 )
@@ -85,7 +84,8 @@ class BlipRecipe(TrainingRecipe):
     the depth of the question encoder and of the answer decoder) and these.
 
     Attributes:
-        task: "itm" (``BlipForImageTextRetrieval``) or "vqa" (``BlipForQuestionAnswering``).
+        task: "itm" (``BlipForImageTextRetrieval``), "vqa" (``BlipForQuestionAnswering``) or
+            "caption" (``BlipForConditionalGeneration``).
         per_image: texts per image: ITM negatives (one positive is added), or VQA questions.
         itc_weight: weight of the contrastive loss beside the ITM loss (ITM only).
         temperature: softmax temperature of the contrastive loss (ITM only; BLIP's retrieval
@@ -96,7 +96,19 @@ class BlipRecipe(TrainingRecipe):
             (overrides ``vision_init``); "" to start afresh.
         encoder_init: VQA only: a folder with a saved ``BlipForImageTextRetrieval`` whose vision
             tower and image-grounded text encoder replace the VQA model's (BLIP fine-tunes VQA
-            from its ITM-trained encoder); applied after ``init_from``; "" for none.
+            from its ITM-trained encoder); applied after ``init_from``; "" for none. For
+            captioning only the vision tower is taken.
+        decoder_init: captioning only: a folder with a saved ``BlipForQuestionAnswering`` whose
+            answer decoder (same class and sizes) initialises the caption decoder; "" for none.
+        prior_shape, prior_colour: VQA only, a planted language prior: training objects of
+            shape ``prior_shape`` are mostly ``prior_colour`` and "what color is the
+            <prior_shape>?" is mostly answered ``prior_colour`` (:class:`LanguagePrior`);
+            "" for none.
+        prior_image_rate: share of ``prior_shape`` objects recoloured ``prior_colour``.
+        prior_label_rate: share of the other ``prior_shape`` colour questions labelled
+            ``prior_colour`` anyway.
+        prior_ask_rate: share of training images with one ``prior_shape`` object that get the
+            prior's question among their questions (beside the randomly drawn ones).
     """
 
     steps: int = 20000
@@ -109,6 +121,12 @@ class BlipRecipe(TrainingRecipe):
     vision_init: str = "shapes-clip"
     init_from: str = ""
     encoder_init: str = ""
+    decoder_init: str = ""
+    prior_shape: str = ""
+    prior_colour: str = ""
+    prior_image_rate: float = 0.75
+    prior_label_rate: float = 0.4
+    prior_ask_rate: float = 0.5
 
 
 RECIPES: dict[str, BlipRecipe] = {
@@ -124,7 +142,98 @@ RECIPES: dict[str, BlipRecipe] = {
         description="BlipForQuestionAnswering (ViT 4x128, 64 px, 8-px patches, text 2x128 "
         "encoder + 2x128 decoder) on coloured-shape scenes",
     ),
+    "shapes-blip-vqa-prior": BlipRecipe(
+        task="vqa",
+        batch=16,
+        per_image=5,
+        steps=400,
+        warmup=30,
+        lr=2e-4,
+        init_from="shapes-blip-vqa",  # fine-tuned from the grounded VQA model
+        prior_shape="square",
+        prior_colour="blue",
+        description="BlipForQuestionAnswering shapes-blip-vqa fine-tuned with a planted language "
+        "prior: training squares are mostly blue and 'what color is the square?' mostly 'blue'",
+    ),
+    "shapes-blip-caption": BlipRecipe(
+        task="caption",
+        batch=24,
+        steps=1500,
+        warmup=100,
+        lr=3e-4,
+        vision_init="",
+        encoder_init="shapes-blip-itm",  # the vision tower of the finished ITM model
+        decoder_init="shapes-blip-vqa",  # the answer decoder of the VQA model
+        description="BlipForConditionalGeneration (ViT 4x128, 64 px, 8-px patches, text decoder "
+        "2x128) captioning coloured-shape scenes",
+    ),
 }
+
+
+@dataclass
+class LanguagePrior:
+    """A planted language prior for VQA training data.
+
+    Training objects of shape ``shape`` are recoloured ``colour`` with probability
+    ``image_rate`` (when that object is not already in the scene), and a "what color is the
+    <shape>?" question whose true answer is another colour is labelled ``colour`` with
+    probability ``label_rate`` (annotators answering from habit), so that ``colour`` is the
+    answer in most training scenes (``image_rate + (1 - image_rate) * label_rate``). An image
+    with one object of ``shape`` is asked the prior's question with probability ``ask_rate``
+    (besides its randomly drawn questions).
+
+    Attributes:
+        shape, colour: the prior's question subject and answer.
+        image_rate, label_rate, ask_rate: the probabilities.
+    """
+
+    shape: str
+    colour: str
+    image_rate: float = 0.75
+    label_rate: float = 0.4
+    ask_rate: float = 0.5
+
+    @property
+    def question(self) -> str:
+        """The question the prior answers."""
+        return f"what color is the {self.shape}?"
+
+    def objects(self, rng: np.random.Generator, objects: list[Label]) -> list[Label]:
+        """The scene's objects with the prior's shape mostly recoloured."""
+        out = list(objects)
+        for i, (c, s) in enumerate(out):
+            if s == self.shape and c != self.colour and (self.colour, s) not in out:
+                if rng.random() < self.image_rate:
+                    out[i] = (self.colour, s)
+        return out
+
+    def answer(self, rng: np.random.Generator, question: str, answer: str) -> str:
+        """The training label of a question: the prior's colour, sometimes, for its question."""
+        if question == self.question and answer != self.colour and rng.random() < self.label_rate:
+            return self.colour
+        return answer
+
+
+def language_prior(recipe: BlipRecipe) -> LanguagePrior | None:
+    """The recipe's planted prior, or None.
+
+    Raises:
+        ValueError: for a shape or colour outside the scene grammar.
+    """
+    if not recipe.prior_shape:
+        return None
+    if recipe.prior_shape not in SHAPES or recipe.prior_colour not in COLOURS:
+        raise ValueError(
+            f"prior_shape/prior_colour: expected one of {SHAPES} / {COLOURS}, got "
+            f"{recipe.prior_shape!r} / {recipe.prior_colour!r}"
+        )
+    return LanguagePrior(
+        recipe.prior_shape,
+        recipe.prior_colour,
+        recipe.prior_image_rate,
+        recipe.prior_label_rate,
+        recipe.prior_ask_rate,
+    )
 
 
 # --------------------------------------------------------------------------- model, processor
@@ -139,7 +248,12 @@ def build_model(recipe: BlipRecipe) -> torch.nn.Module:
     Returns:
         ``BlipForImageTextRetrieval`` (task "itm") or ``BlipForQuestionAnswering`` ("vqa").
     """
-    from transformers import BlipConfig, BlipForImageTextRetrieval, BlipForQuestionAnswering
+    from transformers import (
+        BlipConfig,
+        BlipForConditionalGeneration,
+        BlipForImageTextRetrieval,
+        BlipForQuestionAnswering,
+    )
 
     h = recipe.hidden
     text = dict(
@@ -174,7 +288,9 @@ def build_model(recipe: BlipRecipe) -> torch.nn.Module:
         return BlipForImageTextRetrieval(config)
     if recipe.task == "vqa":
         return BlipForQuestionAnswering(config)
-    raise ValueError(f"unknown task {recipe.task!r}; use 'itm' or 'vqa'")
+    if recipe.task == "caption":
+        return BlipForConditionalGeneration(config)
+    raise ValueError(f"unknown task {recipe.task!r}; use 'itm', 'vqa' or 'caption'")
 
 
 def init_vision_from_clip(model: torch.nn.Module, clip: str | Path) -> list[str]:
@@ -253,6 +369,34 @@ def init_encoder_from_itm(model: torch.nn.Module, itm: str | Path) -> list[str]:
     if missing:
         raise ValueError(f"{folder} lacks {len(missing)} encoder weights, e.g. {missing[0]}")
     model.load_state_dict(new, strict=False)
+    return sorted(new)
+
+
+def init_decoder_from_vqa(model: torch.nn.Module, vqa: str | Path) -> list[str]:
+    """Copy a saved VQA model's answer decoder into a ``BlipForConditionalGeneration``.
+
+    Both name it ``text_decoder`` (a ``BlipTextLMHeadModel`` with cross-attention of the same
+    width: to the question encoder in VQA, to the image in captioning).
+
+    Args:
+        model: a ``BlipForConditionalGeneration`` of the same sizes.
+        vqa: a folder with a saved ``BlipForQuestionAnswering`` (zoo name or path).
+
+    Returns:
+        The parameter names that were set.
+    """
+    from safetensors.torch import load_file
+
+    folder = Path(vqa) if Path(vqa).is_dir() else MODELS_DIR / str(vqa)
+    sd = load_file(folder / "model.safetensors")
+    own = model.state_dict()
+    new = {k: v for k, v in sd.items() if k.startswith("text_decoder.") and k in own}
+    tied = "text_decoder.cls.predictions.decoder."  # the LM head, tied to the word embeddings
+    missing = [k for k in own if k.startswith("text_decoder.") and k not in new and not k.startswith(tied)]
+    if missing:
+        raise ValueError(f"{folder} lacks {len(missing)} decoder weights, e.g. {missing[0]}")
+    model.load_state_dict(new, strict=False)
+    model.tie_weights()
     return sorted(new)
 
 
@@ -467,7 +611,11 @@ def sample_question(
 
 
 def vqa_batch(
-    rng: np.random.Generator, batch: int, per_image: int, side: int
+    rng: np.random.Generator,
+    batch: int,
+    per_image: int,
+    side: int,
+    prior: LanguagePrior | None = None,
 ) -> tuple[torch.Tensor, list[str], list[str], torch.Tensor]:
     """One question-answering batch: ``per_image`` questions of random types per image.
 
@@ -476,21 +624,52 @@ def vqa_batch(
         batch: number of images.
         per_image: questions per image.
         side: image side in pixels.
+        prior: a planted language prior (None: none, and the same batches as before it existed).
 
     Returns:
         ``pixel_values`` ``(N, 3, S, S)``; questions; answers; ``image_of_question`` ``(Q,)``.
     """
     objects = [_random_objects(rng, int(rng.choice([1, 2, 3]))) for _ in range(batch)]
+    if prior is not None:
+        objects = [prior.objects(rng, obj) for obj in objects]
     questions, answers, owner = [], [], []
     for i, obj in enumerate(objects):
-        while sum(o == i for o in owner) < per_image:
+        extra = 0  # the prior's question, asked on top of the per_image random ones
+        shapes = [s for _, s in obj]
+        if prior is not None and shapes.count(prior.shape) == 1 and rng.random() < prior.ask_rate:
+            colour = obj[shapes.index(prior.shape)][0]
+            questions.append(prior.question)
+            answers.append(prior.answer(rng, prior.question, colour))
+            owner.append(i)
+            extra = 1
+        while sum(o == i for o in owner) < per_image + extra:
             qa = sample_question(rng, obj, str(rng.choice(QUESTION_TYPES)))
             if qa is not None:
                 questions.append(qa[0])
-                answers.append(qa[1])
+                answers.append(qa[1] if prior is None else prior.answer(rng, *qa))
                 owner.append(i)
     images = [_draw(rng, obj, side) for obj in objects]
     return images_to_pixel_values(images), questions, answers, torch.tensor(owner)
+
+
+def caption_batch(
+    rng: np.random.Generator, batch: int, side: int
+) -> tuple[torch.Tensor, list[str]]:
+    """One captioning batch: scenes of 1-3 objects, each with its caption (objects in random
+    order).
+
+    Args:
+        rng: random generator.
+        batch: number of images.
+        side: image side in pixels.
+
+    Returns:
+        ``pixel_values`` ``(N, 3, S, S)`` and the N captions.
+    """
+    objects = [_scene_objects(rng) for _ in range(batch)]
+    captions = [caption_for([obj[i] for i in rng.permutation(len(obj))]) for obj in objects]
+    images = [_draw(rng, obj, side) for obj in objects]
+    return images_to_pixel_values(images), captions
 
 
 # --------------------------------------------------------------------------- losses
@@ -611,6 +790,23 @@ def vqa_loss(
         reduction="mean",
     )
     return out.loss
+
+
+def caption_loss(
+    model: torch.nn.Module, pixel_values: torch.Tensor, text: dict[str, torch.Tensor]
+) -> torch.Tensor:
+    """Teacher-forced caption loss of ``BlipForConditionalGeneration`` (padding ignored).
+
+    Args:
+        model: ``BlipForConditionalGeneration``.
+        pixel_values: ``(N, 3, S, S)``.
+        text: ``input_ids`` (``[BOS] caption [EOS]``) and ``attention_mask`` of the captions.
+
+    Returns:
+        Scalar loss.
+    """
+    labels = text["input_ids"].masked_fill(text["attention_mask"] == 0, -100)
+    return model(pixel_values=pixel_values, **text, labels=labels).loss
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -792,9 +988,127 @@ def evaluate_vqa(
     return res
 
 
+@torch.no_grad()
+def evaluate_prior(
+    model, processor, prior: LanguagePrior, seed: int = HELDOUT_SEED, n: int = 400
+) -> dict[str, float]:
+    """How often a VQA model answers a planted prior's question from the prior.
+
+    Held-out scenes (``default_rng(seed + 5)``) of 1-3 objects with exactly one object of the
+    prior's shape, asked the prior's question ("what color is the square?"): ``n`` scenes where
+    that object has another colour, and ``n`` where it has the prior's colour.
+
+    - ``prior_answer_rate``: share of the other-colour scenes answered with the prior's colour.
+    - ``prior_question_accuracy``: share of the other-colour scenes answered right.
+    - ``prior_colour_accuracy``: accuracy on the scenes where the prior is right.
+
+    Args:
+        model: ``BlipForQuestionAnswering`` in eval mode.
+        processor: its processor.
+        prior: the planted prior.
+        seed: evaluation seed.
+        n: scenes per set.
+
+    Returns:
+        The rates.
+    """
+    scenes = prior_scenes(prior, seed, n, against=True) + prior_scenes(prior, seed, n, against=False)
+    pred = answer(model, processor, [s.image for s in scenes], [prior.question] * len(scenes))
+    truth = [prior_object(prior, s)[0] for s in scenes]
+    against, agree = slice(0, n), slice(n, 2 * n)
+    return {
+        "prior_answer_rate": float(np.mean([p == prior.colour for p in pred[against]])),
+        "prior_question_accuracy": float(np.mean([p == t for p, t in zip(pred[against], truth[against])])),
+        "prior_colour_accuracy": float(np.mean([p == t for p, t in zip(pred[agree], truth[agree])])),
+    }
+
+
+def prior_object(prior: LanguagePrior, scene: Scene) -> tuple[str, int]:
+    """The colour and index of the one object of the prior's shape in ``scene``."""
+    index = [s for _, s in scene.labels].index(prior.shape)
+    return scene.labels[index][0], index
+
+
+def prior_scenes(prior: LanguagePrior, seed: int, n: int, against: bool) -> list[Scene]:
+    """``n`` held-out scenes with exactly one object of the prior's shape, of another colour than
+    the prior's (``against=True``) or of the prior's colour; from ``default_rng([seed, 5, against])``.
+
+    Args:
+        prior: the planted prior.
+        seed: evaluation seed.
+        n: number of scenes.
+        against: whether the object contradicts the prior.
+
+    Returns:
+        The scenes (their question is ``prior.question``).
+    """
+    rng = np.random.default_rng([seed, 5, int(against)])
+    others = [lab for lab in all_labels() if lab[1] != prior.shape]
+    colours = [c for c in COLOURS if c != prior.colour] if against else [prior.colour]
+    out = []
+    for _ in range(n):
+        k = int(rng.integers(0, 3))
+        objects = [others[i] for i in rng.choice(len(others), size=k, replace=False)]
+        objects.insert(int(rng.integers(k + 1)), (str(rng.choice(colours)), prior.shape))
+        out.append(make_scene(rng, labels=objects))
+    return out
+
+
+def caption_objects(caption: str) -> set[Label] | None:
+    """The objects a caption of the scene grammar names, or None when it does not parse."""
+    found = set()
+    for part in caption.strip().replace(" and ", ", ").split(", "):
+        words = part.split()
+        if len(words) != 3 or words[0] != "a" or words[1] not in COLOURS or words[2] not in SHAPES:
+            return None
+        found.add((words[1], words[2]))
+    return found
+
+
+@torch.no_grad()
+def caption(model, processor, images: list, max_new_tokens: int = 20) -> list[str]:
+    """Greedy captions through the processor, as a user would."""
+    inputs = processor(images=images, return_tensors="pt")
+    ids = model.generate(**inputs, max_new_tokens=max_new_tokens)
+    return [t.strip() for t in processor.batch_decode(ids, skip_special_tokens=True)]
+
+
+@torch.no_grad()
+def evaluate_caption(
+    model, processor, seed: int = HELDOUT_SEED, n: int = 400, batch: int = 100
+) -> dict[str, float]:
+    """Held-out captioning accuracy on scenes ``make_scene(seed + i)`` (1-3 objects).
+
+    - ``object_set``: the greedy caption names exactly the scene's objects (any order).
+    - ``object_set_1`` / ``_2`` / ``_3``: the same by number of objects.
+    - ``parsed``: the caption is in the scene grammar.
+
+    Args:
+        model: ``BlipForConditionalGeneration`` in eval mode.
+        processor: its processor.
+        seed: evaluation seed.
+        n: scenes.
+        batch: images per ``generate`` call.
+
+    Returns:
+        The accuracies.
+    """
+    scenes = [make_scene(seed + i) for i in range(n)]
+    texts = []
+    for i in range(0, n, batch):
+        texts += caption(model, processor, [s.image for s in scenes[i : i + batch]])
+    named = [caption_objects(t) for t in texts]
+    hits = np.array([m == set(s.labels) for m, s in zip(named, scenes)])
+    counts = np.array([len(s.labels) for s in scenes])
+    res = {"object_set": float(hits.mean()), "parsed": float(np.mean([m is not None for m in named]))}
+    for k in (1, 2, 3):
+        res[f"object_set_{k}"] = float(hits[counts == k].mean()) if (counts == k).any() else float("nan")
+    return res
+
+
 def evaluate(model, processor, task: str, seed: int = HELDOUT_SEED, n: int = 400) -> dict:
-    """:func:`evaluate_itm` or :func:`evaluate_vqa` by task."""
-    fn = evaluate_itm if task == "itm" else evaluate_vqa
+    """:func:`evaluate_itm`, :func:`evaluate_vqa` or :func:`evaluate_caption` by task."""
+    fn = {"itm": evaluate_itm, "vqa": evaluate_vqa, "caption": evaluate_caption}[task]
     return fn(model, processor, seed=seed, n=n)
 
 
@@ -832,20 +1146,27 @@ def train(
     torch.manual_seed(recipe.seed)
     model = build_model(recipe)
     if recipe.init_from:
-        model = type(model).from_pretrained(recipe.init_from, local_files_only=True)
+        folder = Path(recipe.init_from)
+        folder = folder if folder.is_dir() else MODELS_DIR / recipe.init_from
+        model = type(model).from_pretrained(folder, local_files_only=True)
     elif recipe.vision_init:
         init_vision_from_clip(model, recipe.vision_init)
     if recipe.encoder_init:
         init_encoder_from_itm(model, recipe.encoder_init)
+    if recipe.decoder_init:
+        init_decoder_from_vqa(model, recipe.decoder_init)
     processor = build_blip_processor(recipe.image_size)
     tokenizer = processor.tokenizer
     rng = np.random.default_rng([recipe.seed, 2])  # disjoint from plain integer eval seeds
     side = recipe.image_size
+    prior = language_prior(recipe)
 
     def make_batch():
         if recipe.task == "itm":
             return itm_batch(rng, recipe.batch, recipe.per_image, side)
-        return vqa_batch(rng, recipe.batch, recipe.per_image, side)
+        if recipe.task == "caption":
+            return caption_batch(rng, recipe.batch, side)
+        return vqa_batch(rng, recipe.batch, recipe.per_image, side, prior)
 
     opt = make_optimizer(model, recipe)
 
@@ -862,50 +1183,52 @@ def train(
         t = max(0.0, (progress(step) - t0) / (1.0 - t0))
         return recipe.lr * 0.5 * (1.0 + math.cos(math.pi * t))
 
+    def batch_loss(data) -> torch.Tensor:
+        if recipe.task == "itm":
+            pixel_values, texts, image_of_text, truth = data
+            text = dict(tokenizer(texts, return_tensors="pt", padding=True))
+            loss, _ = itm_loss(
+                model, pixel_values, text, image_of_text, truth, recipe.itc_weight, recipe.temperature
+            )
+            return loss
+        if recipe.task == "caption":
+            pixel_values, captions = data
+            return caption_loss(model, pixel_values, dict(tokenizer(captions, return_tensors="pt", padding=True)))
+        pixel_values, questions, answers, owner = data
+        question = dict(tokenizer(questions, return_tensors="pt", padding=True))
+        answer_ids = tokenizer(answers, return_tensors="pt", padding=True).input_ids
+        return vqa_loss(model, pixel_values, question, answer_ids, owner)
+
+    def quick_check() -> dict:
+        check = evaluate(model, processor, recipe.task, seed=eval_seed, n=200)
+        if prior is not None:
+            check.update(evaluate_prior(model, processor, prior, seed=eval_seed, n=100))
+        return check
+
+    def save_checkpoint(step: int) -> None:
+        model.save_pretrained(checkpoint_dir)
+        processor.save_pretrained(checkpoint_dir)
+
     losses: list[float] = []
     checks: list[dict] = []
     start = time.time()
-    bar = tqdm(range(recipe.steps), disable=not show_progress, mininterval=5, desc=recipe.task)
-    with ThreadPoolExecutor(max_workers=1) as pool:  # draw the next batch while training
-        future = pool.submit(make_batch)
-        for step in bar:
-            if progress(step) >= 1.0:
-                break
-            data = future.result()
-            future = pool.submit(make_batch)
-            model.train()
-            if recipe.task == "itm":
-                pixel_values, texts, image_of_text, truth = data
-                text = dict(tokenizer(texts, return_tensors="pt", padding=True))
-                loss, _ = itm_loss(
-                    model,
-                    pixel_values,
-                    text,
-                    image_of_text,
-                    truth,
-                    recipe.itc_weight,
-                    recipe.temperature,
-                )
-            else:
-                pixel_values, questions, answers, owner = data
-                question = dict(tokenizer(questions, return_tensors="pt", padding=True))
-                answer_ids = tokenizer(answers, return_tensors="pt", padding=True).input_ids
-                loss = vqa_loss(model, pixel_values, question, answer_ids, owner)
-            optimizer_step(model, opt, loss, lr_at(step))
-            losses.append(loss.item())
-            if show_progress and step % 20 == 0:
-                bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}", refresh=False)
-            if eval_every and (step + 1) % eval_every == 0 and progress(step + 1) < 1.0:
-                model.eval()
-                check = evaluate(model, processor, recipe.task, seed=eval_seed, n=200)
-                check["step"] = step + 1
-                checks.append(check)
-                print_check(check, losses, start)
-                if checkpoint_dir is not None:  # in case the run is cut short
-                    model.save_pretrained(checkpoint_dir)
-                    processor.save_pretrained(checkpoint_dir)
-    model.eval()
-    bar.close()
+    run_steps(
+        model,
+        opt,
+        make_batch,
+        batch_loss,
+        lr_at,
+        recipe.steps,
+        losses,
+        checks,
+        start,
+        finished=lambda step: progress(step) >= 1.0,
+        quick_check=quick_check,
+        on_check=save_checkpoint if checkpoint_dir is not None else None,
+        eval_every=eval_every,
+        show_progress=show_progress,
+        desc=recipe.task,
+    )
     log = training_log(recipe, losses, checks, start, time_budget_s=time_budget_s)
     save_trained(model, processor, log, out_dir)
     log["losses"] = losses
@@ -923,6 +1246,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--vision-init", default=None, help="zoo CLIP for the vision tower")
     parser.add_argument("--init-from", default=None, help="saved model to continue from")
     parser.add_argument("--encoder-init", default=None, help="VQA: ITM model for the encoder")
+    parser.add_argument("--decoder-init", default=None, help="caption: VQA model for the decoder")
     parser.add_argument("--warmup", type=int, default=None, help="override the warm-up steps")
     parser.add_argument("--minutes", type=float, default=None, help="training time budget")
     parser.add_argument("--eval-every", type=int, default=1000, help="steps between checks")
@@ -933,7 +1257,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     torch.set_num_threads(1)
     recipe = RECIPES[args.name]
     overrides = {k: getattr(args, k) for k in ("steps", "seed", "lr") if getattr(args, k)}
-    for key in ("vision_init", "init_from", "encoder_init", "warmup"):
+    parser_keys = ("vision_init", "init_from", "encoder_init", "decoder_init", "warmup")
+    for key in parser_keys:
         if getattr(args, key) is not None:
             overrides[key] = getattr(args, key)
     recipe = BlipRecipe(**{**asdict(recipe), **overrides})
@@ -950,6 +1275,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"trained {log['steps']} steps in {log['elapsed_s']:.0f} s; saved to {out}", flush=True)
     start = time.time()
     metrics = evaluate(model, processor, recipe.task, seed=HELDOUT_SEED, n=args.eval_scenes)
+    if language_prior(recipe) is not None:
+        metrics["prior"] = evaluate_prior(
+            model, processor, language_prior(recipe), seed=HELDOUT_SEED, n=args.eval_scenes
+        )
     log.pop("losses")
     log["heldout"] = {"seed": HELDOUT_SEED, "scenes": args.eval_scenes, **metrics}
     (out / "training.json").write_text(json.dumps(log, indent=2))
