@@ -364,3 +364,14 @@ def test_a_hugging_face_dataset_gives_the_records_of_the_same_list(clip, tmp_pat
     assert from_hf.table().column("label").to_pylist() == ["a red circle", "a blue square", "a blue square",
                                                            "a red circle"]
     assert same_records(from_hf.table(), from_list.table())
+
+
+def test_pattern_finder_flags_the_label_whose_maps_are_empty():
+    from captum_vlm.audit import empty_map_labels
+
+    rng = np.random.default_rng(2)
+    names = [lab for lab in ("cat", "dog", "cow", "owl") for _ in range(20)]
+    empty = [bool(rng.random() < (0.9 if lab == "owl" else 0.1)) for lab in names]
+    found = empty_map_labels(names, empty, method="m")
+    assert [f.label for f in found] == ["owl"] and found[0].kind == "empty maps"
+    assert empty_map_labels(names, [bool(rng.random() < 0.1) for _ in names]) == []

@@ -14,11 +14,16 @@ Example:
     >>> result.patterns(); result.to_html("audit/report.html")                           # doctest: +SKIP
 """
 
-from captum_vlm.audit.patterns import Finding, fixed_peak_labels, ungrounded_labels
+from captum_vlm.audit.patterns import (
+           Finding,
+           empty_map_labels,
+           fixed_peak_labels,
+           ungrounded_labels,
+)
 from captum_vlm.audit.result import Audit
 from captum_vlm.audit.run import audit
 from captum_vlm.audit.sources import rows_from
 from captum_vlm.audit.worker import AuditConfig, AuditWorker
 
-__all__ = ["Audit", "AuditConfig", "AuditWorker", "Finding", "audit", "fixed_peak_labels", "rows_from",
-           "ungrounded_labels"]
+__all__ = ["Audit", "AuditConfig", "AuditWorker", "Finding", "audit", "empty_map_labels", "fixed_peak_labels",
+           "rows_from", "ungrounded_labels"]

@@ -10,6 +10,8 @@ Two signals, each a one-sided Fisher exact test of one label against all the oth
   that label's peaks to its cells.
 * **not grounded** — a label whose maps fail the grounding test (masking the top patches does
   not hurt the score more than masking random ones) far more often than the other labels'.
+* **empty maps** — a label whose maps have no positive cell (they point nowhere, so they have no
+  peak) far more often than the other labels': the method is blind to what drives that label.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.stats import fisher_exact
 
-__all__ = ["Finding", "fixed_peak_labels", "ungrounded_labels"]
+__all__ = ["Finding", "empty_map_labels", "fixed_peak_labels", "ungrounded_labels"]
 
 
 @dataclass
@@ -145,21 +147,47 @@ def ungrounded_labels(
 
     Example:
         >>> labels = ["cat"] * 20 + ["dog"] * 20
-        >>> verdicts = [False] * 18 + [True] * 2 + [True] * 18 + [False] * 2
+        >>> verdicts = [False] * 18 + [True] * 2 + [True] * 18 + [False] * 2  # cat: not grounded
         >>> [f.label for f in ungrounded_labels(labels, verdicts)]
         ['cat']
     """
-    pairs = [(str(lab), bool(g)) for lab, g in zip(labels, grounded, strict=True)
-             if lab is not None and g is not None and not (isinstance(g, float) and np.isnan(g))]
+    flags = [None if g is None or (isinstance(g, float) and np.isnan(g)) else not g for g in grounded]
+    return _rate_outliers("not grounded", labels, flags, method, min_lift, alpha, min_count)
+
+
+def empty_map_labels(
+    labels: Sequence[str],
+    empty: Sequence[bool],
+    method: str = "",
+    min_lift: float = 2.0,
+    alpha: float = 0.01,
+    min_count: int = 10,
+) -> list[Finding]:
+    """Labels whose maps are empty (no positive cell) far more often than the other labels'.
+
+    Args:
+        labels: one label per example.
+        empty: per example, whether its map has no positive cell.
+        method, min_lift, alpha, min_count: as in :func:`fixed_peak_labels`.
+
+    Example:
+        >>> [f.label for f in empty_map_labels(["a"] * 10 + ["b"] * 30, [True] * 10 + [False] * 30)]
+        ['a']
+    """
+    return _rate_outliers("empty maps", labels, list(empty), method, min_lift, alpha, min_count)
+
+
+def _rate_outliers(kind, labels, flags, method, min_lift, alpha, min_count) -> list[Finding]:
+    """Labels whose share of ``flags`` (``None`` entries skipped) far exceeds the others'."""
+    pairs = [(str(lab), bool(f)) for lab, f in zip(labels, flags, strict=True) if lab is not None and f is not None]
     counts = Counter(lab for lab, _ in pairs)
     tested = [lab for lab, n in counts.items() if n >= min_count]
     findings = []
     for label in tested:
-        misses = sum(not g for lab, g in pairs if lab == label)
-        rest = [g for lab, g in pairs if lab != label]
-        misses_rest = sum(not g for g in rest)
-        lift, p = _test(misses, counts[label], misses_rest, len(rest), len(tested))
+        hits = sum(f for lab, f in pairs if lab == label)
+        rest = [f for lab, f in pairs if lab != label]
+        lift, p = _test(hits, counts[label], sum(rest), len(rest), len(tested))
         if lift >= min_lift and p < alpha:
-            findings.append(Finding("not grounded", label, method, misses / counts[label],
-                                    misses_rest / max(1, len(rest)), lift, p, counts[label], []))
+            findings.append(Finding(kind, label, method, hits / counts[label], sum(rest) / max(1, len(rest)), lift, p,
+                                    counts[label], []))
     return sorted(findings, key=lambda f: -f.lift)

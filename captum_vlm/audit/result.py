@@ -9,7 +9,12 @@ from typing import Any
 
 import pyarrow as pa
 
-from captum_vlm.audit.patterns import Finding, fixed_peak_labels, ungrounded_labels
+from captum_vlm.audit.patterns import (
+    Finding,
+    empty_map_labels,
+    fixed_peak_labels,
+    ungrounded_labels,
+)
 from captum_vlm.audit.store import RunStore
 from captum_vlm.audit.worker import AuditConfig
 
@@ -111,7 +116,8 @@ class Audit:
 
     def patterns(self, method: str | None = None, **kwargs: Any) -> list[Finding]:
         """The pattern finder (see :mod:`captum_vlm.audit.patterns`) over ``method``'s maps, or
-        every method's when ``None``: labels with fixed peaks, labels far more often not grounded.
+        every method's when ``None``: labels with fixed peaks, labels far more often with empty maps
+        or not grounded.
 
         ``kwargs`` go to :func:`~captum_vlm.audit.patterns.fixed_peak_labels` (``min_lift``,
         ``alpha``, ...). Images without a label are grouped by their prediction."""
@@ -122,9 +128,10 @@ class Audit:
         for m in methods:
             peaks = [(r[f"{m}.peak_row"], r[f"{m}.peak_col"]) for r in records]
             findings += fixed_peak_labels(labels, peaks, method=m, **kwargs)
+            shared = {k: v for k, v in kwargs.items() if k in ("alpha", "min_count")}
+            findings += empty_map_labels(labels, [p[0] is None for p in peaks], method=m, **shared)
             if "grounding" in self.config.checks:
-                findings += ungrounded_labels(labels, [r[f"{m}.grounded"] for r in records], method=m,
-                                              **{k: v for k, v in kwargs.items() if k in ("alpha", "min_count")})
+                findings += ungrounded_labels(labels, [r[f"{m}.grounded"] for r in records], method=m, **shared)
         return findings
 
     def to_html(self, path: str | Path | None = None, gallery: int = 12) -> str:
