@@ -131,6 +131,8 @@ def run_ray(model, processor, config, data: Any, store: RunStore, batch_size: in
                                             "config": config.to_json()},
         batch_size=batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=concurrency),
         num_cpus=num_cpus, num_gpus=num_gpus,
+        # one torch thread per CPU the actor holds (torch would take every core of the machine)
+        runtime_env={"env_vars": {"OMP_NUM_THREADS": str(max(1, int(num_cpus)))}},
     )
     data_logger = logging.getLogger("ray.data")
     level = data_logger.level
