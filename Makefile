@@ -9,7 +9,7 @@ export OMP_WAIT_POLICY := PASSIVE
 export OMP_NUM_THREADS ?= 1
 export MPLBACKEND := Agg
 
-.PHONY: setup browser demo test clean
+.PHONY: setup browser demo test clean notebooks insights-setup test-insights
 
 setup: $(VENV)/.installed
 
@@ -30,8 +30,28 @@ browser:
 		echo "warning: could not install chromium; the report browser test will be skipped"
 
 test: setup browser
-	$(PY) -m ruff check captum_vlm tests benchmarks
+	$(PY) -m ruff check captum_vlm tests tests_insights benchmarks tutorials
 	$(PY) -m pytest -q
+	$(MAKE) test-insights
+
+# Re-execute the tutorial notebooks in place (outputs and the hash of their code cells).
+notebooks: setup
+	$(PY) tutorials/run_notebooks.py
+
+# Captum Insights needs captum 0.8 (numpy < 2): a second environment, tested on its own.
+INSIGHTS_VENV ?= .venv-insights
+IPY := $(INSIGHTS_VENV)/bin/python
+insights-setup: $(INSIGHTS_VENV)/.installed
+
+$(INSIGHTS_VENV)/.installed: setup.cfg pyproject.toml
+	python3 -m venv $(INSIGHTS_VENV)
+	$(IPY) -m pip install -q --upgrade pip
+	$(IPY) -m pip install -q torch==2.13.0
+	$(IPY) -m pip install -q -e ".[insights]" pytest
+	touch $@
+
+test-insights: insights-setup
+	CAPTUM_VLM_INSIGHTS_ENV=1 $(IPY) -m pytest -q tests_insights
 
 clean:
-	rm -rf $(VENV) demo-output *.egg-info
+	rm -rf $(VENV) $(INSIGHTS_VENV) demo-output *.egg-info

@@ -25,7 +25,33 @@ def check_pixel_values(pixel_values: object, name: str = "pixel_values") -> torc
         )
     if not pixel_values.is_floating_point():
         raise TypeError(f"{name}: expected a floating-point tensor, got dtype {pixel_values.dtype}")
+    if pixel_values.shape[0] == 0:
+        raise ValueError(f"{name}: the batch is empty (shape {tuple(pixel_values.shape)}); give at least one image")
+    check_finite(pixel_values, name)
     return pixel_values
+
+
+def check_finite(tensor: torch.Tensor, name: str) -> torch.Tensor:
+    """Refuse NaN or infinite values, which would silently give all-NaN maps or scores."""
+    bad = ~torch.isfinite(tensor)
+    if bad.any():
+        raise ValueError(
+            f"{name}: {int(bad.sum())} of {tensor.numel()} values are NaN or infinite; expected finite numbers"
+        )
+    return tensor
+
+
+def vocab_size_of(embedding: torch.nn.Module | None) -> int | None:
+    """Rows of the token embedding: the first ``nn.Embedding`` inside ``embedding`` (the word
+    embeddings come first in every supported text model), or ``None``."""
+    if embedding is None:
+        return None
+    if isinstance(embedding, torch.nn.Embedding):
+        return embedding.num_embeddings
+    for module in embedding.modules():
+        if isinstance(module, torch.nn.Embedding):
+            return module.num_embeddings
+    return None
 
 
 def check_pixel_inputs(inputs: object) -> torch.Tensor:
@@ -58,9 +84,12 @@ def check_input_ids(
     attention_mask: object = None,
     *,
     max_length: int | None = None,
+    vocab_size: int | None = None,
     name: str = "input_ids",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``input_ids`` must be an integer tensor ``[K, T]`` with K >= 1; returns ids and a mask."""
+    """``input_ids`` must be an integer tensor ``[K, T]`` with K >= 1 and ids below
+    ``vocab_size``; ``attention_mask`` the same shape, of 0s and 1s (which also catches the two
+    passed in the wrong order). Returns ids and a mask."""
     if not isinstance(input_ids, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor [K, T] of token ids, got {type(input_ids).__name__}")
     if input_ids.dtype not in (torch.long, torch.int, torch.int32, torch.int64):
@@ -74,6 +103,11 @@ def check_input_ids(
             f"{name}: texts are {input_ids.shape[1]} tokens long but the model takes at most "
             f"{max_length}; tokenise with truncation=True, max_length={max_length}"
         )
+    if vocab_size is not None and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab_size):
+        raise ValueError(
+            f"{name}: token ids must lie in 0..{vocab_size - 1} (the model's vocabulary), got ids from "
+            f"{int(input_ids.min())} to {int(input_ids.max())}; tokenise with this model's processor"
+        )
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     if not isinstance(attention_mask, torch.Tensor):
@@ -83,7 +117,35 @@ def check_input_ids(
             f"attention_mask: shape {tuple(attention_mask.shape)} differs from {name} "
             f"{tuple(input_ids.shape)}"
         )
+    if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
+        raise ValueError(
+            "attention_mask: expected only 0s and 1s, got other values "
+            f"(max {attention_mask.max().item()}); were input_ids and attention_mask passed in the "
+            "wrong order? additional_forward_args is (input_ids, attention_mask)"
+        )
     return input_ids, attention_mask
+
+
+def check_texts(texts: object, name: str = "texts") -> list[str]:
+    """A non-empty list of distinct, non-empty strings (a duplicate would collapse the scores)."""
+    if isinstance(texts, str) or not isinstance(texts, (list, tuple)) or not texts:
+        raise ValueError(f"{name}: expected a non-empty list of strings, got {texts!r}")
+    if not all(isinstance(t, str) and t.strip() for t in texts):
+        raise ValueError(f"{name}: every text must be a non-empty string, got {list(texts)!r}")
+    seen: set[str] = set()
+    repeated = [t for t in texts if t in seen or seen.add(t)]
+    if repeated:
+        raise ValueError(f"{name}: {sorted(set(repeated))!r} given more than once; give each text once")
+    return list(texts)
+
+
+def check_processor(processor: object) -> None:
+    """A transformers processor: callable as ``processor(images=..., text=...)``."""
+    if processor is None or not callable(processor):
+        raise TypeError(
+            f"processor: expected the model's processor (e.g. AutoProcessor.from_pretrained(...)), "
+            f"got {type(processor).__name__}"
+        )
 
 
 def check_same_batch(**tensors: torch.Tensor) -> int:
@@ -99,5 +161,13 @@ def check_target_index(target: object, n_outputs: int, what: str = "outputs") ->
     """An int target must index one of ``n_outputs`` columns."""
     if isinstance(target, bool) or (target is not None and not isinstance(target, (int, torch.Tensor, list, tuple))):
         raise TypeError(f"target: expected an int, a list of ints or a tensor, got {type(target).__name__}")
-    if isinstance(target, int) and not -n_outputs <= target < n_outputs:
+    if isinstance(target, int) and not isinstance(target, bool) and not -n_outputs <= target < n_outputs:
         raise ValueError(f"target: {target} is out of range for {n_outputs} {what} (0..{n_outputs - 1})")
+
+
+def text_vocab_size(adapter: object) -> int | None:
+    """The vocabulary size of an adapter's text embedding, or ``None`` where it has none."""
+    try:
+        return vocab_size_of(adapter.text_embedding())
+    except (NotImplementedError, AttributeError):
+        return None

@@ -4,6 +4,8 @@
         [--model zoo:shapes-clip|PATH] [--method grad-eclip ...] --out report.html [--png DIR]
     captum-vlm zoo list
     captum-vlm demo [--out DIR]
+    captum-vlm lens IMAGES... --text "a red circle" [--captions captions.tsv] --model zoo:shapes-clip \\
+        --out lens.html [--projector LOGDIR]
     captum-vlm lens-inside logit-lens IMAGE --model zoo:shapes-blip-vqa --text "what color is the circle?"
     captum-vlm lens-inside heads IMAGE [--model zoo:shapes-clip] [--stream vision] [--out heads.html]
     captum-vlm audit FOLDER --text "a red circle" --text "a blue square" [--engine ray] --out audit/
@@ -38,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
         '  captum-vlm explain photo.png --text "a red circle" --text "a blue square" --out report.html\n'
         "  captum-vlm zoo list\n  captum-vlm demo --out demo-output",
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{explain,zoo,demo,lens-inside,audit}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{explain,zoo,demo,lens,lens-inside,audit}")
 
     explain = sub.add_parser(
         "explain",
@@ -53,8 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--model", default=DEFAULT_MODEL,
                          help=f"zoo:NAME for a bundled model or a local checkpoint folder (default {DEFAULT_MODEL})")
     explain.add_argument("--method", action="append", metavar="NAME",
-                         help="attribution method; repeat for several (default: the first one for the model's family, "
-                         "grad-eclip for CLIP/SigLIP)")
+                         help="attribution method; repeat for several (default: the zoo benchmark's most faithful "
+                         "for the model's family: relevancy for CLIP, grad-eclip for SigLIP, bimodal-relevancy for "
+                         "BLIP/ViLT/LLaVA)")
     explain.add_argument("--target", type=int, action="append", metavar="K",
                          help="index of a text to explain; repeat for several (default: all)")
     explain.add_argument("--out", default="report.html", help="HTML report to write (default report.html)")
@@ -66,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="explain the bundled zoo model on a bundled scene")
     demo.add_argument("--out", default="demo-output", help="folder for the report and PNGs (default demo-output)")
+    add_lens_parser(sub)
     add_lens_inside_parser(sub)
     add_audit_parser(sub)
     return parser
@@ -129,14 +133,27 @@ def load_model(spec: str):
         name = spec[4:]
         if name not in zoo.list_models():
             raise UsageError(f"unknown zoo model {name!r}; available: {', '.join(zoo.list_models()) or 'none'}")
-        return zoo.load(name)
+        return _quietly(zoo.load, name)
     path = Path(spec)
     if not path.is_dir():
         raise UsageError(f"model {spec!r} is neither zoo:NAME nor a local checkpoint folder")
     try:
-        return zoo.load(path)
+        return _quietly(zoo.load, path)
     except Exception as err:  # noqa: BLE001 - any loader failure is the user's model, one line
         raise UsageError(f"cannot load model from {spec}: {err}") from err
+
+
+def _quietly(load, *args):
+    """Load without transformers' progress bars, so errors stay one line (restored after)."""
+    from transformers.utils import logging
+
+    was_enabled = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        return load(*args)
+    finally:
+        if was_enabled:
+            logging.enable_progress_bar()
 
 
 def open_image(path: str):
@@ -151,32 +168,59 @@ def open_image(path: str):
         raise UsageError(f"cannot read image {path}: {err}") from err
 
 
+def check_outputs(out: str, png_dir: str | None) -> None:
+    """Refuse output paths that cannot be written, before any work is done."""
+    out_path = Path(out)
+    if out_path.is_dir():
+        raise UsageError(f"--out {out} is a directory; give a file name, e.g. {out_path / 'report.html'}")
+    if out_path.parent.exists() and not out_path.parent.is_dir():
+        raise UsageError(f"--out {out}: {out_path.parent} is a file, not a folder")
+    if png_dir is not None and Path(png_dir).exists() and not Path(png_dir).is_dir():
+        raise UsageError(f"--png {png_dir} is a file; give a folder for the PNGs")
+
+
+def check_request(texts: list[str], targets: list[int] | None) -> None:
+    """Texts and target indices that cannot work, refused before the model is loaded."""
+    from captum_vlm._checks import check_texts
+
+    try:
+        check_texts(texts, name="--text")
+    except ValueError as err:
+        raise UsageError(str(err)) from err
+    bad = [t for t in targets or [] if not 0 <= t < len(texts)]
+    if bad:
+        raise UsageError(f"--target {bad} out of range for {len(texts)} texts (0..{len(texts) - 1})")
+
+
 def run_explain(image_path: str, texts: list[str], model_spec: str, methods: list[str] | None,
                 targets: list[int] | None, out: str, png_dir: str | None, quiet: bool) -> Path:
     from captum_vlm.adapters import get_adapter
     from captum_vlm.explain import METHODS, explain, method_names
+    from captum_vlm.explain.evidence import default_methods
 
     unknown = [m for m in methods or [] if m not in METHODS]
     if unknown:
         raise UsageError(f"unknown method {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+    check_outputs(out, png_dir)
+    check_request(texts, targets)
     image = open_image(image_path)
     model, processor = load_model(model_spec)
     try:
         family = get_adapter(model).family
     except TypeError as err:
         raise UsageError(str(err)) from err
-    methods = methods or method_names(family)[:1]
+    methods = methods or default_methods(family, method_names(family))
     try:
         explanation = explain(model, processor, image, texts, methods=methods, target=targets,
                               model_name=model_spec.removeprefix("zoo:"), show_progress=not quiet)
-    except ValueError as err:
+    except (ValueError, TypeError) as err:
         raise UsageError(str(err)) from err
     out_path = Path(out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     explanation.to_html(out_path)
     if png_dir:
         explanation.save(png_dir)
-    return out_path
+    return out_path, explanation
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -194,11 +238,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "audit":
             print(run_audit(args))
             return 0
+        if args.command == "lens":
+            return run_lens(args)
         if args.command == "lens-inside":
             out = run_lens_inside(args)
             print(f"wrote {out}")
             return 0
-        out = run_explain(args.image, args.text, args.model, args.method, args.target, args.out, args.png, args.quiet)
+        out, _ = run_explain(args.image, args.text, args.model, args.method, args.target, args.out, args.png,
+                             args.quiet)
         print(f"wrote {out}" + (f" and PNGs in {args.png}" if args.png else ""))
         return 0
     except UsageError as err:
@@ -214,11 +261,149 @@ def run_demo(out_dir: str) -> int:
 
     scene = files("captum_vlm.zoo") / "assets" / "demo-scene.png"
     out = Path(out_dir)
-    report = run_explain(str(scene), list(DEMO_TEXTS), DEFAULT_MODEL, method_names("clip"), None,
-                         str(out / "report.html"), str(out), quiet=False)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out_dir} is a file; give a folder for the demo's report and PNGs")
+    report, explanation = run_explain(str(scene), list(DEMO_TEXTS), DEFAULT_MODEL, method_names("clip"), None,
+                                      str(out / "report.html"), str(out), quiet=False)
     print(f"demo: shapes-clip explained on {scene.name} against {len(DEMO_TEXTS)} prompts")
+    for line in demo_summary(explanation):
+        print(f"demo: {line}")
     print(f"demo: open {report.resolve()} in a browser; PNGs and explanation.json are in {out.resolve()}")
     return 0
+
+
+# ----- captum-vlm lens: image-text alignment report ------------------------------------------
+
+
+def add_lens_parser(sub) -> None:
+    """The ``lens`` subcommand: embed images and texts, write the alignment report."""
+    lens = sub.add_parser(
+        "lens",
+        help="how images and texts align: similarity matrix, retrieval, projections (HTML report)",
+        description="Embed images and texts in the model's joint space and write a self-contained HTML "
+        "report: similarity matrix, retrieval lists, modality gap and projections.",
+        epilog="captions.tsv: one line per image, IMAGE<TAB>CAPTION (IMAGE as given or its file name);\n"
+        "images listed only there are read relative to the TSV's folder.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    lens.add_argument("images", nargs="*", metavar="IMAGES", help="image files or folders of images")
+    lens.add_argument("--text", action="append", default=[], metavar="TEXT", help="a text; repeat for several")
+    lens.add_argument("--captions", metavar="TSV", help="IMAGE<TAB>CAPTION lines: the true pairs")
+    lens.add_argument("--model", default=DEFAULT_MODEL, help=f"zoo:NAME or a local checkpoint (default {DEFAULT_MODEL})")
+    lens.add_argument("--out", default="lens.html", help="HTML report to write (default lens.html)")
+    lens.add_argument("--projector", metavar="LOGDIR", help="also write a TensorBoard Projector export here")
+    lens.add_argument("--projection", action="append", choices=["pca", "tsne", "umap"],
+                      help="projection to draw; repeat for several (default pca and tsne)")
+    lens.add_argument("--scale", default="cosine", choices=["cosine", "logits", "softmax", "sigmoid"],
+                      help="similarity scale of the matrix and retrieval lists (default cosine)")
+    lens.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
+    lens.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _lens_images(paths: list[str]) -> list[Path]:
+    from captum_vlm.lens.embed import IMAGE_SUFFIXES
+
+    found: list[Path] = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            if not files:
+                raise UsageError(f"folder {path} holds no images")
+            found += files
+        elif path.is_file():
+            found.append(path)
+        else:
+            raise UsageError(f"image not found: {path}")
+    return found
+
+
+def _lens_captions(tsv: str, images: list[Path]) -> tuple[list[Path], list[str]]:
+    """Images (those given, plus any listed only in the TSV) and the caption of each."""
+    path = Path(tsv)
+    if not path.is_file():
+        raise UsageError(f"captions file not found: {tsv}")
+    table: dict[str, str] = {}
+    listed: list[Path] = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        if line.count("\t") != 1 or not all(part.strip() for part in line.split("\t")):
+            raise UsageError(f"{tsv} line {number}: expected IMAGE<TAB>CAPTION, got {line[:60]!r}")
+        name, caption = (part.strip() for part in line.split("\t"))
+        table[name] = caption
+        listed.append(Path(name) if Path(name).is_absolute() else path.parent / name)
+    if not images:
+        missing = [str(p) for p in listed if not p.is_file()]
+        if missing:
+            raise UsageError(f"image not found: {missing[0]} (listed in {tsv})")
+        images = listed
+    captions = []
+    for image in images:
+        caption = table.get(str(image), table.get(image.name))
+        if caption is None:
+            for name, text in table.items():
+                if Path(name).name == image.name:
+                    caption = text
+        if caption is None:
+            raise UsageError(f"{tsv} has no caption for image {image}")
+        captions.append(caption)
+    return images, captions
+
+
+def run_lens(args) -> int:
+    """``captum-vlm lens``: embed, write the HTML report (and the Projector export)."""
+    from captum_vlm import lens
+
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size must be at least 1, got {args.batch_size}")
+    images = _lens_images(args.images)
+    texts = list(args.text)
+    pairs = None
+    if args.captions:
+        images, captions = _lens_captions(args.captions, images)
+        texts += [c for c in dict.fromkeys(captions) if c not in texts]
+        pairs = [texts.index(c) for c in captions]
+    if not images:
+        raise UsageError("no images: give image files or folders, or --captions with image paths")
+    if not texts:
+        raise UsageError("no texts: give --text (repeat for several) or --captions")
+    model, processor = load_model(args.model)
+    try:
+        embeddings = lens.embed(model, processor, images=images, texts=texts, pairs=pairs,
+                                batch_size=args.batch_size, model_name=args.model.removeprefix("zoo:"),
+                                show_progress=not args.quiet)
+        out = Path(args.out)
+        lens.report(embeddings, out, scale=args.scale, methods=args.projection or ("pca", "tsne"))
+        if args.projector:
+            embeddings.to_projector(args.projector)
+    except (TypeError, ValueError, ImportError) as err:
+        raise UsageError(str(err)) from err
+    print(f"wrote {out}" + (f" and a Projector export in {args.projector}" if args.projector else ""))
+    return 0
+
+
+def demo_summary(explanation) -> list[str]:
+    """What a first-time user should read first: absent prompts, each method's evidence, agreement."""
+    lines = []
+    absent = sorted({r.target for r in explanation.records if r.evidence_values.get("absent")})
+    if absent:
+        lines.append(f"the model does not see {', '.join(map(repr, absent))}: its maps are marked in the report")
+    for method in explanation.methods:
+        records = [r for r in explanation.records if r.method == method]
+        found = [list(r.evidence_values["per_prompt"].values()) if "per_prompt" in r.evidence_values
+                 else [r.evidence_values] for r in records]
+        per_prompt = [v for group in found for v in group if "beats_random" in v]
+        better = sum(bool(v["beats_random"]) for v in per_prompt)
+        shared = " (prompt-independent: one map)" if any(r.evidence_values.get("prompt_independent") for r in records) else ""
+        check = records[0].evidence.get("randomisation check", "not run").split(":")[0]
+        lines.append(f"{method}{shared}: beats a random order on {better}/{len(per_prompt)} prompts; "
+                     f"randomisation check {check}")
+    agreement = explanation.agreement()
+    if agreement:
+        (a, b), best = max(agreement.items(), key=lambda kv: kv[1])
+        lines.append(f"methods agree at most {best:.2f} (Spearman, {a} vs {b}); mean pairwise "
+                     f"{sum(agreement.values()) / len(agreement):.2f}: read no single map alone")
+    return lines
 
 
 # ----- lens-inside: logit lens and attention-head statistics ------------------------------------

@@ -85,10 +85,10 @@ def test_tokens_html_colours_by_score():
     assert low == to_hex(viridis(0.0)) and high == to_hex(viridis(1.0))  # magnitudes on [0, max]
     assert mid == to_hex(viridis(0.25))
     signed = backgrounds(tokens_html(["neg", "zero", "pos"], [-2.0, 0.0, 1.0]))
-    rdbu = matplotlib.colormaps["RdBu_r"]
+    rdbu = matplotlib.colormaps["cv_teal_magenta"]
     # symmetric limits [-2, 2]: 0 sits at the centre of the diverging map
     assert signed == [to_hex(rdbu(0.0)), to_hex(rdbu(0.5)), to_hex(rdbu(0.75))]
-    assert "viridis" in out and "RdBu_r" in tokens_html(["a"], [-1.0])
+    assert "viridis" in out and "cv_teal_magenta" in tokens_html(["a"], [-1.0])
 
 
 def test_tokens_html_bad_inputs():
@@ -208,7 +208,7 @@ def test_overlay_title_names_method_layers_heads_target():
 def test_overlay_signed_map_uses_centred_diverging_scale():
     fig = overlay(np.zeros((4, 4, 3)), np.array([[-1.0, 2.0], [0.5, 0.0]]))
     image = fig.axes[0].images[1]
-    assert image.cmap.name.startswith("RdBu_r")
+    assert image.cmap.name.startswith("cv_teal_magenta")
     assert isinstance(image.norm, TwoSlopeNorm)
     assert image.norm.vcenter == 0.0
     assert (image.norm.vmin, image.norm.vmax) == (-2.0, 2.0)
@@ -220,7 +220,7 @@ def test_overlay_signed_map_uses_centred_diverging_scale():
     assert (magnitude.norm.vmin, magnitude.norm.vmax) == (0.0, 2.0)
 
     forced = overlay(np.zeros((4, 4, 3)), np.array([[1.0, 2.0], [0.5, 0.0]]), signed=True)
-    assert forced.axes[0].images[1].cmap.name.startswith("RdBu_r")
+    assert forced.axes[0].images[1].cmap.name.startswith("cv_teal_magenta")
     absolute = overlay(np.zeros((2, 2, 3)), np.array([[-3.0, 1.0], [0.0, 0.0]]), signed=False)
     np.testing.assert_array_equal(map_image(absolute), [[3.0, 1.0], [0.0, 0.0]])
 
@@ -287,7 +287,7 @@ def test_overlay_grid_labels_and_shared_sign():
     )
     panels = [ax for ax in fig.axes if ax.images]
     assert [ax.get_title() for ax in panels] == list(maps)
-    assert all(ax.images[1].cmap.name.startswith("RdBu_r") for ax in panels)  # one map is signed
+    assert all(ax.images[1].cmap.name.startswith("cv_teal_magenta") for ax in panels)  # one map is signed
     assert "occlusion" in fig._suptitle.get_text() and "layer 11" in fig._suptitle.get_text()
     np.testing.assert_allclose(map_image(fig, fig.axes.index(panels[1])), -resize(np.eye(2)))
     listed = overlay_grid(np.zeros((4, 4, 3)), [np.eye(2), np.ones((2, 2))])

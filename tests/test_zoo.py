@@ -211,3 +211,17 @@ def test_short_training_lowers_the_loss():
     losses = log["losses"]
     assert len(losses) == 40 and not model.training
     assert np.mean(losses[-8:]) < np.mean(losses[:8]) - 0.3
+
+
+def test_load_is_quiet_and_restores_the_progress_bar_setting(capfd):
+    from transformers.utils import logging as hf_logging
+
+    for enabled in (True, False):
+        (hf_logging.enable_progress_bar if enabled else hf_logging.disable_progress_bar)()
+        try:
+            zoo.load("shapes-clip")
+            captured = capfd.readouterr()
+            assert "Loading weights" not in captured.err + captured.out
+            assert hf_logging.is_progress_bar_enabled() is enabled
+        finally:
+            hf_logging.enable_progress_bar()

@@ -337,6 +337,29 @@ class VLMAdapter:
     def __repr__(self) -> str:
         return f"{type(self).__name__}({type(self.model).__name__})"
 
+    # ----- joint image-text embedding space (captum_vlm.lens) ------------------------------
+    #: model classes of this family whose image and text embeddings share one space
+    joint_embedding_classes: tuple[str, ...] = ()
+    # (texts are tokenised with ``text_padding``; logits become probabilities by
+    # ``similarity_probability``)
+
+    @property
+    def has_joint_embeddings(self) -> bool:
+        """Whether this model maps images and texts into one embedding space."""
+        return any(k.__name__ in self.joint_embedding_classes for k in type(self.model).__mro__)
+
+    def image_embeddings(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Unit-normalised image embeddings ``[B, D]`` in the joint space."""
+        raise NotImplementedError(f"{self.family}: {type(self.model).__name__} has no joint embedding space")
+
+    def text_embeddings(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Unit-normalised text embeddings ``[K, D]`` in the joint space."""
+        raise NotImplementedError(f"{self.family}: {type(self.model).__name__} has no joint embedding space")
+
+    def joint_logit_scale_bias(self) -> tuple[float, float]:
+        """``(scale, bias)`` with which the model turns a cosine into its logit: ``scale * cos + bias``."""
+        raise NotImplementedError(f"{self.family}: {type(self.model).__name__} has no joint embedding space")
+
     # ----- inside the model (lens: logit lens, head statistics, head ablation) -----------------
     @property
     def has_decoder(self) -> bool:

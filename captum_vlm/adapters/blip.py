@@ -4,6 +4,7 @@ encoder/decoder whose layers cross-attend to the image tokens."""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from captum_vlm.adapters.base import VLMAdapter, register_adapter
@@ -126,6 +127,22 @@ class BlipAdapter(VLMAdapter):
             return [block.crossattention.output.dense for block in self.text_blocks()]
         return super().head_projections(stream)
 
+
+    # ----- joint embedding space (lens): the ITM model's contrastive heads ----------------------
+    joint_embedding_classes = ("BlipForImageTextRetrieval",)
+
+    def image_embeddings(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """``vision_proj`` of the CLS state, unit-normalised (``use_itm_head=False``'s image side)."""
+        hidden = self.model.vision_model(pixel_values=pixel_values).last_hidden_state
+        return F.normalize(self.model.vision_proj(hidden[:, 0, :]), dim=-1)
+
+    def text_embeddings(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``text_proj`` of the text-only encoder's CLS state, unit-normalised."""
+        hidden = self.model.text_encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return F.normalize(self.model.text_proj(hidden[:, 0, :]), dim=-1)
+
+    def joint_logit_scale_bias(self) -> tuple[float, float]:
+        return 1.0, 0.0  # itm_score with use_itm_head=False is the plain cosine
 
 def _through_first(tokens: torch.Tensor, end_id: int) -> torch.Tensor:
     """``tokens[:, :i+1]`` up to the first ``end_id`` (all of them if none), for one row."""

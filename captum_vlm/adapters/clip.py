@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from captum_vlm.adapters.base import VLMAdapter, first_position_of, register_adapter
@@ -60,3 +61,15 @@ class CLIPAdapter(VLMAdapter):
         image = image_embeds / image_embeds.norm(p=2, dim=-1, keepdim=True)
         text = text_embeds / text_embeds.norm(p=2, dim=-1, keepdim=True)
         return self.model.logit_scale.exp() * image @ text.t()
+
+    # ----- joint embedding space (lens) --------------------------------------------------------
+    joint_embedding_classes = ("CLIPModel",)
+
+    def image_embeddings(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.image_embeds(pixel_values), dim=-1)
+
+    def text_embeddings(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return F.normalize(self.text_embeds(input_ids, attention_mask), dim=-1)
+
+    def joint_logit_scale_bias(self) -> tuple[float, float]:
+        return float(self.model.logit_scale.detach().exp()), 0.0

@@ -51,3 +51,9 @@ class SiglipAdapter(CLIPAdapter):
         image = image_embeds / image_embeds.norm(p=2, dim=-1, keepdim=True)
         text = text_embeds / text_embeds.norm(p=2, dim=-1, keepdim=True)
         return self.model.logit_scale.exp() * image @ text.t() + self.model.logit_bias
+
+    # ----- joint embedding space (lens) --------------------------------------------------------
+    joint_embedding_classes = ("SiglipModel",)
+
+    def joint_logit_scale_bias(self) -> tuple[float, float]:
+        return float(self.model.logit_scale.detach().exp()), float(self.model.logit_bias.detach())

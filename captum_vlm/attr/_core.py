@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from captum_vlm._checks import check_choice, check_input_ids, check_pixel_inputs
+from captum_vlm._checks import check_choice, check_input_ids, check_pixel_inputs, text_vocab_size
 from captum_vlm._grid import patch_of_pixel
 from captum_vlm.adapters import VLMAdapter, classes_for_tasks, get_adapter
 from captum_vlm.hooks import preserved_model_state
@@ -112,7 +112,8 @@ def split_text_args(
     against the model's longest sequence (a missing mask is all ones)."""
     args = forward_args(additional_forward_args, most, wanted)
     mask = args[1] if len(args) > 1 else None
-    ids, mask = check_input_ids(args[0], mask, max_length=adapter.max_text_length())
+    ids, mask = check_input_ids(args[0], mask, max_length=adapter.max_text_length(),
+                                vocab_size=text_vocab_size(adapter))
     return ids, mask, tuple(args[2:])
 
 

@@ -16,7 +16,8 @@ What is explained depends on the adapter's task (the "kind" here):
   ``LlavaForConditionalGeneration``: the teacher-forced log-probability of each scored token
   (:class:`captum_vlm.targets.TokenLogProbs`); ``target`` picks positions in ``input_ids`` (in
   ``answer_ids`` for BLIP VQA), ``None`` means every scored position. Token ``t`` gets its own
-  backward pass and its own map, aligned with the token sequence.
+  gradient and its own map, aligned with the token sequence; up to ``TOKEN_CHUNK`` tokens share
+  one batched backward pass.
 
 Shapes follow :mod:`captum_vlm.attr._base`: ``attribute`` returns ``[B, 3, H, W]`` like
 ``pixel_values`` (``[B, h, w]`` with ``return_grid=True``); ``attribute_tokens`` returns
@@ -26,7 +27,7 @@ Shapes follow :mod:`captum_vlm.attr._base`: ``attribute`` returns ``[B, 3, H, W]
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 
@@ -44,6 +45,8 @@ from captum_vlm.hooks import capture
 from captum_vlm.targets import AnswerLogits, MatchLogit, TokenLogProbs
 
 __all__ = ["FUSION_KINDS", "FusionAttribution", "FusionInputs", "averaged_gradient_attention"]
+
+TOKEN_CHUNK = 8  # token scores whose gradients share one batched backward (bounds its memory)
 
 #: the adapter tasks these methods explain, and what this module calls each
 FUSION_KINDS: dict[str, str] = {
@@ -170,7 +173,8 @@ class FusionAttribution(ImageAttributionBase, Attribution):
                 ``(input_ids, attention_mask, answer_ids[, answer_attention_mask])``.
             return_grid: return the patch grid ``[B, h, w]`` instead of ``[B, 3, H, W]``.
             upsample: ``"nearest"`` or ``"bilinear"`` (ignored with ``return_grid``).
-            show_progress: token models: a tqdm bar over the explained tokens (one backward each).
+            show_progress: token models: a tqdm bar over the explained tokens (their gradients
+                come from batched backward passes, ``TOKEN_CHUNK`` tokens each).
 
         Returns:
             ``[B, 3, H, W]`` (or ``[B, h, w]``).
@@ -335,8 +339,10 @@ class FusionAttribution(ImageAttributionBase, Attribution):
             attentions = record.attentions
             if self.kind == "tokens":
                 per_token = None
-                for t in tqdm(positions, desc=type(self).__name__, unit="token", disable=not show_progress, leave=False):
-                    rows = self._row_maps(attentions, _grads(output[:, t].sum(), attentions), inputs)
+                token_grads = _token_grads(output, positions, attentions)
+                for t, grads in tqdm(token_grads, desc=type(self).__name__, unit="token", total=len(positions),
+                                     disable=not show_progress, leave=False):
+                    rows = self._row_maps(attentions, grads, inputs)
                     reduced = self._reduce_rows(rows, inputs, t).detach()
                     if per_token is None:
                         per_token = reduced.new_zeros(b, length, reduced.shape[-1])
@@ -364,6 +370,43 @@ class FusionAttribution(ImageAttributionBase, Attribution):
 
     def _finish(self, grid: torch.Tensor, inputs: FusionInputs, return_grid: bool, upsample: str) -> torch.Tensor:
         return self.finish(grid.to(inputs.pixel_values.dtype), inputs.pixel_values, return_grid, upsample)
+
+
+def _token_grads(
+    output: torch.Tensor, positions: list[int], attentions: list[torch.Tensor], chunk: int | None = None
+) -> Iterator[tuple[int, list[torch.Tensor]]]:
+    """For each position t, ``d output[:, t].sum() / d A`` for each recorded attention (as
+    :func:`_grads`), ``chunk`` (default ``TOKEN_CHUNK``) positions sharing one batched backward (a
+    vector-Jacobian product with ``is_grads_batched``); one backward per position if an operation
+    has no batching rule.
+
+    Yields:
+        ``(t, grads)`` in the order of ``positions``.
+    """
+    chunk = TOKEN_CHUNK if chunk is None else chunk
+    needed = [i for i, a in enumerate(attentions) if a.requires_grad]
+    for start in range(0, len(positions), chunk):
+        part = positions[start : start + chunk]
+        if len(part) == 1 or not needed:
+            for t in part:
+                yield t, _grads(output[:, t].sum(), attentions)
+            continue
+        one_hot = output.new_zeros(len(part), *output.shape)
+        for j, t in enumerate(part):
+            one_hot[j, :, t] = 1
+        try:
+            found = torch.autograd.grad(output, [attentions[i] for i in needed], grad_outputs=one_hot,
+                                        retain_graph=True, allow_unused=True, is_grads_batched=True)
+        except RuntimeError:  # an operation without a batching rule: one backward per position
+            for t in part:
+                yield t, _grads(output[:, t].sum(), attentions)
+            continue
+        for j, t in enumerate(part):
+            grads = [torch.zeros_like(a) for a in attentions]
+            for i, g in zip(needed, found):
+                if g is not None:
+                    grads[i] = g[j]
+            yield t, grads
 
 
 def _grads(score: torch.Tensor, attentions: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -40,8 +40,8 @@ class CrossAttentionGradCAM(FusionAttribution):
       of answer ``target``). Token ``q``'s map is row ``q``; :meth:`attribute` returns the mean of
       the rows of all attended text tokens (the whole caption or question).
     * Token models (BLIP captioning and VQA, LLaVA): the teacher-forced log-probability of each
-      token ``t`` is explained by its own backward pass; its map is the sum of ``cam`` over all
-      text query rows (earlier positions, or the question for BLIP VQA; LLaVA's image positions
+      token ``t`` is explained by its own gradient (tokens share batched backward passes); its
+      map is the sum of ``cam`` over all text query rows (earlier positions, or the question for BLIP VQA; LLaVA's image positions
       are not text and are left out). :meth:`attribute` returns the mean over the chosen tokens.
 
     Where the attention lives: BLIP's ``crossattention`` of the text encoder (ITM, VQA question

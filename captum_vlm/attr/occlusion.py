@@ -151,7 +151,10 @@ class CausalOcclusion(ImageAttributionBase, PerturbationAttribution):
             inputs: ``pixel_values`` ``[B, 3, H, W]``.
             target: as in Captum: prompt index for two-tower models, answer id for
                 ``AnswerLogits``, token column for a per-token ``TokenLogProbs``, ``None`` for
-                one-number scores (match logit, summed log-probability).
+                one-number scores (match logit, summed log-probability). With ``modality="image"``,
+                ``None`` on an output of several columns (K > 1 prompts, per-token log-probs,
+                answer logits) explains every column from one sweep: each occluded forward
+                already scores them all (a two-tower model's prompts are encoded once).
             additional_forward_args: ``(input_ids, attention_mask, *extra)`` as the target takes them.
             modality: ``"image"`` (patch windows) or ``"text"`` (one token at a time).
             intervention: ``"drop"`` (run without the occluded patch tokens) or ``"paint"``
@@ -171,7 +174,9 @@ class CausalOcclusion(ImageAttributionBase, PerturbationAttribution):
             show_progress: draw a tqdm bar.
 
         Returns:
-            ``"image"``: ``[B, 3, H, W]`` (or ``[B, h, w]``); ``"text"``: ``[B, T]``.
+            ``"image"``: ``[B, 3, H, W]`` (or ``[B, h, w]``), ``[B, C, 3, H, W]`` (``[B, C, h, w]``)
+            when every one of C columns is explained (``target=None``, see above); ``"text"``:
+            ``[B, T]``.
 
         Example:
             >>> occ = CausalOcclusion(vilt_vqa)                                 # doctest: +SKIP
@@ -201,7 +206,7 @@ class CausalOcclusion(ImageAttributionBase, PerturbationAttribution):
         stride = window if stride is None else _pair(stride, "stride")
         if window[0] > grid[0] or window[1] > grid[1]:
             raise ValueError(f"window: {window} patches is larger than the {grid} patch grid")
-        captum_target = self._check_target(pixel_values, ids, mask, extra, target)
+        captum_target, n_outputs = self._image_target(pixel_values, ids, mask, extra, target)
         with self.preserved(grad=False, freeze_parameters=False):
             if intervention == "drop":
                 forward, rest = self._drop_forward(ids, mask, extra)
@@ -222,6 +227,8 @@ class CausalOcclusion(ImageAttributionBase, PerturbationAttribution):
                     show_progress=show_progress,
                 )
                 maps = pixels_map[:, 0, : grid[0] * ph : ph, : grid[1] * pw : pw]
+        if n_outputs is not None:  # Captum gives output (b, c) of the sweep as row b * C + c
+            maps = maps.reshape(pixel_values.shape[0], n_outputs, *grid)
         return self.finish(maps, pixel_values, return_grid, upsample)
 
     # ----- grounding test (LVLM-Interpret) ---------------------------------------------------
@@ -246,8 +253,12 @@ class CausalOcclusion(ImageAttributionBase, PerturbationAttribution):
         Args:
             inputs: ``pixel_values`` ``[B, 3, H, W]``.
             attribution: any image map: ``[B, 3, H, W]``, ``[B, H, W]`` or the grid ``[B, h, w]``
-                (pixel maps are averaged per patch).
-            target, additional_forward_args: as in :meth:`attribute`.
+                (pixel maps are averaged per patch); with every column explained (``target=None``
+                on C > 1 columns, as in :meth:`attribute`) one map per column: ``[B, C, ...]``.
+            target, additional_forward_args: as in :meth:`attribute`. With every column, the
+                intact and random maskings run once for all C columns and the C top-patch
+                maskings in one batch; the result's tensors are ``[B, C]`` and its flip rates are
+                over all (example, column) pairs.
             fraction: share of patches to mask, in ``(0, 1)`` (at least one patch).
             n_random: random maskings to average.
             intervention: ``"drop"`` or ``"paint"`` (with ``baselines``).
@@ -270,19 +281,42 @@ class CausalOcclusion(ImageAttributionBase, PerturbationAttribution):
         ids, mask, extra = split_text_args(self.adapter, additional_forward_args)
         if not self.two_tower:
             check_same_batch(inputs=pixel_values, input_ids=ids)
-        captum_target = self._check_target(pixel_values, ids, mask, extra, target)
-        scores_map = _as_grid(attribution, pixel_values, grid, self.adapter.patch_size())
+        captum_target, n_outputs = self._image_target(pixel_values, ids, mask, extra, target)
         b, n = pixel_values.shape[0], grid[0] * grid[1]
+        c = n_outputs or 1
+        if n_outputs is not None:
+            if not isinstance(attribution, torch.Tensor) or attribution.dim() < 3 or tuple(attribution.shape[:2]) != (b, c):
+                raise ValueError(
+                    f"attribution: target=None explains all {c} columns, so give one map per column, [B, C, ...] "
+                    f"= [{b}, {c}, ...]; got {tuple(getattr(attribution, 'shape', ()))}"
+                )
+            attribution = attribution.flatten(0, 1)
+        scores_map = _as_grid(attribution, pixel_values, grid, self.adapter.patch_size(), batch=b * c)
         k = max(1, round(fraction * n))
         generator = torch.Generator().manual_seed(seed)
-        relevant = scores_map.reshape(b, n).topk(k, dim=1).indices
+        relevant = scores_map.reshape(b * c, n).topk(k, dim=1).indices  # row b * C + c: column c's map
         randoms = [torch.stack([torch.randperm(n, generator=generator)[:k] for _ in range(b)]) for _ in range(n_random)]
-        keeps = [_keep_mask(idx, b, grid, pixel_values.device) for idx in [relevant, *randoms]]
+        keeps = [_keep_mask(idx, len(idx), grid, pixel_values.device) for idx in [relevant, *randoms]]
 
         with self.preserved(grad=False, freeze_parameters=False):
-            outputs = [self._masked_output(pixel_values, keep, ids, mask, extra, intervention, baselines)
-                       for keep in [torch.ones_like(keeps[0]), *keeps]]
-        scores = [select_target(o, captum_target) for o in outputs]
+            intact = self._masked_output(pixel_values, torch.ones_like(keeps[1]), ids, mask, extra, intervention,
+                                         baselines)
+            if n_outputs is None:
+                rows = (pixel_values, ids, mask, extra)
+            else:  # each column's own top patches: the examples repeated once per column
+                rows = (pixel_values.repeat_interleave(c, 0),
+                        ids if self.two_tower else ids.repeat_interleave(c, 0),
+                        mask if self.two_tower else mask.repeat_interleave(c, 0),
+                        tuple(e.repeat_interleave(c, 0) for e in extra))
+            masked = self._masked_output(rows[0], keeps[0], rows[1], rows[2], rows[3], intervention,
+                                         _repeat_baselines(baselines, c) if n_outputs else baselines)
+            outputs = [intact, masked] + [self._masked_output(pixel_values, keep, ids, mask, extra, intervention,
+                                                              baselines) for keep in keeps[1:]]
+        if n_outputs is None:
+            scores = [select_target(o, captum_target) for o in outputs]
+        else:
+            own = torch.arange(b * c, device=masked.device) % c
+            scores = [intact, masked.gather(1, own[:, None]).view(b, c)] + outputs[2:]
         random_scores = torch.stack(scores[2:])
         score_random = random_scores.mean(0)
         spread = random_scores.std(0, unbiased=False)
@@ -291,7 +325,9 @@ class CausalOcclusion(ImageAttributionBase, PerturbationAttribution):
         answers = [self._answer(o) for o in outputs]
         flipped = flip_relevant = flip_random = None
         if answers[0] is not None:
-            flipped = answers[1] != answers[0]
+            flipped = answers[1] != answers[0].repeat_interleave(c, 0)
+            if n_outputs is not None:
+                flipped = flipped.view(b, c)
             flip_relevant = float(flipped.float().mean())
             flip_random = float(torch.stack([a != answers[0] for a in answers[2:]]).float().mean())
             if require_flip:
@@ -304,6 +340,21 @@ class CausalOcclusion(ImageAttributionBase, PerturbationAttribution):
         )
 
     # ----- forwards ---------------------------------------------------------------------------
+    def _image_target(self, pixel_values, ids, mask, extra, target) -> tuple[object, int | None]:
+        """Like :meth:`_check_target`, and with ``target=None`` on an output of C > 1 columns (K
+        prompts of a two-tower model, a per-token ``TokenLogProbs``, ViLT's answers) every column is
+        explained by the same sweep: returns ``(None, C)``, else ``(captum_target, None)``."""
+        if self.two_tower:
+            if target is None and ids.shape[0] > 1:
+                return None, int(ids.shape[0])
+            return self._check_target(pixel_values, ids, mask, extra, target), None
+        with self.preserved(grad=False, freeze_parameters=False):
+            output = self.target_fn(pixel_values, ids, mask, *extra)
+        if target is None and output.dim() == 2 and output.shape[1] > 1:
+            return None, int(output.shape[1])
+        check_output_target(output, target)
+        return target, None
+
     def _check_target(self, pixel_values, ids, mask, extra, target):
         """Validate ``target``; returns it in the form Captum takes (a per-image list for two-tower)."""
         if self.two_tower:
@@ -488,9 +539,17 @@ def _keep_mask(masked: torch.Tensor, batch: int, grid: tuple[int, int], device) 
     return keep.view(batch, *grid)
 
 
-def _as_grid(attribution, pixel_values, grid, patch) -> torch.Tensor:
-    """Any image map (``[B, 3, H, W]``, ``[B, H, W]``, ``[B, h, w]``) as the patch grid."""
-    b, (h, w) = pixel_values.shape[0], grid
+def _repeat_baselines(baselines, times: int):
+    """A per-example baseline tensor repeated like the examples (each ``times`` times)."""
+    if isinstance(baselines, torch.Tensor) and baselines.dim() == 4 and baselines.shape[0] > 1:
+        return baselines.repeat_interleave(times, 0)
+    return baselines
+
+
+def _as_grid(attribution, pixel_values, grid, patch, batch: int | None = None) -> torch.Tensor:
+    """Any image map (``[B, 3, H, W]``, ``[B, H, W]``, ``[B, h, w]``) as the patch grid; ``batch``
+    maps when it is not the number of images (one map per explained column)."""
+    b, (h, w) = pixel_values.shape[0] if batch is None else batch, grid
     if not isinstance(attribution, torch.Tensor):
         raise TypeError(f"attribution: expected a tensor, got {type(attribution).__name__}")
     a = attribution.detach().float()

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from captum_vlm._checks import (
     check_choice,
     check_count,
+    check_finite,
     check_same_batch,
 )
 from captum_vlm.attr._base import normalise_targets
@@ -396,6 +397,10 @@ def select_target(output: torch.Tensor, target) -> torch.Tensor:
 
 
 def _pixel_baseline(baselines, pixel_values: torch.Tensor) -> torch.Tensor:
+    return check_finite(_pixel_baseline_unchecked(baselines, pixel_values), "baselines")
+
+
+def _pixel_baseline_unchecked(baselines, pixel_values: torch.Tensor) -> torch.Tensor:
     if baselines is None:
         return torch.zeros_like(pixel_values)
     if isinstance(baselines, (int, float)) and not isinstance(baselines, bool):

@@ -12,21 +12,50 @@ from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 
-from captum_vlm._checks import check_count
+from captum_vlm._checks import check_count, check_processor, check_texts
 from captum_vlm.adapters import get_adapter
 from captum_vlm.explain.answering import Answers, answer_questions
+from captum_vlm.explain.evidence import (
+    VALUE_LABELS,
+    attach_evidence,
+    collapse_prompt_independent,
+    default_methods,
+)
 from captum_vlm.explain.explanation import Explanation
 from captum_vlm.explain.registry import METHODS, ExplainContext, MapRecord, method_names
 
 
 def _as_image(image: Any) -> Image.Image:
+    """A PIL image from a path, a PIL image or an ``(H, W, 3)`` array: uint8 as is, floats in
+    [0, 1] times 255, floats in [0, 255] as they are; other float ranges and NaN/inf refused."""
     if isinstance(image, (str, Path)):
+        if not Path(image).is_file():
+            raise ValueError(f"image: no file at {str(image)!r}")
         return Image.open(image).convert("RGB")
     if isinstance(image, Image.Image):
         return image.convert("RGB")
-    if isinstance(image, np.ndarray) and image.ndim == 3:
-        return Image.fromarray(image if image.dtype == np.uint8 else (np.clip(image, 0, 1) * 255).astype(np.uint8))
-    raise TypeError(f"image: expected a PIL image, an (H, W, 3) array or a path, got {type(image).__name__}")
+    if isinstance(image, np.ndarray) and image.ndim == 3 and image.shape[-1] == 3:
+        return Image.fromarray(_as_uint8(image))
+    shape = f" of shape {image.shape}" if isinstance(image, np.ndarray) else ""
+    raise TypeError(f"image: expected a PIL image, an (H, W, 3) array or a path, got {type(image).__name__}{shape}")
+
+
+def _as_uint8(image: np.ndarray) -> np.ndarray:
+    if image.dtype == np.uint8:
+        return image
+    if not np.issubdtype(image.dtype, np.number) or np.issubdtype(image.dtype, np.complexfloating):
+        raise TypeError(f"image: expected a uint8 or float array, got dtype {image.dtype}")
+    if not np.isfinite(image).all():
+        raise ValueError("image: the array holds NaN or infinite values; expected finite pixels")
+    lo, hi = float(image.min()), float(image.max())
+    if lo >= 0 and hi <= 1 and np.issubdtype(image.dtype, np.floating):
+        return np.round(image * 255).astype(np.uint8)
+    if lo >= 0 and hi <= 255:
+        return np.round(image).astype(np.uint8)
+    raise ValueError(
+        f"image: values from {lo:.4g} to {hi:.4g} fit neither [0, 1] nor [0, 255]; pass the original "
+        "picture (uint8, or floats in [0, 1]), not normalised pixel_values"
+    )
 
 
 def processor_crop_box(processor: Any, size: tuple[int, int]) -> tuple[float, float, float, float] | None:
@@ -61,12 +90,13 @@ def explain(
     processor: Any,
     image: Any,
     texts: Sequence[str],
-    methods: Sequence[str] = ("grad-eclip",),
+    methods: Sequence[str] | None = None,
     target: int | Sequence[int] | None = None,
     *,
     model_name: str | None = None,
     show_progress: bool = False,
     max_new_tokens: int = 10,
+    evidence: bool = True,
 ) -> Explanation:
     """Explain how ``model`` relates ``image`` to ``texts`` with one or more methods.
 
@@ -78,21 +108,30 @@ def explain(
             captioning models: captions; VQA models: questions; LLaVA: prompts holding the
             image token. VQA models and LLaVA are explained through their own answer, see
             :func:`answer_questions`).
-        methods: registry names, see :func:`method_names`.
+        methods: registry names, see :func:`method_names`. Default: the method the zoo
+            benchmark ranks most faithful for the model's family
+            (:data:`captum_vlm.explain.evidence.DEFAULT_METHODS`: CLIP ``relevancy``, SigLIP
+            ``grad-eclip``, BLIP/ViLT/LLaVA ``bimodal-relevancy``; see ``benchmarks/RESULTS.md``).
         target: which prompts to explain (index or list); ``None`` explains all.
         model_name: name for titles (default: the checkpoint's folder or the class name).
         show_progress: a tqdm bar over methods.
         max_new_tokens: VQA and generative models: longest answer generated (greedy).
+        evidence: attach each map's evidence (:mod:`captum_vlm.explain.evidence`): deletion and
+            insertion AUC against random orders, the method's randomisation check, the model's
+            confidence. Prompt-independent maps are kept once either way.
 
     Returns:
         An :class:`Explanation`.
     """
     adapter = get_adapter(model)
+    check_processor(processor)
     picture = _as_image(image)
-    if isinstance(texts, str) or not isinstance(texts, Sequence) or not texts:
-        raise ValueError(f"texts: expected a non-empty list of strings, got {texts!r}")
-    if not all(isinstance(t, str) and t.strip() for t in texts):
-        raise ValueError(f"texts: every text must be a non-empty string, got {list(texts)!r}")
+    texts = check_texts(texts)
+    if isinstance(target, str) or isinstance(target, bool):
+        raise TypeError(f"target: expected a text index (int) or a list of them, got {target!r}; "
+                        "pass the text itself in texts")
+    if methods is None:
+        methods = default_methods(adapter.family, method_names(adapter))
     if isinstance(methods, str):
         methods = [methods]
     unknown = [m for m in methods if m not in METHODS]
@@ -107,10 +146,14 @@ def explain(
     if target is None:
         targets = list(range(len(texts)))
     else:
+        if not isinstance(target, (int, Sequence)):
+            raise TypeError(f"target: expected a text index (int) or a list of them, got {type(target).__name__}")
         targets = [target] if isinstance(target, int) else list(target)
         bad = [t for t in targets if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < len(texts)]
         if bad or not targets:
             raise ValueError(f"target: {bad or targets} out of range for {len(texts)} texts (0..{len(texts) - 1})")
+        if len(set(targets)) != len(targets):
+            raise ValueError(f"target: {targets} names a text more than once; give each index once")
     images = picture if adapter.two_tower else [picture] * len(texts)  # fusion models: each text with the image
     inputs = processor(images=images, text=list(texts), return_tensors="pt", padding=adapter.text_padding)
     tokenizer = getattr(processor, "tokenizer", processor)
@@ -120,12 +163,17 @@ def explain(
     if adapter.answers_questions:
         answers = answer_questions(model, tokenizer, dict(inputs), max_new_tokens=max_new_tokens)
     context = ExplainContext(model, adapter, dict(inputs), list(texts), targets, tokens, show_progress, answers)
-    records: list[MapRecord] = []
-    for name in tqdm(methods, desc="methods", disable=not show_progress):
-        for record in METHODS[name].run(context):
-            record.method = name
-            records.append(record)
     scores, kind = _model_scores(model, adapter, inputs, texts, answers)
+    records: list[MapRecord] = []
+    shared: dict = {}  # score functions and random-order curves, shared by the methods
+    for name in tqdm(methods, desc="methods", disable=not show_progress):
+        found = METHODS[name].run(context)
+        for record in found:
+            record.method = name
+            record.details.setdefault("value", VALUE_LABELS.get(name, "attribution (method units)"))
+        if evidence:
+            attach_evidence(context, found, METHODS[name].run, list(scores.values()), kind, cache=shared)
+        records.extend(collapse_prompt_independent(found, texts))
     return Explanation(
         image=picture,
         texts=list(texts),
@@ -148,6 +196,8 @@ def _model_scores(model, adapter, inputs, texts, answers: Answers | None) -> tup
     with torch.no_grad():
         if task == "similarity":
             logits = ImageTextSimilarity(model)(pixels, ids, mask)[0]
+            if adapter.probability == "softmax" and len(texts) == 1:  # a softmax over one prompt is always 1
+                return dict(zip(texts, logits.tolist())), "logit (one prompt: no probability over prompts)"
             kind = "probability over prompts" if adapter.probability == "softmax" else f"{adapter.probability} probability"
             return dict(zip(texts, adapter.to_probability(logits).tolist())), kind
         if task == "match":

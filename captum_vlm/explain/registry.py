@@ -25,6 +25,10 @@ class MapRecord:
         details: labels for figures: layers, head aggregation, target...
         tokens: token strings when the method also scores the text.
         token_scores: one score per token.
+        text_index: which text a whole-text map explains (``None`` for per-token maps).
+        evidence: display lines: faithfulness, randomisation check, the model's confidence
+            (see :mod:`captum_vlm.explain.evidence`).
+        evidence_values: the same as numbers.
     """
 
     method: str
@@ -33,6 +37,9 @@ class MapRecord:
     details: dict[str, str] = field(default_factory=dict)
     tokens: list[str] | None = None
     token_scores: np.ndarray | None = None
+    text_index: int | None = None
+    evidence: dict[str, str] = field(default_factory=dict)
+    evidence_values: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

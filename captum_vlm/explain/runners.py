@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from captum_vlm.explain.evidence import layers_label
 from captum_vlm.explain.registry import ExplainContext, MapRecord, register_method
 
 
@@ -15,11 +16,8 @@ def _attr_class(name: str):
     return getattr(importlib.import_module("captum_vlm.attr"), name)
 
 
-def _layers_label(method: Any) -> str:
-    layers = getattr(method, "layers", None)
-    if layers is None:
-        return "last"
-    return ", ".join(str(layer) for layer in (layers if isinstance(layers, (list, tuple)) else [layers]))
+def _layers_label(method: Any, adapter: Any) -> str:
+    return layers_label(getattr(method, "layers", None), len(adapter.vision_blocks()))
 
 
 def _two_tower_runner(class_name: str, heads: str, **kwargs) -> Callable[[ExplainContext], list[MapRecord]]:
@@ -36,8 +34,9 @@ def _two_tower_runner(class_name: str, heads: str, **kwargs) -> Callable[[Explai
             text = method.attribute_text(pixels, target=None, additional_forward_args=(ids, mask))[0]  # [K, T]
         records = []
         for k, grid in zip(context.targets, grids):
-            details = {"layers": _layers_label(method), "heads": heads, "target": f"prompt {k}: {context.texts[k]}"}
-            record = MapRecord(class_name, context.texts[k], grid.numpy(), details)
+            details = {"layers": _layers_label(method, context.adapter), "heads": heads,
+                       "target": f"prompt {k}: {context.texts[k]}"}
+            record = MapRecord(class_name, context.texts[k], grid.numpy(), details, text_index=k)
             if text is not None:
                 shown = mask[k].bool()
                 record.tokens = [t for t, keep in zip(context.tokens[k], shown.tolist()) if keep]
@@ -70,20 +69,26 @@ for _name, _cls, _heads, _summary, _limits in [
     )
 
 
-def _per_target_runner(class_name: str, details: dict[str, str], **attribute_kwargs):
-    """Run a method with Captum's ``attribute`` once per explained prompt (IG, occlusion)."""
+def _per_target_runner(class_name: str, details: dict[str, str], all_prompts: bool = False, **attribute_kwargs):
+    """Run a method with Captum's ``attribute`` once per explained prompt (IG), or once for all
+    prompts with ``target=None`` when the method explains them all from one pass (``all_prompts``:
+    occlusion's sweep)."""
 
     def run(context: ExplainContext) -> list[MapRecord]:
         method = _attr_class(class_name)(context.model)
         ids, mask = context.inputs["input_ids"], context.inputs["attention_mask"]
+        every = None
+        if all_prompts and len(context.targets) > 1:
+            every = method.attribute(context.inputs["pixel_values"], target=None, additional_forward_args=(ids, mask),
+                                     return_grid=True, **attribute_kwargs)[0]  # [K, h, w]
         records = []
         for k in context.targets:
-            grid = method.attribute(
+            grid = every[k] if every is not None else method.attribute(
                 context.inputs["pixel_values"], target=k, additional_forward_args=(ids, mask),
                 return_grid=True, **attribute_kwargs,
             )[0]
             records.append(MapRecord(class_name, context.texts[k], grid.detach().numpy(),
-                                     {**details, "target": f"prompt {k}: {context.texts[k]}"}))
+                                     {**details, "target": f"prompt {k}: {context.texts[k]}"}, text_index=k))
         return records
 
     return run
@@ -95,14 +100,14 @@ register_method(
     limits="Depends on the baseline (zero patch embeddings here); completeness holds for the whole "
     "path, not for single patches.",
     tasks=_TWO_TOWER,
-)(_per_target_runner("TokenIntegratedGradients", {"layers": "patch embedding", "heads": "n/a"},
+)(_per_target_runner("TokenIntegratedGradients", {"layers": "input: patch embeddings", "heads": "n/a"},
                      modality="image", n_steps=32, internal_batch_size=16))
 register_method(
     "occlusion",
     summary="Causal occlusion: drop each patch token and measure the score's fall (Zeiler & Fergus 2014)",
     limits="One patch at a time: misses effects that need several patches removed together.",
     tasks=_TWO_TOWER,
-)(_per_target_runner("CausalOcclusion", {"layers": "input patches", "heads": "n/a"},
+)(_per_target_runner("CausalOcclusion", {"layers": "input: patch tokens", "heads": "n/a"}, all_prompts=True,
                      intervention="drop", window=1))
 
 
@@ -118,7 +123,7 @@ def _fusion_runner(class_name: str, base_details: dict[str, str]) -> Callable[[E
     def run(context: ExplainContext) -> list[MapRecord]:
         task = context.adapter.task
         method = _attr_class(class_name)(context.model)
-        details = {**base_details, "layers": f"cross-attention {method.layer}"} if hasattr(method, "layer") else base_details
+        details = {**base_details, "layers": f"text cross-attention block {method.layer}"} if hasattr(method, "layer") else base_details
         records = []
         for k, whole, per_token, tokens, shown in _fusion_maps(method, context):
             mass = per_token.flatten(1).sum(1)
@@ -130,7 +135,7 @@ def _fusion_runner(class_name: str, base_details: dict[str, str]) -> Callable[[E
                 title = context.texts[k]
             records.append(MapRecord(class_name, title, whole.numpy(),
                                      {**details, "target": what, "tokens": "total of each token's own image map"},
-                                     [tokens[j] for j in shown], mass[shown].numpy()))
+                                     [tokens[j] for j in shown], mass[shown].numpy(), text_index=k))
             for j in shown:
                 if per_token[j].abs().sum() > 0:
                     records.append(MapRecord(class_name, f"{title} · {tokens[j]}", per_token[j].numpy(),
@@ -182,4 +187,4 @@ register_method(
     summary="Bi-modal relevancy propagation through self- and co-attention (Chefer et al. 2021)",
     limits="Follows attention and its gradients only; MLP and value paths are not propagated.",
     tasks=_FUSION,
-)(_fusion_runner("BimodalRelevancy", {"layers": "all", "heads": "grad-weighted mean"}))
+)(_fusion_runner("BimodalRelevancy", {"layers": "all blocks", "heads": "grad-weighted mean"}))

@@ -4,6 +4,7 @@ They know only about Captum-style forward functions and targets, so they work wi
 attribution method (ours or Captum's) and any model.
 """
 
+from .evidence import MapEvidence, map_evidence
 from .localization import (
     DEFAULT_TOLERANCE,
     EnergyPointingGameResult,
@@ -12,20 +13,28 @@ from .localization import (
     pointing_game,
 )
 from .perturbation import PerturbationCurve, curve_auc, deletion_curve, insertion_curve
+from .road import ROADCurve, noisy_linear_impute, road_curve
 from .sanity import RandomizationResult, model_randomization_check, reinitialize, ssim
+from .token_drop import token_drop_curve
 
 __all__ = [
     "DEFAULT_TOLERANCE",
     "EnergyPointingGameResult",
+    "MapEvidence",
     "PerturbationCurve",
     "PointingGameResult",
+    "ROADCurve",
     "RandomizationResult",
     "curve_auc",
     "deletion_curve",
     "energy_pointing_game",
     "insertion_curve",
+    "map_evidence",
+    "noisy_linear_impute",
     "model_randomization_check",
     "pointing_game",
     "reinitialize",
+    "road_curve",
     "ssim",
+    "token_drop_curve",
 ]

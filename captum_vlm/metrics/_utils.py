@@ -139,6 +139,13 @@ def select_target(output: Tensor, target: TargetType, rows: Sequence[int]) -> Te
     else:
         per_example = torch.as_tensor(target, dtype=torch.long).flatten()
         columns = per_example[torch.as_tensor(rows, dtype=torch.long)]
+    n_out = output.shape[1]
+    if bool(((columns < -n_out) | (columns >= n_out)).any()):
+        raise ValueError(
+            f"target: {target!r} is out of range: forward_func returns {n_out} outputs per input "
+            f"(columns 0..{n_out - 1})"
+        )
+    columns = columns % n_out
     return output.gather(1, columns.to(output.device).unsqueeze(1))[:, 0]
 
 

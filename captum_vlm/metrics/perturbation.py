@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from captum_vlm._checks import check_finite
 from captum_vlm._grid import grid_to_pixels
 
 from ._utils import TargetType, check_target, select_target
@@ -184,6 +185,7 @@ def _perturbation_curve(
         )
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    check_finite(inputs, "inputs")
     batch, _, height, width = inputs.shape
     check_target(target, batch)
     patch = _patch_size(patch_size, (height, width))
@@ -201,7 +203,7 @@ def _perturbation_curve(
     counts = counts.to(inputs.device)
 
     with torch.no_grad():
-        base = _baseline(inputs, baseline, blur_sigma)
+        base = check_finite(_baseline(inputs, baseline, blur_sigma), "baseline")
     if additional_forward_args is None:
         extra: tuple = ()
     elif isinstance(additional_forward_args, tuple):

@@ -1,8 +1,9 @@
 """Drawing only: image overlays and token colouring.
 
 Imports numpy, matplotlib and PIL; accepts torch tensors without importing any model code.
-Colour maps are perceptually uniform (``viridis`` for magnitudes, ``RdBu_r`` centred at zero
-for signed maps) and every figure can say method, layer(s), head aggregation and target.
+Colour maps are perceptually uniform (``viridis`` for magnitudes, a teal-magenta diverging map
+centred at zero for signed maps, ends away from the scenes' red/green/blue/yellow; opacity grows
+with the value) and every figure can say method, layer(s), head aggregation and target.
 """
 
 from ._style import describe

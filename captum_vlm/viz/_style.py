@@ -1,7 +1,10 @@
 """Shared drawing conventions: array conversion, colour maps, norms and figure titles.
 
-Colour maps are perceptually uniform: ``viridis`` for magnitudes, ``RdBu_r`` centred at zero
-(symmetric limits) for signed values.
+Colour maps are perceptually uniform: ``viridis`` for magnitudes, :data:`SIGNED_CMAP` (teal for
+negative, magenta for positive, light grey at zero) centred at zero with symmetric limits for signed
+values. Its ends are chosen away from the hues of typical scene colours (the zoo's red, green, blue
+and yellow objects): a red/blue map over a red and a blue object reads the objects as "positive"
+and "negative" where the attribution is about zero.
 """
 
 from __future__ import annotations
@@ -11,10 +14,44 @@ from typing import Any
 
 import matplotlib
 import numpy as np
-from matplotlib.colors import Colormap, Normalize, TwoSlopeNorm
+from matplotlib.colors import Colormap, LinearSegmentedColormap, Normalize, TwoSlopeNorm
 
 MAGNITUDE_CMAP = "viridis"
-SIGNED_CMAP = "RdBu_r"
+SIGNED_CMAP = "cv_teal_magenta"
+"""Diverging map registered with matplotlib: dark teal (hue ~180°) - light grey - dark magenta
+(hue ~300°), lightness rising symmetrically to the centre. The scene hues it avoids: red ~0°,
+yellow ~55°, green ~130°, blue ~230°."""
+
+_SIGNED_STOPS = [
+    (0.00, (0.00, 0.33, 0.36)),
+    (0.25, (0.20, 0.60, 0.62)),
+    (0.50, (0.95, 0.95, 0.95)),
+    (0.75, (0.78, 0.42, 0.76)),
+    (1.00, (0.47, 0.06, 0.47)),
+]
+if SIGNED_CMAP not in matplotlib.colormaps:
+    matplotlib.colormaps.register(LinearSegmentedColormap.from_list(SIGNED_CMAP, _SIGNED_STOPS))
+    matplotlib.colormaps.register(
+        LinearSegmentedColormap.from_list(SIGNED_CMAP + "_r", [(1 - x, c) for x, c in _SIGNED_STOPS[::-1]])
+    )
+
+
+def check_finite_map(values: np.ndarray, name: str) -> None:
+    """Refuse NaN or infinite values: drawn, they would read as a clean image on a 0-1 scale."""
+    bad = ~np.isfinite(values)
+    if bad.any():
+        raise ValueError(
+            f"{name}: {int(bad.sum())} of {values.size} values are NaN or infinite; expected finite "
+            "numbers (check the inputs and baselines that produced the map)"
+        )
+
+
+def opacity(values: np.ndarray, norm: Normalize, alpha: float) -> np.ndarray:
+    """Per-pixel opacity growing with ``|value|``: 0 at zero, ``alpha`` at the scale's end, so low
+    values leave the image untouched. NaN (outside the model's crop) is transparent."""
+    limit = max(abs(float(norm.vmin)), abs(float(norm.vmax)))
+    strength = np.abs(values) / limit if limit > 0 else np.zeros_like(values)
+    return np.nan_to_num(alpha * np.clip(strength, 0.0, 1.0), nan=0.0)
 
 
 def to_numpy(value: Any, name: str) -> np.ndarray:
@@ -83,11 +120,14 @@ def describe(
     target: Any = None,
 ) -> str:
     """One line naming method, layer(s), head aggregation and target, e.g.
-    ``"grad-eclip | layer 11 | heads: mean | target: 0"``. Missing parts are left out."""
+    ``"grad-eclip | layer 11 | heads: mean | target: 0"``. Missing parts are left out; layers
+    given as a string are already worded (``"vision block 3 (last)"``) and shown as they are."""
     parts = []
     if method is not None:
         parts.append(str(method))
-    if layers is not None:
+    if isinstance(layers, str):
+        parts.append(layers)  # already worded, e.g. "vision block 3 (last)"
+    elif layers is not None:
         many = not isinstance(layers, str) and isinstance(layers, Sequence) and len(layers) > 1
         parts.append(f"{'layers' if many else 'layer'} {_join(layers)}")
     if heads is not None:

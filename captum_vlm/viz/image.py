@@ -14,12 +14,21 @@ from typing import Any, Literal
 import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.axes import Axes
+from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Colormap
 from matplotlib.figure import Figure
 from matplotlib.ticker import FormatStrFormatter
 from PIL import Image
 
-from ._style import color_scale, compose_title, describe, is_signed, to_numpy
+from ._style import (
+    check_finite_map,
+    color_scale,
+    compose_title,
+    describe,
+    is_signed,
+    opacity,
+    to_numpy,
+)
 
 Box = tuple[float, float, float, float]
 Interpolation = Literal["bilinear", "nearest"]
@@ -61,10 +70,14 @@ def to_rgb(image: Any) -> np.ndarray:
     if np.issubdtype(array.dtype, np.integer):
         return array.astype(np.float64) / 255.0
     array = array.astype(np.float64)
+    if not np.isfinite(array).all():
+        raise ValueError("image: contains NaN or infinite values; expected finite pixel values")
     lo, hi = float(array.min()), float(array.max())
-    if lo < 0.0 or hi > 1.0:
-        array = (array - lo) / (hi - lo) if hi > lo else np.zeros_like(array)
-    return array
+    if lo >= 0.0 and hi <= 1.0:
+        return array
+    if lo >= 0.0 and hi <= 255.0 and not channels_first:
+        return array / 255.0  # a float array in the 0-255 convention
+    return (array - lo) / (hi - lo) if hi > lo else np.zeros_like(array)
 
 
 def to_map(attribution: Any) -> np.ndarray:
@@ -87,6 +100,7 @@ def to_map(attribution: Any) -> np.ndarray:
             "attribution must be one map: (h, w), (3, H, W), (1, 3, H, W) or (H, W, 3); "
             f"got shape {shape} (draw several maps with overlay_grid)"
         )
+    check_finite_map(array, "attribution")
     return array
 
 
@@ -227,8 +241,9 @@ def overlay(
     layers: Any = None,
     heads: Any = None,
     target: Any = None,
+    value_label: str | None = None,
     cmap: str | Colormap | None = None,
-    alpha: float = 0.5,
+    alpha: float = 0.6,
     interpolation: Interpolation = "bilinear",
     signed: bool | None = None,
     crop_box: Box | None = None,
@@ -238,9 +253,12 @@ def overlay(
     """Draw an attribution map over its image, with a colour bar and a descriptive title.
 
     The map is resampled to the image's pixels (bilinear by default) and drawn with
-    ``viridis`` on [0, max] for magnitude maps or ``RdBu_r`` centred at 0 with symmetric
-    limits for signed maps. ``signed=None`` picks signed when the map has a negative value;
-    ``signed=False`` draws absolute values.
+    ``viridis`` on [0, max] for magnitude maps or a teal-magenta diverging map
+    (:data:`~captum_vlm.viz._style.SIGNED_CMAP`, ends away from red, green, blue and yellow)
+    centred at 0 with symmetric limits for signed maps. The opacity of each pixel grows with
+    ``|value|`` (0 at zero, ``alpha`` at the end of the scale), so low values leave the image
+    untouched. ``signed=None`` picks signed when the map has a negative value; ``signed=False``
+    draws absolute values. NaN or infinite maps are refused (``ValueError``).
 
     Args:
         image: PIL image, (H, W, 3) uint8/float array, or (3, H, W) tensor.
@@ -250,8 +268,10 @@ def overlay(
             target when given.
         method, layers, heads, target: labels for the title (e.g. "grad-eclip", 11 or
             [9, 10, 11], "mean", 0 or "a red circle").
+        value_label: what the number is, written on the colour bar (e.g. "logit change when
+            the patch is dropped"); default "attribution (method units)".
         cmap: colour map name or object; default as above.
-        alpha: opacity of the map over the image.
+        alpha: opacity of the strongest values over the image.
         interpolation: "bilinear" or "nearest" (shows patch boundaries).
         signed: force a diverging (True) or magnitude (False) scale.
         crop_box: when ``image`` is the original photo and the map was computed on a
@@ -274,16 +294,20 @@ def overlay(
         drawn = map_to_original(attribution, (width, height), crop_box, interpolation)
     else:
         drawn = resize_map(attribution, (height, width), interpolation)
+    if not 0.0 <= float(alpha) <= 1.0:
+        raise ValueError(f"alpha: expected a number in [0, 1], got {alpha!r}")
     drawn, norm, colormap, _ = color_scale(drawn, signed, cmap)
     if ax is None:
         fig, ax = plt.subplots(figsize=(4.5, 4.0))
     else:
         fig = ax.figure
     ax.imshow(rgb, interpolation="nearest")
-    shown = ax.imshow(drawn, cmap=colormap, norm=norm, alpha=alpha, interpolation="nearest")
+    ax.imshow(drawn, cmap=colormap, norm=norm, alpha=opacity(drawn, norm, alpha), interpolation="nearest")
     if colorbar:
         # tick labels carry their own exponent: matplotlib's offset text ("1e-6") would sit on the title
-        fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.04, format=FormatStrFormatter("%.2g"))
+        bar = fig.colorbar(ScalarMappable(norm=norm, cmap=colormap), ax=ax, fraction=0.046, pad=0.04,
+                           format=FormatStrFormatter("%.2g"))
+        bar.set_label(value_label or "attribution (method units)", fontsize=8)
     ax.set_title(
         compose_title(title, method=method, layers=layers, heads=heads, target=target),
         fontsize=9,
@@ -302,8 +326,9 @@ def overlay_grid(
     layers: Any = None,
     heads: Any = None,
     target: Any = None,
+    value_label: str | None = None,
     cmap: str | Colormap | None = None,
-    alpha: float = 0.5,
+    alpha: float = 0.6,
     interpolation: Interpolation = "bilinear",
     signed: bool | None = None,
     crop_box: Box | None = None,
@@ -319,8 +344,8 @@ def overlay_grid(
         image: as in :func:`overlay`.
         maps: ``{label: map}``, or a list of maps (labelled "0", "1", ...).
         ncols: panels per row.
-        title, method, layers, heads, target, cmap, alpha, interpolation, signed, crop_box:
-            as in :func:`overlay`.
+        title, method, layers, heads, target, value_label, cmap, alpha, interpolation, signed,
+            crop_box: as in :func:`overlay`.
         panel_size: height of a panel in inches.
 
     Returns:
@@ -348,7 +373,7 @@ def overlay_grid(
     )
     for ax, (label, m) in zip(axes.flat, items, strict=False):
         overlay(
-            image, m, title=str(label), cmap=cmap, alpha=alpha, interpolation=interpolation,
+            image, m, title=str(label), value_label=value_label, cmap=cmap, alpha=alpha, interpolation=interpolation,
             signed=signed, crop_box=crop_box, ax=ax,
         )  # fmt: skip
     for ax in axes.flat[len(items) :]:

@@ -17,7 +17,7 @@ from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Colormap, to_hex
 from matplotlib.figure import Figure
 
-from ._style import color_scale, to_numpy
+from ._style import check_finite_map, color_scale, to_numpy
 
 _SPECIAL = re.compile(r"^(<[^<>\s]+>|\[[A-Za-z_]+\])$")  # <s>, </s>, <|endoftext|>, [CLS]
 _PREFIXES = ("Ġ", "▁")  # byte-level BPE (GPT-2, RoBERTa), SentencePiece (T5, LLaMA, SigLIP)
@@ -99,6 +99,7 @@ def _scores(tokens: Sequence[str], scores: Any) -> np.ndarray:
             f"scores must hold one value per token ({len(tokens)} tokens); got shape "
             f"{tuple(values.shape)}"
         )
+    check_finite_map(values, "scores")
     return values
 
 
@@ -140,7 +141,7 @@ def tokens_html(
 ) -> str:
     """Tokens coloured by attribution, as an HTML snippet.
 
-    Colours follow the package convention: ``RdBu_r`` centred at 0 for signed scores (any
+    Colours follow the package convention: the teal-magenta diverging map centred at 0 for signed scores (any
     negative value, or ``signed=True``), ``viridis`` for magnitudes. Each token's score is in
     its tooltip. Token text and labels are HTML-escaped.
 

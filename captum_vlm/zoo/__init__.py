@@ -77,6 +77,11 @@ def model_dir(name_or_path: str | Path) -> Path:
     Raises:
         ValueError: for an unknown name; the message lists the available ones.
     """
+    if not isinstance(name_or_path, (str, Path)):
+        raise TypeError(
+            f"name_or_path: expected a zoo name such as 'shapes-clip' or a model folder, got "
+            f"{type(name_or_path).__name__} (available: {', '.join(sorted(list_models()))})"
+        )
     path = Path(name_or_path)
     if path.is_dir() and (path / "config.json").is_file():
         return path
@@ -107,14 +112,22 @@ def load(name_or_path: str | Path, **model_kwargs):
     """
     import transformers
     from transformers import AutoConfig, AutoModel, AutoProcessor
+    from transformers.utils import logging as hf_logging
 
     folder = model_dir(name_or_path)
     # the class that saved the weights (e.g. BlipForImageTextRetrieval), not the bare AutoModel
     architectures = AutoConfig.from_pretrained(folder, local_files_only=True).architectures or []
     model_class = getattr(transformers, architectures[0], None) if architectures else None
-    model = (model_class or AutoModel).from_pretrained(
-        folder, local_files_only=True, **model_kwargs
-    )
+    # library calls are quiet: transformers draws a "Loading weights" bar unless told not to
+    bar_was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        model = (model_class or AutoModel).from_pretrained(
+            folder, local_files_only=True, **model_kwargs
+        )
+    finally:
+        if bar_was_enabled:
+            hf_logging.enable_progress_bar()
     processor = AutoProcessor.from_pretrained(folder, local_files_only=True)
     model.eval()
     return model, processor
