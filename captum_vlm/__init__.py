@@ -22,6 +22,7 @@ from captum_vlm.attr import (
     RawAttention,
     TokenIntegratedGradients,
 )
+from captum_vlm.audit import Audit, audit
 from captum_vlm.explain import Explanation, explain, method_names, register_method
 from captum_vlm.hooks import capture, preserved_model_state
 from captum_vlm.targets import (
@@ -48,6 +49,8 @@ __all__ = [
     "capture",
     "preserved_model_state",
     "explain",
+    "audit",
+    "Audit",
     "Explanation",
     "method_names",
     "register_method",

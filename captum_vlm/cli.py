@@ -8,6 +8,7 @@
         --out lens.html [--projector LOGDIR]
     captum-vlm lens-inside logit-lens IMAGE --model zoo:shapes-blip-vqa --text "what color is the circle?"
     captum-vlm lens-inside heads IMAGE [--model zoo:shapes-clip] [--stream vision] [--out heads.html]
+    captum-vlm audit FOLDER --text "a red circle" --text "a blue square" [--engine ray] --out audit/
 
 Bad input (image path, unreadable image, unknown method or model) prints one line and exits 2.
 """
@@ -39,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
         '  captum-vlm explain photo.png --text "a red circle" --text "a blue square" --out report.html\n'
         "  captum-vlm zoo list\n  captum-vlm demo --out demo-output",
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{explain,zoo,demo,lens,lens-inside}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{explain,zoo,demo,lens,lens-inside,audit}")
 
     explain = sub.add_parser(
         "explain",
@@ -70,7 +71,58 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="demo-output", help="folder for the report and PNGs (default demo-output)")
     add_lens_parser(sub)
     add_lens_inside_parser(sub)
+    add_audit_parser(sub)
     return parser
+
+
+def add_audit_parser(sub) -> None:
+    """``captum-vlm audit``: every image of a folder, records in Parquet, an HTML report."""
+    audit = sub.add_parser("audit", help="audit a folder of images; writes Parquet records and a report",
+                           description="Explain every image of a folder (labels from its labels.csv or "
+                           "labels.jsonl: file, label, optionally mask, box) against the prompts, write one "
+                           "record per image to OUT/records/*.parquet and OUT/report.html. Run it again with "
+                           "the same --out to resume.")
+    audit.add_argument("data", help="folder of images")
+    audit.add_argument("--text", action="append", required=True, metavar="TEXT",
+                       help="a prompt (class); repeat for several (at least 2)")
+    audit.add_argument("--model", default=DEFAULT_MODEL, help=f"zoo:NAME or a local checkpoint (default {DEFAULT_MODEL})")
+    audit.add_argument("--method", action="append", metavar="NAME", help="attribution method; repeat (default grad-eclip)")
+    audit.add_argument("--check", action="append", choices=["deletion", "grounding"],
+                       help="per-map check; repeat (default both)")
+    audit.add_argument("--no-checks", action="store_true", help="map summaries only")
+    audit.add_argument("--engine", choices=["local", "ray"], default="local", help="local (default) or ray")
+    audit.add_argument("--batch-size", type=int, default=16, help="images per batch (default 16)")
+    audit.add_argument("--concurrency", type=int, default=1, help="ray: number of actors (default 1)")
+    audit.add_argument("--address", help="ray: address of a running cluster (default: start a local one)")
+    audit.add_argument("--keep-maps", action="store_true", help="store every map's grid in the records")
+    audit.add_argument("--out", default="audit", help="output folder (default audit)")
+    audit.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def run_audit(args) -> str:
+    from captum_vlm.audit import audit
+    from captum_vlm.explain import METHODS
+
+    if not Path(args.data).is_dir():
+        raise UsageError(f"data folder not found: {args.data}")
+    if len(args.text) < 2:
+        raise UsageError(f"texts: expected at least 2 prompts (repeat --text), got {args.text}")
+    unknown = [m for m in args.method or [] if m not in METHODS]
+    if unknown:
+        raise UsageError(f"methods: unknown {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+    model, processor = load_model(args.model)
+    checks = () if args.no_checks else tuple(args.check or ("deletion", "grounding"))
+    try:
+        result = audit(model, processor, args.data, args.text, methods=args.method or ["grad-eclip"], checks=checks,
+                       engine=args.engine, batch_size=args.batch_size, output=args.out, keep_maps=args.keep_maps,
+                       concurrency=args.concurrency, address=args.address,
+                       model_name=args.model.removeprefix("zoo:"), show_progress=not args.quiet)
+    except (ValueError, TypeError, ImportError) as err:
+        raise UsageError(str(err).splitlines()[0]) from err
+    report = Path(args.out) / "report.html"
+    result.to_html(report)
+    errors = len(result.errors())
+    return f"audited {len(result)} images ({errors} errors): records in {Path(args.out) / 'records'}, report {report}"
 
 
 def load_model(spec: str):
@@ -183,6 +235,9 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "demo":
             return run_demo(args.out)
+        if args.command == "audit":
+            print(run_audit(args))
+            return 0
         if args.command == "lens":
             return run_lens(args)
         if args.command == "lens-inside":

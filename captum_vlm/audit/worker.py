@@ -1,0 +1,256 @@
+"""One audit record per image: the work both engines run (in process, or in a Ray actor).
+
+:class:`AuditWorker` is a callable class in Ray Data's style: it holds the model once and turns a
+batch of rows (see :mod:`captum_vlm.audit.sources`) into a ``pyarrow.Table`` of records. Each
+image is scored and explained on its own, so a record does not depend on which batch the image
+fell in: the local engine and any number of Ray actors write the same records.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import zlib
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+from PIL import Image
+
+from captum_vlm.audit.summaries import box_to_mask, map_entropy, mask_cells, mass_inside, peak_cell
+
+__all__ = ["CHECKS", "AuditConfig", "AuditWorker", "record_schema"]
+
+CHECKS = ("deletion", "grounding")
+METRICS = {  # per method: column suffix -> Arrow type
+    "peak_row": pa.int32(), "peak_col": pa.int32(), "entropy": pa.float64(),
+    "mass_inside": pa.float64(), "mass_outside": pa.float64(),
+    "deletion_auc": pa.float64(), "deletion_auc_random": pa.float64(),
+    "grounded": pa.bool_(), "grounding_drop": pa.float64(), "grounding_drop_random": pa.float64(),
+}
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    """What an audit computes; two runs resume each other only when their configs are equal.
+
+    Args:
+        texts: the prompts (two-tower models: the classes; the model's prediction is one of them).
+        methods: registry names of the methods (see :func:`captum_vlm.method_names`).
+        checks: per map, ``"deletion"`` (deletion AUC of the map's order and of a random order)
+            and/or ``"grounding"`` (:meth:`CausalOcclusion.grounding_test` of the map).
+        explain: ``"prediction"`` (explain the predicted prompt) or ``"label"`` (the true one).
+        keep_maps: also store each map as a flat float32 list (``{method}.map``).
+        deletion_steps: deletion steps (at most one per patch).
+        grounding_fraction: share of patches the grounding test masks.
+        seed: seed of the random orders and random maskings (combined with each image's id).
+        model_name: the model's name, for the report.
+    """
+
+    texts: tuple[str, ...]
+    methods: tuple[str, ...]
+    checks: tuple[str, ...] = CHECKS
+    explain: str = "prediction"
+    keep_maps: bool = False
+    deletion_steps: int = 16
+    grounding_fraction: float = 0.2
+    seed: int = 0
+    model_name: str = ""
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> AuditConfig:
+        values = json.loads(text)
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+
+def record_schema(config: AuditConfig) -> pa.Schema:
+    """The Arrow schema of the records: one row per image, ``{method}.{metric}`` columns."""
+    fields = [
+        pa.field("id", pa.string()), pa.field("label", pa.string()), pa.field("label_index", pa.int32()),
+        pa.field("prediction", pa.string()), pa.field("prediction_index", pa.int32()),
+        pa.field("confidence", pa.float64()), pa.field("label_confidence", pa.float64()),
+        pa.field("correct", pa.bool_()), pa.field("explained", pa.string()), pa.field("has_mask", pa.bool_()),
+        pa.field("path", pa.string()), pa.field("map_rows", pa.int32()), pa.field("map_cols", pa.int32()),
+    ]
+    for method in config.methods:
+        fields += [pa.field(f"{method}.{name}", kind) for name, kind in METRICS.items()]
+        if config.keep_maps:
+            fields.append(pa.field(f"{method}.map", pa.list_(pa.float32())))
+    fields.append(pa.field("error", pa.string()))
+    return pa.schema(fields)
+
+
+def _image_of(row: dict[str, Any]) -> Image.Image:
+    image = row.get("image")
+    if isinstance(image, (bytes, bytearray)):
+        with Image.open(io.BytesIO(image)) as opened:
+            return opened.convert("RGB")
+    if isinstance(image, np.ndarray) and image.ndim == 3:
+        return Image.fromarray(image.astype(np.uint8)).convert("RGB")
+    if row.get("path"):
+        with Image.open(row["path"]) as opened:
+            return opened.convert("RGB")
+    raise ValueError("row has neither an image nor a path")
+
+
+def _mask_of(row: dict[str, Any], size: tuple[int, int]) -> np.ndarray | None:
+    """The object mask ``(H, W)`` of the row (mask bytes, mask file or box), or ``None``."""
+    mask = None
+    if isinstance(row.get("mask"), (bytes, bytearray)):
+        mask = np.load(io.BytesIO(row["mask"]), allow_pickle=False)
+    elif isinstance(row.get("mask"), np.ndarray) and row["mask"].ndim == 2:
+        mask = row["mask"]
+    elif row.get("mask_path"):
+        path = str(row["mask_path"])
+        if path.endswith(".npy"):
+            mask = np.load(path, allow_pickle=False)
+        else:
+            with Image.open(path) as opened:
+                mask = np.asarray(opened.convert("L")) > 127
+    elif row.get("box") is not None and len(row["box"]) == 4:
+        return box_to_mask(row["box"], size)
+    if mask is None:
+        return None
+    mask = np.asarray(mask).astype(bool)
+    if mask.shape != (size[1], size[0]):
+        raise ValueError(f"mask: shape {mask.shape} does not match the image's (height, width) {(size[1], size[0])}")
+    return mask
+
+
+def _resolve(value: Any) -> Any:
+    """Ray object references (the model put once in the object store) become their value."""
+    if type(value).__name__ == "ObjectRef":
+        import ray
+
+        return ray.get(value)
+    return value
+
+
+def _rows(batch: Any) -> list[dict[str, Any]]:
+    """A batch (list of rows, or Ray's dict of columns) as a list of rows."""
+    if isinstance(batch, list):
+        return batch
+    columns = {k: list(v) for k, v in batch.items()}
+    n = len(next(iter(columns.values()))) if columns else 0
+    return [{k: v[i] for k, v in columns.items()} for i in range(n)]
+
+
+class AuditWorker:
+    """Holds the model once; ``worker(batch) -> pyarrow.Table`` of records.
+
+    Args:
+        model: a two-tower model (CLIP, SigLIP, ...), or a Ray object reference to it.
+        processor: its processor, or a reference to it.
+        config: an :class:`AuditConfig` (or its JSON).
+
+    Example:
+        >>> worker = AuditWorker(model, processor, AuditConfig(texts=("a cat", "a dog"),   # doctest: +SKIP
+        ...                      methods=("grad-eclip",)))
+        >>> worker([{"id": "0", "path": "cat.png", "label": "a cat"}])                     # doctest: +SKIP
+    """
+
+    def __init__(self, model: Any, processor: Any, config: AuditConfig | str):
+        import captum_vlm as cv
+
+        self.model, self.processor = _resolve(model), _resolve(processor)
+        self.config = AuditConfig.from_json(config) if isinstance(config, str) else config
+        self.schema = record_schema(self.config)
+        self.adapter = cv.get_adapter(self.model)
+        self.score = cv.ImageTextSimilarity(self.model)
+        self.occlusion = cv.CausalOcclusion(self.model) if "grounding" in self.config.checks else None
+        padding = self.adapter.text_padding
+        text = self.processor(text=list(self.config.texts), return_tensors="pt", padding=padding)
+        self.ids, self.mask = text["input_ids"], text["attention_mask"]
+
+    def __call__(self, batch: Any) -> pa.Table:
+        records = [self.record(row) for row in _rows(batch)]
+        return pa.Table.from_pylist(records, schema=self.schema)
+
+    # ----- one image -----------------------------------------------------------------------
+    def record(self, row: dict[str, Any]) -> dict[str, Any]:
+        """The record of one row; a failure becomes the record's ``error`` (the run goes on)."""
+        label = row.get("label")
+        texts = list(self.config.texts)
+        record: dict[str, Any] = {
+            "id": str(row["id"]), "label": None if label is None else str(label),
+            "label_index": texts.index(label) if label in texts else None,
+            "path": None if not row.get("path") else str(row["path"]),
+        }
+        try:
+            image = _image_of(row)
+        except Exception as err:  # noqa: BLE001 - any unreadable image is one error record
+            record["error"] = f"cannot read image: {type(err).__name__}: {err}"
+            return record
+        try:
+            record.update(self._explain(image, row, record["label_index"]))
+        except Exception as err:  # noqa: BLE001 - one bad example must not stop the run
+            record["error"] = f"{type(err).__name__}: {err}"
+        return record
+
+    def _explain(self, image: Image.Image, row: dict[str, Any], label_index: int | None) -> dict[str, Any]:
+        import captum_vlm as cv
+
+        pixels = self.processor(images=image, return_tensors="pt")["pixel_values"]
+        with torch.no_grad():
+            probabilities = self._probabilities(pixels, self.ids, self.mask)[0]
+        predicted = int(probabilities.argmax())
+        if self.config.explain == "label" and label_index is None:
+            raise ValueError(f"label {row.get('label')!r} is not one of the texts; cannot explain it")
+        target = label_index if self.config.explain == "label" else predicted
+        out: dict[str, Any] = {
+            "prediction": self.config.texts[predicted], "prediction_index": predicted,
+            "confidence": float(probabilities[predicted]),
+            "label_confidence": None if label_index is None else float(probabilities[label_index]),
+            "correct": None if label_index is None else predicted == label_index,
+            "explained": self.config.texts[target],
+        }
+        explanation = cv.explain(self.model, self.processor, image, list(self.config.texts),
+                                 methods=list(self.config.methods), target=target)
+        mask = _mask_of(row, image.size)
+        out["has_mask"] = mask is not None
+        seed = (zlib.crc32(str(row["id"]).encode()) + self.config.seed) % 2**31
+        for record in explanation.records:
+            grid = np.asarray(record.grid, dtype=np.float64)
+            out["map_rows"], out["map_cols"] = grid.shape
+            out.update(self._summary(record.method, grid, pixels, target, mask, explanation.crop_box, seed))
+        return out
+
+    def _summary(self, method, grid, pixels, target, mask, crop_box, seed) -> dict[str, Any]:
+        from captum_vlm.metrics import deletion_curve
+
+        row, col = peak_cell(grid) or (None, None)
+        values: dict[str, Any] = {"peak_row": row, "peak_col": col, "entropy": map_entropy(grid)}
+        if mask is not None:
+            inside = mass_inside(grid, mask_cells(mask, grid.shape, crop_box))
+            values.update(mass_inside=inside, mass_outside=1.0 - inside)
+        heat = torch.as_tensor(grid)[None]
+        if "deletion" in self.config.checks:
+            steps = min(self.config.deletion_steps, grid.size)
+            random_order = torch.rand(grid.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+            def auc(order):
+                return float(deletion_curve(self._probabilities, pixels, order, target=target,
+                                            additional_forward_args=(self.ids, self.mask),
+                                            patch_size=self.adapter.patch_size(), steps=steps,
+                                            batch_size=steps + 1).auc[0])
+
+            values.update(deletion_auc=auc(heat), deletion_auc_random=auc(random_order[None]))
+        if self.occlusion is not None:
+            test = self.occlusion.grounding_test(pixels, heat, target=target,
+                                                 additional_forward_args=(self.ids, self.mask),
+                                                 fraction=self.config.grounding_fraction, seed=seed)
+            values.update(grounded=bool(test.grounded[0]), grounding_drop=float(test.drop_relevant[0]),
+                          grounding_drop_random=float(test.drop_random[0]))
+        if self.config.keep_maps:
+            values["map"] = grid.astype(np.float32).ravel().tolist()
+        return {f"{method}.{k}": v for k, v in values.items()}
+
+    def _probabilities(self, pixels, ids, mask):
+        """The model's probabilities of the prompts (softmax over them, or SigLIP's sigmoid: the
+        adapter says which)."""
+        return self.adapter.to_probability(self.score(pixels, ids, mask))
