@@ -8,6 +8,8 @@ export TRANSFORMERS_OFFLINE := 1
 export OMP_WAIT_POLICY := PASSIVE
 export OMP_NUM_THREADS ?= 1
 export MPLBACKEND := Agg
+export RAY_USAGE_STATS_ENABLED := 0
+export RAY_DATA_USAGE_DISABLED := 1
 
 .PHONY: setup browser demo test clean notebooks insights-setup test-insights
 

@@ -44,6 +44,25 @@ def ray_cluster():
             os.environ["RAY_worker_niceness"] = before
 
 
+def test_start_local_ray_turns_usage_stats_off_before_init(monkeypatch):
+    seen = {}
+
+    def fake_init(**kwargs):
+        seen.update(kwargs, stats=os.environ.get("RAY_USAGE_STATS_ENABLED"),
+                    data=os.environ.get("RAY_DATA_USAGE_DISABLED"))
+
+    monkeypatch.delenv("RAY_USAGE_STATS_ENABLED", raising=False)
+    monkeypatch.delenv("RAY_DATA_USAGE_DISABLED", raising=False)
+    monkeypatch.setattr(ray, "init", fake_init)
+    start_local_ray(num_cpus=1)
+    assert (seen["stats"], seen["data"]) == ("0", "1")
+    assert seen["_node_ip_address"] == "127.0.0.1" and seen["include_dashboard"] is False
+    # a user's own choice is kept
+    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "1")
+    start_local_ray(num_cpus=1)
+    assert seen["stats"] == "1"
+
+
 @pytest.fixture(scope="module")
 def clip():
     return tiny_clip()

@@ -55,6 +55,10 @@ def start_local_ray(startup_timeout_s: float = 180.0, **init_kwargs: Any) -> Non
     they wait up to ``startup_timeout_s`` (the variables unless they are set already; the driver
     by asking ``ray._private.services.get_node`` again, when Ray has it).
 
+    Ray's usage-stats reporting (which sends data off the machine) and Ray Data's usage poller are
+    turned off for the cluster this starts, unless ``RAY_USAGE_STATS_ENABLED`` /
+    ``RAY_DATA_USAGE_DISABLED`` are set already.
+
     Args:
         startup_timeout_s: how long the cluster may take to start.
         **init_kwargs: more ``ray.init`` arguments (``num_cpus``, ``object_store_memory``...).
@@ -62,6 +66,8 @@ def start_local_ray(startup_timeout_s: float = 180.0, **init_kwargs: Any) -> Non
     import time
     from unittest import mock
 
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_DATA_USAGE_DISABLED", "1")
     ray = import_ray()
     services = getattr(getattr(ray, "_private", None), "services", None)
     real = getattr(services, "get_node", None)
