@@ -72,6 +72,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
+from bench_ig_occlusion import _status_kib  # noqa: E402  (this folder is on sys.path when run as a script)
 from torch import nn  # noqa: E402
 
 from captum_vlm.attr import (  # noqa: E402
@@ -432,14 +433,6 @@ def interleaved_medians(contenders: Contenders, repeats: int) -> dict[str, float
             call()
             times[name].append((time.process_time() - start) * n)
     return {name: statistics.median(values) for name, values in times.items()}
-
-
-def _status_kib(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    return 0
 
 
 def memory_child(group: str, name: str, args) -> None:
