@@ -8,6 +8,7 @@ from captum_vlm.adapters.base import (
     supported_model_classes,
 )
 from captum_vlm.adapters.blip import BlipAdapter
+from captum_vlm.adapters.blip2 import Blip2Adapter
 from captum_vlm.adapters.clip import CLIPAdapter
 from captum_vlm.adapters.llava import LlavaAdapter
 from captum_vlm.adapters.siglip import SiglipAdapter
@@ -22,6 +23,7 @@ __all__ = [
     "CLIPAdapter",
     "SiglipAdapter",
     "BlipAdapter",
+    "Blip2Adapter",
     "ViltAdapter",
     "LlavaAdapter",
 ]

@@ -139,6 +139,18 @@ class FusionAttribution(ImageAttributionBase, Attribution):
         """Attention modules to record, in the order ``_row_maps`` expects them."""
         raise NotImplementedError
 
+    def _bridge_modules(self) -> list[nn.Module]:
+        """Attention modules the bridge is read from when the image tokens are learned queries
+        (the adapter's ``image_tokens == "queries"``), recorded after :meth:`_modules`; default
+        the adapter's :meth:`~captum_vlm.adapters.VLMAdapter.bridge_attentions`."""
+        return self.adapter.bridge_attentions() if self.adapter.image_tokens == "queries" else []
+
+    def _bridge(self, attentions: list[torch.Tensor], grads: list[torch.Tensor], inputs: FusionInputs) -> torch.Tensor:
+        """The query tokens' weights over the vision tokens ``[B, N, K]`` for one score, from the
+        recorded :meth:`_bridge_modules`: by default the mean over the bridge's cross-attention
+        layers of ``E_h[(grad * A)^+]``, the gradient weighting of the text-side maps."""
+        return torch.stack([averaged_gradient_attention(a, g) for a, g in zip(attentions, grads)]).mean(0)
+
     def _row_maps(
         self, attentions: list[torch.Tensor], grads: list[torch.Tensor], inputs: FusionInputs
     ) -> torch.Tensor:
@@ -323,8 +335,10 @@ class FusionAttribution(ImageAttributionBase, Attribution):
         self, inputs: FusionInputs, target, positions: list[int], show_progress: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per-token grids ``[B, T, h, w]``, which tokens have one ``[B, T]`` and the aggregate
-        grid ``[B, h, w]``."""
-        modules = self._modules()
+        grid ``[B, h, w]``. With query image tokens each score's maps reach the grid through its
+        own bridge (:meth:`_bridge`)."""
+        own = self._modules()
+        modules, n_own = own + self._bridge_modules(), len(own)
         pixels = inputs.pixel_values.detach().clone().requires_grad_(True)
         b, length = inputs.tokens.shape
         with ExitStack() as stack:
@@ -332,6 +346,8 @@ class FusionAttribution(ImageAttributionBase, Attribution):
             stack.enter_context(torch.enable_grad())
             layout = stack.enter_context(self.adapter.image_layout(inputs.pixel_values, inputs.input_ids))
             embeddings = [self.adapter.text_embedding()] + ([self.adapter.answer_embedding()] if self.takes_answer_ids else [])
+            if n_own < len(modules):  # learned queries: their embedding starts the bridge
+                embeddings.append(self.adapter.bridge_embedding())
             for embedding in embeddings:  # capture removes these hooks
                 embedding.register_forward_hook(_text_requires_grad)
             output = self.forward_func(pixels, *inputs.args)
@@ -342,31 +358,41 @@ class FusionAttribution(ImageAttributionBase, Attribution):
                 token_grads = _token_grads(output, positions, attentions)
                 for t, grads in tqdm(token_grads, desc=type(self).__name__, unit="token", total=len(positions),
                                      disable=not show_progress, leave=False):
-                    rows = self._row_maps(attentions, grads, inputs)
+                    rows = self._row_maps(attentions[:n_own], grads[:n_own], inputs)
                     reduced = self._reduce_rows(rows, inputs, t).detach()
+                    grid = self._to_grid(reduced[:, None], inputs, attentions[n_own:], grads[n_own:])[:, 0]
                     if per_token is None:
-                        per_token = reduced.new_zeros(b, length, reduced.shape[-1])
-                    per_token[:, t] = reduced
-                per_token = per_token * inputs.token_mask[:, :, None]
+                        per_token = grid.new_zeros(b, length, *grid.shape[1:])
+                    per_token[:, t] = grid
+                per_token = per_token * inputs.token_mask[:, :, None, None]
                 chosen = torch.zeros_like(inputs.token_mask)
                 chosen[:, positions] = True
                 has_map = chosen & inputs.token_mask
-                aggregate = per_token.sum(1) / has_map.sum(1, keepdim=True).clamp_min(1)
+                aggregate = per_token.sum(1) / has_map.sum(1)[:, None, None].clamp_min(1)
             else:
                 if self.kind == "answer":
                     labels = _answer_targets(target, b, output.shape[1]).to(output.device)
                     score = output.gather(1, labels[:, None]).sum()
                 else:
                     score = output.sum()
-                rows = self._row_maps(attentions, _grads(score, attentions), inputs).detach()
+                grads = _grads(score, attentions)
+                rows = self._row_maps(attentions[:n_own], grads[:n_own], inputs).detach()
                 has_map = inputs.token_mask
-                per_token = rows[:, :length] * has_map[:, :, None]
-                aggregate = self._reduce_rows(rows, inputs, None)
-        return self._to_grid(per_token, inputs), has_map, self._to_grid(aggregate[:, None], inputs)[:, 0]
+                bridge = attentions[n_own:], grads[n_own:]
+                per_token = self._to_grid(rows[:, :length] * has_map[:, :, None], inputs, *bridge)
+                aggregate = self._to_grid(self._reduce_rows(rows, inputs, None)[:, None], inputs, *bridge)[:, 0]
+        return per_token, has_map, aggregate
 
-    def _to_grid(self, values: torch.Tensor, inputs: FusionInputs) -> torch.Tensor:
-        """Image columns of ``values`` ``[B, R, K]`` onto the patch grid ``[B, R, h, w]``."""
-        return inputs.layout.to_grid(values)
+    def _to_grid(
+        self, values: torch.Tensor, inputs: FusionInputs, attentions: Sequence[torch.Tensor] = (),
+        grads: Sequence[torch.Tensor] = (),
+    ) -> torch.Tensor:
+        """Image columns of ``values`` ``[B, R, K]`` onto the patch grid ``[B, R, h, w]``; query
+        image tokens through the bridge of the score whose bridge attentions and gradients
+        these are."""
+        if not inputs.layout.needs_bridge:
+            return inputs.layout.to_grid(values)
+        return inputs.layout.to_grid(values, self._bridge(list(attentions), list(grads), inputs).detach())
 
     def _finish(self, grid: torch.Tensor, inputs: FusionInputs, return_grid: bool, upsample: str) -> torch.Tensor:
         return self.finish(grid.to(inputs.pixel_values.dtype), inputs.pixel_values, return_grid, upsample)
