@@ -259,6 +259,7 @@ class TokenLogProbs(_Target):
                 encoder_attention_mask=attention_mask,
             ).logits
             return logits, tokens, answer_attention_mask
+        self.adapter.check_image_tokens(pixel_values, input_ids)
         logits = self.model(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask).logits
         return logits, input_ids, attention_mask
 

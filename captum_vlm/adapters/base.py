@@ -281,6 +281,13 @@ class VLMAdapter:
         h, w = self.patch_grid(pixel_values)
         return h * w
 
+    def check_image_tokens(self, pixel_values: torch.Tensor, input_ids: torch.Tensor) -> None:
+        """Before a forward: ``input_ids`` hold the image placeholders this model fills (query
+        image tokens; a model whose placeholders are patches checks its own). ValueError if not."""
+        if self.image_tokens == "queries":
+            ImageTokenLayout.queries(self.image_token_positions(input_ids), self.patch_grid(pixel_values),
+                                     self.num_image_tokens(pixel_values))
+
     # ----- the bridge of query image tokens (image_tokens == "queries") -------------------------
     def bridge_blocks(self) -> list[tuple[nn.Module, nn.Module | None]]:
         """Per layer of the module that turns learned queries into image tokens (a Q-Former),
@@ -320,9 +327,9 @@ class VLMAdapter:
         if self.image_tokens == "queries":  # the columns only; methods bring the bridge
             if input_ids is None:
                 raise ValueError("input_ids: needed to find the image tokens of this model")
-            positions = self.image_token_positions(input_ids)
-            n, prefix = self.num_image_tokens(pixel_values), self.num_prefix_tokens
-            yield lambda: ImageTokenLayout.queries(positions, grid, n, bridge_prefix=prefix)
+            found = ImageTokenLayout.queries(self.image_token_positions(input_ids), grid,
+                                             self.num_image_tokens(pixel_values), self.num_prefix_tokens)
+            yield lambda: found  # checked before the forward: the model would fill too few silently
             return
         if self.image_tokens_in_input_ids:
             if input_ids is None:

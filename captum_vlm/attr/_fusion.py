@@ -66,14 +66,16 @@ def averaged_gradient_attention(attention: torch.Tensor, grad: torch.Tensor) -> 
         grad: their gradient, same shape.
 
     Returns:
-        ``[B, Q, K]`` in float32 (half-precision models included).
+        ``[B, Q, K]`` in float32, or float64 for a float64 model (relevancy subtracts the
+        identity from sums that start at it, so float32 loses small attentions).
 
     Example:
         >>> a = torch.full((1, 2, 1, 2), 0.5); g = torch.tensor([[[[1., -1.]], [[3., 1.]]]])
         >>> averaged_gradient_attention(a, g)
         tensor([[[1.0000, 0.2500]]])
     """
-    return (grad.float() * attention.float()).clamp(min=0).mean(dim=1)
+    dtype = torch.promote_types(attention.dtype, torch.float32)  # half -> float32; float64 stays
+    return (grad.to(dtype) * attention.to(dtype)).clamp(min=0).mean(dim=1)
 
 
 @dataclass

@@ -6,7 +6,8 @@ Projector export and a self-contained HTML report read those :class:`Embeddings`
 
 Inside the model (issue 13): the logit lens (:func:`logit_lens`), linear probes per layer
 (:func:`probe`), attention-head statistics (:func:`head_statistics`) and scoped head ablation
-(:func:`ablate_heads`, :func:`head_importance`).
+(:func:`ablate_heads`, :func:`head_importance`). Models whose image tokens are learned queries
+(BLIP-2): each query's cross-attention over the patches (:func:`query_maps`).
 
 Example:
     >>> emb = cv.lens.embed(model, processor, images=scenes, texts=captions, pairs="diagonal")  # doctest: +SKIP
@@ -29,6 +30,7 @@ from captum_vlm.lens.logit_lens import LogitLens, logit_lens, logit_lens_from_in
 from captum_vlm.lens.modality_gap import ModalityGap, modality_gap
 from captum_vlm.lens.probes import ProbeResult, layer_features, patch_labels, probe
 from captum_vlm.lens.projection import Projection, neighbour_agreement, project, projection
+from captum_vlm.lens.queries import query_maps
 from captum_vlm.lens.report import report
 from captum_vlm.lens.views import gap_view, retrieval, similarity_matrix, top_matches, zero_shot
 
@@ -65,4 +67,6 @@ __all__ = [
     "head_statistics",
     "ablate_heads",
     "head_importance",
+    # query image tokens
+    "query_maps",
 ]
