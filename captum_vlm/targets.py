@@ -204,7 +204,9 @@ class TokenLogProbs(_Target):
       ``answer_ids`` (first token replaced by the decoder start token).
     * ``LlavaForConditionalGeneration``, ``Blip2ForConditionalGeneration`` (any model whose
       ``input_ids`` hold the image placeholders): ``forward(pixel_values, input_ids,
-      attention_mask=None)`` with the placeholders left intact.
+      attention_mask=None)`` with the placeholders left intact; a model with further text inputs
+      (the adapter's ``extra_text_inputs``, InstructBLIP's ``qformer_input_ids,
+      qformer_attention_mask``) takes them in the two places after ``attention_mask``.
 
     Args:
         model: one of the classes above.
@@ -260,7 +262,12 @@ class TokenLogProbs(_Target):
             ).logits
             return logits, tokens, answer_attention_mask
         self.adapter.check_image_tokens(pixel_values, input_ids)
-        logits = self.model(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask).logits
+        extra = dict(zip(self.adapter.extra_text_inputs, (answer_ids, answer_attention_mask)))
+        if any(v is None for v in extra.values()):
+            raise ValueError(f"additional_forward_args: {type(self.model).__name__} also needs "
+                             f"{', '.join(self.adapter.extra_text_inputs)} after (input_ids, attention_mask)")
+        logits = self.model(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask,
+                            **extra).logits
         return logits, input_ids, attention_mask
 
     @property

@@ -1,8 +1,8 @@
-"""BLIP-2 (``Blip2ForConditionalGeneration``, OPT language model): the adapter's facts, the query
-layout (planted features), and every map against a reference written here from the model's own
-pieces with eager attentions and autograd: Grad-CAM and relevancy composed word -> queries ->
-patches, per-query maps, IG's completeness, occlusion's drops; then explain() and the CLI on the
-model's own generated answer."""
+"""BLIP-2 and InstructBLIP (``Blip2ForConditionalGeneration``, ``InstructBlipForConditionalGeneration``,
+OPT language model): the adapters' facts, the query layout (planted features), and every map
+against a reference written here from the model's own pieces with eager attentions and autograd:
+Grad-CAM and relevancy composed word -> queries -> patches, per-query maps, IG's completeness,
+occlusion's drops; then explain() and the CLI on the model's own generated answer."""
 
 from __future__ import annotations
 
@@ -33,21 +33,30 @@ N = tm.BLIP2_QUERIES
 WORDS = [9, 11, 12, 13]
 
 
+FAMILIES = {"blip2": tm.blip2, "instructblip": tm.instructblip}
+
+
 @functools.cache
-def model_of(frequency: int = 1):
-    return tm.blip2(cross_attention_frequency=frequency).double()
+def model_of(family: str = "blip2", frequency: int = 1):
+    """``family`` of FAMILIES, or ``"instructblip-llama"`` (a Llama-style language model, as
+    InstructBLIP's Vicuna checkpoints)."""
+    if family == "instructblip-llama":
+        return tm.instructblip(cross_attention_frequency=frequency, language_model="llama").double()
+    return FAMILIES[family](cross_attention_frequency=frequency).double()
 
 
 def _inputs(model, batch: int = 2):
+    """``pixel_values`` and ``additional_forward_args``: the prompt with its placeholders (and
+    InstructBLIP's instruction for the Q-Former), the second row one word shorter (padded)."""
     pixels = tm.pixels(batch, seed=3).double()
     ids, mask = tm.image_prompt(model, WORDS, batch)
-    mask[1, -1] = 0  # the second row one word shorter (padded)
-    return pixels, ids, mask
+    mask[1, -1] = 0
+    return pixels, (ids, mask, *tm.extra_text_inputs(model, batch))
 
 
 # ----- the adapter -----------------------------------------------------------------------------------
 def test_adapter_facts():
-    model = model_of(2)
+    model = model_of("blip2", 2)
     adapter = get_adapter(model)
     assert (adapter.family, adapter.task, adapter.image_stream, adapter.image_tokens) == (
         "blip2", "generate", "joint", "queries")
@@ -67,6 +76,27 @@ def test_adapter_facts():
     ids, mask = tm.image_prompt(model, WORDS)
     keep = adapter.special_token_mask(ids, mask)
     assert keep[0].tolist() == [True] * N + [True] + [False] * 3 + [True]  # queries, BOS, words, pooled
+    assert adapter.extra_text_inputs == ()
+
+
+def test_instructblip_adapter_facts_and_the_instruction_moves_the_queries():
+    """The Q-Former reads the instruction: another instruction, other per-query maps, with the
+    language model's input unchanged."""
+    model = model_of("instructblip", 2)
+    adapter = get_adapter(model)
+    assert (adapter.family, adapter.task, adapter.image_tokens) == ("instructblip", "generate", "queries")
+    assert adapter.extra_text_inputs == ("qformer_input_ids", "qformer_attention_mask")
+    assert adapter.bridge_embedding() is model.qformer.embeddings
+    assert len(adapter.bridge_blocks()) == 2 and len(adapter.bridge_attentions()) == 1
+    pixels, (ids, mask, q_ids, q_mask) = _inputs(model)
+    inputs = {"pixel_values": pixels, "input_ids": ids, "attention_mask": mask, "qformer_attention_mask": q_mask}
+    one = cv.lens.query_maps(model, {**inputs, "qformer_input_ids": q_ids})
+    other = cv.lens.query_maps(model, {**inputs, "qformer_input_ids": q_ids.flip(1)})
+    assert (one - other).abs().max() > 1e-6
+    with pytest.raises(ValueError, match="also needs qformer_input_ids"):
+        TokenLogProbs(model)(pixels, ids, mask)
+    with pytest.raises(TypeError, match="additional_forward_args: expected \\(input_ids, attention_mask, qformer_input_ids"):
+        CrossAttentionGradCAM(model).attribute(pixels, additional_forward_args=(ids, mask))
 
 
 def test_t5_language_model_is_refused_by_name():
@@ -82,15 +112,29 @@ def test_t5_language_model_is_refused_by_name():
         CrossAttentionGradCAM(model)
 
 
-def test_query_layout_planted_features():
+def test_a_llama_language_model_is_read_too():
+    """InstructBLIP's Vicuna checkpoints: the blocks, norm, head and embedding of a Llama-style
+    language model (its maps are checked against the reference below)."""
+    model = model_of("instructblip-llama")
+    adapter = get_adapter(model)
+    inner = model.language_model.model
+    assert adapter.text_attentions() == [b.self_attn for b in inner.layers]
+    assert adapter.final_norm() is inner.norm and adapter.lm_head() is model.language_model.lm_head
+    assert adapter.head_projections("text") == [b.self_attn.o_proj for b in inner.layers]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_query_layout_planted_features(family):
     """(1) A feature planted in the projection of query j lands in the language model's input at
     the layout's column j, and a score there reaches the grid through bridge row j. (2) Every
     query reads every patch, so a changed region changes all queries; the region is found on the
     bridge's key axis instead: the vision token that changes when patch (r, c) changes maps back
     to cell (r, c), CLS dropped."""
-    model = model_of()
+    model = model_of(family)
     adapter = get_adapter(model)
-    pixels, ids, mask = _inputs(model)
+    pixels, args = _inputs(model)
+    ids, mask = args[:2]
+    forward = dict(zip(("input_ids", "attention_mask", *adapter.extra_text_inputs), args))
     seen = {}
     lm_hook = model.language_model.register_forward_pre_hook(
         lambda m, a, k: seen.update(x=k["inputs_embeds"]), with_kwargs=True)
@@ -102,7 +146,7 @@ def test_query_layout_planted_features():
                 lambda m, a, out, j=j: out.index_fill(1, torch.tensor([j]), 7.0))
             try:
                 with torch.no_grad(), adapter.image_layout(pixels, ids) as layout:
-                    model(pixel_values=pixels, input_ids=ids, attention_mask=mask)
+                    model(pixel_values=pixels, **forward)
             finally:
                 plant.remove()
             marked = (seen["x"] == 7.0).all(-1)
@@ -125,32 +169,38 @@ def test_query_layout_planted_features():
         layout().to_grid(torch.zeros(2, 1, ids.shape[1]))
 
 
-def test_too_few_placeholders_named_before_any_forward():
-    model = model_of()
-    pixels, ids, mask = _inputs(model)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_too_few_placeholders_named_before_any_forward(family):
+    model = model_of(family)
+    pixels, (ids, mask, *extra) = _inputs(model)
     before = snapshot(model)
     for method in (CrossAttentionGradCAM(model), BimodalRelevancy(model), TokenIntegratedGradients(model)):
         with pytest.raises(ValueError, match=r"input_ids: the text holds \[3, 3\] image tokens .* 4 query"):
-            method.attribute(pixels, additional_forward_args=(ids[:, 1:], mask[:, 1:]))
+            method.attribute(pixels, additional_forward_args=(ids[:, 1:], mask[:, 1:], *extra))
     assert_unchanged(model, before)
 
 
 # ----- the reference: BLIP-2's forward written out, every attention kept -------------------------------
-def _reference(model, pixels, ids, mask):
+def _reference(model, pixels, ids, mask, q_ids=None, q_mask=None):
     """Logits and the attentions (vision, Q-Former self and cross, language model) of the eager
-    model, computed from transformers' own modules without captum-vlm."""
+    model, computed from transformers' own modules without captum-vlm (InstructBLIP: the
+    Q-Former reads the instruction ``q_ids`` after the queries)."""
     vision = model.vision_model(pixel_values=pixels, output_attentions=True)
     image = vision.last_hidden_state
     queries = model.query_tokens.expand(pixels.shape[0], -1, -1)
+    instruction = {}
+    if q_ids is not None:
+        instruction = dict(input_ids=q_ids, attention_mask=torch.cat([torch.ones(q_ids.shape[0], N, dtype=torch.long),
+                                                                      q_mask], 1))
     qformer = model.qformer(query_embeds=queries, encoder_hidden_states=image, output_attentions=True,
-                            encoder_attention_mask=torch.ones(image.shape[:2], dtype=torch.long))
-    features = model.language_projection(qformer.last_hidden_state)
+                            encoder_attention_mask=torch.ones(image.shape[:2], dtype=torch.long), **instruction)
+    features = model.language_projection(qformer.last_hidden_state[:, :N])
     embeds = model.language_model.get_input_embeddings()(ids)
     embeds = embeds.masked_scatter((ids == tm.BLIP2_IMAGE_TOKEN)[..., None], features)
     lm = model.language_model(inputs_embeds=embeds, attention_mask=mask, output_attentions=True)
     # transformers' recorder lists the cross-attentions among qformer.attentions too: keep the
-    # self-attentions, whose keys are the queries
-    own = [a for a in qformer.attentions if a.shape[-1] == queries.shape[1]]
+    # self-attentions, square over the queries (and the instruction)
+    own = [a for a in qformer.attentions if a.shape[-1] == a.shape[-2]]
     return lm.logits, list(vision.attentions), own, list(qformer.cross_attentions), list(lm.attentions)
 
 
@@ -163,8 +213,8 @@ def _abar(a, g):
     return (a * g).clamp(min=0).mean(1)
 
 
-def _eager(frequency=1):
-    eager = copy.deepcopy(model_of(frequency))
+def _eager(family="blip2", frequency=1):
+    eager = copy.deepcopy(model_of(family, frequency))
     eager.set_attn_implementation("eager")
     return eager
 
@@ -176,26 +226,28 @@ def _scored(ids, mask):
     return [t for t in range(ids.shape[1]) if bool(scored[:, t].any())], scored
 
 
-def test_reference_is_the_models_forward():
-    model = _eager()
-    pixels, ids, mask = _inputs(model)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_reference_is_the_models_forward(family):
+    model = _eager(family)
+    pixels, args = _inputs(model)
+    names = ("input_ids", "attention_mask", *get_adapter(model).extra_text_inputs)
     with torch.no_grad():
-        torch.testing.assert_close(_reference(model, pixels, ids, mask)[0],
-                                   model(pixel_values=pixels, input_ids=ids, attention_mask=mask).logits)
+        torch.testing.assert_close(_reference(model, pixels, *args)[0],
+                                   model(pixel_values=pixels, **dict(zip(names, args))).logits)
 
 
-def test_gradcam_composes_word_queries_patches():
+@pytest.mark.parametrize("family", [*FAMILIES, "instructblip-llama"])
+def test_gradcam_composes_word_queries_patches(family):
     """Token t's map: the language model's Grad-CAM at the middle layer summed over text rows,
     read at the query columns, times the Q-Former's gradient-weighted cross-attention (mean over
     its cross-attention layers), CLS dropped."""
-    model = model_of()
-    pixels, ids, mask = _inputs(model)
+    model = model_of(family)
+    pixels, args = _inputs(model)
+    ids, mask = args[:2]
     positions, scored = _scored(ids, mask)
-    got = CrossAttentionGradCAM(model).attribute_tokens(pixels, additional_forward_args=(ids, mask),
-                                                        return_grid=True)
-    whole = CrossAttentionGradCAM(model).attribute(pixels, additional_forward_args=(ids, mask), return_grid=True)
-    eager = _eager()
-    logits, _, _, cross, lm = _reference(eager, pixels, ids, mask)
+    got = CrossAttentionGradCAM(model).attribute_tokens(pixels, additional_forward_args=args, return_grid=True)
+    whole = CrossAttentionGradCAM(model).attribute(pixels, additional_forward_args=args, return_grid=True)
+    logits, _, _, cross, lm = _reference(_eager(family), pixels, *args)
     text_rows = (mask.bool() & (ids != tm.BLIP2_IMAGE_TOKEN)).double()
     image_cols = ids[0] == tm.BLIP2_IMAGE_TOKEN
     expected = torch.zeros_like(got)
@@ -211,18 +263,21 @@ def test_gradcam_composes_word_queries_patches():
     assert_close_scaled(whole, mean)
 
 
-@pytest.mark.parametrize("frequency", [1, 2])
-def test_relevancy_composes_word_queries_patches(frequency):
+@pytest.mark.parametrize("family,frequency", [("blip2", 1), ("blip2", 2), ("instructblip", 2),
+                                              ("instructblip-llama", 1)])
+def test_relevancy_composes_word_queries_patches(family, frequency):
     """Token t's map: row t-1 of the language model's relevancy (R += A_bar R) at the query
     columns, times the queries' relevancy over the patches through the Q-Former (rules 6-7 for its
     self-attention, rule 10 for its cross-attention against the vision tower's normalised
-    self-relevancy), CLS dropped."""
-    model = model_of(frequency)
-    pixels, ids, mask = _inputs(model)
+    self-relevancy), CLS dropped. InstructBLIP's Q-Former self-attention also runs over the
+    instruction after the queries; only the queries cross-attend."""
+    model = model_of(family, frequency)
+    pixels, args = _inputs(model)
+    ids, mask = args[:2]
     positions, scored = _scored(ids, mask)
-    got = BimodalRelevancy(model).attribute_tokens(pixels, additional_forward_args=(ids, mask), return_grid=True)
-    eager = _eager(frequency)
-    logits, vision, own, cross, lm = _reference(eager, pixels, ids, mask)
+    got = BimodalRelevancy(model).attribute_tokens(pixels, additional_forward_args=args, return_grid=True)
+    eager = _eager(family, frequency)
+    logits, vision, own, cross, lm = _reference(eager, pixels, *args)
     has_cross = [layer.has_cross_attention for layer in eager.qformer.encoder.layer]
     image_cols = ids[0] == tm.BLIP2_IMAGE_TOKEN
 
@@ -231,7 +286,7 @@ def test_relevancy_composes_word_queries_patches(frequency):
 
     def normalised(r):
         residual = r - eye(r.shape[-1])
-        return residual / residual.sum(-1, keepdim=True) + eye(r.shape[-1])
+        return residual / residual.sum(-1, keepdim=True).clamp_min(1e-12) + eye(r.shape[-1])  # zero rows stay 0
 
     expected = torch.zeros_like(got)
     every = lm + vision + own + cross
@@ -246,27 +301,30 @@ def test_relevancy_composes_word_queries_patches(frequency):
         r_ii = eye(vision[0].shape[-1])
         for a, g in zip(vision, g_vision):
             r_ii = r_ii + _abar(a, g) @ r_ii
-        r_qq, r_qi, crossed = eye(N), torch.zeros(2, N, r_ii.shape[-1], dtype=torch.float64), iter(zip(cross, g_cross))
+        n_own = own[0].shape[-1]  # the queries, then the instruction's tokens
+        r_qq, r_qi, crossed = eye(n_own), torch.zeros(2, n_own, r_ii.shape[-1], dtype=torch.float64), iter(zip(cross, g_cross))
         for layer, (a, g) in enumerate(zip(own, g_own)):
             s = _abar(a, g)
             r_qq, r_qi = r_qq + s @ r_qq, r_qi + s @ r_qi
             if has_cross[layer]:
                 c, gc = next(crossed)
-                r_qi = r_qi + normalised(r_qq).transpose(-1, -2) @ _abar(c, gc) @ normalised(r_ii)
-        expected[:, t] = torch.einsum("bn,bnp->bp", to_queries, r_qi[:, :, 1:]).reshape(-1, *GRID)
+                rows = torch.zeros(2, n_own, c.shape[-1], dtype=torch.float64)
+                rows[:, :N] = _abar(c, gc)  # only the queries cross-attend
+                r_qi = r_qi + normalised(r_qq).transpose(-1, -2) @ rows @ normalised(r_ii)
+        expected[:, t] = torch.einsum("bn,bnp->bp", to_queries, r_qi[:, :N, 1:]).reshape(-1, *GRID)
         expected[:, t] *= scored[:, t, None, None]
     assert expected.abs().sum() > 0
     assert_close_scaled(got, expected)
 
 
 def test_query_maps_are_each_querys_cross_attention():
-    model = model_of(2)
-    pixels, ids, mask = _inputs(model)
+    model = model_of("blip2", 2)
+    pixels, (ids, mask) = _inputs(model)
     before = snapshot(model)
     maps = cv.lens.query_maps(model, {"pixel_values": pixels, "input_ids": ids, "attention_mask": mask})
     assert_unchanged(model, before)
     with torch.no_grad():
-        cross = _reference(_eager(2), pixels, ids, mask)[3]
+        cross = _reference(_eager("blip2", 2), pixels, ids, mask)[3]
     expected = torch.stack([a.mean(1) for a in cross]).mean(0)[:, :, 1:].reshape(2, N, *GRID)
     torch.testing.assert_close(maps.double(), expected)
     assert not torch.allclose(maps[:, 0], maps[:, 1])  # the queries read different places
@@ -277,60 +335,70 @@ def test_query_maps_are_each_querys_cross_attention():
 
 
 # ----- IG and occlusion --------------------------------------------------------------------------------
-def _summed_log_p(model, pixels, ids, mask):
+def _summed_log_p(model, pixels, args):
     """The default target by hand: the log-probabilities of the scored tokens, summed per row."""
-    logits = model(pixel_values=pixels, input_ids=ids, attention_mask=mask).logits
+    names = ("input_ids", "attention_mask", *get_adapter(model).extra_text_inputs)
+    ids, mask = args[:2]
+    logits = model(pixel_values=pixels, **dict(zip(names, args))).logits
     positions, scored = _scored(ids, mask)
     return sum(_log_p(logits, ids, t) * scored[:, t] for t in positions)
 
 
-def test_ig_is_complete_against_the_zero_patch_embedding():
-    model = model_of()
-    pixels, ids, mask = _inputs(model)
-    grid = TokenIntegratedGradients(model).attribute(pixels, additional_forward_args=(ids, mask), n_steps=32,
+@pytest.mark.parametrize("family", FAMILIES)
+def test_ig_is_complete_against_the_zero_patch_embedding(family):
+    model = model_of(family)
+    pixels, args = _inputs(model)
+    grid = TokenIntegratedGradients(model).attribute(pixels, additional_forward_args=args, n_steps=32,
                                                      return_grid=True)
     conv = model.vision_model.embeddings.patch_embedding
     with torch.no_grad():
-        full = _summed_log_p(model, pixels, ids, mask)
+        full = _summed_log_p(model, pixels, args)
         handle = conv.register_forward_hook(lambda m, a, out: torch.zeros_like(out))
         try:
-            empty = _summed_log_p(model, pixels, ids, mask)
+            empty = _summed_log_p(model, pixels, args)
         finally:
             handle.remove()
     assert (full - empty).abs().min() > 1e-4
     torch.testing.assert_close(grid.sum((1, 2)), full - empty, rtol=1e-2, atol=1e-7)  # 32 steps
 
 
-def test_occlusion_drop_equals_the_models_score_without_each_patch():
-    model = model_of()
-    pixels, ids, mask = _inputs(model)
-    got = CausalOcclusion(model).attribute(pixels, additional_forward_args=(ids, mask), return_grid=True)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_occlusion_drop_equals_the_models_score_without_each_patch(family):
+    model = model_of(family)
+    pixels, args = _inputs(model)
+    got = CausalOcclusion(model).attribute(pixels, additional_forward_args=args, return_grid=True)
     with torch.no_grad():
-        full = _summed_log_p(model, pixels, ids, mask)
+        full = _summed_log_p(model, pixels, args)
         expected = torch.zeros(2, GRID[0] * GRID[1], dtype=torch.float64)
         for p in range(GRID[0] * GRID[1]):
             kept = [k for k in range(1 + GRID[0] * GRID[1]) if k != 1 + p]
             handle = model.vision_model.embeddings.register_forward_hook(lambda m, a, out, kept=kept: out[:, kept])
             try:
-                expected[:, p] = full - _summed_log_p(model, pixels, ids, mask)
+                expected[:, p] = full - _summed_log_p(model, pixels, args)
             finally:
                 handle.remove()
     assert_close_scaled(got.double(), expected.reshape(2, *GRID))
 
 
 # ----- explain() and the CLI on the model's own answer ---------------------------------------------------
-@pytest.fixture(scope="module")
-def blip2_and_processor():
-    from transformers import Blip2Processor, BlipImageProcessor
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def blip2_and_processor(request):
+    """The tiny model and its real processor class (the zoo's word-level tokenizer; InstructBLIP's
+    Q-Former tokenizer another copy of it)."""
+    from transformers import Blip2Processor, BlipImageProcessor, InstructBlipProcessor
 
     from captum_vlm.zoo.processing import build_tokenizer
 
     tokenizer = build_tokenizer(64)
-    processor = Blip2Processor(image_processor=BlipImageProcessor(size={"height": tm.IMAGE_SIZE, "width": tm.IMAGE_SIZE}),
-                               tokenizer=tokenizer, num_query_tokens=N)
+    image_processor = BlipImageProcessor(size={"height": tm.IMAGE_SIZE, "width": tm.IMAGE_SIZE})
+    if request.param == "blip2":
+        processor = Blip2Processor(image_processor=image_processor, tokenizer=tokenizer, num_query_tokens=N)
+    else:
+        processor = InstructBlipProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                                          qformer_tokenizer=build_tokenizer(24), num_query_tokens=N)
     image_token = tokenizer.convert_tokens_to_ids("<image>")
     assert image_token < tm.VOCAB
-    model = tm.blip2()
+    model = FAMILIES[request.param]()
     model.config.image_token_index = image_token
     return model, processor
 
@@ -350,9 +418,10 @@ def test_explain_maps_each_generated_token(blip2_and_processor, image, method):
     for k, prompt in enumerate(prompts):
         inputs = processor(images=image, text=prompt, return_tensors="pt")
         assert inputs["input_ids"][0, :N].tolist() == [model.config.image_token_index] * N
+        extra = {name: inputs[name] for name in get_adapter(model).extra_text_inputs}  # InstructBLIP's instruction
         with torch.no_grad():
             sequence = model.generate(**inputs, max_new_tokens=3, do_sample=False)
-            logits = model(input_ids=sequence, pixel_values=inputs["pixel_values"]).logits
+            logits = model(input_ids=sequence, pixel_values=inputs["pixel_values"], **extra).logits
         start = inputs["input_ids"].shape[1]
         generated = list(range(start, sequence.shape[1]))
         log_p = F.log_softmax(logits[0, start - 1 : -1], -1).gather(-1, sequence[0, start:, None]).sum()
@@ -360,7 +429,8 @@ def test_explain_maps_each_generated_token(blip2_and_processor, image, method):
         title = f"{prompt} → {answer}"
         assert result.scores[title] == pytest.approx(float(log_p.exp()), rel=1e-4)
         whole = explainer.attribute(inputs["pixel_values"], target=generated,
-                                    additional_forward_args=(sequence, torch.ones_like(sequence)), return_grid=True)[0]
+                                    additional_forward_args=(sequence, torch.ones_like(sequence), *extra.values()),
+                                    return_grid=True)[0]
         record = next(r for r in result.records if r.target == title)
         assert_close_scaled(record.grid, whole)
         assert record.details["target"] == f"answer '{answer}' to text {k}"

@@ -16,6 +16,8 @@ from transformers import (
     BlipForQuestionAnswering,
     CLIPConfig,
     CLIPModel,
+    InstructBlipConfig,
+    InstructBlipForConditionalGeneration,
     LlavaConfig,
     LlavaForConditionalGeneration,
     SiglipConfig,
@@ -197,7 +199,7 @@ BLIP2_IMAGE_TOKEN = 60
 BLIP2_QUERIES = 4
 
 
-def _blip2_parts(seed: int, cross_attention_frequency: int = 1) -> dict:
+def _blip2_parts(seed: int, cross_attention_frequency: int = 1, language_model: str = "opt") -> dict:
     vision = _vision(qkv_bias=True)
     qformer = dict(hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=2, num_attention_heads=HEADS,
                    cross_attention_frequency=cross_attention_frequency, vocab_size=VOCAB, max_position_embeddings=24,
@@ -205,6 +207,10 @@ def _blip2_parts(seed: int, cross_attention_frequency: int = 1) -> dict:
     text = dict(model_type="opt", vocab_size=VOCAB, hidden_size=HIDDEN, ffn_dim=64, num_hidden_layers=2,
                 num_attention_heads=HEADS, max_position_embeddings=64, word_embed_proj_dim=HIDDEN,
                 pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS, init_std=0.02)
+    if language_model == "llama":  # InstructBLIP's Vicuna checkpoints
+        text = dict(model_type="llama", vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=64,
+                    num_hidden_layers=2, num_attention_heads=HEADS, num_key_value_heads=HEADS,
+                    max_position_embeddings=64, pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS)
     return dict(vision_config=vision, qformer_config=qformer, text_config=text, num_query_tokens=BLIP2_QUERIES,
                 image_token_index=BLIP2_IMAGE_TOKEN)
 
@@ -238,4 +244,22 @@ def image_prompt(model: torch.nn.Module, words: list[int], batch: int = 1, pixel
     return torch.tensor([row] * batch), torch.ones(batch, len(row), dtype=torch.long)
 
 
+def instructblip(seed: int = 0, cross_attention_frequency: int = 1,
+                 language_model: str = "opt") -> InstructBlipForConditionalGeneration:
+    """InstructBLIP: BLIP-2 whose Q-Former also reads the instruction (``qformer_input_ids``);
+    ``language_model="llama"`` as in the Vicuna checkpoints."""
+    torch.manual_seed(seed)
+    config = InstructBlipConfig(**_blip2_parts(seed, cross_attention_frequency, language_model))
+    return _finish(_distinct_queries(InstructBlipForConditionalGeneration(config), seed), seed)
+
+
+def extra_text_inputs(model: torch.nn.Module, batch: int, seed: int = 2) -> tuple:
+    """What the forward takes after ``(input_ids, attention_mask)`` (InstructBLIP: the
+    instruction as its Q-Former reads it), random tokens; ``()`` for the others."""
+    from captum_vlm.adapters import get_adapter
+
+    return text_ids(batch, 5, seed=seed) if get_adapter(model).extra_text_inputs else ()
+
+
 FACTORIES["Blip2ForConditionalGeneration"] = blip2
+FACTORIES["InstructBlipForConditionalGeneration"] = instructblip

@@ -10,6 +10,7 @@ from captum_vlm.adapters.base import (
 from captum_vlm.adapters.blip import BlipAdapter
 from captum_vlm.adapters.blip2 import Blip2Adapter
 from captum_vlm.adapters.clip import CLIPAdapter
+from captum_vlm.adapters.instructblip import InstructBlipAdapter
 from captum_vlm.adapters.llava import LlavaAdapter
 from captum_vlm.adapters.siglip import SiglipAdapter
 from captum_vlm.adapters.vilt import ViltAdapter
@@ -24,6 +25,7 @@ __all__ = [
     "SiglipAdapter",
     "BlipAdapter",
     "Blip2Adapter",
+    "InstructBlipAdapter",
     "ViltAdapter",
     "LlavaAdapter",
 ]

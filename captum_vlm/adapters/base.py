@@ -81,6 +81,9 @@ class VLMAdapter:
     #: (a learned query that cross-attends to the vision tokens, e.g. a Q-Former's; it maps to
     #: the grid through the bridge, see :meth:`bridge_blocks`)
     image_tokens: str = "patches"
+    #: further text inputs the forward takes, by name, after ``(input_ids, attention_mask)`` in
+    #: ``additional_forward_args`` (InstructBLIP: the instruction as its Q-Former reads it)
+    extra_text_inputs: tuple[str, ...] = ()
     #: two-tower models: how similarity logits become probabilities, ``"softmax"`` over the
     #: prompts or ``"sigmoid"`` of each
     similarity_probability: str = "softmax"

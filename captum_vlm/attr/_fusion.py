@@ -3,7 +3,10 @@
 Fusion models let text attend to the image: BLIP (ITM, captioning, VQA) through cross-attention,
 ViLT and LLaVA through one joint sequence. Both methods here record attention probabilities and
 their gradients for one or more scores, turn them into *row maps* ``[B, Q, K]`` (one row per text
-query position, one column per key), and read the image columns onto the patch grid.
+query position, one column per key), and read the image columns onto the patch grid. When the
+image tokens are learned queries (BLIP-2, InstructBLIP: the adapter's ``image_tokens ==
+"queries"``), each score's query columns reach the grid through its own *bridge*, the queries'
+weights over the patches read from the Q-Former (:meth:`FusionAttribution._bridge`).
 
 What is explained depends on the adapter's task (the "kind" here):
 
@@ -271,10 +274,11 @@ class FusionAttribution(ImageAttributionBase, Attribution):
     # ----- plumbing ---------------------------------------------------------------------------
     def _prepare(self, inputs, target, additional_forward_args, upsample) -> tuple[FusionInputs, list[int]]:
         pixel_values, grid = self.image_inputs(inputs, upsample)
+        extra = self.adapter.extra_text_inputs  # further text inputs the forward takes
         wanted = ("(input_ids, attention_mask, answer_ids[, answer_attention_mask])" if self.takes_answer_ids
-                  else "(input_ids, attention_mask)")
-        ids, mask, args = split_text_args(self.adapter, additional_forward_args, 4 if self.takes_answer_ids else 2,
-                                          wanted)
+                  else f"({', '.join(('input_ids', 'attention_mask', *extra))})")
+        ids, mask, args = split_text_args(self.adapter, additional_forward_args,
+                                          4 if self.takes_answer_ids else 2 + len(extra), wanted)
         max_length = self.adapter.max_text_length()
         check_same_batch(pixel_values=pixel_values, input_ids=ids)
         query_mask = mask.bool()
@@ -293,7 +297,10 @@ class FusionAttribution(ImageAttributionBase, Attribution):
             tokens[:, 0] = self.model.config.text_config.bos_token_id
             token_mask = self.forward_func.score_mask(tokens, answer_mask)
         else:
-            forward_args = (ids, mask)
+            if len(args) != len(extra):
+                raise TypeError(f"additional_forward_args: expected {wanted} from the processor, got "
+                                f"{2 + len(args)} tensors")
+            forward_args = (ids, mask, *args)
             tokens, token_mask = ids, mask.bool()
             if self.kind == "tokens":
                 token_mask = self.forward_func.score_mask(ids, mask)
