@@ -99,6 +99,26 @@ def test_instructblip_adapter_facts_and_the_instruction_moves_the_queries():
         CrossAttentionGradCAM(model).attribute(pixels, additional_forward_args=(ids, mask))
 
 
+def test_query_layout_to_grid_by_hand():
+    """Two queries at positions 3 and 1 of a 5-token sequence, a 1x2 grid behind a CLS: a query's
+    score is spread over the patches by its bridge row (one bridge for all rows, or one per row)."""
+    from captum_vlm.adapters.layout import ImageTokenLayout
+
+    layout = ImageTokenLayout.queries(torch.tensor([[False, True, False, True, False]]), (1, 2), 2, bridge_prefix=1)
+    assert layout.needs_bridge and layout.columns.tolist() == [[1, 3]]
+    values = torch.tensor([[[0.0, 2.0, 0.0, 10.0, 5.0]]])
+    bridge = torch.tensor([[[0.5, 0.25, 0.25], [0.0, 1.0, 0.0]]])  # query 0 (position 1), query 1 (position 3)
+    assert layout.to_grid(values, bridge).tolist() == [[[[2 * 0.25 + 10 * 1.0, 2 * 0.25]]]]
+    per_row = torch.stack([bridge, bridge.flip(-1)], 1)  # [B, R=2, N, K]
+    two = layout.to_grid(values.expand(1, 2, 5), per_row)
+    assert two[0, 1].tolist() == [[2 * 0.25 + 10 * 1.0, 2 * 0.5]]  # row 1: the flipped bridge
+    assert layout.bridge_grid(bridge).tolist() == [[[[0.25, 0.25]], [[1.0, 0.0]]]]
+    with pytest.raises(ValueError, match="bridge: expected \\[B, 2 queries, 1 \\+ 1x2 vision tokens\\]"):
+        layout.to_grid(values, bridge[..., 1:])
+    with pytest.raises(ValueError, match=r"input_ids: the text holds \[1\] image tokens"):
+        ImageTokenLayout.queries(torch.tensor([[True, False]]), (1, 2), 2)
+
+
 def test_t5_language_model_is_refused_by_name():
     from transformers import Blip2Config, Blip2ForConditionalGeneration
 
