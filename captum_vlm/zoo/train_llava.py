@@ -28,6 +28,7 @@ import os
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -50,11 +51,12 @@ from .train_vilt import cosine_lr
 
 IMAGE_TOKEN = "<image>"
 CAPTION_REQUEST = "describe the image."
-#: LLaVA-1.5's conversation format: "USER: <image>\n<text> ASSISTANT:"
+#: LLaVA-1.5's conversation format ("USER: <image>\n<text> ASSISTANT:"), rendering a message's
+#: images and texts in the order given (so a question can also come before the image)
 CHAT_TEMPLATE = (
     "{% for message in messages %}{{ message['role'].upper() + ': ' }}"
-    "{% for c in message['content'] %}{% if c['type'] == 'image' %}{{ '<image>\n' }}{% endif %}{% endfor %}"
-    "{% for c in message['content'] %}{% if c['type'] == 'text' %}{{ c['text'] + ' ' }}{% endif %}{% endfor %}"
+    "{% for c in message['content'] %}{% if c['type'] == 'image' %}{{ '<image>\n' }}"
+    "{% elif c['type'] == 'text' %}{{ c['text'] + ' ' }}{% endif %}{% endfor %}"
     "{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
 )
 MAX_TEXT = 128  # Llama positions: 64 image tokens + prompt + answer
@@ -72,6 +74,10 @@ class LlavaRecipe(TrainingRecipe):
         vision_init: zoo CLIP whose vision tower (and vision config) is used; "" for a random
             tower of the recipe's size.
         minutes: time budget (see :class:`~captum_vlm.zoo.train_vilt.ViltRecipe`; 0: none).
+        image_first: the image placeholder before the request (LLaVA-1.5's order) or after it
+            (then the image tokens can attend to the question in the causal LM).
+        init_from: a saved ``shapes-llava`` folder to continue from (a second stage with a fresh
+            schedule); "" to start from ``vision_init``.
     """
 
     steps: int = 2500
@@ -83,6 +89,8 @@ class LlavaRecipe(TrainingRecipe):
     caption_rate: float = 0.5
     vision_init: str = "shapes-clip"
     minutes: float = 0.0
+    image_first: bool = True
+    init_from: str = ""
 
 
 RECIPES: dict[str, LlavaRecipe] = {
@@ -94,9 +102,17 @@ RECIPES: dict[str, LlavaRecipe] = {
 }
 
 
-def prompt(question: str) -> str:
-    """The chat-template prompt for one question with one image (ends with "ASSISTANT:")."""
-    return f"USER: {IMAGE_TOKEN}\n{question} ASSISTANT:"
+def prompt(question: str, image_first: bool = True) -> str:
+    """The chat-template prompt for one request with one image (ends with "ASSISTANT:").
+
+    Args:
+        question: the request.
+        image_first: "USER: <image>\\n<question> ASSISTANT:" (LLaVA-1.5's order), else
+            "USER: <question> <image>\\nASSISTANT:".
+    """
+    if image_first:
+        return f"USER: {IMAGE_TOKEN}\n{question} ASSISTANT:"
+    return f"USER: {question} {IMAGE_TOKEN}\nASSISTANT:"
 
 
 def build_processor(image_size: int = 64, patch: int = 8):
@@ -231,7 +247,7 @@ def llava_batch(rng: np.random.Generator, recipe: LlavaRecipe):
     return tb.images_to_pixel_values(images), requests, targets, torch.tensor(owner)
 
 
-def training_ids(processor, requests: list[str], targets: list[str], n_image: int):
+def training_ids(processor, requests: list[str], targets: list[str], n_image: int, image_first: bool = True):
     """Token ids, attention mask and labels (-100 except on the target and its EOS) of
     ``prompt(request) + " " + target + EOS``, right-padded.
 
@@ -239,12 +255,13 @@ def training_ids(processor, requests: list[str], targets: list[str], n_image: in
         processor: from :func:`build_processor`.
         requests, targets: the texts.
         n_image: placeholders per image (the processor's expansion of ``<image>``).
+        image_first: the prompt order (:func:`prompt`).
 
     Returns:
         ``input_ids``, ``attention_mask``, ``labels``, each ``(Q, L)``.
     """
     tok = processor.tokenizer
-    expanded = [prompt(r).replace(IMAGE_TOKEN, IMAGE_TOKEN * n_image) for r in requests]
+    expanded = [prompt(r, image_first).replace(IMAGE_TOKEN, IMAGE_TOKEN * n_image) for r in requests]
     heads = tok(expanded).input_ids
     tails = tok(targets, add_special_tokens=False).input_ids
     rows = [h + t + [EOS_ID] for h, t in zip(heads, tails)]
@@ -279,7 +296,9 @@ def llava_loss(model, pixel_values, ids, mask, labels, owner) -> torch.Tensor:
 
 
 @torch.no_grad()
-def generate_text(model, processor, images: list, requests: list[str], max_new_tokens: int = 4) -> list[str]:
+def generate_text(
+    model, processor, images: list, requests: list[str], max_new_tokens: int = 4, image_first: bool = True
+) -> list[str]:
     """Greedy replies through the processor and ``generate``, as a user would; requests of
     equal token length are batched together (no padding).
 
@@ -289,11 +308,12 @@ def generate_text(model, processor, images: list, requests: list[str], max_new_t
         images: PIL images or uint8 arrays.
         requests: one question (or :data:`CAPTION_REQUEST`) per image.
         max_new_tokens: reply length limit.
+        image_first: the prompt order (:func:`prompt`).
 
     Returns:
         The decoded replies.
     """
-    texts = [prompt(r) for r in requests]
+    texts = [prompt(r, image_first) for r in requests]
     lengths = [len(processor.tokenizer(t).input_ids) for t in texts]
     out = [""] * len(texts)
     for length in sorted(set(lengths)):
@@ -306,22 +326,28 @@ def generate_text(model, processor, images: list, requests: list[str], max_new_t
     return out
 
 
-def answer(model, processor, images: list, questions: list[str]) -> list[str]:
+def answer(model, processor, images: list, questions: list[str], image_first: bool = True) -> list[str]:
     """Greedy answers (at most 4 tokens), for :func:`train_blip.evaluate_vqa`."""
-    return generate_text(model, processor, images, questions, max_new_tokens=4)
+    return generate_text(model, processor, images, questions, 4, image_first)
 
 
-def caption(model, processor, images: list, max_new_tokens: int = 20) -> list[str]:
+def caption(model, processor, images: list, max_new_tokens: int = 20, image_first: bool = True) -> list[str]:
     """Greedy captions on the plain caption prompt."""
-    return generate_text(model, processor, images, [CAPTION_REQUEST] * len(images), max_new_tokens)
+    return generate_text(model, processor, images, [CAPTION_REQUEST] * len(images), max_new_tokens, image_first)
 
 
-def evaluate(model, processor, seed: int = HELDOUT_SEED, n: int = 400) -> dict[str, float]:
+def evaluate(
+    model, processor, seed: int = HELDOUT_SEED, n: int = 400, image_first: bool | None = None
+) -> dict[str, float]:
     """Held-out answer accuracy (:func:`train_blip.evaluate_vqa`) and caption exact object set
-    (``caption_object_set``, as :func:`train_blip.evaluate_caption`) on ``n // 2`` scenes."""
-    res = tb.evaluate_vqa(model, processor, seed=seed, n=n, answer_fn=answer)
+    (``caption_object_set``, as :func:`train_blip.evaluate_caption`) on ``n // 2`` scenes.
+
+    ``image_first`` is the prompt order (:func:`prompt`); None: the shipped recipe's."""
+    if image_first is None:
+        image_first = RECIPES["shapes-llava"].image_first
+    res = tb.evaluate_vqa(model, processor, seed=seed, n=n, answer_fn=partial(answer, image_first=image_first))
     scenes = [make_scene(seed + i) for i in range(max(1, n // 2))]
-    named = [tb.caption_objects(t) for t in caption(model, processor, [s.image for s in scenes])]
+    named = [tb.caption_objects(t) for t in caption(model, processor, [s.image for s in scenes], image_first=image_first)]
     res["caption_object_set"] = float(np.mean([m == set(s.labels) for m, s in zip(named, scenes)]))
     return res
 
@@ -345,6 +371,8 @@ def train(
     torch.manual_seed(recipe.seed)
     processor = build_processor(recipe.image_size, recipe.patch)
     model = build_model(recipe, processor)
+    if recipe.init_from:
+        model = type(model).from_pretrained(recipe.init_from, local_files_only=True)
     n_image = (recipe.image_size // recipe.patch) ** 2
     opt = make_optimizer(model, recipe)
     state = TrainingState(model, opt, checkpoint_dir)
@@ -361,7 +389,7 @@ def train(
 
     def batch_loss(data) -> torch.Tensor:
         pixel_values, requests, targets, owner = data
-        ids, mask, labels = training_ids(processor, requests, targets, n_image)
+        ids, mask, labels = training_ids(processor, requests, targets, n_image, recipe.image_first)
         return llava_loss(model, pixel_values, ids, mask, labels, owner)
 
     run_steps(
@@ -376,7 +404,7 @@ def train(
         state.start,
         first=state.first,
         finished=lambda step: progress(step) >= 1.0,
-        quick_check=lambda: evaluate(model, processor, seed=eval_seed, n=check_scenes),
+        quick_check=lambda: evaluate(model, processor, eval_seed, check_scenes, recipe.image_first),
         on_check=state.save,
         eval_every=eval_every,
         show_progress=show_progress,
@@ -401,11 +429,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--resume", action="store_true", help="continue from the checkpoint")
     parser.add_argument("--eval-every", type=int, default=250, help="steps between checks")
     parser.add_argument("--eval-scenes", type=int, default=1000, help="scenes in the final test")
+    parser.add_argument("--image-last", action="store_true", help="put the image after the request")
+    parser.add_argument("--init-from", default=None, help="saved shapes-llava folder to continue from")
+    parser.add_argument("--warmup", type=int, default=None, help="override the warm-up steps")
     args = parser.parse_args(argv)
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(1)
-    overrides = {k: getattr(args, k) for k in ("steps", "lr", "minutes", "vision_init") if getattr(args, k) is not None}
+    keys = ("steps", "lr", "minutes", "vision_init", "init_from", "warmup")
+    overrides = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
+    if args.image_last:
+        overrides["image_first"] = False
     recipe = LlavaRecipe(**{**asdict(RECIPES[args.name]), **overrides})
     out = Path(args.out) if args.out else MODELS_DIR / args.name
     checkpoint = Path(args.checkpoint) if args.checkpoint else Path("/tmp") / f"captum_vlm_zoo_{args.name}_checkpoint"
@@ -413,7 +447,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     model, processor, log = train(recipe, out, args.eval_every, checkpoint_dir=checkpoint, resume=args.resume)
     print(f"trained {log['steps']} steps in {log['elapsed_s']:.0f} s; saved to {out}", flush=True)
     start = time.time()
-    metrics = evaluate(model, processor, seed=HELDOUT_SEED, n=args.eval_scenes)
+    metrics = evaluate(model, processor, HELDOUT_SEED, args.eval_scenes, recipe.image_first)
     log.pop("losses")
     log["heldout"] = {"seed": HELDOUT_SEED, "scenes": args.eval_scenes, **metrics}
     (out / "training.json").write_text(json.dumps(log, indent=2))

@@ -58,6 +58,8 @@ class ViltRecipe(TrainingRecipe):
             "" for a random start.
         minutes: time budget; the cosine schedule runs on ``max(step / steps, elapsed / budget)``
             and training stops when that reaches 1 (0: no budget).
+        init_from: a saved ``shapes-vilt`` folder to continue from (a second stage with a fresh
+            schedule; overrides ``vision_init``); "" for none.
     """
 
     steps: int = 3000
@@ -67,6 +69,7 @@ class ViltRecipe(TrainingRecipe):
     per_image: int = 4
     vision_init: str = "shapes-clip"
     minutes: float = 0.0
+    init_from: str = ""
 
 
 RECIPES: dict[str, ViltRecipe] = {
@@ -272,7 +275,9 @@ def train(
     """
     torch.manual_seed(recipe.seed)
     model = build_model(recipe)
-    if recipe.vision_init:
+    if recipe.init_from:
+        model = type(model).from_pretrained(recipe.init_from, local_files_only=True)
+    elif recipe.vision_init:
         init_from_clip(model, recipe.vision_init)
     processor = build_processor(recipe.image_size)
     tokenizer = processor.tokenizer
@@ -326,6 +331,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--lr", type=float, default=None, help="override the recipe's lr")
     parser.add_argument("--minutes", type=float, default=None, help="training time budget")
     parser.add_argument("--vision-init", default=None, help="zoo CLIP for the transformer ('' none)")
+    parser.add_argument("--init-from", default=None, help="saved shapes-vilt folder to continue from")
+    parser.add_argument("--warmup", type=int, default=None, help="override the warm-up steps")
     parser.add_argument("--out", default=None, help="output folder (default: zoo/models/NAME)")
     parser.add_argument("--checkpoint", default=None, help="checkpoint folder (default: in /tmp)")
     parser.add_argument("--resume", action="store_true", help="continue from the checkpoint")
@@ -335,7 +342,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(1)
-    overrides = {k: getattr(args, k) for k in ("steps", "lr", "minutes", "vision_init") if getattr(args, k) is not None}
+    keys = ("steps", "lr", "minutes", "vision_init", "init_from", "warmup")
+    overrides = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
     recipe = ViltRecipe(**{**asdict(RECIPES[args.name]), **overrides})
     out = Path(args.out) if args.out else MODELS_DIR / args.name
     checkpoint = Path(args.checkpoint) if args.checkpoint else Path("/tmp") / f"captum_vlm_zoo_{args.name}_checkpoint"
