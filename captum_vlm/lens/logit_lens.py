@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -53,6 +54,7 @@ class LogitLens:
         word_maps: per word asked for, its probability ``[layers, rows, cols]`` over the image
             tokens, put on the grid by the adapter's layout (``to_grid``).
         sequence: the decoder's token ids ``[T]``.
+        prompt: the text the lens was run on (set by :func:`logit_lens`), for titles.
     """
 
     top_ids: torch.Tensor
@@ -70,6 +72,7 @@ class LogitLens:
     image_grid: tuple[int, int] | None = None
     image_positions: torch.Tensor | None = None
     word_maps: dict[str, torch.Tensor] = field(default_factory=dict)
+    prompt: str | None = None
 
     @property
     def num_layers(self) -> int:
@@ -85,6 +88,19 @@ class LogitLens:
         from captum_vlm.viz.lens_inside import plot_logit_lens
 
         return plot_logit_lens(self, title=title)
+
+    def html_section(self, title: str | None = None) -> str:
+        """This lens as one ``<section>`` of an inside-the-model report (escaped, no script)."""
+        from captum_vlm.viz.lens_inside import logit_lens_html
+
+        notes = [f"text: {self.prompt}"] if self.prompt is not None else []
+        return logit_lens_html(self, title=title or "logit lens", notes=notes)
+
+    def to_html(self, path: str | Path | None = None, title: str | None = None) -> str:
+        """A self-contained HTML page of this lens (see :func:`captum_vlm.lens.inside_report`)."""
+        from captum_vlm.lens.inside_report import inside_report
+
+        return inside_report([self], path, title=title)
 
     def word_map(self, word: str, layer: int = -1) -> torch.Tensor:
         """Probability of ``word`` over the image tokens at ``layer``, ``[rows, cols]``.
@@ -477,6 +493,8 @@ def logit_lens(
             None if answer_rows is None else answer_rows[part], k=k, max_new_tokens=max_new_tokens,
             tokenizer=tokenizer, words=words, batch_size=batch_size)
         lenses += out if isinstance(out, list) else [out]
+    for lens, txt in zip(lenses, texts):
+        lens.prompt = txt
     return lenses if batched else lenses[0]
 
 
