@@ -27,7 +27,12 @@ from captum_vlm.lens.heads import (
     head_statistics,
 )
 from captum_vlm.lens.inside_report import inside_report
-from captum_vlm.lens.logit_lens import LogitLens, logit_lens, logit_lens_from_inputs, logit_lens_scored
+from captum_vlm.lens.logit_lens import (
+    LogitLens,
+    logit_lens,
+    logit_lens_from_inputs,
+    logit_lens_scored,
+)
 from captum_vlm.lens.modality_gap import ModalityGap, modality_gap
 from captum_vlm.lens.probes import ProbeResult, layer_features, patch_labels, probe
 from captum_vlm.lens.projection import Projection, neighbour_agreement, project, projection
