@@ -64,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="index of a text to explain; repeat for several (default: all)")
     explain.add_argument("--out", default="report.html", help="HTML report to write (default report.html)")
     explain.add_argument("--png", metavar="DIR", help="also save one PNG per map and explanation.json here")
+    explain.add_argument("--logit-lens", action="store_true", help="models with a language decoder: add the logit "
+                         "lens of each explained caption or answer to the report")
     explain.add_argument("--quiet", action="store_true", help="no progress bar")
 
     zoo = sub.add_parser("zoo", help="the bundled models")
@@ -195,7 +197,8 @@ def check_request(texts: list[str], targets: list[int] | None) -> None:
 
 
 def run_explain(image_path: str, texts: list[str], model_spec: str, methods: list[str] | None,
-                targets: list[int] | None, out: str, png_dir: str | None, quiet: bool) -> Path:
+                targets: list[int] | None, out: str, png_dir: str | None, quiet: bool,
+                logit_lens: bool = False) -> Path:
     from captum_vlm.adapters import get_adapter
     from captum_vlm.explain import METHODS, explain, method_names
     from captum_vlm.explain.evidence import default_methods
@@ -214,7 +217,8 @@ def run_explain(image_path: str, texts: list[str], model_spec: str, methods: lis
     methods = methods or default_methods(family, method_names(family))
     try:
         explanation = explain(model, processor, image, texts, methods=methods, target=targets,
-                              model_name=model_spec.removeprefix("zoo:"), show_progress=not quiet)
+                              model_name=model_spec.removeprefix("zoo:"), show_progress=not quiet,
+                              logit_lens=logit_lens)
     except (ValueError, TypeError) as err:
         raise UsageError(str(err)) from err
     out_path = Path(out)
@@ -247,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {out}")
             return 0
         out, _ = run_explain(args.image, args.text, args.model, args.method, args.target, args.out, args.png,
-                             args.quiet)
+                             args.quiet, args.logit_lens)
         print(f"wrote {out}" + (f" and PNGs in {args.png}" if args.png else ""))
         return 0
     except UsageError as err:

@@ -183,3 +183,18 @@ def test_probe_and_ablate_errors_are_one_line_exit_2(args, message, folder, tmp_
     last = err.strip().splitlines()[-1]
     assert last.startswith("captum-vlm: error:") and message in last and "Traceback" not in err
     assert not (tmp_path / "x.html").exists()
+
+
+def test_explain_cli_adds_the_logit_lens_of_the_answer(scene_file, tmp_path):
+    out = tmp_path / "explain.html"
+    question = "what color is the circle?"
+    assert main(["explain", str(scene_file), "--model", "zoo:shapes-blip-vqa", "--text", question,
+                 "--method", "cross-attention-gradcam", "--logit-lens", "--out", str(out), "--quiet"]) == 0
+    parsed = read_tables(out.read_text())
+    model, processor = zoo.load("shapes-blip-vqa")
+    lens = logit_lens(model, processor, Image.open(scene_file).convert("RGB"), question)
+    i = parsed.sections.index("logit-lens")
+    np.testing.assert_array_equal(table(parsed, i, "produced-rank"), lens.produced_ranks.numpy())
+    np.testing.assert_allclose(table(parsed, i, "produced-probability"), lens.produced_probs.numpy(), rtol=1e-5)
+    assert main(["explain", str(scene_file), "--text", "a red circle", "--text", "a blue square", "--logit-lens",
+                 "--out", str(tmp_path / "x.html"), "--quiet"]) == 2
