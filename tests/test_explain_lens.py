@@ -4,7 +4,6 @@ is the model's own score of them; a section of the report."""
 import numpy as np
 import pytest
 import tiny_models as tm
-import torch
 from html_tables import read_tables, table
 from model_state import assert_unchanged, snapshot
 from test_explain_fusion import QUESTIONS, TinyProcessor, image, llava_and_processor  # noqa: F401
