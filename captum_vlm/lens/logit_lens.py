@@ -211,9 +211,10 @@ def logit_lens_scored(
     Args:
         model: a model whose adapter ``has_decoder``.
         pixel_values: ``[B, 3, H, W]``, one image per row.
-        scored_args: per row, ``TokenLogProbs``'s arguments after ``pixel_values``, each ``[1, L_i]``
-            without padding (``(input_ids, attention_mask)``; BLIP VQA ``(input_ids,
-            attention_mask, answer_ids[, answer_attention_mask])``).
+        scored_args: per row, ``TokenLogProbs``'s arguments after ``pixel_values``, each ``[1, L_i]``,
+            the scored tokens without padding (``(input_ids, attention_mask)``; BLIP VQA
+            ``(input_ids, attention_mask, answer_ids[, answer_attention_mask])``, the question as
+            it was scored, padded or not).
         starts: per row, the index in the scored token sequence of the first lensed token (>= 1).
         k, tokenizer, words: see :func:`logit_lens_from_inputs`.
         batch_size: rows per forward.
