@@ -6,7 +6,8 @@ Projector export and a self-contained HTML report read those :class:`Embeddings`
 
 Inside the model (issue 13): the logit lens (:func:`logit_lens`), linear probes per layer
 (:func:`probe`), attention-head statistics (:func:`head_statistics`) and scoped head ablation
-(:func:`ablate_heads`, :func:`head_importance`). Models whose image tokens are learned queries
+(:func:`ablate_heads`, :func:`head_importance`); every one also in a self-contained HTML report
+(:func:`inside_report`, or each result's ``to_html``). Models whose image tokens are learned queries
 (BLIP-2): each query's cross-attention over the patches (:func:`query_maps`).
 
 Example:
@@ -26,7 +27,13 @@ from captum_vlm.lens.heads import (
     head_importance,
     head_statistics,
 )
-from captum_vlm.lens.logit_lens import LogitLens, logit_lens, logit_lens_from_inputs
+from captum_vlm.lens.inside_report import inside_report
+from captum_vlm.lens.logit_lens import (
+    LogitLens,
+    logit_lens,
+    logit_lens_from_inputs,
+    logit_lens_scored,
+)
 from captum_vlm.lens.modality_gap import ModalityGap, modality_gap
 from captum_vlm.lens.probes import ProbeResult, layer_features, patch_labels, probe
 from captum_vlm.lens.projection import Projection, neighbour_agreement, project, projection
@@ -57,6 +64,8 @@ __all__ = [
     "LogitLens",
     "logit_lens",
     "logit_lens_from_inputs",
+    "logit_lens_scored",
+    "inside_report",
     "ProbeResult",
     "probe",
     "layer_features",
