@@ -40,10 +40,12 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 
 from captum_vlm import zoo  # noqa: E402
+from captum_vlm.adapters import classes_for_tasks, get_adapter  # noqa: E402
 from captum_vlm.attr import BimodalRelevancy, CrossAttentionGradCAM  # noqa: E402
 from captum_vlm.attr._fusion import FUSION_KINDS  # noqa: E402
 from captum_vlm.metrics import pointing_game  # noqa: E402
 
+FUSION_CLASSES = classes_for_tasks(list(FUSION_KINDS))  # FUSION_KINDS is keyed by adapter task
 HELDOUT_SEED = 123_456  # the zoo's held-out scene seed (zoo/train.py)
 WORD_KINDS = ("colour", "shape")
 
@@ -53,7 +55,7 @@ def fusion_zoo_models() -> list[str]:
     names = []
     for name in zoo.list_models():
         config = json.loads((zoo.model_dir(name) / "config.json").read_text())
-        if any(arch in FUSION_KINDS for arch in config.get("architectures") or []):
+        if any(arch in FUSION_CLASSES for arch in config.get("architectures") or []):
             names.append(name)
     return names
 
@@ -65,7 +67,7 @@ def load_fusion(name: str):
 
     folder = zoo.model_dir(name)
     config = json.loads((folder / "config.json").read_text())
-    arch = next(a for a in config["architectures"] if a in FUSION_KINDS)
+    arch = next(a for a in config["architectures"] if a in FUSION_CLASSES)
     model = getattr(transformers, arch).from_pretrained(folder, local_files_only=True).eval()
     processor = transformers.AutoProcessor.from_pretrained(folder, local_files_only=True)
     return model, processor
@@ -95,7 +97,7 @@ def grounding(
     """Pointing-game hit rates per method and word kind (plus a random-map baseline).
 
     Args:
-        model: a fusion model (see :data:`captum_vlm.attr._fusion.FUSION_KINDS`).
+        model: a fusion model (a class of :data:`FUSION_CLASSES`).
         processor: its processor (``images=``, ``text=``).
         n_scenes: held-out two-object scenes to use.
         seed: scene seed.
@@ -116,7 +118,7 @@ def grounding(
                 methods[f"cross-attention Grad-CAM, layer {layer}"] = CrossAttentionGradCAM(model, layer=layer)
     methods["bi-modal relevancy"] = BimodalRelevancy(model)
     vqa = type(model).__name__ == "BlipForQuestionAnswering"
-    if FUSION_KINDS[type(model).__name__] == "answer":
+    if FUSION_KINDS[get_adapter(model).task] == "answer":
         raise ValueError("grounding: ViLT VQA explains an answer label, not words; use a match, caption or BLIP VQA model")
     hits: dict[str, dict[str, list[bool]]] = {
         m: {k: [] for k in (*WORD_KINDS, "other")} for m in [*methods, "random map"]

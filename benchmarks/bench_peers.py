@@ -9,7 +9,8 @@ calls differ only in the target index, so their costs are the same.
 * ``gradient``: one image, K prompts (default 16) on a random CLIP of ViT-B/16 geometry (224 px,
   16-px patches, 14 x 14 grid; width and depth from ``--width``/``--layers``). Ours:
   ``GradECLIP.attribute_prompts`` (all K maps from one forward and one batched backward), the same
-  one prompt at a time, ``GradientWeightedRelevancy`` for 1 and for K prompts,
+  one prompt at a time, ``GradientWeightedRelevancy`` for 1 and for K prompts (all layers, and
+  the last block only, ``start_layer=-1``, the authors' CLIP notebook's default),
   ``RawAttention(head_fusion="grad")`` for K prompts. Peers: pytorch-grad-cam's own CLIP usage
   example (``usage_examples/clip_example.py``: ``GradCAM`` at the last block's ``layer_norm1``
   with its ``reshape_transform``, a model wrapper that runs both towers and returns the softmax
@@ -184,10 +185,10 @@ def gradient_group(args) -> Contenders:
         method = GradECLIP(model)
         return lambda: method.attribute(pixels, target=0, additional_forward_args=(ids, mask), return_grid=True), k
 
-    def ours_relevancy(n):
+    def ours_relevancy(n, start_layer=0):
         def build():
             model, pixels, (ids, mask) = setup()
-            method = GradientWeightedRelevancy(model)
+            method = GradientWeightedRelevancy(model, start_layer=start_layer)
             return lambda: method.attribute_prompts(pixels, additional_forward_args=(ids, mask),
                                                     prompts=list(range(n)), return_grid=True)
         return build
@@ -223,6 +224,8 @@ def gradient_group(args) -> Contenders:
         f"ours: Grad-ECLIP, {k} calls of 1 prompt (1 call x {k})": ours_eclip_loop,
         "ours: relevancy, 1 prompt": ours_relevancy(1),
         f"ours: relevancy, {k} prompts in one call": ours_relevancy(k),
+        "ours: relevancy, last block only (start_layer=-1), 1 prompt": ours_relevancy(1, -1),
+        f"ours: relevancy, last block only (start_layer=-1), {k} prompts in one call": ours_relevancy(k, -1),
         f"ours: raw attention (grad), {k} prompts in one call": ours_raw_grad,
         f"pytorch-grad-cam CLIP recipe, {k} calls of 1 label (1 call x {k})": grad_cam(False),
         f"pytorch-grad-cam CLIP recipe, 1 call on {k} copies": grad_cam(True),

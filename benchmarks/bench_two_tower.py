@@ -57,6 +57,9 @@ METHODS = {
     "Raw attention (grad)": lambda m: RawAttention(m, head_fusion="grad"),
     "Attention rollout": lambda m: AttentionRollout(m),
     "Chefer relevancy": lambda m: GradientWeightedRelevancy(m),
+    "Chefer relevancy, last 2 blocks (`start_layer=-2`)": lambda m: GradientWeightedRelevancy(m, start_layer=-2),
+    "Chefer relevancy, last block (`start_layer=-1`, the authors' CLIP notebook)":
+        lambda m: GradientWeightedRelevancy(m, start_layer=-1),
     "Patch-word similarity": lambda m: PatchWordSimilarity(m),
 }
 
@@ -124,8 +127,8 @@ def tokenise(processor, model, texts: list[str]):
     return tokens["input_ids"], (torch.ones_like(tokens["input_ids"]) if mask is None else mask)
 
 
-def faithfulness(name: str, n_scenes: int, steps: int) -> list[str]:
-    """Rows of the faithfulness table for one zoo model."""
+def faithfulness(name: str, n_scenes: int, steps: int, only: list[str] | None = None) -> list[str]:
+    """Rows of the faithfulness table for one zoo model (``only``: these rows' method names)."""
     from captum_vlm.metrics import deletion_curve, pointing_game
     from captum_vlm.zoo import scenes as sc
 
@@ -160,6 +163,8 @@ def faithfulness(name: str, n_scenes: int, steps: int) -> list[str]:
     grid = (side // patch, side // patch)
     rows = []
     for method_name, make in makers.items():
+        if only and method_name not in only:
+            continue
         hits, aucs = [], []
         start = time.perf_counter()
         try:
@@ -193,6 +198,7 @@ def main() -> None:
     parser.add_argument("--skip-speed", action="store_true")
     parser.add_argument("--skip-faithfulness", action="store_true")
     parser.add_argument("--models", nargs="*", help="zoo models for (c) (default: every two-tower one)")
+    parser.add_argument("--methods", nargs="*", help="(c): only these rows (method names as printed)")
     args = parser.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s)")
@@ -226,7 +232,7 @@ def main() -> None:
         print("\n| model | method | pointing game | pointing game, two-colour scenes | "
               "deletion AUC (probability, lower is better) | time |\n|---|---|---|---|---|---|")
         for name in names:
-            for row in faithfulness(name, args.scenes, args.steps):
+            for row in faithfulness(name, args.scenes, args.steps, args.methods):
                 print(row, flush=True)
 
 

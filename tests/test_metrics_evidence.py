@@ -72,7 +72,47 @@ def test_map_evidence_is_batched():
         return images.sum(dim=(1, 2, 3))
 
     map_evidence(f, torch.rand(1, 3, 8, 8), torch.rand(4, 4), steps=8, n_random=3, batch_size=64)
-    assert sum(calls) == 2 * 4 * 9 and len(calls) == 2  # 72 images in two calls
+    # the 3 shared ends (image, all removed, all hidden) + 4 orders x 2 curves x 7 inner steps
+    assert sum(calls) == 3 + 2 * 4 * 7 and len(calls) == 1
+
+
+def test_maps_evidence_of_every_prompt_equals_one_map_at_a_time():
+    import tiny_models as tm
+    from numerics import assert_close_scaled
+
+    from captum_vlm.adapters import get_adapter
+    from captum_vlm.metrics import maps_evidence
+    from captum_vlm.targets import ImageTextSimilarity
+
+    model = tm.clip()
+    pixels = tm.pixels(1, seed=3)
+    ids, mask = tm.text_ids(3, 5)
+    h, w = get_adapter(model).patch_grid(pixels)
+    grids = torch.randn(3, h, w, generator=torch.Generator().manual_seed(4))
+    similarity = ImageTextSimilarity(model)
+    images = []
+
+    def forward(batch):
+        images.append(len(batch))
+        return similarity(batch, ids, mask)  # [N, 3]: every prompt from one forward
+
+    found = maps_evidence(forward, pixels, grids, [0, 1, 2], steps=4, n_random=2, batch_size=16)
+    # shared: 3 curve ends + 2 random orders x 2 curves x 3 inner steps; then 3 maps x 2 x 3
+    assert sum(images) == 3 + 2 * 2 * 3 + 3 * 2 * 3
+    for k, batched in enumerate(found):
+        alone = map_evidence(lambda x: similarity(x, ids, mask), pixels, grids[k], target=k, steps=4, n_random=2)
+        assert_close_scaled(batched.deletion_scores, alone.deletion_scores)
+        assert_close_scaled(batched.insertion_scores, alone.insertion_scores)
+        for name in ("deletion_auc", "insertion_auc", "random_deletion_auc", "random_insertion_auc"):
+            assert getattr(batched, name) == pytest.approx(getattr(alone, name), rel=1e-4, abs=1e-5)
+    # a later call on the same input reuses the shared curves: only the new map's images run
+    images.clear()
+    again = maps_evidence(forward, pixels, grids[2:], [2], steps=4, shared=found[0].shared)
+    assert sum(images) == 2 * 3 and again[0].deletion_auc == pytest.approx(found[2].deletion_auc, rel=1e-5)
+    with pytest.raises(ValueError, match="targets: expected one output column per map"):
+        maps_evidence(forward, pixels, grids, [0, 1], steps=4)
+    with pytest.raises(ValueError, match="shared: its curves are for"):
+        maps_evidence(forward, pixels, grids, [0, 1, 2], steps=3, shared=found[0].shared)
 
 
 def test_impute_one_pixel_is_the_weighted_neighbour_mean():

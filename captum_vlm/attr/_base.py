@@ -347,7 +347,8 @@ class ImageAttribution(ImageAttributionBase, Attribution):
         attention_mask: torch.Tensor,
         layers: Sequence[int],
         targets: torch.Tensor | None = None,
-    ) -> tuple[list[torch.Tensor], list[tuple[torch.Tensor, ...]] | None]:
+        stacked: bool = False,
+    ) -> tuple[list[torch.Tensor], list | None]:
         """One image forward recording vision attention probabilities.
 
         Args:
@@ -357,7 +358,8 @@ class ImageAttribution(ImageAttributionBase, Attribution):
 
         Returns:
             ``probs``: ``[B, heads, N, N]`` per layer, followed for SigLIP by the pooling head's
-            ``[B, heads, 1, N]``; ``grads``: per column, a tuple shaped like ``probs`` (or None).
+            ``[B, heads, 1, N]``; ``grads``: per column, a tuple shaped like ``probs`` (or None);
+            with ``stacked``, per recorded tensor its gradients for all columns, ``[P, ...]``.
         """
         text = self.text_embeds(input_ids, attention_mask)
         pixels = self._pixels_with_grad(pixel_values) if targets is not None else pixel_values
@@ -371,7 +373,8 @@ class ImageAttribution(ImageAttributionBase, Attribution):
             probs = list(record.attentions) + ([head["probs"]] if head is not None else [])
         if targets is None:
             return probs, None
-        return probs, self._prompt_gradients(image, text, targets, probs)
+        gradients = self._stacked_prompt_gradients if stacked else self._prompt_gradients
+        return probs, gradients(image, text, targets, probs)
 
     @staticmethod
     def _pixels_with_grad(pixel_values: torch.Tensor) -> torch.Tensor:
@@ -396,6 +399,18 @@ class ImageAttribution(ImageAttributionBase, Attribution):
         Returns:
             One tuple per column, shaped like ``tensors``.
         """
+        stacked = self._stacked_prompt_gradients(image_embeds, text_embeds, targets, tensors, score)
+        return [tuple(g[p] for g in stacked) for p in range(targets.shape[1])]
+
+    def _stacked_prompt_gradients(
+        self,
+        image_embeds: torch.Tensor,
+        text_embeds: torch.Tensor,
+        targets: torch.Tensor,
+        tensors: Sequence[torch.Tensor],
+        score: str = "logits",
+    ) -> list[torch.Tensor]:
+        """:meth:`_prompt_gradients` as one tensor per entry of ``tensors``, ``[P, *shape]``."""
         free = image_embeds.detach().requires_grad_(True)
         if score == "cosine":
             scores = cosine_scores(free, text_embeds)
@@ -403,19 +418,22 @@ class ImageAttribution(ImageAttributionBase, Attribution):
             scores = self.adapter.similarity_logits(free, text_embeds)
         columns = self._per_prompt_scores(scores, targets)
         vectors = torch.stack([torch.autograd.grad(c, free, retain_graph=True)[0] for c in columns])
-        out: list[tuple[torch.Tensor, ...]] = []
+        parts: list[tuple[torch.Tensor, ...]] = []
         for chunk in vectors.split(PROMPT_CHUNK):  # bounds the memory of the batched backward
             if len(chunk) > 1:
                 try:
-                    grads = torch.autograd.grad(
+                    parts.append(torch.autograd.grad(
                         image_embeds, list(tensors), grad_outputs=chunk, retain_graph=True, is_grads_batched=True
-                    )
-                    out.extend(tuple(g[p] for g in grads) for p in range(len(chunk)))
+                    ))
                     continue
                 except RuntimeError:  # an operation without a batching rule: one backward per column
                     pass
-            out.extend(torch.autograd.grad(image_embeds, list(tensors), grad_outputs=v, retain_graph=True) for v in chunk)
-        return out
+            singles = [torch.autograd.grad(image_embeds, list(tensors), grad_outputs=v, retain_graph=True)
+                       for v in chunk]
+            parts.append(tuple(torch.stack(g) for g in zip(*singles)))
+        if len(parts) == 1:
+            return list(parts[0])
+        return [torch.cat(g) for g in zip(*parts)]
 
     @staticmethod
     def _per_prompt_scores(scores: torch.Tensor, targets: torch.Tensor) -> list[torch.Tensor]:

@@ -3,7 +3,8 @@
 For each map of :func:`captum_vlm.explain` (one per method and explained text):
 
 - **faithfulness on this input**: deletion and insertion AUC of the explained score against
-  random patch orders (:func:`captum_vlm.metrics.map_evidence`, batched);
+  random patch orders (:func:`captum_vlm.metrics.maps_evidence`: the maps of all prompts of a
+  two-tower model in shared batched forwards, the random orders' curves scored once per input);
 - **randomisation check** of the method on this model (Adebayo et al. 2018,
   :func:`captum_vlm.metrics.model_randomization_check`): the rank correlation between the map of
   the trained model and the map after re-initialising the vision blocks top-down; a method whose
@@ -118,8 +119,10 @@ def confidence(scores: Sequence[float], kind: str, index: int) -> tuple[str, boo
 
 
 def _score_function(context: Any, k: int):
-    """``(forward(images) -> [N], unit)`` of the score text ``k``'s map explains (asked of the
-    adapter's task), or ``None`` where the map explains no single score."""
+    """``(key, forward(images) -> [N] or [N, K], column, unit)`` of the score text ``k``'s map
+    explains (asked of the adapter's task), or ``None`` where the map explains no single score.
+    Texts with the same ``key`` share one forward: a two-tower model scores every prompt in each
+    call (``column`` k), so the maps of all prompts share their random-order curves."""
     from captum_vlm.targets import AnswerLogits, ImageTextSimilarity, MatchLogit, TokenLogProbs
 
     model, inputs, answers = context.model, context.inputs, context.answers
@@ -131,20 +134,20 @@ def _score_function(context: Any, k: int):
 
     if task == "similarity":
         target_fn = ImageTextSimilarity(model)
-        return (lambda images: target_fn(images, ids, mask)[:, k]), "logit"
+        return "similarity", (lambda images: target_fn(images, ids, mask)), k, "logit"
     if task == "match":
         target_fn, args = MatchLogit(model), rows(ids, mask)
-        return (lambda images: target_fn(images, *args(len(images)))), "match logit"
+        return ("text", k), (lambda images: target_fn(images, *args(len(images)))), None, "match logit"
     if task == "caption":
         target_fn, args = TokenLogProbs(model, reduction="sum"), rows(ids, mask)
-        return (lambda images: target_fn(images, *args(len(images)))), "caption log-probability"
+        return ("text", k), (lambda images: target_fn(images, *args(len(images)))), None, "caption log-probability"
     if task == "answer_tokens" and answers is not None and answers.answer_ids is not None:
         target_fn = TokenLogProbs(model, reduction="sum")
         args = rows(ids, mask, answers.answer_ids, answers.answer_mask)
-        return (lambda images: target_fn(images, *args(len(images)))), "answer log-probability"
+        return ("text", k), (lambda images: target_fn(images, *args(len(images)))), None, "answer log-probability"
     if task == "answer_label" and answers is not None and answers.label_ids is not None:
         target_fn, args, label = AnswerLogits(model), rows(ids, mask), int(answers.label_ids[k])
-        return (lambda images: target_fn(images, *args(len(images)))[:, label]), "answer logit"
+        return ("text", k), (lambda images: target_fn(images, *args(len(images)))[:, label]), None, "answer logit"
     if task == "generate" and answers is not None and answers.sequences is not None:
         sequence = answers.sequences[k]
         target_fn = TokenLogProbs(model, reduction="sum", score_from=answers.prompt_lengths[k])
@@ -154,7 +157,7 @@ def _score_function(context: Any, k: int):
             batch = sequence.expand(len(images), -1)
             return target_fn(images, batch, torch.ones_like(batch), *(e.expand(len(images), -1) for e in extra))
 
-        return forward, "answer log-probability"
+        return ("text", k), forward, None, "answer log-probability"
     return None
 
 
@@ -197,13 +200,16 @@ def attach_evidence(
     cache: dict | None = None,
 ) -> None:
     """Fill ``record.evidence`` (display lines) and ``record.evidence_values`` (numbers) of every
-    whole-text map in ``records`` of one method, in place. ``cache`` (one dict per explained
-    input, shared by the methods) keeps each text's score function and random-order curves."""
-    from captum_vlm.metrics import map_evidence
+    whole-text map in ``records`` of one method, in place. The maps that share a score forward
+    (all prompts of a two-tower model) are scored together (:func:`captum_vlm.metrics.maps_evidence`);
+    ``cache`` (one dict per explained input, shared by the methods) keeps the score functions and
+    the curves every map of the input shares (random orders, curve ends)."""
+    from captum_vlm.metrics import maps_evidence
 
     pixels = context.inputs["pixel_values"]
     verdict, rho = _randomisation(run, context) if sanity else ("not run", None)
     cache = {} if cache is None else cache
+    groups: dict[tuple, list] = {}
     for record in records:
         k = record.text_index
         if k is None:
@@ -213,26 +219,37 @@ def attach_evidence(
         record.evidence_values.update(absent=absent, randomisation_spearman=rho)
         record.evidence["randomisation check"] = verdict
         if ("score", k) not in cache:
-            cache[("score", k)] = _score_function(context, k)
-        scored = cache[("score", k)]
-        if scored is None:
+            found = _score_function(context, k)
+            if found is not None and found[0] in cache:  # one forward for every text of this key
+                found = (found[0], cache[found[0]][0], *found[2:])
+            elif found is not None:
+                cache[found[0]] = (found[1],)
+            cache[("score", k)] = found
+        if cache[("score", k)] is None:
             record.evidence["faithfulness"] = "not measured for this model's task"
             continue
-        forward, unit = scored
+        grid = np.asarray(record.grid, dtype=np.float64)
+        groups.setdefault((cache[("score", k)][0], grid.shape), []).append(record)
+    for (key, shape), members in groups.items():
+        _, forward, _, unit = cache[("score", members[0].text_index)]
+        k = members[0].text_index
         row = pixels[k : k + 1] if pixels.shape[0] > 1 else pixels
-        grid = torch.as_tensor(np.asarray(record.grid, dtype=np.float64))
-        key = ("random", k, tuple(grid.shape))
-        found = map_evidence(forward, row, grid, steps=min(steps, grid.numel()), n_random=n_random,
-                             reuse_random=cache.get(key))
-        cache.setdefault(key, found)
-        record.evidence["faithfulness"] = found.summary(unit) + (
-            "" if found.beats_random else " — NOT better than a random order"
-        )
-        record.evidence_values.update(
-            deletion_auc=found.deletion_auc, insertion_auc=found.insertion_auc,
-            random_deletion_auc=found.random_deletion_auc, random_insertion_auc=found.random_insertion_auc,
-            beats_random=found.beats_random, unit=unit,
-        )
+        columns = [cache[("score", r.text_index)][2] for r in members]
+        grids = torch.as_tensor(np.stack([np.asarray(r.grid, dtype=np.float64) for r in members]))
+        found = maps_evidence(forward, row, grids, None if columns[0] is None else columns,
+                              steps=min(steps, grids[0].numel()), n_random=n_random,
+                              shared=cache.get(("shared", key, shape)))
+        cache[("shared", key, shape)] = found[0].shared
+        for record, evidence in zip(members, found):
+            record.evidence["faithfulness"] = evidence.summary(unit) + (
+                "" if evidence.beats_random else " — NOT better than a random order"
+            )
+            record.evidence_values.update(
+                deletion_auc=evidence.deletion_auc, insertion_auc=evidence.insertion_auc,
+                random_deletion_auc=evidence.random_deletion_auc,
+                random_insertion_auc=evidence.random_insertion_auc,
+                beats_random=evidence.beats_random, unit=unit,
+            )
 
 
 def collapse_prompt_independent(records: list, texts: Sequence[str]) -> list:

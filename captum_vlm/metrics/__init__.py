@@ -4,7 +4,7 @@ They know only about Captum-style forward functions and targets, so they work wi
 attribution method (ours or Captum's) and any model.
 """
 
-from .evidence import MapEvidence, map_evidence
+from .evidence import MapEvidence, SharedCurves, map_evidence, maps_evidence
 from .localization import (
     DEFAULT_TOLERANCE,
     EnergyPointingGameResult,
@@ -25,11 +25,13 @@ __all__ = [
     "PointingGameResult",
     "ROADCurve",
     "RandomizationResult",
+    "SharedCurves",
     "curve_auc",
     "deletion_curve",
     "energy_pointing_game",
     "insertion_curve",
     "map_evidence",
+    "maps_evidence",
     "noisy_linear_impute",
     "model_randomization_check",
     "pointing_game",

@@ -4,8 +4,13 @@ Deletion and insertion (Petsiuk, Das and Saenko 2018, RISE, BMVC) remove (or rev
 the order a map ranks them. An AUC alone has no scale: whether 0.21 is good depends on the model,
 the image and the target. So the same curves are run for ``n_random`` random patch orders and the
 map's AUCs are reported beside theirs: a map worth reading deletes faster (lower deletion AUC) and
-inserts faster (higher insertion AUC) than a random order. All curves of one map go through the
-model in a few batched forward calls.
+inserts faster (higher insertion AUC) than a random order.
+
+Several maps of one input (:func:`maps_evidence`: one per prompt, per method) share what does not
+depend on the map: the random orders' curves and every curve's two ends (the untouched image,
+the image with every cell removed, the baseline with every cell hidden), all scored with every
+output column kept, so a two-tower model scores the random curves of all its prompts in the same
+forwards. Each map then costs ``2 (steps - 1)`` images, all in a few batched forward calls.
 
 Example:
     >>> f = lambda x: x.sum(dim=(1, 2, 3))
@@ -17,8 +22,8 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -30,7 +35,29 @@ from captum_vlm._checks import check_count, check_finite
 from ._utils import TargetType, select_target
 from .perturbation import _baseline, curve_auc
 
-__all__ = ["MapEvidence", "map_evidence", "patch_orders"]
+__all__ = ["MapEvidence", "SharedCurves", "map_evidence", "maps_evidence", "patch_orders"]
+
+
+@dataclass
+class SharedCurves:
+    """The scores every map of one input shares, each a forward output row (all its columns).
+
+    Attributes:
+        ends: ``(3, *out)``: the untouched image, every cell removed, every cell hidden.
+        deletion, insertion: ``(n_random, steps - 1, *out)``: the random orders' inner points.
+        grid_shape, steps, seed: what the random orders were drawn for.
+    """
+
+    ends: Tensor
+    deletion: Tensor
+    insertion: Tensor
+    grid_shape: tuple[int, int]
+    steps: int
+    seed: int
+
+    @property
+    def n_random(self) -> int:
+        return self.deletion.shape[0]
 
 
 @dataclass
@@ -43,6 +70,8 @@ class MapEvidence:
         random_deletion_std, random_insertion_std: their standard deviation (0 for one order).
         deletion_scores, insertion_scores: ``(1 + n_random, steps + 1)`` curves, the map's first.
         n_random: number of random orders.
+        shared: what this map's curves share with other maps of the same input (every output
+            column); pass it (or this evidence as ``reuse_random``) to score another map.
     """
 
     deletion_auc: float
@@ -54,6 +83,7 @@ class MapEvidence:
     deletion_scores: Tensor
     insertion_scores: Tensor
     n_random: int
+    shared: SharedCurves | None = field(default=None, repr=False, compare=False)
 
     @property
     def beats_random(self) -> bool:
@@ -97,7 +127,7 @@ def map_evidence(
     blur_sigma: float = 5.0,
     batch_size: int = 64,
     seed: int = 0,
-    reuse_random: MapEvidence | None = None,
+    reuse_random: MapEvidence | SharedCurves | None = None,
 ) -> MapEvidence:
     """Deletion and insertion of one map's patch order against ``n_random`` random orders.
 
@@ -118,12 +148,67 @@ def map_evidence(
         blur_sigma: sigma in pixels of the ``"blur"`` baseline.
         batch_size: images per forward call.
         seed: seed of the random orders.
-        reuse_random: the evidence of another map of the same input, target and grid size:
-            its random-order curves are reused instead of recomputed (they do not depend on
-            the map), so several methods on one target cost one set of random curves.
+        reuse_random: the evidence (or its ``shared``) of another map of the same input,
+            forward function and grid size, any target: its random-order curves and curve ends
+            are reused instead of recomputed (they do not depend on the map).
 
     Returns:
         :class:`MapEvidence`.
+    """
+    if isinstance(reuse_random, MapEvidence):
+        if reuse_random.shared is None:
+            raise ValueError("reuse_random: this evidence keeps no shared curves; pass its .shared")
+        reuse_random = reuse_random.shared
+    grid_t = torch.as_tensor(grid).detach() if not isinstance(grid, Tensor) else grid.detach()
+    if grid_t.ndim != 2:
+        raise ValueError(f"grid: expected one map (h, w), got shape {tuple(grid_t.shape)}")
+    return maps_evidence(
+        forward_func, inputs, grid_t[None], None if target is None else [target], additional_forward_args,
+        steps=steps, n_random=n_random, deletion_baseline=deletion_baseline, insertion_baseline=insertion_baseline,
+        blur_sigma=blur_sigma, batch_size=batch_size, seed=seed, shared=reuse_random,
+    )[0]
+
+
+def maps_evidence(
+    forward_func: Callable[..., Tensor],
+    inputs: Tensor,
+    grids: Any,
+    targets: Sequence[int] | None = None,
+    additional_forward_args: Any = None,
+    *,
+    steps: int = 8,
+    n_random: int = 3,
+    deletion_baseline: Any = 0.0,
+    insertion_baseline: Any = "blur",
+    blur_sigma: float = 5.0,
+    batch_size: int = 64,
+    seed: int = 0,
+    shared: SharedCurves | None = None,
+) -> list[MapEvidence]:
+    """:func:`map_evidence` of several maps of one input in shared batched forwards.
+
+    The random orders' curves and the curves' ends are scored once for all maps (every output
+    column kept, so maps of different targets share them); each map adds its ``2 (steps - 1)``
+    inner images. Equal to calling :func:`map_evidence` once per map.
+
+    Args:
+        forward_func, inputs, additional_forward_args, steps, n_random, deletion_baseline,
+            insertion_baseline, blur_sigma, batch_size, seed: as in :func:`map_evidence`.
+        grids: ``(M, h, w)`` maps of ``inputs``.
+        targets: one output column per map (``None``: the output is one score per image).
+        shared: :attr:`MapEvidence.shared` of an earlier call on the same input, forward
+            function and grid size: reused, not recomputed (``n_random`` and ``seed`` are its).
+
+    Returns:
+        One :class:`MapEvidence` per map.
+
+    Example:
+        >>> f = lambda x: torch.stack([x.sum(dim=(1, 2, 3)), -x.sum(dim=(1, 2, 3))], dim=1)
+        >>> x = torch.tensor([[[[1.0, 2.0]]]])
+        >>> found = maps_evidence(f, x, torch.tensor([[[1.0, 2.0]], [[2.0, 1.0]]]), [0, 1], steps=2,
+        ...                       insertion_baseline=0.0)
+        >>> [e.deletion_auc for e in found]
+        [1.25, -1.75]
     """
     if not isinstance(inputs, Tensor):
         raise TypeError(f"inputs: expected a torch.Tensor (1, C, H, W), got {type(inputs).__name__}")
@@ -132,61 +217,85 @@ def map_evidence(
     if inputs.ndim != 4 or inputs.shape[0] != 1:
         raise ValueError(f"inputs: expected one image (1, C, H, W), got shape {tuple(inputs.shape)}")
     check_finite(inputs, "inputs")
-    grid_t = torch.as_tensor(grid).detach().to("cpu", torch.float64)
-    if grid_t.ndim != 2:
-        raise ValueError(f"grid: expected one map (h, w), got shape {tuple(grid_t.shape)}")
-    check_finite(grid_t, "grid")
+    grids_t = torch.as_tensor(grids).detach().to("cpu", torch.float64)
+    if grids_t.ndim != 3 or grids_t.shape[0] < 1:
+        raise ValueError(f"grids: expected maps (M, h, w), got shape {tuple(grids_t.shape)}")
+    check_finite(grids_t, "grid")
     height, width = inputs.shape[-2:]
-    if grid_t.shape[0] > height or grid_t.shape[1] > width:
-        raise ValueError(f"grid: {tuple(grid_t.shape)} is larger than the image {height}x{width}")
+    shape = tuple(grids_t.shape[1:])
+    if shape[0] > height or shape[1] > width:
+        raise ValueError(f"grid: {shape} is larger than the image {height}x{width}")
     check_count(steps, "steps")
     check_count(n_random, "n_random")
     check_count(batch_size, "batch_size")
-    n_cells = grid_t.numel()
+    n_maps, n_cells = grids_t.shape[0], shape[0] * shape[1]
     if steps > n_cells:
         raise ValueError(f"steps: expected at most the {n_cells} grid cells, got {steps}")
+    if targets is not None:
+        if isinstance(targets, (int, Tensor)) or len(targets) != n_maps:
+            raise ValueError(f"targets: expected one output column per map ({n_maps}), got {targets!r}")
+        targets = [int(t) for t in targets]
+    if shared is not None and (shared.grid_shape != shape or shared.steps != steps):
+        raise ValueError(f"shared: its curves are for a {shared.grid_shape} grid in {shared.steps} steps, "
+                         f"not {shape} in {steps}")
     extra = () if additional_forward_args is None else (
         additional_forward_args if isinstance(additional_forward_args, tuple) else (additional_forward_args,)
     )
-    if reuse_random is not None:
-        n_random = reuse_random.n_random
-        if reuse_random.deletion_scores.shape[1] != steps + 1:
-            raise ValueError(f"reuse_random: its curves have {reuse_random.deletion_scores.shape[1] - 1} steps, not {steps}")
-    orders = patch_orders(grid_t, n_random, seed)  # [O, N]
-    if reuse_random is not None:
-        orders = orders[:1]
-    ranks = torch.empty_like(orders)
-    ranks.scatter_(1, orders, torch.arange(n_cells).expand_as(orders).contiguous())
-    counts = torch.arange(steps + 1) * n_cells // steps
-    changed = ranks[:, None, :] < counts[None, :, None]  # [O, S+1, N]
-    cells = changed.reshape(-1, 1, *grid_t.shape).float()
-    changed_px = F.interpolate(cells, size=(height, width), mode="nearest-exact").bool().to(inputs.device)
+    counts = torch.arange(1, steps) * n_cells // steps  # the inner steps; 0 and all are the shared ends
+    orders = [torch.sort(g.flatten(), descending=True, stable=True).indices for g in grids_t]
+    if shared is None:
+        orders += list(patch_orders(grids_t[0], n_random, seed)[1:])
+    ranks = torch.empty(len(orders), n_cells, dtype=torch.long)
+    ranks.scatter_(1, torch.stack(orders), torch.arange(n_cells).expand(len(orders), n_cells).contiguous())
+    inner = (ranks[:, None, :] < counts[None, :, None]).reshape(-1, n_cells)  # [O * (S - 1), N]
+    none, every = torch.zeros(1, n_cells, dtype=torch.bool), torch.ones(1, n_cells, dtype=torch.bool)
+    # each image: (cells changed, deleting?); the ends first unless shared
+    cells = torch.cat([inner, inner] + ([] if shared is not None else [none, every, none]))
+    deleting = torch.cat([torch.ones(len(inner), dtype=torch.bool), torch.zeros(len(inner), dtype=torch.bool)]
+                         + ([] if shared is not None else [torch.tensor([True, True, False])]))
     with torch.no_grad():
         image = inputs[0]
         removed = _baseline(inputs, deletion_baseline, blur_sigma)[0]
         hidden = _baseline(inputs, insertion_baseline, blur_sigma)[0]
-        deleted = torch.where(changed_px, removed, image)
-        inserted = torch.where(changed_px, image, hidden)
-        batch = torch.cat([deleted, inserted])
-        scores = []
-        for start in range(0, batch.shape[0], batch_size):
-            chunk = batch[start : start + batch_size]
-            output = forward_func(chunk, *extra)
-            scores.append(select_target(output, target, [0] * len(chunk)).detach().to("cpu", torch.float64))
-    curves = torch.cat(scores).view(2, len(orders), steps + 1)
-    deletion, insertion = curves[0], curves[1]
-    if reuse_random is not None:
-        deletion = torch.cat([deletion, reuse_random.deletion_scores[1:]])
-        insertion = torch.cat([insertion, reuse_random.insertion_scores[1:]])
-    del_auc, ins_auc = curve_auc(deletion), curve_auc(insertion)
-    return MapEvidence(
-        deletion_auc=float(del_auc[0]),
-        insertion_auc=float(ins_auc[0]),
-        random_deletion_auc=float(del_auc[1:].mean()),
-        random_insertion_auc=float(ins_auc[1:].mean()),
-        random_deletion_std=float(del_auc[1:].std(unbiased=False)),
-        random_insertion_std=float(ins_auc[1:].std(unbiased=False)),
-        deletion_scores=deletion,
-        insertion_scores=insertion,
-        n_random=n_random,
-    )
+        outputs = []
+        for start in range(0, len(cells), batch_size):
+            chunk = cells[start : start + batch_size].reshape(-1, 1, *shape).float()
+            changed = F.interpolate(chunk, size=(height, width), mode="nearest-exact").bool().to(inputs.device)
+            delete = deleting[start : start + batch_size].to(inputs.device)[:, None, None, None]
+            batch = torch.where(changed, torch.where(delete, removed, image), torch.where(delete, image, hidden))
+            outputs.append(forward_func(batch, *extra).detach().to("cpu", torch.float64))
+    output = torch.cat(outputs)
+    out_shape = tuple(output.shape[1:])
+    inner_del = output[: len(inner)].view(len(orders), steps - 1, *out_shape)
+    inner_ins = output[len(inner) : 2 * len(inner)].view(len(orders), steps - 1, *out_shape)
+    if shared is None:
+        shared = SharedCurves(ends=output[2 * len(inner) :], deletion=inner_del[n_maps:],
+                              insertion=inner_ins[n_maps:], grid_shape=shape, steps=steps, seed=seed)
+
+    def pick(rows: Tensor, target: int | None) -> Tensor:  # [..., *out] -> [...]
+        flat = rows.reshape(-1, *out_shape)
+        return select_target(flat, target, [0] * len(flat)).view(rows.shape[: rows.ndim - len(out_shape)])
+
+    found = []
+    for m in range(n_maps):
+        target = None if targets is None else targets[m]
+        ends = pick(shared.ends, target)  # image, removed, hidden
+        r = shared.n_random
+        deletion = torch.cat([ends[0].expand(1 + r, 1), pick(torch.cat([inner_del[m : m + 1], shared.deletion]), target),
+                              ends[1].expand(1 + r, 1)], dim=1)
+        insertion = torch.cat([ends[2].expand(1 + r, 1), pick(torch.cat([inner_ins[m : m + 1], shared.insertion]), target),
+                               ends[0].expand(1 + r, 1)], dim=1)
+        del_auc, ins_auc = curve_auc(deletion), curve_auc(insertion)
+        found.append(MapEvidence(
+            deletion_auc=float(del_auc[0]),
+            insertion_auc=float(ins_auc[0]),
+            random_deletion_auc=float(del_auc[1:].mean()),
+            random_insertion_auc=float(ins_auc[1:].mean()),
+            random_deletion_std=float(del_auc[1:].std(unbiased=False)),
+            random_insertion_std=float(ins_auc[1:].std(unbiased=False)),
+            deletion_scores=deletion,
+            insertion_scores=insertion,
+            n_random=r,
+            shared=shared,
+        ))
+    return found
