@@ -145,6 +145,21 @@ def test_another_configuration_in_the_same_output_is_refused(clip, folder, tmp_p
         cv.audit(model, processor, folder, PROMPTS, methods=["grad-eclip"], checks=(), output=tmp_path / "o")
 
 
+def test_the_audit_computes_no_explain_evidence(clip, folder, tmp_path, monkeypatch):
+    """The records hold the audit's own checks; explain's per-map evidence (deletion, insertion
+    and the randomisation check) would only be thrown away, at several times the cost of a map."""
+    import importlib
+
+    pipeline = importlib.import_module("captum_vlm.explain.pipeline")  # cv.explain is the function
+    def refuse(*args, **kwargs):
+        raise AssertionError("the audit asked explain for evidence")
+
+    monkeypatch.setattr(pipeline, "attach_evidence", refuse)
+    model, processor = clip
+    result = cv.audit(model, processor, folder, PROMPTS, methods=["grad-eclip"], checks=(), output=tmp_path / "o")
+    assert len(result) > 0 and result.errors() == []
+
+
 # ----- errors ------------------------------------------------------------------------------------
 def test_corrupt_images_become_error_records(clip, tmp_path):
     model, processor = clip

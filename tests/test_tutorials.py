@@ -20,7 +20,8 @@ _spec.loader.exec_module(run_notebooks)
 
 NOTEBOOKS = run_notebooks.notebooks()
 EXPECTED = ["01-quickstart", "02-which-word-looks-where", "03-is-the-answer-grounded",
-            "04-combine-and-check", "05-your-own-checkpoint"]
+            "04-combine-and-check", "05-your-own-checkpoint", "06-how-are-images-and-text-aligned",
+            "07-inside-the-model", "08-finding-a-shortcut"]
 MAX_KB = 400  # committed notebooks stay small enough to read on the repository page
 
 
