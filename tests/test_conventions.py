@@ -71,8 +71,8 @@ def inputs_for(class_name: str, batch: int = 2, size: tuple[int, int] = (tm.IMAG
         ids, mask = tm.text_ids(3, 6)
         return pixels, (ids, mask), [2, 0, 1][:batch]
     if adapter.image_tokens_in_input_ids:
-        n = (size[0] // tm.PATCH) * (size[1] // tm.PATCH)
-        row = [tm.BOS, 9] + [tm.LLAVA_IMAGE_TOKEN] * n + [11, 12, 13]
+        h, w = adapter.patch_grid(pixels)
+        row = [tm.BOS, 9] + [adapter.image_token_id] * (h * w) + [11, 12, 13]
         return pixels, (torch.tensor([row] * batch), torch.ones(batch, len(row), dtype=torch.long)), None
     ids, mask = tm.text_ids(batch, 6)
     if adapter.takes_answer_ids:
@@ -143,9 +143,10 @@ def test_noise_tunnel_wraps_it(method_name, class_name):
 
 def _takes_other_sizes(class_name: str) -> bool:
     adapter = get_adapter(model_of(class_name))
-    # two towers interpolate their position embeddings; ViLT embeds any size; the others' targets
-    # run the vision tower at its trained size
-    return adapter.two_tower or adapter.image_stream == "joint" and not adapter.image_tokens_in_input_ids
+    # two towers interpolate their position embeddings; ViLT and dynamic-resolution models embed
+    # any size; the others' targets run the vision tower at its trained size
+    return (adapter.two_tower or adapter.any_image_size
+            or adapter.image_stream == "joint" and not adapter.image_tokens_in_input_ids)
 
 
 @pytest.mark.parametrize("method_name,class_name", [p for p in PAIRS if _takes_other_sizes(p[1])])

@@ -67,7 +67,7 @@ def answer_questions(
             probabilities = adapter.to_probability(logits.gather(1, labels[:, None])[:, 0]).tolist()
             return Answers(texts, probabilities, label_ids=labels)
         if adapter.task == "generate":
-            return _generate_each(model, tokenizer, pixels, ids, mask, max_new_tokens)
+            return _generate_each(model, adapter, tokenizer, pixels, ids, mask, max_new_tokens)
         generated = model.generate(pixel_values=pixels, input_ids=ids, attention_mask=mask,
                                    max_new_tokens=max_new_tokens, do_sample=False)
         end = model.config.text_config.sep_token_id
@@ -79,7 +79,7 @@ def answer_questions(
         return Answers(texts, log_p.exp().tolist(), answer_ids=generated, answer_mask=answer_mask, tokens=tokens)
 
 
-def _generate_each(model, tokenizer, pixels, ids, mask, max_new_tokens) -> Answers:
+def _generate_each(model, adapter, tokenizer, pixels, ids, mask, max_new_tokens) -> Answers:
     """A generative model: each prompt (padding dropped) answered on its own, so no padding side
     matters."""
     from captum_vlm.targets import TokenLogProbs
@@ -87,8 +87,8 @@ def _generate_each(model, tokenizer, pixels, ids, mask, max_new_tokens) -> Answe
     sequences, lengths, texts, probabilities, tokens = [], [], [], [], []
     for k in range(ids.shape[0]):
         prompt = ids[k][mask[k].bool()][None]
-        sequence = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt),
-                                  pixel_values=pixels[k : k + 1], max_new_tokens=max_new_tokens, do_sample=False)
+        sequence = model.generate(**adapter.model_inputs(pixels[k : k + 1], prompt, torch.ones_like(prompt)),
+                                  max_new_tokens=max_new_tokens, do_sample=False)
         start = prompt.shape[1]  # generate() adds at least one token (max_new_tokens >= 1)
         log_p = TokenLogProbs(model, reduction="sum", score_from=start)(
             pixels[k : k + 1], sequence, torch.ones_like(sequence)
