@@ -163,7 +163,8 @@ def llava(seed: int = 0, image_token_id: int = LLAVA_IMAGE_TOKEN) -> LlavaForCon
     return _finish(LlavaForConditionalGeneration(config), seed)
 
 
-QWEN_IMAGE_TOKEN, QWEN_VIDEO_TOKEN, QWEN_VISION_START, QWEN_VISION_END = 60, 61, 58, 59
+#: the Qwen placeholders, where the zoo tokenizer puts them once added (tests/test_qwen_vl.py)
+QWEN_IMAGE_TOKEN, QWEN_VISION_START, QWEN_VISION_END, QWEN_VIDEO_TOKEN = 46, 47, 48, 49
 QWEN_PATCH, QWEN_MERGE = PATCH // 2, 2  # one merged token covers PATCH x PATCH pixels, as the others' patch
 
 
