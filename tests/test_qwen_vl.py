@@ -370,3 +370,28 @@ def test_cli_explains_a_qwen_model(processor, image, tmp_path, monkeypatch, caps
     assert code == 0, capsys.readouterr()
     assert out.read_text().startswith("<!DOCTYPE html>")
     assert len(list((tmp_path / "png").glob("*.png"))) >= 1
+
+
+def test_logit_lens_reads_the_models_own_layers(processor, image):
+    from captum_vlm.lens import logit_lens
+
+    model = tm.qwen2_5_vl()
+    before = snapshot(model)
+    lens = logit_lens(model, processor, image, PROMPT, k=3, max_new_tokens=3, words=["red"])
+    assert_unchanged(model, before)
+    assert lens.image_grid == (4, 7)
+    raw = raw_inputs(processor, image)
+    start = raw["input_ids"].shape[1]
+    tokens = torch.cat([raw["input_ids"], lens.produced_ids[None]], 1)
+    adapter = get_adapter(model)
+    with torch.no_grad():
+        assert torch.equal(model.generate(**raw, max_new_tokens=3, do_sample=False)[0, start:], lens.produced_ids)
+        out = model(**{**raw, "input_ids": tokens, "attention_mask": torch.ones_like(tokens),
+                       "mm_token_type_ids": (tokens == tm.QWEN_IMAGE_TOKEN).long()}, output_hidden_states=True)
+        last = torch.softmax(out.logits[0, start - 1 : -1], -1)
+        image_cols = (tokens[0] == tm.QWEN_IMAGE_TOKEN).nonzero()[:, 0]
+        layer = 1
+        probs = torch.softmax(adapter.lm_head()(adapter.final_norm()(out.hidden_states[layer][0, image_cols])), -1)
+    assert_close_scaled(lens.produced_probs[-1], last.gather(1, lens.produced_ids[:, None])[:, 0])
+    red = processor.tokenizer.convert_tokens_to_ids("red")
+    assert_close_scaled(lens.word_map("red", layer), probs[:, red].reshape(4, 7))

@@ -280,12 +280,12 @@ def logit_lens(
     Example:
         >>> lens = logit_lens(model, processor, image, "what color is the circle?")  # doctest: +SKIP
     """
-    _require_decoder(model)
+    adapter = _require_decoder(model)
     if not isinstance(text, str):
         raise TypeError(f"text: expected one string, got {type(text).__name__}")
     if answer is not None and not isinstance(answer, str):
         raise TypeError(f"answer: expected a string or None, got {type(answer).__name__}")
-    inputs = processor(images=image, text=text, return_tensors="pt")
+    inputs = adapter.processor_inputs(processor(images=image, text=text, return_tensors="pt"))
     tokenizer = getattr(processor, "tokenizer", processor)
     answer_ids = None
     if answer is not None:
