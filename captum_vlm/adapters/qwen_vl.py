@@ -19,11 +19,12 @@ import torch
 from torch import nn
 
 from captum_vlm._checks import check_pixel_values
-from captum_vlm.adapters.base import VLMAdapter, register_adapter
+from captum_vlm.adapters.base import register_adapter
+from captum_vlm.adapters.llava import LlavaAdapter
 
 
 @register_adapter
-class QwenVLAdapter(VLMAdapter):
+class QwenVLAdapter(LlavaAdapter):
     """Qwen2-VL / Qwen2.5-VL (Wang et al., *Qwen2-VL: Enhancing Vision-Language Model's Perception
     of the World at Any Resolution*, 2024; Bai et al., *Qwen2.5-VL Technical Report*, 2025).
 
@@ -31,7 +32,8 @@ class QwenVLAdapter(VLMAdapter):
     block into one feature that replaces one ``<|image_pad|>`` placeholder of ``input_ids``, in
     row-major order over the merged grid (Qwen2.5-VL's window attention reorders tokens inside
     the tower and restores the order after the merger). The language model's self-attention from
-    text positions to those placeholders is its image attention. One image per example.
+    text positions to those placeholders is its image attention. One image per example. The
+    language-model side is LLaVA's (:class:`~captum_vlm.adapters.llava.LlavaAdapter`).
 
     Example:
         >>> adapter = get_adapter(model)                                   # doctest: +SKIP
@@ -43,13 +45,7 @@ class QwenVLAdapter(VLMAdapter):
     family = "qwen-vl"
     model_classes = ("Qwen2_5_VLForConditionalGeneration", "Qwen2VLForConditionalGeneration")
     tasks = {name: "generate" for name in model_classes}
-    image_stream = "joint"
-    image_pooling = "none"
-    image_tokens_in_input_ids = True
     any_image_size = True
-
-    def _inner(self) -> nn.Module:
-        return self.model.model
 
     # ----- vision tower ---------------------------------------------------------------------
     def vision_model(self) -> nn.Module:
@@ -225,77 +221,24 @@ class QwenVLAdapter(VLMAdapter):
                 full_mask = torch.cat([mask[b : b + 1, :s], torch.ones_like(fill), mask[b : b + 1, s + k :]], 1)
                 take = torch.cat([torch.arange(s), s + kept.nonzero()[:, 0].cpu(),
                                   torch.arange(s + n, full_ids.shape[1])])
-            grid = torch.tensor([[1, h * self.merge, w * self.merge]], device=ids.device)
+            thw = torch.tensor([[1, h * self.merge, w * self.merge]], device=ids.device)
             found, _ = self._inner().get_rope_index(
                 full_ids, mm_token_type_ids=self.image_token_positions(full_ids).long(),
-                image_grid_thw=grid, attention_mask=full_mask)
+                image_grid_thw=thw, attention_mask=full_mask)
             rows.append(found[:, :, take.to(found.device)])
         return torch.cat(rows, 1)
 
-    # ----- text side ------------------------------------------------------------------------
-    def text_blocks(self) -> list[nn.Module]:
-        return list(self._inner().language_model.layers)
-
-    def text_attentions(self) -> list[nn.Module]:
-        return [block.self_attn for block in self.text_blocks()]
-
-    cross_attentions = text_attentions
-
-    def text_embedding(self) -> nn.Module:
-        return self._inner().language_model.embed_tokens
-
-    def max_text_length(self) -> int:
-        return int(self.model.config.text_config.max_position_embeddings)
-
-    def pooled_text_position(self, input_ids, attention_mask=None) -> torch.Tensor:
-        """The last attended position (the one that predicts the next token)."""
-        if attention_mask is None:
-            return torch.full((input_ids.shape[0],), input_ids.shape[1] - 1, dtype=torch.long)
-        positions = torch.arange(input_ids.shape[1]).expand_as(input_ids)
-        return torch.where(attention_mask.bool(), positions, -1).max(dim=1).values
-
-    def final_norm(self) -> nn.Module:
-        return self._inner().language_model.norm
-
-    def lm_head(self) -> nn.Module:
-        return self.model.lm_head
-
-    @property
-    def image_token_id(self) -> int:
-        return int(self.model.config.image_token_id)
-
+    # ----- text side (LLaVA's, plus the vision start / end tokens) ------------------------------
     @property
     def special_token_ids(self) -> set[int]:
         config = self.model.config
         extra = {getattr(config, k, None) for k in ("vision_start_token_id", "vision_end_token_id")}
         return super().special_token_ids | {int(t) for t in extra if isinstance(t, int)}
 
-    def image_token_positions(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return input_ids == self.image_token_id
-
-    # ----- inside the model (lens) ----------------------------------------------------------------
-    def decoder_blocks(self) -> list[nn.Module]:
-        return self.text_blocks()
-
-    def lens_sequence(self, input_ids, attention_mask, answer_ids):
-        tokens = torch.cat([input_ids, answer_ids], 1)
-        return (tokens, torch.cat([attention_mask, torch.ones_like(answer_ids)], 1)), input_ids.shape[1]
-
-    def greedy_answer(self, pixel_values, input_ids, attention_mask, max_new_tokens):
-        generated = self.model.generate(**self.model_inputs(pixel_values, input_ids, attention_mask),
-                                        max_new_tokens=max_new_tokens, do_sample=False)
-        new = generated[:, input_ids.shape[1]:]
-        eos = self.model.generation_config.eos_token_id
-        eos = eos[0] if isinstance(eos, (list, tuple)) else eos
-        if eos is None:
-            return new
-        hits = (new[0] == eos).nonzero()
-        return new[:, : int(hits[0]) + 1] if len(hits) else new
-
     def head_projections(self, stream: str) -> list[nn.Module]:
-        if stream in ("text", "cross"):
-            return [block.self_attn.o_proj for block in self.text_blocks()]
-        raise NotImplementedError(f"{self.family}: no {stream} attention heads")
+        if stream == "vision":
+            raise NotImplementedError(f"{self.family}: the vision attention returns no probabilities")
+        return super().head_projections(stream)
 
     def num_heads(self, stream: str) -> int:
         if stream == "vision":
