@@ -202,9 +202,11 @@ class TokenLogProbs(_Target):
     * ``BlipForQuestionAnswering``: ``forward(pixel_values, input_ids, attention_mask,
       answer_ids, answer_attention_mask=None)``; the question is ``input_ids``, columns follow
       ``answer_ids`` (first token replaced by the decoder start token).
-    * ``LlavaForConditionalGeneration`` and the other generative models (Qwen-VL):
-      ``forward(pixel_values, input_ids, attention_mask=None)`` with the image placeholders in
-      ``input_ids`` left intact; the adapter's ``model_inputs`` gives the model its image inputs.
+    * ``LlavaForConditionalGeneration``, ``Blip2ForConditionalGeneration`` (any model whose
+      ``input_ids`` hold the image placeholders): ``forward(pixel_values, input_ids,
+      attention_mask=None)`` with the placeholders left intact; a model with further text inputs
+      (the adapter's ``extra_text_inputs``, InstructBLIP's ``qformer_input_ids,
+      qformer_attention_mask``) takes them in the two places after ``attention_mask``.
 
     Args:
         model: one of the classes above.
@@ -259,7 +261,12 @@ class TokenLogProbs(_Target):
                 encoder_attention_mask=attention_mask,
             ).logits
             return logits, tokens, answer_attention_mask
-        logits = self.model(**self.adapter.model_inputs(pixel_values, input_ids, attention_mask)).logits
+        self.adapter.check_image_tokens(pixel_values, input_ids)
+        extra = dict(zip(self.adapter.extra_text_inputs, (answer_ids, answer_attention_mask)))
+        if any(v is None for v in extra.values()):
+            raise ValueError(f"additional_forward_args: {type(self.model).__name__} also needs "
+                             f"{', '.join(self.adapter.extra_text_inputs)} after (input_ids, attention_mask)")
+        logits = self.model(**self.adapter.model_inputs(pixel_values, input_ids, attention_mask), **extra).logits
         return logits, input_ids, attention_mask
 
     @property

@@ -20,6 +20,8 @@ FAMILY = {
     "LlavaForConditionalGeneration": "llava",
     "Qwen2_5_VLForConditionalGeneration": "qwen-vl",
     "Qwen2VLForConditionalGeneration": "qwen-vl",
+    "Blip2ForConditionalGeneration": "blip2",
+    "InstructBlipForConditionalGeneration": "instructblip",
 }
 
 

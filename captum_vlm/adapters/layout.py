@@ -13,7 +13,10 @@ map grid. It is a linear map from token scores to cell scores (:meth:`ImageToken
 
 A token's score is spread evenly over the cells it covers, and a cell adds up what its tokens give
 it, so the grid holds the same total as the tokens (mass-conserving); with one cell per token this
-is the plain one-hot rule.
+is the plain one-hot rule. Learned query tokens (a Q-Former's) stand for no cell: their layout
+has no ``cells``, and :meth:`ImageTokenLayout.to_grid` takes the *bridge*, the queries' weights
+over the vision tokens (read by the method from the attention between them), so a score on query
+``j`` is spread over the patches by row ``j``.
 
 Example:
     >>> layout = ImageTokenLayout.plain(batch=1, grid=(2, 3), start=1)
@@ -46,6 +49,11 @@ class ImageTokenLayout:
         cells: ``[B, N]`` the flat grid cell (``row * cols + col``) each image token stands for,
             or ``[B, N, M]`` the cells it covers, :data:`PAD_CELL` where it covers fewer than M.
         length: the length of the sequence the positions index (``None``: not checked).
+        bridge_prefix: query layouts: vision tokens before the patches on the bridge's key axis
+            (a CLS).
+
+    ``cells`` is ``None`` when the image tokens are learned queries: then :meth:`to_grid` needs
+    the bridge (see :meth:`queries`).
 
     Raises:
         ValueError: ``columns`` and ``cells`` disagree in shape, or a cell is off the grid.
@@ -53,10 +61,13 @@ class ImageTokenLayout:
 
     grid: tuple[int, int]
     columns: torch.Tensor
-    cells: torch.Tensor
+    cells: torch.Tensor | None
     length: int | None = None
+    bridge_prefix: int = 0
 
     def __post_init__(self):
+        if self.cells is None:
+            return
         n_cells = self.grid[0] * self.grid[1]
         if self.columns.dim() != 2 or self.cells.dim() not in (2, 3) or self.cells.shape[:2] != self.columns.shape:
             raise ValueError(
@@ -163,11 +174,54 @@ class ImageTokenLayout:
         cells = torch.where(inside.gather(-1, order), flat.gather(-1, order), PAD_CELL)
         return cls(grid, columns, cells, length)
 
+    @classmethod
+    def queries(
+        cls, positions: torch.Tensor, grid: tuple[int, int], n_queries: int, bridge_prefix: int = 0
+    ) -> ImageTokenLayout:
+        """``n_queries`` learned query tokens where ``positions`` ``[B, L]`` is True, in order; the
+        patch grid is reached through a bridge over ``bridge_prefix + h * w`` vision tokens.
+
+        Raises:
+            ValueError: a row does not hold ``n_queries`` image positions.
+        """
+        counts = positions.sum(1)
+        if not bool((counts == n_queries).all()):
+            raise ValueError(
+                f"input_ids: the text holds {counts.tolist()} image tokens per row but the model has "
+                f"{n_queries} query tokens; tokenise with the model's processor"
+            )
+        index = torch.arange(positions.shape[1], device=positions.device).expand_as(positions)
+        columns = torch.stack([index[b][positions[b]] for b in range(positions.shape[0])])
+        return cls(grid, columns, None, positions.shape[1], bridge_prefix)
+
+    @property
+    def needs_bridge(self) -> bool:
+        """The image tokens are queries: :meth:`to_grid` needs their bridge to the patches."""
+        return self.cells is None
+
+    def bridge_grid(self, bridge: torch.Tensor) -> torch.Tensor:
+        """Each query's bridge row on the patch grid: ``[B, N, K]`` or ``[B, R, N, K]`` (K vision
+        tokens, prefix first; extra rows after the N queries, such as an instruction's, dropped)
+        to ``[B, N, h, w]`` (``[B, R, N, h, w]``).
+
+        Raises:
+            ValueError: ``bridge`` has fewer rows than queries or not ``prefix + h * w`` columns.
+        """
+        h, w = self.grid
+        n = self.columns.shape[1]
+        if bridge.dim() not in (3, 4) or bridge.shape[-2] < n or bridge.shape[-1] != self.bridge_prefix + h * w:
+            raise ValueError(
+                f"bridge: expected [B, {n} queries, {self.bridge_prefix} + {h}x{w} vision tokens], got "
+                f"{tuple(bridge.shape)}"
+            )
+        cells = bridge[..., :n, self.bridge_prefix :]
+        return cells.reshape(*cells.shape[:-1], h, w)
+
     # ----- reading scores ------------------------------------------------------------------------
     @property
     def one_cell_each(self) -> torch.Tensor | None:
         """``[B, N]`` the one cell of each token when every token covers exactly one, else ``None``."""
-        if self.cells.dim() == 2:
+        if self.cells is None or self.cells.dim() == 2:
             return self.cells
         covered = (self.cells >= 0).sum(-1)
         if not bool((covered == 1).all()):
@@ -181,12 +235,19 @@ class ImageTokenLayout:
         share = valid / valid.sum(-1, keepdim=True).clamp_min(1)
         return cells.clamp_min(0), share
 
-    def to_grid(self, values: torch.Tensor) -> torch.Tensor:
+    def to_grid(self, values: torch.Tensor, bridge: torch.Tensor | None = None) -> torch.Tensor:
         """Scores on the sequence ``[B, R, L]`` to scores on the grid ``[B, R, h, w]``: each image
         token's score spread evenly over the cells it covers, summed per cell.
 
+        Args:
+            values: scores on the sequence's columns.
+            bridge: query layouts only: the queries' weights over the vision tokens, ``[B, N, K]``
+                (the same for every row) or ``[B, R, N, K]``; a query's score is spread over the
+                patches by its row (:meth:`bridge_grid`).
+
         Raises:
-            ValueError: ``values`` does not have the sequence length the layout was read for.
+            ValueError: ``values`` does not have the sequence length the layout was read for; a
+                query layout without ``bridge``.
         """
         b, r, length = values.shape
         if self.length is not None and length != self.length:
@@ -196,6 +257,15 @@ class ImageTokenLayout:
             )
         columns = self.columns.to(values.device)[:, None, :].expand(b, r, -1)
         image = values.gather(-1, columns)  # [B, R, N]
+        if self.cells is None:
+            if bridge is None:
+                raise ValueError(
+                    f"bridge: the {self.columns.shape[1]} image tokens are learned queries, not patches; "
+                    "pass their weights over the vision tokens (the adapter's bridge_attentions())"
+                )
+            cells = self.bridge_grid(bridge.to(values.device, values.dtype)).flatten(-2)
+            grid = torch.einsum("brn,bnk->brk" if cells.dim() == 3 else "brn,brnk->brk", image, cells)
+            return grid.reshape(b, r, *self.grid)
         cells, share = self._weights()
         n, m = cells.shape[1:]
         cells = cells.to(values.device)[:, None].expand(b, r, n, m).reshape(b, r, n * m)
@@ -204,7 +274,10 @@ class ImageTokenLayout:
         return grid.reshape(b, r, *self.grid)
 
     def matrix(self) -> torch.Tensor:
-        """The layout as a linear map ``[B, h * w, N]``: ``grid = matrix @ token_scores``."""
+        """The layout as a linear map ``[B, h * w, N]``: ``grid = matrix @ token_scores`` (cell
+        layouts; a query layout's map is its bridge, :meth:`bridge_grid`)."""
+        if self.cells is None:
+            raise ValueError("cells: a query layout has no fixed map; its bridge spreads the scores")
         cells, share = self._weights()
         b, n, m = cells.shape
         out = torch.zeros(b, self.grid[0] * self.grid[1], n, dtype=torch.float64)
