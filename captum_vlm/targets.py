@@ -266,8 +266,7 @@ class TokenLogProbs(_Target):
         if any(v is None for v in extra.values()):
             raise ValueError(f"additional_forward_args: {type(self.model).__name__} also needs "
                              f"{', '.join(self.adapter.extra_text_inputs)} after (input_ids, attention_mask)")
-        logits = self.model(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask,
-                            **extra).logits
+        logits = self.model(**self.adapter.model_inputs(pixel_values, input_ids, attention_mask), **extra).logits
         return logits, input_ids, attention_mask
 
     @property

@@ -151,3 +151,54 @@ def test_drop_image_tokens_is_scoped(name):
     with pytest.raises(RuntimeError, match="boom"), adapter.drop_image_tokens(keep):
         raise RuntimeError("boom")
     assert_unchanged(model, before)
+
+
+# ----- many-to-one and one-to-many layouts, by hand -------------------------------------------------
+def test_merged_layout_spreads_each_token_over_its_block_by_hand():
+    # a 3 x 4 grid, 2 x 2 blocks: tokens at (0, 0), (0, 1) cover 4 cells; the bottom row's 2
+    layout = ImageTokenLayout.merged(torch.tensor([[1, 2, 3, 4]]), grid=(3, 4), merge=2, length=6)
+    assert layout.cells.tolist() == [[[0, 1, 4, 5], [2, 3, 6, 7], [8, 9, -1, -1], [10, 11, -1, -1]]]
+    values = torch.tensor([[[9.0, 4.0, 8.0, 2.0, 6.0, 9.0]]])  # columns 1..4 are the image tokens
+    grid = layout.to_grid(values)
+    assert grid.tolist() == [[[[1.0, 1.0, 2.0, 2.0], [1.0, 1.0, 2.0, 2.0], [1.0, 1.0, 3.0, 3.0]]]]
+    assert float(grid.sum()) == 4 + 8 + 2 + 6  # mass-conserving
+    with pytest.raises(ValueError, match="columns: 3 image tokens per row, but 2-merging the 3x4 grid gives 2x2 = 4"):
+        ImageTokenLayout.merged(torch.tensor([[1, 2, 3]]), grid=(3, 4), merge=2)
+
+
+def test_tiles_and_a_global_view_add_up_per_cell_by_hand():
+    # a 2 x 2 grid: four tile tokens (one cell each) and one global token over the whole grid
+    boxes = torch.tensor([[0, 0, 1, 1], [0, 1, 1, 2], [1, 0, 2, 1], [1, 1, 2, 2], [0, 0, 2, 2]])
+    layout = ImageTokenLayout.boxes(torch.tensor([[0, 1, 2, 3, 4]]), (2, 2), boxes)
+    values = torch.tensor([[[1.0, 2.0, 3.0, 4.0, 8.0]]])
+    assert layout.to_grid(values).tolist() == [[[[3.0, 4.0], [5.0, 6.0]]]]  # tile + 8 / 4
+    torch.testing.assert_close(layout.matrix()[0] @ values[0, 0].double(), torch.tensor([3.0, 4.0, 5.0, 6.0],
+                                                                                         dtype=torch.float64))
+    # per-example boxes; an empty box covers nothing and its score is left out
+    per_row = torch.tensor([[[0, 0, 1, 2], [1, 0, 2, 2]], [[0, 1, 2, 2], [0, 0, 0, 0]]])
+    layout = ImageTokenLayout.boxes(torch.tensor([[0, 1], [1, 0]]), (2, 2), per_row)
+    got = layout.to_grid(torch.tensor([[[2.0, 6.0]], [[4.0, 10.0]]]))
+    assert got.tolist() == [[[[1.0, 1.0], [3.0, 3.0]]], [[[0.0, 5.0], [0.0, 5.0]]]]
+
+
+def test_one_cell_per_token_is_the_old_rule():
+    cells = torch.tensor([[2, 0, 3, 1]])
+    columns = torch.tensor([[5, 3, 4, 2]])
+    values = torch.randn(1, 3, 6)
+    flat = ImageTokenLayout((2, 2), columns, cells, 6).to_grid(values)
+    padded = ImageTokenLayout((2, 2), columns, torch.stack([cells, torch.full_like(cells, -1)], -1), 6)
+    assert torch.equal(padded.to_grid(values), flat)
+    assert torch.equal(padded.one_cell_each, cells)
+    expected = torch.zeros(1, 3, 4)
+    expected[0, :, cells[0]] = values[0][:, columns[0]]
+    assert torch.equal(flat, expected.reshape(1, 3, 2, 2))
+    assert ImageTokenLayout.merged(torch.tensor([[0, 1]]), (2, 4), 2).one_cell_each is None
+
+
+def test_layout_refuses_cells_off_the_grid():
+    with pytest.raises(ValueError, match="cells: expected flat cells 0..3 of the 2x2 grid"):
+        ImageTokenLayout((2, 2), torch.tensor([[0, 1]]), torch.tensor([[0, 4]]))
+    with pytest.raises(ValueError, match="cells: expected \\[B, N\\] or \\[B, N, M\\]"):
+        ImageTokenLayout((2, 2), torch.tensor([[0, 1]]), torch.tensor([[0, 1, 2]]))
+    with pytest.raises(ValueError, match="boxes: expected"):
+        ImageTokenLayout.boxes(torch.tensor([[0, 1]]), (2, 2), torch.tensor([[0, 0, 1, 1]]))

@@ -18,6 +18,8 @@ FAMILY = {
     "ViltForQuestionAnswering": "vilt",
     "ViltForImageAndTextRetrieval": "vilt",
     "LlavaForConditionalGeneration": "llava",
+    "Qwen2_5_VLForConditionalGeneration": "qwen-vl",
+    "Qwen2VLForConditionalGeneration": "qwen-vl",
     "Blip2ForConditionalGeneration": "blip2",
     "InstructBlipForConditionalGeneration": "instructblip",
 }
@@ -70,6 +72,10 @@ def _vision_tokens(model, pixel_values):
         out = model(input_ids=ids, attention_mask=mask, pixel_values=pixel_values, output_hidden_states=True)
         return out.hidden_states[-1].shape[1] - ids.shape[1]
     adapter = get_adapter(model)
+    if adapter.family == "qwen-vl":  # flattened patches in, one merged token per 2x2 patches out
+        inputs = adapter.model_inputs(pixel_values)
+        out = adapter.vision_model()(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"])
+        return out.pooler_output.shape[0]
     out = adapter.vision_model()(pixel_values=pixel_values, interpolate_pos_encoding=True)
     return out.last_hidden_state.shape[1]
 

@@ -142,9 +142,10 @@ def test_noise_tunnel_wraps_it(method_name, class_name):
 
 def _takes_other_sizes(class_name: str) -> bool:
     adapter = get_adapter(model_of(class_name))
-    # two towers interpolate their position embeddings; ViLT embeds any size; the others' targets
-    # run the vision tower at its trained size
-    return adapter.two_tower or adapter.image_stream == "joint" and not adapter.image_tokens_in_input_ids
+    # two towers interpolate their position embeddings; ViLT and dynamic-resolution models embed
+    # any size; the others' targets run the vision tower at its trained size
+    return (adapter.two_tower or adapter.any_image_size
+            or adapter.image_stream == "joint" and not adapter.image_tokens_in_input_ids)
 
 
 @pytest.mark.parametrize("method_name,class_name", [p for p in PAIRS if _takes_other_sizes(p[1])])

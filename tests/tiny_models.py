@@ -20,6 +20,10 @@ from transformers import (
     InstructBlipForConditionalGeneration,
     LlavaConfig,
     LlavaForConditionalGeneration,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
     SiglipConfig,
     SiglipModel,
     ViltConfig,
@@ -163,6 +167,37 @@ def llava(seed: int = 0, image_token_id: int = LLAVA_IMAGE_TOKEN) -> LlavaForCon
     return _finish(LlavaForConditionalGeneration(config), seed)
 
 
+#: the Qwen placeholders, where the zoo tokenizer puts them once added (tests/test_qwen_vl.py)
+QWEN_IMAGE_TOKEN, QWEN_VISION_START, QWEN_VISION_END, QWEN_VIDEO_TOKEN = 46, 47, 48, 49
+QWEN_PATCH, QWEN_MERGE = PATCH // 2, 2  # one merged token covers PATCH x PATCH pixels, as the others' patch
+
+
+def _qwen_config(config_class, seed: int, **vision_extra):
+    torch.manual_seed(seed)
+    text = dict(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=HEADS, num_key_value_heads=2, max_position_embeddings=128, pad_token_id=PAD,
+                bos_token_id=BOS, eos_token_id=EOS, initializer_range=0.02,
+                rope_parameters={"rope_type": "default", "mrope_section": [1, 1, 2], "rope_theta": 10000.0})
+    vision = dict(depth=2, num_heads=HEADS, patch_size=QWEN_PATCH, spatial_merge_size=QWEN_MERGE,
+                  temporal_patch_size=2, in_channels=3, initializer_range=0.02, **vision_extra)
+    return config_class(text_config=text, vision_config=vision, image_token_id=QWEN_IMAGE_TOKEN,
+                        video_token_id=QWEN_VIDEO_TOKEN, vision_start_token_id=QWEN_VISION_START,
+                        vision_end_token_id=QWEN_VISION_END)
+
+
+def qwen2_5_vl(seed: int = 0) -> Qwen2_5_VLForConditionalGeneration:
+    """Qwen2.5-VL with window attention in block 0 (windows of 2x2 merged tokens) and full
+    attention in block 1."""
+    config = _qwen_config(Qwen2_5_VLConfig, seed, hidden_size=HIDDEN, intermediate_size=64, out_hidden_size=HIDDEN,
+                          window_size=2 * PATCH, fullatt_block_indexes=[1])
+    return _finish(Qwen2_5_VLForConditionalGeneration(config), seed)
+
+
+def qwen2_vl(seed: int = 0) -> Qwen2VLForConditionalGeneration:
+    config = _qwen_config(Qwen2VLConfig, seed, embed_dim=HIDDEN, hidden_size=HIDDEN, mlp_ratio=2)
+    return _finish(Qwen2VLForConditionalGeneration(config), seed)
+
+
 #: one tiny model per supported class, by class name
 FACTORIES = {
     "CLIPModel": clip,
@@ -173,6 +208,8 @@ FACTORIES = {
     "ViltForQuestionAnswering": vilt_vqa,
     "ViltForImageAndTextRetrieval": vilt_itm,
     "LlavaForConditionalGeneration": llava,
+    "Qwen2_5_VLForConditionalGeneration": qwen2_5_vl,
+    "Qwen2VLForConditionalGeneration": qwen2_vl,
 }
 
 

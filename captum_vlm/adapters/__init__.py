@@ -12,6 +12,7 @@ from captum_vlm.adapters.blip2 import Blip2Adapter
 from captum_vlm.adapters.clip import CLIPAdapter
 from captum_vlm.adapters.instructblip import InstructBlipAdapter
 from captum_vlm.adapters.llava import LlavaAdapter
+from captum_vlm.adapters.qwen_vl import QwenVLAdapter
 from captum_vlm.adapters.siglip import SiglipAdapter
 from captum_vlm.adapters.vilt import ViltAdapter
 
@@ -28,4 +29,5 @@ __all__ = [
     "InstructBlipAdapter",
     "ViltAdapter",
     "LlavaAdapter",
+    "QwenVLAdapter",
 ]

@@ -12,7 +12,7 @@ adapter instead of naming a family or a model class.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -87,6 +87,8 @@ class VLMAdapter:
     #: two-tower models: how similarity logits become probabilities, ``"softmax"`` over the
     #: prompts or ``"sigmoid"`` of each
     similarity_probability: str = "softmax"
+    #: the model embeds images of any size (dynamic resolution): the grid follows the input
+    any_image_size: bool = False
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -203,7 +205,8 @@ class VLMAdapter:
         return self.vision_model().embeddings.patch_embedding
 
     def patch_size(self) -> tuple[int, int]:
-        """Patch height and width in pixels."""
+        """Height and width in pixels of one cell of the map grid (:meth:`patch_grid`): the
+        patch, or the block of patches one merged image token stands for."""
         conv = self._patch_conv()
         return tuple(int(s) for s in conv.kernel_size)  # type: ignore[return-value]
 
@@ -234,6 +237,43 @@ class VLMAdapter:
     def num_prefix_tokens(self) -> int:
         """Tokens before the patch tokens in the vision sequence (CLS, registers)."""
         return 1
+
+    # ----- the model's image inputs ---------------------------------------------------------------
+    # Every method takes (and every map is drawn over) one image tensor ``[B, 3, H, W]`` per
+    # example, the processed image. Families whose processor hands the image over otherwise
+    # (flattened patches with their grid, tiles) convert in these two methods.
+    def processor_inputs(self, outputs: Mapping) -> dict:
+        """The processor's outputs with ``pixel_values`` as one image tensor ``[B, 3, H, W]``
+        (and the keys :meth:`model_inputs` rebuilds from it dropped). Default: as they are.
+
+        Example:
+            >>> inputs = adapter.processor_inputs(processor(images=image, text=texts, return_tensors="pt"))  # doctest: +SKIP
+        """
+        return dict(outputs)
+
+    def model_inputs(
+        self, pixel_values: torch.Tensor, input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> dict:
+        """The keyword arguments of the model's forward (and ``generate``) for one image tensor
+        ``[B, 3, H, W]`` and the text. Default: the three as they are.
+
+        Example:
+            >>> logits = model(**adapter.model_inputs(pixel_values, input_ids, attention_mask)).logits  # doctest: +SKIP
+        """
+        kwargs = {"pixel_values": pixel_values}
+        if input_ids is not None:
+            kwargs["input_ids"] = input_ids
+        if attention_mask is not None:
+            kwargs["attention_mask"] = attention_mask
+        return kwargs
+
+    def patch_embedding_grid(self, layer_attr: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Attributions at :meth:`patch_embedding`'s output (``[B, D, h, w]`` or ``[B, N, D]``)
+        summed per map-grid cell, ``[B, h, w]``."""
+        if layer_attr.dim() == 4:
+            return layer_attr.sum(1)
+        return layer_attr.sum(-1).reshape(pixel_values.shape[0], *self.patch_grid(pixel_values))
 
     # ----- text side --------------------------------------------------------------------
     def text_blocks(self) -> list[nn.Module]:

@@ -79,9 +79,8 @@ class LlavaAdapter(VLMAdapter):
         return (tokens, torch.cat([attention_mask, torch.ones_like(answer_ids)], 1)), input_ids.shape[1]
 
     def greedy_answer(self, pixel_values, input_ids, attention_mask, max_new_tokens):
-        generated = self.model.generate(pixel_values=pixel_values, input_ids=input_ids,
-                                        attention_mask=attention_mask, max_new_tokens=max_new_tokens,
-                                        do_sample=False)
+        generated = self.model.generate(**self.model_inputs(pixel_values, input_ids, attention_mask),
+                                        max_new_tokens=max_new_tokens, do_sample=False)
         new = generated[:, input_ids.shape[1]:]
         eos = self.model.generation_config.eos_token_id
         eos = eos[0] if isinstance(eos, (list, tuple)) else eos

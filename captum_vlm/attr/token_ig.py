@@ -192,7 +192,7 @@ class TokenIntegratedGradients(ImageAttributionBase, GradientAttribution):
                 forward, [adapter.patch_embedding()], (pixels,), (pixel_base,), (), rows.tolist(),
                 n_steps, method, ibs, progress,
             )
-            return _patch_sum(grids[0], adapter.patch_grid(pixels)), None, delta
+            return adapter.patch_embedding_grid(grids[0], pixels), None, delta
 
         # text and both: one image at a time, so each prompt's gradient belongs to one image
         images, texts, deltas = [], [], []
@@ -222,7 +222,7 @@ class TokenIntegratedGradients(ImageAttributionBase, GradientAttribution):
             attrs, delta = self._integrate(forward, layers, inps, bases, rest, k, n_steps, method, ibs, progress)
             texts.append(attrs[-1].sum(-1)[k])
             if modality == "both":
-                images.append(_patch_sum(attrs[0], adapter.patch_grid(pix))[0])
+                images.append(adapter.patch_embedding_grid(attrs[0], pix)[0])
             deltas.append(None if delta is None else delta[0])
         image = torch.stack(images) if images else None
         return image, torch.stack(texts), (None if deltas[0] is None else torch.stack(deltas))
@@ -246,7 +246,7 @@ class TokenIntegratedGradients(ImageAttributionBase, GradientAttribution):
         with torch.no_grad():
             check_output_target(call(pixels, ids, mask, *extra), target)
         attrs, delta = self._integrate(forward, layers, inps, bases, rest, target, n_steps, method, ibs, progress)
-        image = _patch_sum(attrs[0], adapter.patch_grid(pixels)) if modality != "text" else None
+        image = adapter.patch_embedding_grid(attrs[0], pixels) if modality != "text" else None
         text = attrs[-1].sum(-1) if modality != "image" else None
         return image, text, delta
 
@@ -417,18 +417,13 @@ def _pixel_baseline_unchecked(baselines, pixel_values: torch.Tensor) -> torch.Te
     )
 
 
-def _patch_sum(layer_attr: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    """Patch-embedding attributions (``[B, D, h, w]`` or ``[B, N, D]``) summed per patch ``[B, h, w]``."""
-    if layer_attr.dim() == 4:
-        return layer_attr.sum(1)
-    return layer_attr.sum(-1).reshape(layer_attr.shape[0], *grid)
-
-
 def _example_sums(attr: torch.Tensor, batch: int) -> torch.Tensor:
     """Total attribution per example; a layer with more rows than examples (the K prompts of a
     two-tower model, explained for one image) counts all its rows for that image."""
     sums = attr.reshape(attr.shape[0], -1).sum(1)
-    return sums if sums.shape[0] == batch else sums.sum().expand(batch)
+    if sums.shape[0] % batch == 0:  # [B, ...] or rows in example order (flattened patches [B * N, D])
+        return sums.reshape(batch, -1).sum(1)
+    return sums.sum().expand(batch)
 
 
 def _paired_logits(adapter, image: torch.Tensor, text: torch.Tensor, n_prompts: int) -> torch.Tensor:

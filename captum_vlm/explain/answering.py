@@ -90,7 +90,8 @@ def _generate_each(model, tokenizer, pixels, ids, mask, max_new_tokens, extra=()
     from captum_vlm.adapters import get_adapter
     from captum_vlm.targets import TokenLogProbs
 
-    names = get_adapter(model).extra_text_inputs
+    adapter = get_adapter(model)
+    names = adapter.extra_text_inputs
     sequences, lengths, texts, probabilities, tokens, extra_args = [], [], [], [], [], []
     for k in range(ids.shape[0]):
         prompt = ids[k][mask[k].bool()][None]
@@ -98,9 +99,8 @@ def _generate_each(model, tokenizer, pixels, ids, mask, max_new_tokens, extra=()
         if extra:  # (ids, mask) pairs: this prompt's, padding dropped
             kept = extra[1][k].bool()
             own = (extra[0][k][kept][None], extra[1][k][kept][None])
-        sequence = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt),
-                                  pixel_values=pixels[k : k + 1], max_new_tokens=max_new_tokens, do_sample=False,
-                                  **dict(zip(names, own)))
+        sequence = model.generate(**adapter.model_inputs(pixels[k : k + 1], prompt, torch.ones_like(prompt)),
+                                  max_new_tokens=max_new_tokens, do_sample=False, **dict(zip(names, own)))
         if sequence.shape[1] < prompt.shape[1] or not torch.equal(sequence[:, : prompt.shape[1]], prompt):
             sequence = torch.cat([prompt, sequence], 1)  # models whose generate() returns new tokens only
         start = prompt.shape[1]  # generate() adds at least one token (max_new_tokens >= 1)

@@ -165,7 +165,8 @@ def explain(
         if len(set(targets)) != len(targets):
             raise ValueError(f"target: {targets} names a text more than once; give each index once")
     images = picture if adapter.two_tower else [picture] * len(texts)  # fusion models: each text with the image
-    inputs = processor(images=images, text=list(texts), return_tensors="pt", padding=adapter.text_padding)
+    inputs = adapter.processor_inputs(  # pixel_values as one image tensor [B, 3, H, W]
+        processor(images=images, text=list(texts), return_tensors="pt", padding=adapter.text_padding))
     tokenizer = getattr(processor, "tokenizer", processor)
     tokens = [tokenizer.convert_ids_to_tokens(row.tolist()) for row in inputs["input_ids"]]
     check_count(max_new_tokens, "max_new_tokens")

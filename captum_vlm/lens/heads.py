@@ -155,7 +155,9 @@ def _sequence_layout(adapter, stream: str, layout) -> dict:
     """Patch keys (in grid order) from an :class:`~captum_vlm.adapters.layout.ImageTokenLayout`;
     the sink is the sequence's first token. Merged or per-example layouts give no patch keys."""
     h, w = layout.grid
-    columns, cells = layout.columns, layout.cells
+    columns, cells = layout.columns, layout.one_cell_each
+    if cells is None:  # tokens covering several cells (or none): no patch keys
+        return dict(sink_keys=torch.tensor([0]), patch_keys=None, patch_queries=None, grid=layout.grid)
     one_to_one = cells.shape[1] == h * w and bool((cells.sort(1).values == torch.arange(h * w)).all())
     same = bool((columns == columns[:1]).all() and (cells == cells[:1]).all())
     keys = columns[0][cells[0].argsort()] if one_to_one and same else None

@@ -483,7 +483,7 @@ def logit_lens(
         part = slice(first, first + batch_size)
         pixels, prompts = [], []
         for img, txt in zip(images[part], texts[part]):  # each row on its own: no padding side matters
-            inputs = processor(images=img, text=txt, return_tensors="pt")
+            inputs = get_adapter(model).processor_inputs(processor(images=img, text=txt, return_tensors="pt"))
             pixels.append(inputs["pixel_values"])
             ids = inputs["input_ids"]
             mask = inputs.get("attention_mask")
