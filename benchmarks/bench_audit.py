@@ -100,6 +100,7 @@ def main() -> None:
     parser.add_argument("--engines", nargs="+", default=["local", "ray1", "ray2"],
                         help="local, ray1 (1 actor), ray2 (2 actors)")
     parser.add_argument("--method", default="grad-eclip")
+    parser.add_argument("--ray-startup-timeout", type=float, default=600.0, help="seconds Ray may take to start")
     parser.add_argument("--checks", nargs="*", default=["deletion", "grounding"],
                         help="deletion and/or grounding; none: --checks with no value")
     args = parser.parse_args()
@@ -114,7 +115,7 @@ def main() -> None:
     if any(e.startswith("ray") for e in args.engines):
         start = time.perf_counter()
         os.environ["RAY_worker_niceness"] = "0"  # Ray's default 15 starves its workers on a shared machine
-        start_local_ray(num_cpus=2, object_store_memory=200 * 2**20)
+        start_local_ray(args.ray_startup_timeout, num_cpus=2, object_store_memory=200 * 2**20)
         ray_start = time.perf_counter() - start
     rows, tables, findings = [], {}, []
     chosen = {"local": ("local", 1), "ray1": ("ray", 1), "ray2": ("ray", 2)}

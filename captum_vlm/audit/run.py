@@ -93,12 +93,20 @@ def audit(
     """Explain every image of ``data`` and write one record per image to ``output``.
 
     Each record holds the image's id and label, the model's prediction over ``texts`` (or its
-    answer to the question) and its confidence, and per method the map's summary (peak cell, entropy, share of the positive mass
-    on the object when a mask or box is given), its deletion AUC beside a random order's, and
-    the grounding-test verdict (and, with a mask or box, the verdict of masking the object
-    itself: ``object_grounded``); an unreadable image gives a record with ``error`` set. Records
-    are Parquet shards in ``output/records/``, written as the run goes; a run started again
-    with the same ``output`` (and arguments) skips the recorded images.
+    answer to the question) and its confidence, and per method the map's summary (peak cell,
+    entropy, share of the positive mass on the object when a mask or box is given), its deletion
+    AUC beside a random order's, and the grounding-test verdict (and, with a mask or box, the
+    verdict of masking the object itself: ``object_grounded``); an unreadable image gives a
+    record with ``error`` set. Records are Parquet shards in ``output/records/``, written as the
+    run goes; a run started again with the same ``output`` (and arguments) skips the recorded
+    images.
+
+    The engines write bit-identical records when the model's weights live in memory of their
+    own, as :func:`captum_vlm.zoo.load` gives them: Ray actors hold an unpickled (fresh,
+    64-byte aligned) copy, while ``from_pretrained`` can leave weights as views into the
+    memory-mapped checkpoint at misaligned addresses, where MKL's matrix-vector product rounds
+    differently (the last float32 bits, ~1e-7 relative). For such a model, audit
+    ``copy.deepcopy(model)`` to get the actors' bits locally.
 
     Args:
         model: a two-tower model (``CLIPModel``, ``SiglipModel``...) or a model that answers
