@@ -103,6 +103,8 @@ def test_answer_models_refuse_bad_input_before_any_work(vqa, tmp_path):
                  output=tmp_path / "o")
     with pytest.raises(ValueError, match="methods"):
         cv.audit(model, processor, [image], [QUESTION], methods=["grad-eclip"], output=tmp_path / "o")
+    with pytest.raises(ValueError, match="model: .*ViltForQuestionAnswering computes 'answer_label'"):
+        cv.audit(tm.vilt_vqa(), processor, [image], [QUESTION], output=tmp_path / "o")  # answers by label: not yet
     assert not (tmp_path / "o").exists()
 
 

@@ -31,8 +31,8 @@ def _check_config(model, texts, methods, checks, explain, deletion_steps, ground
     if not adapter.two_tower and not answers:
         raise ValueError(
             f"model: cv.audit explains two-tower models (image and text towers, e.g. CLIP or SigLIP) and "
-            f"models that answer questions by answer tokens or labels (VQA); {type(model).__name__} "
-            f"computes {adapter.task!r}"
+            f"models that answer questions with answer tokens after the question (e.g. BLIP VQA); "
+            f"{type(model).__name__} computes {adapter.task!r}"
         )
     if answers:
         texts = [texts] if isinstance(texts, str) else list(texts or ())
@@ -110,8 +110,8 @@ def audit(
 
     Args:
         model: a two-tower model (``CLIPModel``, ``SiglipModel``...) or a model that answers
-            questions (``BlipForQuestionAnswering``, ``ViltForQuestionAnswering``): each image is
-            asked its row's ``question`` (or ``texts[0]``), and its answer is explained and checked.
+            questions with answer tokens (``BlipForQuestionAnswering``): each image is asked its
+            row's ``question`` (or ``texts[0]``), and its answer is explained and checked.
         processor: its processor.
         data: a folder of images (with ``labels.csv``/``labels.jsonl``: ``file``, ``label`` and
             optionally ``mask``, ``box``), a list of paths / PIL images / arrays / dicts, a Hugging

@@ -6,9 +6,9 @@ image is scored and explained on its own, so a record does not depend on which b
 fell in: the local engine and any number of Ray actors write the same records.
 
 Two kinds of model, told apart by the adapter's capability flags: two-tower models score the
-image against every prompt (the prediction is the best prompt); answer models (VQA: the adapter's
-``answers_questions``) are asked the row's question and explained through their own answer, whose
-score (the answer's log-probability, or its label logit) the checks perturb.
+image against every prompt (the prediction is the best prompt); answer models (the adapter's
+``answers_questions`` with answer tokens after the question, e.g. BLIP VQA) are asked the row's
+question and explained through their own answer, whose log-probability the checks perturb.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ OBJECT_GROUNDING = {  # per record, with a mask and the grounding check: the obj
     "object_grounded": pa.bool_(), "object_grounding_drop": pa.float64(),
     "object_grounding_drop_random": pa.float64(),
 }
-ANSWER_TASKS = ("answer_tokens", "answer_label")  # answer models the audit explains
+ANSWER_TASKS = ("answer_tokens",)  # answer models the audit explains: answer tokens after the question
 
 
 @dataclass(frozen=True)
@@ -255,11 +255,8 @@ class AuditWorker:
         }
         explanation = cv.explain(self.model, self.processor, image, [question],
                                  methods=list(self.config.methods), target=0, evidence=False)
-        ids, mask = inputs["input_ids"], inputs["attention_mask"]
-        if self.adapter.takes_answer_ids:  # the answer's tokens, scored after the question
-            scored = _Scored(inputs["pixel_values"], (ids, mask, answers.answer_ids, answers.answer_mask), None)
-        else:  # the answer's label logit
-            scored = _Scored(inputs["pixel_values"], (ids, mask), int(answers.label_ids[0]))
+        ids, mask = inputs["input_ids"], inputs["attention_mask"]  # the answer's tokens, scored after the question
+        scored = _Scored(inputs["pixel_values"], (ids, mask, answers.answer_ids, answers.answer_mask), None)
         return out | self._maps(explanation, scored, row, image)
 
     def _maps(self, explanation, scored: _Scored, row: dict[str, Any], image: Image.Image) -> dict[str, Any]:
@@ -315,15 +312,15 @@ class AuditWorker:
         return {f"{method}.{k}": v for k, v in values.items()}
 
     def _probabilities(self, pixels, *args):
-        """The explained score as a probability (softmax over the prompts, SigLIP's sigmoid, the
-        answer's exp(log-probability) or its label's sigmoid: the adapter says which)."""
+        """The explained score as a probability (softmax over the prompts, SigLIP's sigmoid or the
+        answer's exp(log-probability): the adapter says which)."""
         return self.adapter.to_probability(self.score(pixels, *args))
 
 
 @dataclass
 class _Scored:
     """What the checks perturb: ``pixel_values``, the forward arguments after them, the target
-    (a prompt index list, an answer label id, or ``None`` for a one-number score), and whether
+    (a prompt index, or ``None`` for a one-number score), and whether
     the arguments are per example (expanded with the perturbed images) or shared prompts."""
 
     pixels: torch.Tensor
