@@ -124,10 +124,15 @@ def test_ray_gives_the_records_of_the_local_engine(ray_cluster, clip, local_run,
 
 
 def _actor_pids() -> list[int]:
+    """The audit actors of this test's own cluster: its raylet is a child of this process, the
+    actors are the raylet's workers (other users' Ray clusters on the machine are left alone)."""
     pids = []
-    for proc in psutil.process_iter(["pid", "cmdline"]):
-        if "AuditWorker" in " ".join(proc.info["cmdline"] or []):
-            pids.append(proc.info["pid"])
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            if "AuditWorker" in " ".join(proc.cmdline()):
+                pids.append(proc.pid)
+        except psutil.Error:  # gone meanwhile
+            continue
     return pids
 
 
