@@ -3,7 +3,8 @@
 1. Logit lens on ``shapes-blip-vqa``: held-out two-object scenes, the questions "what color is
    the <shape>?" and "what shape is the <colour> object?"; the model's own greedy answer is
    lensed at every decoder layer. Reported: the mean rank of the produced token per layer (it
-   must be 1 at the last layer) and the answer accuracy.
+   must be 1 at the last layer) and the answer accuracy. Batching: CPU time of the lens one row
+   at a time vs 16 rows per forward, on the same questions, and their largest difference.
 2. Probes on ``shapes-clip``: one-object scenes, the object's colour and its shape as labels, a
    probe on the pooled (CLS) token at every vision layer with the label-shuffled control; and a
    patch probe "this patch lies on the object" (labels from the scene masks).
@@ -18,6 +19,7 @@ Run::
     OMP_NUM_THREADS=1 python benchmarks/bench_lens_inside.py
     OMP_NUM_THREADS=1 python benchmarks/bench_lens_inside.py --lens-scenes 20 --probe-scenes 100
     OMP_NUM_THREADS=1 python benchmarks/bench_lens_inside.py --ablation-targets logit log-probability
+    OMP_NUM_THREADS=1 python benchmarks/bench_lens_inside.py --only batching --lens-scenes 20
 
 Prints Markdown tables for ``benchmarks/RESULTS.md``.
 """
@@ -65,6 +67,30 @@ def bench_logit_lens(n_scenes: int) -> None:
     for layer, (r, w) in enumerate(zip(ranks, word)):
         name = "0 (embeddings)" if layer == 0 else str(layer)
         print(f"| {name} | {r:.2f} | {w:.2f} |")
+
+
+def bench_logit_lens_batch(n_scenes: int, batch_size: int = 16) -> None:
+    """CPU time of the logit lens one question at a time vs ``batch_size`` rows per forward, on
+    the same questions with their true answers given (no generation), and the largest difference."""
+    model, processor = zoo.load("shapes-blip-vqa")
+    rows = [(scene.pil(), q, a) for scene in zoo.scenes.make_scenes(HELDOUT_SEED, n_scenes, size=64, n_objects=2)
+            for q, a in scene.vqa if q.startswith("what color")]
+    images, questions, answers = map(list, zip(*rows))
+    timings, results = {}, {}
+    for name, size in (("one by one", 1), (f"batch_size={batch_size}", batch_size)):
+        start = time.process_time()
+        results[name] = logit_lens(model, processor, images, questions, answer=answers, k=5, batch_size=size)
+        timings[name] = time.process_time() - start
+    alone, batched = results.values()
+    diff = max(float((a.produced_probs - b.produced_probs).abs().max()) for a, b in zip(alone, batched))
+    same_ranks = all(bool((a.produced_ranks == b.produced_ranks).all()) for a, b in zip(alone, batched))
+    one, many = timings.values()
+    print(f"\n**Logit lens batching, shapes-blip-vqa** ({len(rows)} 'what color' questions on {n_scenes} held-out "
+          "two-object scenes, true answers given; CPU time (process_time), one torch thread)\n")
+    print("| rows per forward | CPU s | ratio to one by one | max abs diff of produced-token probability | ranks equal |")
+    print("|---|---|---|---|---|")
+    print(f"| 1 | {one:.2f} | 1.00 | - | - |")
+    print(f"| {batch_size} | {many:.2f} | {many / one:.2f} | {diff:.1e} | {same_ranks} |")
 
 
 def bench_probes(n_scenes: int) -> None:
@@ -161,12 +187,17 @@ def main() -> None:
     parser.add_argument("--top-k", type=int, default=3)
     parser.add_argument("--draws", type=int, default=10)
     parser.add_argument("--ablation-targets", nargs="+", default=["logit"], choices=["logit", "log-probability"])
+    parser.add_argument("--only", choices=["logit-lens", "batching", "probes", "ablation"], help="run one part")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    for name, run in (("logit lens", lambda: bench_logit_lens(args.lens_scenes)),
-                      ("probes", lambda: bench_probes(args.probe_scenes)),
-                      ("head ablation", lambda: bench_head_ablation(args.ablation_scenes, args.top_k, args.draws,
-                                                             tuple(args.ablation_targets)))):
+    parts = (("logit-lens", lambda: bench_logit_lens(args.lens_scenes)),
+             ("batching", lambda: bench_logit_lens_batch(args.lens_scenes)),
+             ("probes", lambda: bench_probes(args.probe_scenes)),
+             ("ablation", lambda: bench_head_ablation(args.ablation_scenes, args.top_k, args.draws,
+                                                      tuple(args.ablation_targets))))
+    for name, run in parts:
+        if args.only not in (None, name):
+            continue
         start = time.perf_counter()
         run()
         print(f"\n({name}: {time.perf_counter() - start:.0f} s)")

@@ -6,8 +6,10 @@
     captum-vlm demo [--out DIR]
     captum-vlm lens IMAGES... --text "a red circle" [--captions captions.tsv] --model zoo:shapes-clip \\
         --out lens.html [--projector LOGDIR]
-    captum-vlm lens-inside logit-lens IMAGE --model zoo:shapes-blip-vqa --text "what color is the circle?"
+    captum-vlm lens-inside logit-lens IMAGE... --model zoo:shapes-blip-vqa --text "what color is the circle?"
+    captum-vlm lens-inside probe --scenes 100 --label colour [--where patches] [--model zoo:shapes-clip]
     captum-vlm lens-inside heads IMAGE [--model zoo:shapes-clip] [--stream vision] [--out heads.html]
+    captum-vlm lens-inside ablate --scenes 50 | --data FOLDER [--model zoo:shapes-clip] [--mode mean]
     captum-vlm audit FOLDER --text "a red circle" --text "a blue square" [--engine ray] --out audit/
 
 Bad input (image path, unreadable image, unknown method or model) prints one line and exits 2.
@@ -62,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="index of a text to explain; repeat for several (default: all)")
     explain.add_argument("--out", default="report.html", help="HTML report to write (default report.html)")
     explain.add_argument("--png", metavar="DIR", help="also save one PNG per map and explanation.json here")
+    explain.add_argument("--logit-lens", action="store_true", help="models with a language decoder: add the logit "
+                         "lens of each explained caption or answer to the report")
     explain.add_argument("--quiet", action="store_true", help="no progress bar")
 
     zoo = sub.add_parser("zoo", help="the bundled models")
@@ -193,7 +197,8 @@ def check_request(texts: list[str], targets: list[int] | None) -> None:
 
 
 def run_explain(image_path: str, texts: list[str], model_spec: str, methods: list[str] | None,
-                targets: list[int] | None, out: str, png_dir: str | None, quiet: bool) -> Path:
+                targets: list[int] | None, out: str, png_dir: str | None, quiet: bool,
+                logit_lens: bool = False) -> Path:
     from captum_vlm.adapters import get_adapter
     from captum_vlm.explain import METHODS, explain, method_names
     from captum_vlm.explain.evidence import default_methods
@@ -212,7 +217,8 @@ def run_explain(image_path: str, texts: list[str], model_spec: str, methods: lis
     methods = methods or default_methods(family, method_names(family))
     try:
         explanation = explain(model, processor, image, texts, methods=methods, target=targets,
-                              model_name=model_spec.removeprefix("zoo:"), show_progress=not quiet)
+                              model_name=model_spec.removeprefix("zoo:"), show_progress=not quiet,
+                              logit_lens=logit_lens)
     except (ValueError, TypeError) as err:
         raise UsageError(str(err)) from err
     out_path = Path(out)
@@ -245,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {out}")
             return 0
         out, _ = run_explain(args.image, args.text, args.model, args.method, args.target, args.out, args.png,
-                             args.quiet)
+                             args.quiet, args.logit_lens)
         print(f"wrote {out}" + (f" and PNGs in {args.png}" if args.png else ""))
         return 0
     except UsageError as err:
@@ -406,55 +412,301 @@ def demo_summary(explanation) -> list[str]:
     return lines
 
 
-# ----- lens-inside: logit lens and attention-head statistics ------------------------------------
+# ----- lens-inside: logit lens, probes, attention heads and their ablation ----------------------
+LABEL_KINDS = ("colour", "shape", "object")
+
+
+def _add_data_args(parser, what: str) -> None:
+    """Where the images and labels come from: zoo scenes or a folder with a labels file."""
+    data = parser.add_mutually_exclusive_group(required=True)
+    data.add_argument("--scenes", type=int, metavar="N", help="N scenes drawn from the zoo's scene grammar")
+    data.add_argument("--data", metavar="FOLDER", help="a folder of images with labels.csv or labels.jsonl "
+                      f"(file, label{', mask' if what == 'probe' else ''}), as for captum-vlm audit")
+    parser.add_argument("--seed", type=int, default=123_456, help="scene seed (default 123456, the zoo's held-out seed)")
+    parser.add_argument("--objects", type=int, default=1, choices=[1, 2, 3], help="objects per scene (default 1)")
+    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"zoo:NAME or a local folder (default {DEFAULT_MODEL})")
+    parser.add_argument("--batch-size", type=int, default=32, help="images per forward (default 32)")
+    parser.add_argument("--out", default=f"{what}.html", help=f"HTML report to write (default {what}.html)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
 def add_lens_inside_parser(sub) -> None:
-    lens = sub.add_parser("lens-inside", help="inside the model: logit lens, attention-head statistics")
-    views = lens.add_subparsers(dest="view", required=True, metavar="{logit-lens,heads}")
+    lens = sub.add_parser("lens-inside", help="inside the model: logit lens, probes, attention heads, head ablation",
+                          description="Views inside the model, each written as a self-contained HTML report.")
+    views = lens.add_subparsers(dest="view", required=True, metavar="{logit-lens,probe,heads,ablate}")
     logit = views.add_parser("logit-lens", help="what each decoder layer predicts (BLIP captioning/VQA, LLaVA)")
-    logit.add_argument("image", help="path of the image")
+    logit.add_argument("images", nargs="+", metavar="IMAGE", help="image file(s); one --text for all or one each")
     logit.add_argument("--model", required=True, help="zoo:NAME or a local checkpoint folder with a decoder")
-    logit.add_argument("--text", required=True, help="the prompt or question (LLaVA: with the image token)")
-    logit.add_argument("--answer", help="continuation to lens (default: the model's greedy answer)")
+    logit.add_argument("--text", action="append", required=True, help="the prompt or question (LLaVA: with the "
+                       "image token); repeat for one per image")
+    logit.add_argument("--answer", action="append", help="continuation to lens (default: the model's greedy "
+                       "answer); repeat for one per row")
     logit.add_argument("--word", action="append", default=[], help="LLaVA: map this word's probability over "
                        "the image tokens; repeat for several")
     logit.add_argument("--k", type=int, default=5, help="top tokens per layer (default 5)")
-    logit.add_argument("--out", default="logit-lens.html", help="HTML page to write")
+    logit.add_argument("--batch-size", type=int, default=8, help="rows per forward (default 8)")
+    logit.add_argument("--out", default="logit-lens.html", help="HTML report to write")
+    probe = views.add_parser("probe", help="linear probes per vision layer with a shuffled-label control",
+                             description="Fit a logistic-regression probe at every vision layer (5-fold CV) with "
+                             "a label-shuffled control. Scenes: --label colour|shape of the (first) object, or for "
+                             "--where patches the colour/shape of the object under each patch ('background' "
+                             "elsewhere) or 'object' (on an object or not). A folder: its labels file's label "
+                             "(image probes) or mask (patch probes: on the mask or not).")
+    _add_data_args(probe, "probe")
+    probe.add_argument("--label", choices=LABEL_KINDS, default="colour", help="scenes: what to probe (default colour)")
+    probe.add_argument("--where", choices=["image", "patches"], default="image", help="pooled token or each patch")
+    probe.add_argument("--layer", type=int, action="append", help="layer to probe (0 = embeddings); repeat; default all")
+    probe.add_argument("--cv", type=int, default=5, help="cross-validation folds (default 5)")
     heads = views.add_parser("heads", help="entropy, sink mass and attention distance per layer x head")
     heads.add_argument("image", help="path of the image")
     heads.add_argument("--model", default=DEFAULT_MODEL, help=f"zoo:NAME or a local folder (default {DEFAULT_MODEL})")
     heads.add_argument("--stream", default="vision", choices=["vision", "text", "cross"])
     heads.add_argument("--text", help="text for the text and cross streams")
-    heads.add_argument("--out", default="heads.html", help="HTML page to write")
+    heads.add_argument("--out", default="heads.html", help="HTML report to write")
+    ablate = views.add_parser("ablate", help="ablate each attention head alone: the target's drop, heads ranked",
+                              description="Zero (or mean-replace) each head of a stream on its own and measure the "
+                              "drop of the model's target for each image's label: two-tower models the zero-shot "
+                              "logit of the label's prompt among --text (scenes: the zoo's 12 prompts), matching "
+                              "models the match logit of the label text, captioning models the caption's "
+                              "log-probability, VQA models the log-probability of the label as the answer to "
+                              "--text.")
+    _add_data_args(ablate, "ablate")
+    ablate.add_argument("--text", action="append", help="two-tower: the prompts (repeat); VQA: the question")
+    ablate.add_argument("--stream", default="vision", choices=["vision", "text", "cross"])
+    ablate.add_argument("--mode", default="zero", choices=["zero", "mean"])
+    ablate.add_argument("--top", type=int, default=10, help="heads listed in the ranking (default 10)")
+
+
+def _check_out(out: str) -> Path:
+    check_outputs(out, None)
+    return Path(out)
+
+
+def _scene_data(args):
+    """Images, per-image labels and per-image masks of ``--scenes`` scenes (all at the scene size)."""
+    from captum_vlm import zoo
+
+    if args.scenes < 2:
+        raise UsageError(f"--scenes: expected at least 2 scenes, got {args.scenes}")
+    scenes = zoo.scenes.make_scenes(args.seed, args.scenes, size=64, n_objects=args.objects)
+    return [s.pil() for s in scenes], scenes
+
+
+def _folder_data(folder: str, need_masks: bool):
+    """Images, labels and (where asked) masks of a folder with a labels file (as ``audit`` reads it)."""
+    from captum_vlm.audit.sources import LABEL_FILES, rows_from
+
+    if not Path(folder).is_dir():
+        raise UsageError(f"data folder not found: {folder}")
+    if not any((Path(folder) / name).is_file() for name in LABEL_FILES):
+        raise UsageError(f"{folder} has no labels file; add {' or '.join(LABEL_FILES)} (columns file, label"
+                         f"{', mask' if need_masks else ''})")
+    try:
+        rows = rows_from(folder)
+    except (ValueError, TypeError) as err:
+        raise UsageError(str(err).splitlines()[0]) from err
+    images = [open_image(r["path"]) for r in rows]
+    missing = [r["id"] for r in rows if (r["mask_path"] if need_masks else r["label"]) is None]
+    if missing:
+        raise UsageError(f"{folder}: no {'mask' if need_masks else 'label'} for {', '.join(missing[:3])} "
+                         "in its labels file")
+    masks = [_read_mask(r["mask_path"]) for r in rows] if need_masks else None
+    return images, [r["label"] for r in rows], masks
+
+
+def _read_mask(path: str):
+    import numpy as np
+
+    try:
+        if path.endswith(".npy"):
+            return np.load(path).astype(bool)
+        from PIL import Image
+
+        with Image.open(path) as mask:
+            return np.asarray(mask.convert("L")) > 127
+    except (OSError, ValueError) as err:
+        raise UsageError(f"cannot read mask {path}: {err}") from err
+
+
+def _patch_grid_labels(masks, names, size, grid):
+    """Per-patch labels ``[N, rows, cols]``: the name of the mask a patch lies on, else 'background'."""
+    import numpy as np
+    from PIL import Image
+
+    from captum_vlm.lens import patch_labels
+
+    rows, cols = grid
+    labels = np.full((len(masks), rows, cols), "background", dtype=object)
+    for i, (image_masks, image_names) in enumerate(zip(masks, names)):
+        for mask, name in zip(image_masks, image_names):
+            resized = np.asarray(Image.fromarray(np.asarray(mask, dtype=np.uint8) * 255).resize(
+                (size[1], size[0]), Image.NEAREST)) > 127
+            labels[i][patch_labels(resized, grid)] = name
+    return labels.astype(str)
+
+
+def probe_data(args, model, processor):
+    """``(pixel_values, labels)`` for ``lens-inside probe`` (see its help)."""
+    from captum_vlm.adapters import get_adapter
+
+    if args.data:
+        images, labels, masks = _folder_data(args.data, args.where == "patches")
+        names = [[True] for _ in images]
+        masks = [[m] for m in masks] if masks is not None else None
+    else:
+        images, scenes = _scene_data(args)
+        index = {"colour": 0, "shape": 1}.get(args.label)
+        if args.where == "image":
+            if index is None:
+                raise UsageError("--label object: every scene holds an object; for image probes use colour or shape")
+            labels = [s.labels[0][index] for s in scenes]
+        masks = [[o.mask for o in s.objects] for s in scenes]
+        names = [[True if index is None else o[index] for o in s.objects] for s in scenes]
+    try:
+        pixels = processor(images=images, return_tensors="pt")["pixel_values"]
+    except Exception as err:  # noqa: BLE001 - the processor refusing an image is the user's data, one line
+        raise UsageError(f"cannot process the images: {err}") from err
+    if args.where == "patches":
+        grid = get_adapter(model).patch_grid(pixels)
+        labels = _patch_grid_labels(masks, names, tuple(pixels.shape[-2:]), grid)
+        if args.data or args.label == "object":
+            labels = labels != "background"
+    return pixels, labels
+
+
+def ablation_problem(args, model, processor, labels: list[str], images):
+    """``(forward, inputs, additional_forward_args, target, what)`` for ``lens-inside ablate``."""
+    import torch
+
+    from captum_vlm.adapters import get_adapter
+    from captum_vlm.targets import AnswerLogits, ImageTextSimilarity, MatchLogit, TokenLogProbs
+
+    adapter = get_adapter(model)
+    task = adapter.task
+    tokenizer = getattr(processor, "tokenizer", processor)
+    pixels = processor(images=images, return_tensors="pt")["pixel_values"]
+    if task == "similarity":
+        texts = list(args.text or [])
+        missing = sorted({label for label in labels if label not in texts})
+        if missing:
+            raise UsageError(f"labels {missing[:3]} are not among the prompts; give them with --text")
+        text = processor(text=texts, return_tensors="pt", padding=adapter.text_padding)
+        target = torch.tensor([texts.index(label) for label in labels])
+        return (ImageTextSimilarity(model), pixels, (text["input_ids"], text["attention_mask"]), target,
+                f"zero-shot logit of the label's prompt among {len(texts)}")
+    if task in ("match", "caption"):
+        text = tokenizer(labels, return_tensors="pt", padding=True)
+        forward = MatchLogit(model) if task == "match" else TokenLogProbs(model, reduction="sum")
+        what = "match logit of the label text" if task == "match" else "log-probability of the label as the caption"
+        return forward, pixels, (text["input_ids"], text["attention_mask"]), None, what
+    if task == "answer_tokens":
+        if not args.text or len(args.text) != 1:
+            raise UsageError("--text: a VQA model needs one question (the labels are its answers)")
+        question = tokenizer([args.text[0]] * len(labels), return_tensors="pt", padding=True)
+        answer = tokenizer(labels, return_tensors="pt", padding=True)
+        return (TokenLogProbs(model, reduction="sum"), pixels,
+                (question["input_ids"], question["attention_mask"], answer["input_ids"], answer["attention_mask"]),
+                None, f"log-probability of the label as the answer to {args.text[0]!r}")
+    if task == "answer_label":
+        known = getattr(model.config, "label2id", {}) or {}
+        missing = sorted({label for label in labels if label not in known})
+        if missing:
+            raise UsageError(f"labels {missing[:3]} are not answers of this model")
+        if not args.text or len(args.text) != 1:
+            raise UsageError("--text: a VQA model needs one question (the labels are its answers)")
+        inputs = processor(images=images, text=[args.text[0]] * len(labels), return_tensors="pt", padding=True)
+        return (AnswerLogits(model), inputs["pixel_values"], (inputs["input_ids"], inputs["attention_mask"]),
+                torch.tensor([known[label] for label in labels]), "logit of the label as the answer")
+    raise UsageError(f"ablate: no command-line target for {type(model).__name__} (task {task!r}); use "
+                     "cv.lens.head_importance with a target from captum_vlm.targets in Python")
+
+
+def ablation_data(args, model, processor):
+    """Images and per-image label texts for ``lens-inside ablate``; scenes fill in --text."""
+    from captum_vlm import zoo
+    from captum_vlm.adapters import get_adapter
+
+    if args.data:
+        images, labels, _ = _folder_data(args.data, need_masks=False)
+        return images, labels
+    images, scenes = _scene_data(args)
+    task = get_adapter(model).task
+    if task in ("answer_tokens", "answer_label"):
+        question = (args.text or ["what color is the object?"])[0]
+        args.text = [question]
+        shape = question.removeprefix("what color is the ").removesuffix("?")
+        answers = []
+        for scene in scenes:
+            found = dict(scene.vqa).get(question)
+            if found is None:
+                colours = [c for c, s in scene.labels if s == shape or shape == "object"]
+                found = colours[0] if len(colours) == 1 else None
+            if found is None:
+                raise UsageError(f"--text: scene {scene.seed} has no answer to {question!r}; ask "
+                                 "'what color is the object?' with --objects 1")
+            answers.append(found)
+        return images, answers
+    if task == "similarity" and not args.text:
+        args.text = zoo.scenes.zero_shot_prompts()
+    return images, [zoo.scenes.caption_for(s.labels) if task != "similarity" else zoo.scenes.phrase(*s.labels[0])
+                    for s in scenes]
 
 
 def run_lens_inside(args) -> Path:
-    """Run one lens-inside view and write its HTML page."""
+    """Run one lens-inside view and write its HTML report."""
     from captum_vlm import lens
-    from captum_vlm.viz.lens_inside import lens_page, lens_section, plot_word_map
 
-    image = open_image(args.image)
-    model, processor = load_model(args.model)
+    out = _check_out(args.out)
+    title = f"{args.model.removeprefix('zoo:')}: inside the model"
+    if getattr(args, "batch_size", 1) < 1:
+        raise UsageError(f"--batch-size must be at least 1, got {args.batch_size}")
     try:
         if args.view == "logit-lens":
-            result = lens.logit_lens(model, processor, image, args.text, answer=args.answer, k=args.k,
-                                     words=args.word)
-            notes = [f"text: {args.text}", "produced: " + " ".join(result.produced_tokens)]
-            figures = [result.plot(title=args.model)]
-            figures += [plot_word_map(result.word_map(w), w, result.num_layers - 1) for w in result.word_maps]
-            page = lens_page([lens_section("logit lens", figures, notes)])
-        else:
+            images = [open_image(path) for path in args.images]
+            model, processor = load_model(args.model)
+            image = images if len(images) > 1 or len(args.text) > 1 else images[0]
+            text = args.text if len(args.text) > 1 or len(images) > 1 else args.text[0]
+            answer = args.answer if args.answer is None or len(args.answer) > 1 or isinstance(text, list) else args.answer[0]
+            result = lens.logit_lens(model, processor, image, text, answer=answer, k=args.k, words=args.word,
+                                     batch_size=args.batch_size)
+            views = result if isinstance(result, list) else [result]
+            meta = f"model {args.model} · images {', '.join(args.images)}"
+        elif args.view == "heads":
+            image = open_image(args.image)
             if args.stream != "vision" and not args.text:
                 raise UsageError(f"--text: the {args.stream} stream needs a text")
+            model, processor = load_model(args.model)
             inputs = dict(processor(images=image, text=args.text, return_tensors="pt", padding=True)
                           if args.text else processor(images=image, return_tensors="pt"))
-            stats = lens.head_statistics(model, inputs, stream=args.stream)
-            page = lens_page([lens_section(f"{args.stream} attention heads", [stats.plot(title=args.model)])])
-    except (TypeError, ValueError) as err:
-        raise UsageError(str(err).splitlines()[0]) from err
-    out = Path(args.out)
+            views = [lens.head_statistics(model, inputs, stream=args.stream)]
+            meta = f"model {args.model} · image {args.image}"
+        elif args.view == "probe":
+            model, processor = load_model(args.model)
+            pixels, labels = probe_data(args, model, processor)
+            views = [lens.probe(model, None, pixels, labels, where=args.where, layers=args.layer, cv=args.cv,
+                                batch_size=args.batch_size, show_progress=not args.quiet)]
+            meta = f"model {args.model} · {_data_line(args)} · {len(pixels)} images"
+        else:
+            if args.top < 1:
+                raise UsageError(f"--top must be at least 1, got {args.top}")
+            model, processor = load_model(args.model)
+            images, labels = ablation_data(args, model, processor)
+            forward, pixels, extra, target, what = ablation_problem(args, model, processor, labels, images)
+            views = [lens.head_importance(model, forward, pixels, extra, target=target, stream=args.stream,
+                                          mode=args.mode, show_progress=not args.quiet, target_label=what)]
+            meta = f"model {args.model} · {_data_line(args)} · {len(images)} images"
+        sections = [v.html_section(top=args.top) if args.view == "ablate" else v.html_section() for v in views]
+    except (TypeError, ValueError, KeyError) as err:
+        raise UsageError(str(err).splitlines()[0].strip('"')) from err
+    from captum_vlm.viz.lens_inside import lens_page
+
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(page, encoding="utf-8")
+    out.write_text(lens_page(sections, title=title, meta=meta), encoding="utf-8")
     return out
+
+
+def _data_line(args) -> str:
+    return f"data {args.data}" if args.data else f"{args.scenes} zoo scenes (seed {args.seed}, {args.objects} object(s))"
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from torch import nn
 
 from captum_vlm._checks import check_input_ids, check_pixel_values, check_same_batch
 from captum_vlm.adapters import get_adapter
+from captum_vlm.adapters.base import classes_with_decoder
 
 __all__ = [
     "ImageTextSimilarity",
@@ -201,8 +202,11 @@ class TokenLogProbs(_Target):
     * ``BlipForQuestionAnswering``: ``forward(pixel_values, input_ids, attention_mask,
       answer_ids, answer_attention_mask=None)``; the question is ``input_ids``, columns follow
       ``answer_ids`` (first token replaced by the decoder start token).
-    * ``LlavaForConditionalGeneration``: ``forward(pixel_values, input_ids, attention_mask=None)``
-      with the image placeholders in ``input_ids`` left intact.
+    * ``LlavaForConditionalGeneration``, ``Blip2ForConditionalGeneration`` (any model whose
+      ``input_ids`` hold the image placeholders): ``forward(pixel_values, input_ids,
+      attention_mask=None)`` with the placeholders left intact; a model with further text inputs
+      (the adapter's ``extra_text_inputs``, InstructBLIP's ``qformer_input_ids,
+      qformer_attention_mask``) takes them in the two places after ``attention_mask``.
 
     Args:
         model: one of the classes above.
@@ -210,13 +214,11 @@ class TokenLogProbs(_Target):
         score_from: score only positions ``>= score_from`` (e.g. the answer after a prompt).
     """
 
-    _FAMILIES = ("BlipForConditionalGeneration", "BlipForQuestionAnswering", "LlavaForConditionalGeneration")
-
     def __init__(self, model: nn.Module, reduction: str | None = None, score_from: int = 1):
         super().__init__(model)
         name = type(self.model).__name__
-        if name not in self._FAMILIES:
-            raise TypeError(f"model: TokenLogProbs supports {', '.join(self._FAMILIES)}, got {name}")
+        if not self.adapter.has_decoder:
+            raise TypeError(f"model: TokenLogProbs supports {', '.join(classes_with_decoder())}, got {name}")
         if reduction not in (None, "sum"):
             raise ValueError(f"reduction: expected None or 'sum', got {reduction!r}")
         if not isinstance(score_from, int) or score_from < 1:
@@ -259,7 +261,13 @@ class TokenLogProbs(_Target):
                 encoder_attention_mask=attention_mask,
             ).logits
             return logits, tokens, answer_attention_mask
-        logits = self.model(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask).logits
+        self.adapter.check_image_tokens(pixel_values, input_ids)
+        extra = dict(zip(self.adapter.extra_text_inputs, (answer_ids, answer_attention_mask)))
+        if any(v is None for v in extra.values()):
+            raise ValueError(f"additional_forward_args: {type(self.model).__name__} also needs "
+                             f"{', '.join(self.adapter.extra_text_inputs)} after (input_ids, attention_mask)")
+        logits = self.model(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask,
+                            **extra).logits
         return logits, input_ids, attention_mask
 
     @property

@@ -18,6 +18,8 @@ FAMILY = {
     "ViltForQuestionAnswering": "vilt",
     "ViltForImageAndTextRetrieval": "vilt",
     "LlavaForConditionalGeneration": "llava",
+    "Blip2ForConditionalGeneration": "blip2",
+    "InstructBlipForConditionalGeneration": "instructblip",
 }
 
 

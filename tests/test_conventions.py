@@ -70,10 +70,9 @@ def inputs_for(class_name: str, batch: int = 2, size: tuple[int, int] = (tm.IMAG
     if adapter.two_tower:
         ids, mask = tm.text_ids(3, 6)
         return pixels, (ids, mask), [2, 0, 1][:batch]
-    if adapter.image_tokens_in_input_ids:
-        n = (size[0] // tm.PATCH) * (size[1] // tm.PATCH)
-        row = [tm.BOS, 9] + [tm.LLAVA_IMAGE_TOKEN] * n + [11, 12, 13]
-        return pixels, (torch.tensor([row] * batch), torch.ones(batch, len(row), dtype=torch.long)), None
+    if adapter.image_tokens_in_input_ids:  # the processor's placeholders: one per patch, or per query
+        text = tm.image_prompt(adapter.model, [9, 11, 12, 13], batch, pixels)
+        return pixels, (*text, *tm.extra_text_inputs(adapter.model, batch)), None
     ids, mask = tm.text_ids(batch, 6)
     if adapter.takes_answer_ids:
         answer, answer_mask = tm.text_ids(batch, 4, seed=1)

@@ -248,3 +248,26 @@ def test_vilt_joint_encoder_reads_the_patches_from_the_layout():
     for name in ("entropy", "sink_mass"):
         assert_close_scaled(getattr(stats, name), getattr(want, name))
     assert np.isfinite(stats.distance).all()  # the 16 patch tokens were found after the text
+
+
+def test_head_importance_leaves_the_model_as_found_when_the_target_raises_midway():
+    model, _, _ = _clip_case()
+    ids, mask = tm.text_ids(3, 6)
+    pixels = tm.pixels(2)
+    similarity = ImageTextSimilarity(model)
+    with torch.no_grad():
+        clean = similarity(pixels, ids, mask)
+    calls = []
+
+    def flaky(*args):
+        calls.append(1)
+        if len(calls) == 4:  # the baseline and two ablated heads ran; the third ablation raises
+            raise RuntimeError("target failed")
+        return similarity(*args)
+
+    before = snapshot(model)
+    with pytest.raises(RuntimeError, match="target failed"):
+        head_importance(model, flaky, pixels, (ids, mask), target=0, mode="mean")
+    assert_unchanged(model, before)
+    with torch.no_grad():
+        assert torch.equal(similarity(pixels, ids, mask), clean)

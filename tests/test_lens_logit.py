@@ -12,6 +12,7 @@ from captum_vlm.lens.logit_lens import (
     LogitLens,
     logit_lens,
     logit_lens_from_inputs,
+    logit_lens_scored,
     mean_rank_per_layer,
 )
 from captum_vlm.viz.lens_inside import plot_word_map
@@ -154,11 +155,82 @@ def test_misuse_errors_name_the_argument():
     model, ids, mask = CASES["blip_vqa"]()
     with pytest.raises(ValueError, match="^k:"):
         logit_lens_from_inputs(model, tm.pixels(1), ids, mask, k=0)
-    with pytest.raises(ValueError, match="one image and one text"):
-        logit_lens_from_inputs(model, tm.pixels(2), *tm.text_ids(2, 6))
+    with pytest.raises(ValueError, match="one text per image"):
+        logit_lens_from_inputs(model, tm.pixels(2), *tm.text_ids(3, 6))
     with pytest.raises(ValueError, match="words"):
         logit_lens_from_inputs(model, tm.pixels(1), ids, mask, words=[5])
     with pytest.raises(ValueError, match="words.*outside"):
         logit_lens_from_inputs(tm.llava(), tm.pixels(1), *_llava_ids(), words=[10_000])
     with pytest.raises(TypeError, match="text"):
-        logit_lens(model, _Processor(), None, ["a", "b"])
+        logit_lens(model, _Processor(), None, ["a", 3])
+    with pytest.raises(ValueError, match="image, text"):
+        logit_lens(model, _Processor(), [None, None], ["a", "b", "c"])
+    with pytest.raises(ValueError, match="answer"):
+        logit_lens(model, _Processor(), [None, None], "a", answer=["x"])
+    with pytest.raises(ValueError, match="answer_ids"):
+        logit_lens_from_inputs(model, tm.pixels(2), *tm.text_ids(2, 6), answer_ids=[torch.tensor([5])])
+    with pytest.raises(ValueError, match="starts"):
+        logit_lens_scored(model, tm.pixels(1), [(ids, mask, torch.tensor([[1, 5]]))], [2])
+
+
+def _llava_batch():
+    rows = [[tm.BOS] + [tm.LLAVA_IMAGE_TOKEN] * N_IMAGE + words for words in ([5, 6, 7], [8], [9, 10, 11, 12])]
+    length = max(map(len, rows))
+    ids = torch.tensor([r + [tm.PAD] * (length - len(r)) for r in rows])
+    mask = torch.tensor([[1] * len(r) + [0] * (length - len(r)) for r in rows])
+    return ids, mask
+
+
+BATCHES = {
+    "blip_vqa": lambda: (tm.blip_vqa(), *tm.text_ids(3, 7)),
+    "blip_caption": lambda: (tm.blip_caption(), *tm.text_ids(3, 7)),
+    "llava": lambda: (tm.llava(), *_llava_batch()),
+}
+
+
+def _assert_same_lens(got: LogitLens, want: LogitLens):
+    for name in ("top_ids", "produced_ids", "produced_ranks", "positions", "sequence"):
+        assert torch.equal(getattr(got, name), getattr(want, name)), name
+    for name in ("top_probs", "produced_probs", "entropy"):
+        assert_close_scaled(getattr(got, name), getattr(want, name))
+    assert got.top_tokens == want.top_tokens and got.produced_tokens == want.produced_tokens
+    if want.image_top_ids is not None:
+        assert torch.equal(got.image_top_ids, want.image_top_ids)
+        assert torch.equal(got.image_positions, want.image_positions)
+        assert_close_scaled(got.image_top_probs, want.image_top_probs)
+        assert got.word_maps.keys() == want.word_maps.keys()
+        for word in want.word_maps:
+            assert_close_scaled(got.word_maps[word], want.word_maps[word])
+
+
+@pytest.mark.parametrize("name", sorted(BATCHES))
+def test_batched_equals_one_by_one(name):
+    """Rows of different prompt and answer lengths, two per forward (a padded batch and a rest)."""
+    model, ids, mask = BATCHES[name]()
+    pixels = tm.pixels(3, seed=1)
+    words = [5, 11] if name == "llava" else []
+    answers = [torch.tensor([7, 8, 9]), torch.tensor([4]), torch.tensor([10, 11])]
+    before = snapshot(model)
+    for given in (None, answers):
+        batched = logit_lens_from_inputs(model, pixels, ids, mask, answer_ids=given, k=3, words=words, batch_size=2)
+        assert isinstance(batched, list) and len(batched) == 3
+        for b in range(3):
+            row = ids[b : b + 1, mask[b].bool()]
+            alone = logit_lens_from_inputs(model, pixels[b : b + 1], row, answer_ids=None if given is None else given[b],
+                                           k=3, words=words)
+            _assert_same_lens(batched[b], alone)
+        if given is not None:
+            assert [lens.produced_ids.tolist() for lens in batched] == [a.tolist() for a in answers]
+    assert_unchanged(model, before)
+    # rows of one forward (LLaVA, captions: rows 0, 1; VQA: the equal-length questions 0, 2) differ
+    # in length, so the batch really was padded
+    together = (0, 2) if name == "blip_vqa" else (0, 1)
+    assert len(batched[together[0]].sequence) != len(batched[together[1]].sequence)
+
+
+def test_processor_level_batch_broadcasts_one_image_over_texts():
+    model = tm.blip_vqa()
+    lenses = logit_lens(model, _Processor(), None, ["what?", "which?"], answer=["ab cde", "abc"], k=2)
+    assert [lens.produced_ids.tolist() for lens in lenses] == [[12, 13], [13]]
+    alone = logit_lens(model, _Processor(), None, "which?", answer="abc", k=2)
+    _assert_same_lens(lenses[1], alone)

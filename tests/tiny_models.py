@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import torch
 from transformers import (
+    Blip2Config,
+    Blip2ForConditionalGeneration,
     BlipConfig,
     BlipForConditionalGeneration,
     BlipForImageTextRetrieval,
     BlipForQuestionAnswering,
     CLIPConfig,
     CLIPModel,
+    InstructBlipConfig,
+    InstructBlipForConditionalGeneration,
     LlavaConfig,
     LlavaForConditionalGeneration,
     SiglipConfig,
@@ -189,3 +193,73 @@ def text_ids(batch: int, length: int, seed: int = 0, eos: int = EOS) -> tuple[to
 def pixels(batch: int, height: int = IMAGE_SIZE, width: int = IMAGE_SIZE, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randn(batch, 3, height, width, generator=g)
+
+
+BLIP2_IMAGE_TOKEN = 60
+BLIP2_QUERIES = 4
+
+
+def _blip2_parts(seed: int, cross_attention_frequency: int = 1, language_model: str = "opt") -> dict:
+    vision = _vision(qkv_bias=True)
+    qformer = dict(hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=2, num_attention_heads=HEADS,
+                   cross_attention_frequency=cross_attention_frequency, vocab_size=VOCAB, max_position_embeddings=24,
+                   pad_token_id=PAD, initializer_range=0.02)
+    text = dict(model_type="opt", vocab_size=VOCAB, hidden_size=HIDDEN, ffn_dim=64, num_hidden_layers=2,
+                num_attention_heads=HEADS, max_position_embeddings=64, word_embed_proj_dim=HIDDEN,
+                pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS, init_std=0.02)
+    if language_model == "llama":  # InstructBLIP's Vicuna checkpoints
+        text = dict(model_type="llama", vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=64,
+                    num_hidden_layers=2, num_attention_heads=HEADS, num_key_value_heads=HEADS,
+                    max_position_embeddings=64, pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS)
+    return dict(vision_config=vision, qformer_config=qformer, text_config=text, num_query_tokens=BLIP2_QUERIES,
+                image_token_index=BLIP2_IMAGE_TOKEN)
+
+
+def _distinct_queries(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """transformers starts the learned queries at zero (all alike); a trained model's differ."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        model.query_tokens.copy_(torch.randn(model.query_tokens.shape, generator=g))
+    return model
+
+
+def blip2(seed: int = 0, cross_attention_frequency: int = 1) -> Blip2ForConditionalGeneration:
+    """BLIP-2 with a 2-layer OPT; ``cross_attention_frequency=2`` as in the hub checkpoints
+    (only every other Q-Former layer cross-attends)."""
+    torch.manual_seed(seed)
+    config = Blip2Config(**_blip2_parts(seed, cross_attention_frequency))
+    return _finish(_distinct_queries(Blip2ForConditionalGeneration(config), seed), seed)
+
+
+def image_prompt(model: torch.nn.Module, words: list[int], batch: int = 1, pixel_values: torch.Tensor | None = None):
+    """``input_ids`` and mask for a model whose ``input_ids`` hold image placeholders: LLaVA
+    ``[BOS, w0, <image> x N, w1...]``, BLIP-2 ``[<image> x N, BOS, w...]`` as their processors
+    write them."""
+    from captum_vlm.adapters import get_adapter
+
+    adapter = get_adapter(model)
+    n = adapter.num_image_tokens(pixels(1) if pixel_values is None else pixel_values)
+    image = [adapter.image_token_id] * n
+    row = image + [BOS] + words if adapter.image_tokens == "queries" else [BOS, words[0]] + image + words[1:]
+    return torch.tensor([row] * batch), torch.ones(batch, len(row), dtype=torch.long)
+
+
+def instructblip(seed: int = 0, cross_attention_frequency: int = 1,
+                 language_model: str = "opt") -> InstructBlipForConditionalGeneration:
+    """InstructBLIP: BLIP-2 whose Q-Former also reads the instruction (``qformer_input_ids``);
+    ``language_model="llama"`` as in the Vicuna checkpoints."""
+    torch.manual_seed(seed)
+    config = InstructBlipConfig(**_blip2_parts(seed, cross_attention_frequency, language_model))
+    return _finish(_distinct_queries(InstructBlipForConditionalGeneration(config), seed), seed)
+
+
+def extra_text_inputs(model: torch.nn.Module, batch: int, seed: int = 2) -> tuple:
+    """What the forward takes after ``(input_ids, attention_mask)`` (InstructBLIP: the
+    instruction as its Q-Former reads it), random tokens; ``()`` for the others."""
+    from captum_vlm.adapters import get_adapter
+
+    return text_ids(batch, 5, seed=seed) if get_adapter(model).extra_text_inputs else ()
+
+
+FACTORIES["Blip2ForConditionalGeneration"] = blip2
+FACTORIES["InstructBlipForConditionalGeneration"] = instructblip

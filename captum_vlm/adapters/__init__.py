@@ -8,7 +8,9 @@ from captum_vlm.adapters.base import (
     supported_model_classes,
 )
 from captum_vlm.adapters.blip import BlipAdapter
+from captum_vlm.adapters.blip2 import Blip2Adapter
 from captum_vlm.adapters.clip import CLIPAdapter
+from captum_vlm.adapters.instructblip import InstructBlipAdapter
 from captum_vlm.adapters.llava import LlavaAdapter
 from captum_vlm.adapters.siglip import SiglipAdapter
 from captum_vlm.adapters.vilt import ViltAdapter
@@ -22,6 +24,8 @@ __all__ = [
     "CLIPAdapter",
     "SiglipAdapter",
     "BlipAdapter",
+    "Blip2Adapter",
+    "InstructBlipAdapter",
     "ViltAdapter",
     "LlavaAdapter",
 ]

@@ -77,6 +77,13 @@ class VLMAdapter:
     text_start_tokens: int = 0
     #: the image tokens sit in ``input_ids`` as placeholders (one per image feature)
     image_tokens_in_input_ids: bool = False
+    #: what an image token stands for: ``"patches"`` (one cell of the patch grid) or ``"queries"``
+    #: (a learned query that cross-attends to the vision tokens, e.g. a Q-Former's; it maps to
+    #: the grid through the bridge, see :meth:`bridge_blocks`)
+    image_tokens: str = "patches"
+    #: further text inputs the forward takes, by name, after ``(input_ids, attention_mask)`` in
+    #: ``additional_forward_args`` (InstructBLIP: the instruction as its Q-Former reads it)
+    extra_text_inputs: tuple[str, ...] = ()
     #: two-tower models: how similarity logits become probabilities, ``"softmax"`` over the
     #: prompts or ``"sigmoid"`` of each
     similarity_probability: str = "softmax"
@@ -271,6 +278,37 @@ class VLMAdapter:
         """Boolean mask ``[B, T]`` of the positions holding image tokens in a joint sequence."""
         raise NotImplementedError(f"{self.family}: image tokens do not sit in the text sequence")
 
+    def num_image_tokens(self, pixel_values: torch.Tensor) -> int:
+        """How many image tokens the model makes of each image of ``pixel_values`` (the number of
+        image placeholders ``input_ids`` must hold when they sit there)."""
+        h, w = self.patch_grid(pixel_values)
+        return h * w
+
+    def check_image_tokens(self, pixel_values: torch.Tensor, input_ids: torch.Tensor) -> None:
+        """Before a forward: ``input_ids`` hold the image placeholders this model fills (query
+        image tokens; a model whose placeholders are patches checks its own). ValueError if not."""
+        if self.image_tokens == "queries":
+            ImageTokenLayout.queries(self.image_token_positions(input_ids), self.patch_grid(pixel_values),
+                                     self.num_image_tokens(pixel_values))
+
+    # ----- the bridge of query image tokens (image_tokens == "queries") -------------------------
+    def bridge_blocks(self) -> list[tuple[nn.Module, nn.Module | None]]:
+        """Per layer of the module that turns learned queries into image tokens (a Q-Former),
+        first to last: ``(self_attention, cross_attention or None)``. The self-attention runs over
+        the queries (and any text they read, after them); the cross-attention goes from the
+        queries to the vision tokens (output ``[1]`` = probabilities ``[B, heads, N, K]``, K the
+        vision tokens, prefix first). ``[]`` when the image tokens are patches."""
+        return []
+
+    def bridge_attentions(self) -> list[nn.Module]:
+        """The cross-attentions of :meth:`bridge_blocks` (queries to vision tokens), first to last."""
+        return [cross for _, cross in self.bridge_blocks() if cross is not None]
+
+    def bridge_embedding(self) -> nn.Module | None:
+        """The module whose output is the bridge's input sequence (the embedded queries); methods
+        make it differentiable so that gradients reach the bridge's first attention."""
+        return None
+
     @contextmanager
     def image_layout(
         self, pixel_values: torch.Tensor, input_ids: torch.Tensor | None = None
@@ -289,6 +327,13 @@ class VLMAdapter:
         """
         grid = self.patch_grid(pixel_values)
         batch = pixel_values.shape[0]
+        if self.image_tokens == "queries":  # the columns only; methods bring the bridge
+            if input_ids is None:
+                raise ValueError("input_ids: needed to find the image tokens of this model")
+            found = ImageTokenLayout.queries(self.image_token_positions(input_ids), grid,
+                                             self.num_image_tokens(pixel_values), self.num_prefix_tokens)
+            yield lambda: found  # checked before the forward: the model would fill too few silently
+            return
         if self.image_tokens_in_input_ids:
             if input_ids is None:
                 raise ValueError("input_ids: needed to find the image tokens of this model")
@@ -320,10 +365,11 @@ class VLMAdapter:
 
     def _staying_positions(self, keep_flat: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
         """``stays(input_ids)`` for :meth:`drop_image_tokens`: with image placeholders in
-        ``input_ids``, the placeholders of dropped patches go too (a prefix feature stays)."""
+        ``input_ids``, the placeholders of dropped patches go too (a prefix feature stays); query
+        image tokens all stay (the queries attend to the patches that are left)."""
 
         def stays(input_ids: torch.Tensor) -> torch.Tensor:
-            if not self.image_tokens_in_input_ids:
+            if not self.image_tokens_in_input_ids or self.image_tokens == "queries":
                 return torch.ones_like(input_ids, dtype=torch.bool)
             image = self.image_token_positions(input_ids)
             n_patches = keep_flat.shape[1]

@@ -3,7 +3,10 @@
 Fusion models let text attend to the image: BLIP (ITM, captioning, VQA) through cross-attention,
 ViLT and LLaVA through one joint sequence. Both methods here record attention probabilities and
 their gradients for one or more scores, turn them into *row maps* ``[B, Q, K]`` (one row per text
-query position, one column per key), and read the image columns onto the patch grid.
+query position, one column per key), and read the image columns onto the patch grid. When the
+image tokens are learned queries (BLIP-2, InstructBLIP: the adapter's ``image_tokens ==
+"queries"``), each score's query columns reach the grid through its own *bridge*, the queries'
+weights over the patches read from the Q-Former (:meth:`FusionAttribution._bridge`).
 
 What is explained depends on the adapter's task (the "kind" here):
 
@@ -66,14 +69,16 @@ def averaged_gradient_attention(attention: torch.Tensor, grad: torch.Tensor) -> 
         grad: their gradient, same shape.
 
     Returns:
-        ``[B, Q, K]`` in float32 (half-precision models included).
+        ``[B, Q, K]`` in float32, or float64 for a float64 model (relevancy subtracts the
+        identity from sums that start at it, so float32 loses small attentions).
 
     Example:
         >>> a = torch.full((1, 2, 1, 2), 0.5); g = torch.tensor([[[[1., -1.]], [[3., 1.]]]])
         >>> averaged_gradient_attention(a, g)
         tensor([[[1.0000, 0.2500]]])
     """
-    return (grad.float() * attention.float()).clamp(min=0).mean(dim=1)
+    dtype = torch.promote_types(attention.dtype, torch.float32)  # half -> float32; float64 stays
+    return (grad.to(dtype) * attention.to(dtype)).clamp(min=0).mean(dim=1)
 
 
 @dataclass
@@ -138,6 +143,18 @@ class FusionAttribution(ImageAttributionBase, Attribution):
     def _modules(self) -> list[nn.Module]:
         """Attention modules to record, in the order ``_row_maps`` expects them."""
         raise NotImplementedError
+
+    def _bridge_modules(self) -> list[nn.Module]:
+        """Attention modules the bridge is read from when the image tokens are learned queries
+        (the adapter's ``image_tokens == "queries"``), recorded after :meth:`_modules`; default
+        the adapter's :meth:`~captum_vlm.adapters.VLMAdapter.bridge_attentions`."""
+        return self.adapter.bridge_attentions() if self.adapter.image_tokens == "queries" else []
+
+    def _bridge(self, attentions: list[torch.Tensor], grads: list[torch.Tensor], inputs: FusionInputs) -> torch.Tensor:
+        """The query tokens' weights over the vision tokens ``[B, N, K]`` for one score, from the
+        recorded :meth:`_bridge_modules`: by default the mean over the bridge's cross-attention
+        layers of ``E_h[(grad * A)^+]``, the gradient weighting of the text-side maps."""
+        return torch.stack([averaged_gradient_attention(a, g) for a, g in zip(attentions, grads)]).mean(0)
 
     def _row_maps(
         self, attentions: list[torch.Tensor], grads: list[torch.Tensor], inputs: FusionInputs
@@ -257,10 +274,11 @@ class FusionAttribution(ImageAttributionBase, Attribution):
     # ----- plumbing ---------------------------------------------------------------------------
     def _prepare(self, inputs, target, additional_forward_args, upsample) -> tuple[FusionInputs, list[int]]:
         pixel_values, grid = self.image_inputs(inputs, upsample)
+        extra = self.adapter.extra_text_inputs  # further text inputs the forward takes
         wanted = ("(input_ids, attention_mask, answer_ids[, answer_attention_mask])" if self.takes_answer_ids
-                  else "(input_ids, attention_mask)")
-        ids, mask, args = split_text_args(self.adapter, additional_forward_args, 4 if self.takes_answer_ids else 2,
-                                          wanted)
+                  else f"({', '.join(('input_ids', 'attention_mask', *extra))})")
+        ids, mask, args = split_text_args(self.adapter, additional_forward_args,
+                                          4 if self.takes_answer_ids else 2 + len(extra), wanted)
         max_length = self.adapter.max_text_length()
         check_same_batch(pixel_values=pixel_values, input_ids=ids)
         query_mask = mask.bool()
@@ -279,7 +297,10 @@ class FusionAttribution(ImageAttributionBase, Attribution):
             tokens[:, 0] = self.model.config.text_config.bos_token_id
             token_mask = self.forward_func.score_mask(tokens, answer_mask)
         else:
-            forward_args = (ids, mask)
+            if len(args) != len(extra):
+                raise TypeError(f"additional_forward_args: expected {wanted} from the processor, got "
+                                f"{2 + len(args)} tensors")
+            forward_args = (ids, mask, *args)
             tokens, token_mask = ids, mask.bool()
             if self.kind == "tokens":
                 token_mask = self.forward_func.score_mask(ids, mask)
@@ -323,8 +344,10 @@ class FusionAttribution(ImageAttributionBase, Attribution):
         self, inputs: FusionInputs, target, positions: list[int], show_progress: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per-token grids ``[B, T, h, w]``, which tokens have one ``[B, T]`` and the aggregate
-        grid ``[B, h, w]``."""
-        modules = self._modules()
+        grid ``[B, h, w]``. With query image tokens each score's maps reach the grid through its
+        own bridge (:meth:`_bridge`)."""
+        own = self._modules()
+        modules, n_own = own + self._bridge_modules(), len(own)
         pixels = inputs.pixel_values.detach().clone().requires_grad_(True)
         b, length = inputs.tokens.shape
         with ExitStack() as stack:
@@ -332,6 +355,8 @@ class FusionAttribution(ImageAttributionBase, Attribution):
             stack.enter_context(torch.enable_grad())
             layout = stack.enter_context(self.adapter.image_layout(inputs.pixel_values, inputs.input_ids))
             embeddings = [self.adapter.text_embedding()] + ([self.adapter.answer_embedding()] if self.takes_answer_ids else [])
+            if n_own < len(modules):  # learned queries: their embedding starts the bridge
+                embeddings.append(self.adapter.bridge_embedding())
             for embedding in embeddings:  # capture removes these hooks
                 embedding.register_forward_hook(_text_requires_grad)
             output = self.forward_func(pixels, *inputs.args)
@@ -342,31 +367,41 @@ class FusionAttribution(ImageAttributionBase, Attribution):
                 token_grads = _token_grads(output, positions, attentions)
                 for t, grads in tqdm(token_grads, desc=type(self).__name__, unit="token", total=len(positions),
                                      disable=not show_progress, leave=False):
-                    rows = self._row_maps(attentions, grads, inputs)
+                    rows = self._row_maps(attentions[:n_own], grads[:n_own], inputs)
                     reduced = self._reduce_rows(rows, inputs, t).detach()
+                    grid = self._to_grid(reduced[:, None], inputs, attentions[n_own:], grads[n_own:])[:, 0]
                     if per_token is None:
-                        per_token = reduced.new_zeros(b, length, reduced.shape[-1])
-                    per_token[:, t] = reduced
-                per_token = per_token * inputs.token_mask[:, :, None]
+                        per_token = grid.new_zeros(b, length, *grid.shape[1:])
+                    per_token[:, t] = grid
+                per_token = per_token * inputs.token_mask[:, :, None, None]
                 chosen = torch.zeros_like(inputs.token_mask)
                 chosen[:, positions] = True
                 has_map = chosen & inputs.token_mask
-                aggregate = per_token.sum(1) / has_map.sum(1, keepdim=True).clamp_min(1)
+                aggregate = per_token.sum(1) / has_map.sum(1)[:, None, None].clamp_min(1)
             else:
                 if self.kind == "answer":
                     labels = _answer_targets(target, b, output.shape[1]).to(output.device)
                     score = output.gather(1, labels[:, None]).sum()
                 else:
                     score = output.sum()
-                rows = self._row_maps(attentions, _grads(score, attentions), inputs).detach()
+                grads = _grads(score, attentions)
+                rows = self._row_maps(attentions[:n_own], grads[:n_own], inputs).detach()
                 has_map = inputs.token_mask
-                per_token = rows[:, :length] * has_map[:, :, None]
-                aggregate = self._reduce_rows(rows, inputs, None)
-        return self._to_grid(per_token, inputs), has_map, self._to_grid(aggregate[:, None], inputs)[:, 0]
+                bridge = attentions[n_own:], grads[n_own:]
+                per_token = self._to_grid(rows[:, :length] * has_map[:, :, None], inputs, *bridge)
+                aggregate = self._to_grid(self._reduce_rows(rows, inputs, None)[:, None], inputs, *bridge)[:, 0]
+        return per_token, has_map, aggregate
 
-    def _to_grid(self, values: torch.Tensor, inputs: FusionInputs) -> torch.Tensor:
-        """Image columns of ``values`` ``[B, R, K]`` onto the patch grid ``[B, R, h, w]``."""
-        return inputs.layout.to_grid(values)
+    def _to_grid(
+        self, values: torch.Tensor, inputs: FusionInputs, attentions: Sequence[torch.Tensor] = (),
+        grads: Sequence[torch.Tensor] = (),
+    ) -> torch.Tensor:
+        """Image columns of ``values`` ``[B, R, K]`` onto the patch grid ``[B, R, h, w]``; query
+        image tokens through the bridge of the score whose bridge attentions and gradients
+        these are."""
+        if not inputs.layout.needs_bridge:
+            return inputs.layout.to_grid(values)
+        return inputs.layout.to_grid(values, self._bridge(list(attentions), list(grads), inputs).detach())
 
     def _finish(self, grid: torch.Tensor, inputs: FusionInputs, return_grid: bool, upsample: str) -> torch.Tensor:
         return self.finish(grid.to(inputs.pixel_values.dtype), inputs.pixel_values, return_grid, upsample)

@@ -58,6 +58,13 @@ class BimodalRelevancy(FusionAttribution):
       ``R += A_bar R``; the text rows are read over the image columns (ViLT's patch order recovered
       from the forward; LLaVA's image-token positions). LLaVA's vision tower is not propagated:
       its image tokens count as the inputs.
+    * Learned query image tokens (BLIP-2): the language model's self-attention rule gives the
+      text rows' relevancy over the query columns; each query's relevancy over the patches comes
+      from the Q-Former as BLIP's text does from its encoder: its self-attention rules over the
+      queries (and any instruction after them) and rule 10 for its cross-attention to the vision
+      tokens, whose self-relevancy is propagated through the vision tower (``image_relevancy``).
+      A text row's map is its query relevancy times the queries' patch relevancy; chaining the
+      two relevancies is our extension, as for BLIP VQA below.
     * ``BlipForQuestionAnswering``: image, question and answer are three token sets. The question
       encoder gives ``R_qi`` as for ITM (its text is the question). The answer decoder then applies
       the self-attention rules to the answer (``R_aa``, ``R_ai``) and, for its cross-attention of
@@ -90,7 +97,8 @@ class BimodalRelevancy(FusionAttribution):
     def __init__(self, model: nn.Module, image_relevancy: str | None = None):
         super().__init__(model)
         self.two_streams = self.adapter.image_stream == "cross"  # a separate image stream
-        if image_relevancy is not None and not self.two_streams:
+        self.queries = self.adapter.image_tokens == "queries"  # a vision tower behind a bridge
+        if image_relevancy is not None and not (self.two_streams or self.queries):
             raise ValueError(
                 f"image_relevancy: only models with a separate image stream take it; "
                 f"{type(self.model).__name__} has one joint sequence, leave it None"
@@ -108,6 +116,24 @@ class BimodalRelevancy(FusionAttribution):
         if self.takes_answer_ids:
             modules += self.adapter.answer_self_attentions() + self.adapter.answer_cross_attentions()
         return modules
+
+    def _bridge_modules(self) -> list[nn.Module]:
+        if not self.queries:
+            return []
+        vision = self.adapter.vision_attentions() if self.image_relevancy == "vision" else []
+        return vision + [s for s, _ in self.adapter.bridge_blocks()] + self.adapter.bridge_attentions()
+
+    def _bridge(self, attentions: list[torch.Tensor], grads: list[torch.Tensor], inputs: FusionInputs) -> torch.Tensor:
+        """The queries' relevancy over the vision tokens through the Q-Former, ``[B, S, K]``."""
+        a_bar = [averaged_gradient_attention(a, g) for a, g in zip(attentions, grads)]
+        blocks = self.adapter.bridge_blocks()
+        n_cross = sum(cross is not None for _, cross in blocks)
+        n_vision = len(a_bar) - len(blocks) - n_cross
+        vision, own, cross = a_bar[:n_vision], a_bar[n_vision : n_vision + len(blocks)], iter(a_bar[n_vision + len(blocks) :])
+        per_layer = [next(cross) if c is not None else None for _, c in blocks]
+        batch, n = own[0].shape[0], next(c for c in per_layer if c is not None).shape[-1]
+        r_ii = _self_attention_relevancy(vision) if vision else _eye(batch, n, own[0])
+        return _co_attention_relevancy(own, per_layer, normalised_self_relevancy(r_ii))
 
     def _row_maps(self, attentions: list[torch.Tensor], grads: list[torch.Tensor], inputs: FusionInputs) -> torch.Tensor:
         a_bar = [averaged_gradient_attention(a, g) for a, g in zip(attentions, grads)]
@@ -148,7 +174,7 @@ def _self_attention_relevancy(a_bar: list[torch.Tensor]) -> torch.Tensor:
 
 
 def _co_attention_relevancy(
-    self_attention: list[torch.Tensor], co_attention: list[torch.Tensor], key_relevancy: torch.Tensor
+    self_attention: list[torch.Tensor], co_attention: list[torch.Tensor | None], key_relevancy: torch.Tensor
 ) -> torch.Tensor:
     """Relevancy of the query tokens s over the inputs behind the keys, through layers that each
     self-attend over s and then co-attend to the keys: ``R_ss, R_sk`` start at ``I, 0``; per layer
@@ -157,16 +183,22 @@ def _co_attention_relevancy(
 
     Args:
         self_attention: ``A_bar`` of each layer's self-attention ``[B, S, S]``.
-        co_attention: ``A_bar`` of each layer's co-attention ``[B, S, Q]``.
+        co_attention: ``A_bar`` of each layer's co-attention ``[B, S', Q]`` (``None``: the layer
+            has none); only the first ``S' <= S`` tokens co-attend (a Q-Former's queries, not
+            the instruction after them), the other rows count as zeros.
         key_relevancy: the keys' relevancy over their inputs ``[B, Q, N]``.
 
     Returns:
         ``R_sk`` ``[B, S, N]``.
     """
-    batch, s, _ = co_attention[0].shape
-    r_ss = _eye(batch, s, co_attention[0])
-    r_sk = co_attention[0].new_zeros(batch, s, key_relevancy.shape[-1])
+    batch, s, _ = self_attention[0].shape
+    r_ss = _eye(batch, s, self_attention[0])
+    r_sk = self_attention[0].new_zeros(batch, s, key_relevancy.shape[-1])
     for a_ss, a_sq in zip(self_attention, co_attention):
         r_ss, r_sk = r_ss + a_ss @ r_ss, r_sk + a_ss @ r_sk  # rules 6-7
+        if a_sq is None:
+            continue
+        if a_sq.shape[1] < s:
+            a_sq = torch.cat([a_sq, a_sq.new_zeros(batch, s - a_sq.shape[1], a_sq.shape[2])], 1)
         r_sk = r_sk + normalised_self_relevancy(r_ss).transpose(-1, -2) @ a_sq @ key_relevancy  # rule 10
     return r_sk

@@ -47,7 +47,10 @@ class CrossAttentionGradCAM(FusionAttribution):
     Where the attention lives: BLIP's ``crossattention`` of the text encoder (ITM, VQA question
     encoder) or the caption decoder; ViLT's joint self-attention (text rows, image columns,
     patch order recovered from the forward); LLaVA's language-model self-attention (text rows,
-    image-token columns).
+    image-token columns); BLIP-2 and InstructBLIP: the language model's self-attention to the
+    query tokens, each query spread over the patches by the Q-Former's cross-attention weighted
+    the same way, ``mean_h(C * max(dC, 0))`` averaged over its cross-attention layers (word ->
+    queries -> patches).
 
     Default layer (:func:`default_layer`): the middle one, ``n_layers // 2``. For BLIP's 12-layer
     text encoder that is layer 6, the default of the Grad-CAM demo in Salesforce's LAVIS; ALBEF's

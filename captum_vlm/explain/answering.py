@@ -22,6 +22,9 @@ class Answers:
         sequences, prompt_lengths: LLaVA: per text, the prompt followed by the generated tokens
             ``[1, L]``, and where the generated tokens start.
         tokens: BLIP: the answer's token strings; LLaVA: the whole sequence's; per text.
+        extra_args: generative models with further text inputs (the adapter's
+            ``extra_text_inputs``, InstructBLIP's instruction for its Q-Former): per text, those
+            inputs ``[1, ...]`` (padding dropped), to pass after ``(sequence, mask)``.
     """
 
     texts: list[str]
@@ -32,6 +35,7 @@ class Answers:
     sequences: list[torch.Tensor] | None = None
     prompt_lengths: list[int] | None = None
     tokens: list[list[str]] | None = None
+    extra_args: list[tuple[torch.Tensor, ...]] | None = None
 
 
 def answer_questions(
@@ -67,7 +71,8 @@ def answer_questions(
             probabilities = adapter.to_probability(logits.gather(1, labels[:, None])[:, 0]).tolist()
             return Answers(texts, probabilities, label_ids=labels)
         if adapter.task == "generate":
-            return _generate_each(model, tokenizer, pixels, ids, mask, max_new_tokens)
+            extra = [inputs[name] for name in adapter.extra_text_inputs]
+            return _generate_each(model, tokenizer, pixels, ids, mask, max_new_tokens, extra)
         generated = model.generate(pixel_values=pixels, input_ids=ids, attention_mask=mask,
                                    max_new_tokens=max_new_tokens, do_sample=False)
         end = model.config.text_config.sep_token_id
@@ -79,26 +84,37 @@ def answer_questions(
         return Answers(texts, log_p.exp().tolist(), answer_ids=generated, answer_mask=answer_mask, tokens=tokens)
 
 
-def _generate_each(model, tokenizer, pixels, ids, mask, max_new_tokens) -> Answers:
+def _generate_each(model, tokenizer, pixels, ids, mask, max_new_tokens, extra=()) -> Answers:
     """A generative model: each prompt (padding dropped) answered on its own, so no padding side
-    matters."""
+    matters. ``extra``: the adapter's further text inputs ``(ids, mask)`` for all prompts."""
+    from captum_vlm.adapters import get_adapter
     from captum_vlm.targets import TokenLogProbs
 
-    sequences, lengths, texts, probabilities, tokens = [], [], [], [], []
+    names = get_adapter(model).extra_text_inputs
+    sequences, lengths, texts, probabilities, tokens, extra_args = [], [], [], [], [], []
     for k in range(ids.shape[0]):
         prompt = ids[k][mask[k].bool()][None]
+        own = ()
+        if extra:  # (ids, mask) pairs: this prompt's, padding dropped
+            kept = extra[1][k].bool()
+            own = (extra[0][k][kept][None], extra[1][k][kept][None])
         sequence = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt),
-                                  pixel_values=pixels[k : k + 1], max_new_tokens=max_new_tokens, do_sample=False)
+                                  pixel_values=pixels[k : k + 1], max_new_tokens=max_new_tokens, do_sample=False,
+                                  **dict(zip(names, own)))
+        if sequence.shape[1] < prompt.shape[1] or not torch.equal(sequence[:, : prompt.shape[1]], prompt):
+            sequence = torch.cat([prompt, sequence], 1)  # models whose generate() returns new tokens only
         start = prompt.shape[1]  # generate() adds at least one token (max_new_tokens >= 1)
         log_p = TokenLogProbs(model, reduction="sum", score_from=start)(
-            pixels[k : k + 1], sequence, torch.ones_like(sequence)
+            pixels[k : k + 1], sequence, torch.ones_like(sequence), *own
         )
+        extra_args.append(own)
         sequences.append(sequence)
         lengths.append(start)
         texts.append(tokenizer.decode(sequence[0, start:], skip_special_tokens=True).strip())
         probabilities.append(float(log_p.exp()[0]))
         tokens.append(_token_strings(tokenizer, sequence[0]))
-    return Answers(texts, probabilities, sequences=sequences, prompt_lengths=lengths, tokens=tokens)
+    return Answers(texts, probabilities, sequences=sequences, prompt_lengths=lengths, tokens=tokens,
+                   extra_args=extra_args)
 
 
 def _token_strings(tokenizer: Any, ids: torch.Tensor) -> list[str]:

@@ -148,10 +148,11 @@ def _score_function(context: Any, k: int):
     if task == "generate" and answers is not None and answers.sequences is not None:
         sequence = answers.sequences[k]
         target_fn = TokenLogProbs(model, reduction="sum", score_from=answers.prompt_lengths[k])
+        extra = answers.extra_args[k] if answers.extra_args else ()
 
         def forward(images):
             batch = sequence.expand(len(images), -1)
-            return target_fn(images, batch, torch.ones_like(batch))
+            return target_fn(images, batch, torch.ones_like(batch), *(e.expand(len(images), -1) for e in extra))
 
         return forward, "answer log-probability"
     return None

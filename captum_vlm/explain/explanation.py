@@ -29,6 +29,8 @@ class Explanation:
         model_name: the model's name for titles.
         crop_box: region of ``image`` that the processor kept ``(left, top, right, bottom)``.
         notes: ``{method: limits}``.
+        lenses: ``explain(..., logit_lens=True)``: the logit lens of each explained text's
+            explained tokens (:class:`captum_vlm.lens.LogitLens`, ``.prompt`` is the text).
     """
 
     image: Image.Image
@@ -39,6 +41,7 @@ class Explanation:
     model_name: str
     crop_box: tuple[float, float, float, float] | None = None
     notes: dict[str, str] = field(default_factory=dict)
+    lenses: list = field(default_factory=list)
 
     @property
     def methods(self) -> list[str]:
@@ -72,6 +75,24 @@ class Explanation:
         shown = next((r.target for r in records if r.text_index is not None), records[0].target)
         return overlay_grid(self.image, maps, ncols=min(ncols, len(maps)), title=f"{self.model_name}: {shown}",
                             crop_box=self.crop_box, value_label="each panel on its own scale")
+
+    def logit_lens(self, text: int | str | None = None):
+        """The logit lens of one explained text (index or the text; None: the first lensed).
+
+        Raises:
+            ValueError: the explanation holds no lens (pass ``logit_lens=True`` to ``explain``)
+                or none of that text.
+        """
+        if not self.lenses:
+            raise ValueError("logit_lens: this explanation holds no logit lens; pass logit_lens=True to explain() "
+                             "(models with a language decoder)")
+        if text is None:
+            return self.lenses[0]
+        wanted = self.texts[text] if isinstance(text, int) and not isinstance(text, bool) and 0 <= text < len(self.texts) else text
+        for lens in self.lenses:
+            if lens.prompt == wanted:
+                return lens
+        raise ValueError(f"text: no logit lens of {text!r}; lensed: {[lens.prompt for lens in self.lenses]}")
 
     def agreement(self) -> dict[tuple[str, str], float]:
         """Pairwise rank agreement of the methods: Spearman correlation of their maps of each
@@ -127,6 +148,7 @@ class Explanation:
             meta={"model": self.model_name, "image": f"{self.image.width}×{self.image.height}"},
             full_page=full_page, crop_box=self.crop_box, compare_png=compare_png,
             compare_title=compare_title, agreement=self.agreement() if len(self.methods) > 1 else None,
+            sections=[lens.html_section(title=f"Logit lens: {lens.prompt}") for lens in self.lenses],
         )
         if path is not None:
             Path(path).write_text(page, encoding="utf-8")
@@ -143,6 +165,12 @@ class Explanation:
             "scores": self.scores,
             "score_kind": self.score_kind,
             "crop_box": self.crop_box,
+            "logit_lens": [
+                {"text": lens.prompt, "produced_tokens": lens.produced_tokens,
+                 "produced_ids": lens.produced_ids.tolist(), "produced_ranks": lens.produced_ranks.tolist(),
+                 "produced_probs": lens.produced_probs.tolist(), "top_tokens": lens.top_tokens}
+                for lens in self.lenses
+            ],
             "maps": [
                 {
                     "method": r.method,

@@ -97,6 +97,7 @@ def explain(
     show_progress: bool = False,
     max_new_tokens: int = 10,
     evidence: bool = True,
+    logit_lens: bool = False,
 ) -> Explanation:
     """Explain how ``model`` relates ``image`` to ``texts`` with one or more methods.
 
@@ -119,11 +120,20 @@ def explain(
         evidence: attach each map's evidence (:mod:`captum_vlm.explain.evidence`): deletion and
             insertion AUC against random orders, the method's randomisation check, the model's
             confidence. Prompt-independent maps are kept once either way.
+        logit_lens: models with a language decoder (``adapter.has_decoder``: captioning, VQA,
+            generative): also lens the explained tokens of every explained text (the caption, or
+            the model's own answer) at every decoder layer (:func:`captum_vlm.lens.logit_lens_scored`);
+            they are ``Explanation.lenses`` and a section of the report.
 
     Returns:
         An :class:`Explanation`.
     """
     adapter = get_adapter(model)
+    if logit_lens and not adapter.has_decoder:
+        from captum_vlm.adapters.base import classes_with_decoder
+
+        raise TypeError(f"logit_lens: the logit lens needs a language decoder with an LM head; "
+                        f"{type(model).__name__} has none. Classes with a decoder: {', '.join(classes_with_decoder())}")
     check_processor(processor)
     picture = _as_image(image)
     texts = check_texts(texts)
@@ -174,6 +184,7 @@ def explain(
         if evidence:
             attach_evidence(context, found, METHODS[name].run, list(scores.values()), kind, cache=shared)
         records.extend(collapse_prompt_independent(found, texts))
+    lenses = _explained_lenses(model, adapter, dict(inputs), targets, texts, tokenizer, answers) if logit_lens else []
     return Explanation(
         image=picture,
         texts=list(texts),
@@ -183,7 +194,36 @@ def explain(
         model_name=model_name or _model_name(model),
         crop_box=processor_crop_box(processor, picture.size),
         notes={m: METHODS[m].limits for m in methods},
+        lenses=lenses,
     )
+
+
+def _explained_lenses(model, adapter, inputs, targets, texts, tokenizer, answers: Answers | None) -> list:
+    """The logit lens of the tokens each explained text's maps explain: a caption's own tokens,
+    a VQA answer after its question, a generated continuation after its prompt (the same
+    ``TokenLogProbs`` inputs the maps explain, see :func:`captum_vlm.lens.logit_lens_scored`)."""
+    from captum_vlm.lens import logit_lens_scored
+
+    pixels, ids, mask = inputs["pixel_values"], inputs["input_ids"], inputs["attention_mask"]
+    rows, starts, images = [], [], []
+    for k in targets:
+        if adapter.answers_questions and not adapter.takes_answer_ids:  # a continuation after the prompt
+            sequence = answers.sequences[k]
+            rows.append((sequence, torch.ones_like(sequence)))
+            starts.append(answers.prompt_lengths[k])
+        elif adapter.takes_answer_ids:  # the answer tokens after the question (as explained: padded batch row)
+            answer = answers.answer_ids[k][answers.answer_mask[k].bool()][None]
+            rows.append((ids[k : k + 1], mask[k : k + 1], answer, torch.ones_like(answer)))
+            starts.append(1)
+        else:  # the caption's own tokens after its first
+            caption = ids[k][mask[k].bool()][None]
+            rows.append((caption, torch.ones_like(caption)))
+            starts.append(1)
+        images.append(pixels[min(k, pixels.shape[0] - 1)][None])
+    lenses = logit_lens_scored(model, torch.cat(images), rows, starts, tokenizer=tokenizer)
+    for lens, k in zip(lenses, targets):
+        lens.prompt = texts[k]
+    return lenses
 
 
 def _model_scores(model, adapter, inputs, texts, answers: Answers | None) -> tuple[dict[str, float], str]:

@@ -6,7 +6,9 @@ Projector export and a self-contained HTML report read those :class:`Embeddings`
 
 Inside the model (issue 13): the logit lens (:func:`logit_lens`), linear probes per layer
 (:func:`probe`), attention-head statistics (:func:`head_statistics`) and scoped head ablation
-(:func:`ablate_heads`, :func:`head_importance`).
+(:func:`ablate_heads`, :func:`head_importance`); every one also in a self-contained HTML report
+(:func:`inside_report`, or each result's ``to_html``). Models whose image tokens are learned queries
+(BLIP-2): each query's cross-attention over the patches (:func:`query_maps`).
 
 Example:
     >>> emb = cv.lens.embed(model, processor, images=scenes, texts=captions, pairs="diagonal")  # doctest: +SKIP
@@ -25,10 +27,17 @@ from captum_vlm.lens.heads import (
     head_importance,
     head_statistics,
 )
-from captum_vlm.lens.logit_lens import LogitLens, logit_lens, logit_lens_from_inputs
+from captum_vlm.lens.inside_report import inside_report
+from captum_vlm.lens.logit_lens import (
+    LogitLens,
+    logit_lens,
+    logit_lens_from_inputs,
+    logit_lens_scored,
+)
 from captum_vlm.lens.modality_gap import ModalityGap, modality_gap
 from captum_vlm.lens.probes import ProbeResult, layer_features, patch_labels, probe
 from captum_vlm.lens.projection import Projection, neighbour_agreement, project, projection
+from captum_vlm.lens.queries import query_maps
 from captum_vlm.lens.report import report
 from captum_vlm.lens.views import gap_view, retrieval, similarity_matrix, top_matches, zero_shot
 
@@ -55,6 +64,8 @@ __all__ = [
     "LogitLens",
     "logit_lens",
     "logit_lens_from_inputs",
+    "logit_lens_scored",
+    "inside_report",
     "ProbeResult",
     "probe",
     "layer_features",
@@ -65,4 +76,6 @@ __all__ = [
     "head_statistics",
     "ablate_heads",
     "head_importance",
+    # query image tokens
+    "query_maps",
 ]

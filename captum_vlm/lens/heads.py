@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -72,6 +73,18 @@ class HeadStatistics:
         from captum_vlm.viz.lens_inside import plot_layer_head_maps
 
         return plot_layer_head_maps(self.maps(), title=title, stream=self.stream)
+
+    def html_section(self, title: str | None = None) -> str:
+        """These statistics as one ``<section>`` of an inside-the-model report (escaped, no script)."""
+        from captum_vlm.viz.lens_inside import head_statistics_html
+
+        return head_statistics_html(self, title=title)
+
+    def to_html(self, path: str | Path | None = None, title: str | None = None) -> str:
+        """A self-contained HTML page of these statistics (see :func:`captum_vlm.lens.inside_report`)."""
+        from captum_vlm.lens.inside_report import inside_report
+
+        return inside_report([self], path, title=title)
 
 
 def attention_statistics(
@@ -291,6 +304,7 @@ class HeadImportance:
         baseline: ``[B]`` the target without ablation.
         ranked: ``(layer, head)`` pairs, largest drop first.
         stream, mode: what was ablated and how.
+        target_label: what the target is, for titles (e.g. "ImageTextSimilarity, target 3").
     """
 
     importance: np.ndarray
@@ -299,12 +313,26 @@ class HeadImportance:
     ranked: list[tuple[int, int]]
     stream: str
     mode: str
+    target_label: str = ""
 
-    def plot(self, target: str = "", top: int = 10):
+    def plot(self, target: str | None = None, top: int = 10):
         """Layer x head importance map and the top heads ranked (a Figure)."""
         from captum_vlm.viz.lens_inside import plot_head_importance
 
-        return plot_head_importance(self.importance, self.ranked, target=target, top=top)
+        shown = self.target_label if target is None else target
+        return plot_head_importance(self.importance, self.ranked, target=shown, top=top)
+
+    def html_section(self, title: str | None = None, top: int = 10) -> str:
+        """This importance map and the ``top`` ranked heads as one ``<section>`` (escaped, no script)."""
+        from captum_vlm.viz.lens_inside import head_importance_html
+
+        return head_importance_html(self, target=self.target_label, top=top, title=title)
+
+    def to_html(self, path: str | Path | None = None, title: str | None = None) -> str:
+        """A self-contained HTML page of this map (see :func:`captum_vlm.lens.inside_report`)."""
+        from captum_vlm.lens.inside_report import inside_report
+
+        return inside_report([self], path, title=title)
 
 
 def _target_values(output: torch.Tensor, target: Any) -> torch.Tensor:
@@ -335,6 +363,7 @@ def head_importance(
     mode: str = "zero",
     heads: Iterable[tuple[int, int]] | None = None,
     show_progress: bool = False,
+    target_label: str | None = None,
 ) -> HeadImportance:
     """Ablate each head on its own and measure the drop of a target from ``captum_vlm.targets``.
 
@@ -348,6 +377,7 @@ def head_importance(
         stream, mode: see :func:`ablate_heads`.
         heads: the heads to score; None for every head of the stream.
         show_progress: a tqdm bar over the heads.
+        target_label: what the target is, for titles (default: the forward's class and ``target``).
 
     Returns:
         :class:`HeadImportance`; heads not scored are NaN.
@@ -382,4 +412,8 @@ def head_importance(
     importance = per_example.mean(0).numpy()
     order = np.argsort(-np.nan_to_num(importance, nan=-np.inf), axis=None)
     ranked = [(int(i // n_heads), int(i % n_heads)) for i in order if not np.isnan(importance.flat[i])]
-    return HeadImportance(importance, per_example.numpy(), baseline.numpy(), ranked, stream, mode)
+    if target_label is None:
+        one = target is None or torch.as_tensor(target).numel() == 1
+        which = "" if target is None else (f", target {int(torch.as_tensor(target))}" if one else ", a target per example")
+        target_label = type(forward_func).__name__ + which
+    return HeadImportance(importance, per_example.numpy(), baseline.numpy(), ranked, stream, mode, str(target_label))

@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -29,7 +30,7 @@ from captum_vlm.adapters.base import classes_with_decoder
 from captum_vlm.hooks import capture, preserved_model_state
 from captum_vlm.targets import TokenLogProbs
 
-__all__ = ["LogitLens", "logit_lens", "logit_lens_from_inputs"]
+__all__ = ["LogitLens", "logit_lens", "logit_lens_from_inputs", "logit_lens_scored", "mean_rank_per_layer"]
 
 
 @dataclass
@@ -53,6 +54,7 @@ class LogitLens:
         word_maps: per word asked for, its probability ``[layers, rows, cols]`` over the image
             tokens, put on the grid by the adapter's layout (``to_grid``).
         sequence: the decoder's token ids ``[T]``.
+        prompt: the text the lens was run on (set by :func:`logit_lens`), for titles.
     """
 
     top_ids: torch.Tensor
@@ -70,6 +72,7 @@ class LogitLens:
     image_grid: tuple[int, int] | None = None
     image_positions: torch.Tensor | None = None
     word_maps: dict[str, torch.Tensor] = field(default_factory=dict)
+    prompt: str | None = None
 
     @property
     def num_layers(self) -> int:
@@ -85,6 +88,19 @@ class LogitLens:
         from captum_vlm.viz.lens_inside import plot_logit_lens
 
         return plot_logit_lens(self, title=title)
+
+    def html_section(self, title: str | None = None) -> str:
+        """This lens as one ``<section>`` of an inside-the-model report (escaped, no script)."""
+        from captum_vlm.viz.lens_inside import logit_lens_html
+
+        notes = [f"text: {self.prompt}"] if self.prompt is not None else []
+        return logit_lens_html(self, title=title or "logit lens", notes=notes)
+
+    def to_html(self, path: str | Path | None = None, title: str | None = None) -> str:
+        """A self-contained HTML page of this lens (see :func:`captum_vlm.lens.inside_report`)."""
+        from captum_vlm.lens.inside_report import inside_report
+
+        return inside_report([self], path, title=title)
 
     def word_map(self, word: str, layer: int = -1) -> torch.Tensor:
         """Probability of ``word`` over the image tokens at ``layer``, ``[rows, cols]``.
@@ -134,10 +150,197 @@ def _word_id(tokenizer: Any, word: str | int) -> int:
     return int(ids[0])
 
 
+def _vocab_size(adapter) -> int:
+    """Rows of the LM head's output: its last linear layer's ``out_features``."""
+    return [m for m in adapter.lm_head().modules() if isinstance(m, nn.Linear)][-1].out_features
+
+
+def _check_words(adapter, tokenizer: Any, words: Sequence[str | int]) -> list[int]:
+    """Token ids of ``words``, refused where the decoder reads no image tokens or out of vocabulary."""
+    word_ids = [_word_id(tokenizer, w) for w in words]
+    if word_ids and not adapter.image_tokens_in_input_ids:
+        raise ValueError("words: this model's decoder does not read image tokens, so there is "
+                         "no patch map of a word")
+    vocab = _vocab_size(adapter)
+    bad = [w for w in word_ids if not 0 <= w < vocab]
+    if bad:
+        raise ValueError(f"words: token ids {bad} are outside the vocabulary (0..{vocab - 1})")
+    return word_ids
+
+
 def _project(adapter, hidden: torch.Tensor) -> torch.Tensor:
     """Next-token probabilities ``[..., V]`` of hidden states ``[..., D]`` (final norm, LM head)."""
     logits = adapter.lm_head()(adapter.final_norm()(hidden))
     return torch.softmax(logits.float(), dim=-1)
+
+
+def _pad_right(rows: list[torch.Tensor]) -> torch.Tensor:
+    """``[1, L_i]`` rows as one ``[B, max L]`` tensor, right-padded with 0."""
+    length = max(r.shape[1] for r in rows)
+    return torch.cat([torch.nn.functional.pad(r, (0, length - r.shape[1])) for r in rows])
+
+
+def _full_args(target: TokenLogProbs, args: tuple) -> tuple[torch.Tensor, ...]:
+    """``args`` with every mask present: ``(ids, mask)`` or ``(ids, mask, answer, answer_mask)``."""
+    args = tuple(args)
+    if len(args) == 1:
+        args = (args[0], torch.ones_like(args[0]))
+    if not target.scores_input_ids and len(args) == 3:
+        args = (*args, torch.ones_like(args[2]))
+    return args
+
+
+def logit_lens_scored(
+    model: nn.Module,
+    pixel_values: torch.Tensor,
+    scored_args: Sequence[tuple[torch.Tensor, ...]],
+    starts: Sequence[int],
+    k: int = 5,
+    tokenizer: Any = None,
+    words: Sequence[str | int] = (),
+    batch_size: int = 8,
+) -> list[LogitLens]:
+    """The logit lens of the tokens a :class:`~captum_vlm.targets.TokenLogProbs` target scores.
+
+    Row ``i`` is scored as ``TokenLogProbs(model).logits(pixel_values[i:i+1], *scored_args[i])``;
+    its tokens from ``starts[i]`` on are lensed (each from the position before it). Rows run
+    ``batch_size`` at a time, the scored tokens right-padded with 0 (masked; the decoders are
+    causal, so no lensed position sees the padding); rows whose other inputs (a VQA question)
+    differ in length run in separate forwards. Batched equals one by one.
+
+    Args:
+        model: a model whose adapter ``has_decoder``.
+        pixel_values: ``[B, 3, H, W]``, one image per row.
+        scored_args: per row, ``TokenLogProbs``'s arguments after ``pixel_values``, each ``[1, L_i]``,
+            the scored tokens without padding (``(input_ids, attention_mask)``; BLIP VQA
+            ``(input_ids, attention_mask, answer_ids[, answer_attention_mask])``, the question as
+            it was scored, padded or not).
+        starts: per row, the index in the scored token sequence of the first lensed token (>= 1).
+        k, tokenizer, words: see :func:`logit_lens_from_inputs`.
+        batch_size: rows per forward.
+
+    Returns:
+        One :class:`LogitLens` per row.
+    """
+    adapter = _require_decoder(model)
+    check_count(k, "k")
+    check_count(batch_size, "batch_size")
+    check_pixel_values(pixel_values)
+    if len(scored_args) != pixel_values.shape[0] or len(starts) != len(scored_args):
+        raise ValueError(f"scored_args, starts: expected one per image ({pixel_values.shape[0]}), got "
+                         f"{len(scored_args)} and {len(starts)}")
+    word_ids = _check_words(adapter, tokenizer, words)
+    joint = adapter.image_tokens_in_input_ids  # the image tokens sit in the decoder's sequence
+    target = TokenLogProbs(model)
+    rows = [_full_args(target, args) for args in scored_args]
+    lengths = [int((r[0] if target.scores_input_ids else r[2]).shape[1]) for r in rows]
+    bad = [(i, s) for i, (s, n) in enumerate(zip(starts, lengths))
+           if isinstance(s, bool) or not isinstance(s, int) or not 1 <= s < n]
+    if bad:
+        raise ValueError(f"starts: row {bad[0][0]} starts at {bad[0][1]!r}, expected an int in 1..{lengths[bad[0][0]] - 1} "
+                         "(its scored sequence has that many tokens after the first)")
+    lenses: dict[int, LogitLens] = {}
+    with preserved_model_state(model), torch.no_grad():
+        for chunk in _chunks(rows, target.scores_input_ids, batch_size):
+            args = tuple(_pad_right([rows[i][j] for i in chunk]) for j in range(len(rows[chunk[0]])))
+            pixels = pixel_values[torch.tensor(chunk)]
+            with ExitStack() as scope:
+                read_layout = scope.enter_context(adapter.image_layout(pixels, args[0])) if joint else None
+                rec = scope.enter_context(capture(model, blocks=adapter.decoder_blocks(), grads=False))
+                _, tokens, _ = target.logits(pixels, *args)
+                layout = read_layout() if joint else None
+            hidden = [rec.block_inputs[0], *rec.block_outputs]
+            for row, i in enumerate(chunk):
+                lenses[i] = _lens_row(adapter, hidden, row, tokens[row, : lengths[i]], starts[i], k, tokenizer,
+                                      layout, word_ids, words)
+    return [lenses[i] for i in range(len(rows))]
+
+
+def _chunks(rows: list[tuple], scores_input_ids: bool, batch_size: int) -> list[list[int]]:
+    """Row indices, ``batch_size`` at a time, grouped so that only the scored tokens get padded:
+    rows whose other inputs (a VQA question) differ in length run apart, since BLIP's answer
+    decoder in transformers 5 attends to the question's padding despite its mask."""
+    groups: dict[tuple, list[int]] = {}
+    for i, args in enumerate(rows):
+        rest = () if scores_input_ids else tuple(a.shape[1] for a in args[:2])
+        groups.setdefault(rest, []).append(i)
+    return [group[j : j + batch_size] for group in groups.values() for j in range(0, len(group), batch_size)]
+
+
+def _lens_row(adapter, hidden, row, sequence, start, k, tokenizer, layout, word_ids, words) -> LogitLens:
+    """The :class:`LogitLens` of one row of a batched forward's hidden states."""
+    positions = torch.arange(start - 1, sequence.shape[0] - 1)
+    produced = sequence[start:]
+    k = min(k, _vocab_size(adapter))
+    top_ids, top_probs, produced_probs, ranks, entropy = [], [], [], [], []
+    for h in hidden:
+        probs = _project(adapter, h[row, positions])  # [P, V]
+        values, ids = probs.topk(k, dim=-1)
+        top_ids.append(ids)
+        top_probs.append(values)
+        picked = probs.gather(1, produced[:, None])
+        produced_probs.append(picked[:, 0])
+        ranks.append(1 + (probs > picked).sum(dim=1))
+        entropy.append(-(probs * torch.log(probs.clamp_min(1e-30))).sum(dim=1))
+    lens = LogitLens(
+        top_ids=torch.stack(top_ids),
+        top_probs=torch.stack(top_probs),
+        produced_ids=produced,
+        produced_probs=torch.stack(produced_probs),
+        produced_ranks=torch.stack(ranks),
+        entropy=torch.stack(entropy),
+        positions=positions,
+        top_tokens=[[_strings(tokenizer, r.tolist()) for r in layer] for layer in top_ids],
+        produced_tokens=_strings(tokenizer, produced.tolist()),
+        sequence=sequence,
+    )
+    if layout is not None:
+        _image_token_lens(adapter, lens, hidden, row, layout, k, word_ids, words)
+    return lens
+
+
+def _image_token_lens(adapter, lens: LogitLens, hidden, row, layout, k, word_ids, words) -> None:
+    """Fill the image-token fields from the adapter's image-token layout of this row."""
+    index = layout.columns[row]
+    top_ids, top_probs, maps = [], [], {str(w): [] for w in words}
+    for h in hidden:
+        probs = _project(adapter, h[row, index])  # [N, V]
+        values, ids = probs.topk(k, dim=-1)
+        top_ids.append(ids)
+        top_probs.append(values)
+        for word, word_id in zip(words, word_ids):
+            on_sequence = probs.new_zeros(layout.columns.shape[0], 1, h.shape[1])
+            on_sequence[row, 0, index] = probs[:, word_id]
+            maps[str(word)].append(layout.to_grid(on_sequence)[row, 0])
+    lens.image_top_ids, lens.image_top_probs = torch.stack(top_ids), torch.stack(top_probs)
+    lens.image_positions = index
+    lens.image_grid = layout.grid
+    lens.word_maps = {w: torch.stack(v) for w, v in maps.items()}
+
+
+def _answer_rows(answer_ids: Any, n: int) -> list[torch.Tensor] | None:
+    """``answer_ids`` as ``n`` rows ``[1, n_i]``: a ``[n, m]`` tensor or a list of 1-D / ``[1, m]``."""
+    if answer_ids is None:
+        return None
+    if isinstance(answer_ids, torch.Tensor):
+        if answer_ids.dim() == 1 and n == 1:
+            answer_ids = answer_ids[None]
+        check_input_ids(answer_ids, name="answer_ids")
+        rows = list(answer_ids)
+    elif isinstance(answer_ids, (list, tuple)):
+        rows = list(answer_ids)
+    else:
+        raise TypeError(f"answer_ids: expected a tensor [B, n] or a list of B tensors, got {type(answer_ids).__name__}")
+    if len(rows) != n:
+        raise ValueError(f"answer_ids: expected one answer per image ({n}), got {len(rows)}")
+    out = []
+    for row in rows:
+        if not isinstance(row, torch.Tensor):
+            raise TypeError(f"answer_ids: expected tensors of token ids, got {type(row).__name__}")
+        row = row.reshape(1, -1)
+        check_input_ids(row, name="answer_ids")
+        out.append(row)
+    return out
 
 
 def logit_lens_from_inputs(
@@ -145,156 +348,155 @@ def logit_lens_from_inputs(
     pixel_values: torch.Tensor,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
-    answer_ids: torch.Tensor | None = None,
+    answer_ids: Any = None,
     k: int = 5,
     max_new_tokens: int = 10,
     tokenizer: Any = None,
     words: Sequence[str | int] = (),
-) -> LogitLens:
-    """The logit lens on processor outputs (one image, one text).
+    batch_size: int = 8,
+) -> LogitLens | list[LogitLens]:
+    """The logit lens on processor outputs: one image and text, or a batch of them.
 
     Args:
         model: a model whose adapter ``has_decoder`` (BLIP captioning/VQA, LLaVA).
-        pixel_values: ``[1, 3, H, W]``.
-        input_ids, attention_mask: ``[1, T]`` the prompt / question (LLaVA: with image tokens).
-        answer_ids: ``[1, n]`` the continuation to lens (no start token); None for the model's
-            own greedy answer.
+        pixel_values: ``[B, 3, H, W]``.
+        input_ids, attention_mask: ``[B, T]`` the prompts / questions (LLaVA: with image tokens),
+            padded on either side (the padding is dropped per row).
+        answer_ids: the continuations to lens (no start token): ``[B, n]``, or a list of ``B``
+            rows of any length; None for the model's own greedy answers.
         k: how many top tokens per layer and position.
         max_new_tokens: longest greedy answer when ``answer_ids`` is None.
         tokenizer: for token strings and string ``words``.
         words: words (single tokens) or token ids whose probability to map over the image tokens.
+        batch_size: rows per teacher-forced forward (:func:`logit_lens_scored`).
 
     Returns:
-        :class:`LogitLens`.
+        :class:`LogitLens` for a batch of one, else a list of them, one per row.
     """
     adapter = _require_decoder(model)
     check_count(k, "k")
     check_count(max_new_tokens, "max_new_tokens")
     check_pixel_values(pixel_values)
     input_ids, attention_mask = check_input_ids(input_ids, attention_mask)
-    if pixel_values.shape[0] != 1 or input_ids.shape[0] != 1:
-        raise ValueError(f"pixel_values, input_ids: the logit lens takes one image and one text, got "
-                         f"{pixel_values.shape[0]} images and {input_ids.shape[0]} texts")
-    word_ids = [_word_id(tokenizer, w) for w in words]
-    if word_ids and not adapter.image_tokens_in_input_ids:
-        raise ValueError("words: this model's decoder does not read image tokens, so there is "
-                         "no patch map of a word")
+    n = pixel_values.shape[0]
+    if input_ids.shape[0] != n:
+        raise ValueError(f"pixel_values, input_ids: the logit lens takes one text per image, got "
+                         f"{n} images and {input_ids.shape[0]} texts")
+    answers = _answer_rows(answer_ids, n)
+    _check_words(adapter, tokenizer, words)
+    prompts = [input_ids[b][attention_mask[b].bool()][None] for b in range(n)]
+    scored, starts = [], []
     with preserved_model_state(model), torch.no_grad():
-        if answer_ids is None:
-            answer_ids = adapter.greedy_answer(pixel_values, input_ids, attention_mask, max_new_tokens)
-        else:
-            answer_ids, _ = check_input_ids(answer_ids, name="answer_ids")
-        if answer_ids.shape[0] != 1:
-            raise ValueError(f"answer_ids: expected one row [1, n], got shape {tuple(answer_ids.shape)}")
-        args, start = adapter.lens_sequence(input_ids, attention_mask, answer_ids)
-        joint = adapter.image_tokens_in_input_ids  # the image tokens sit in the decoder's sequence
-        with ExitStack() as scope:
-            read_layout = scope.enter_context(adapter.image_layout(pixel_values, args[0])) if joint else None
-            rec = scope.enter_context(capture(model, blocks=adapter.decoder_blocks(), grads=False))
-            _, tokens, _ = TokenLogProbs(model).logits(pixel_values, *args)
-            layout = read_layout() if joint else None
-        hidden = [rec.block_inputs[0], *rec.block_outputs]
-        sequence = tokens[0]
-        positions = torch.arange(start - 1, sequence.shape[0] - 1)
-        produced = sequence[start:]
-        vocab = adapter.lm_head()(adapter.final_norm()(hidden[-1][:1, :1])).shape[-1]
-        bad = [w for w in word_ids if not 0 <= w < vocab]
-        if bad:
-            raise ValueError(f"words: token ids {bad} are outside the vocabulary (0..{vocab - 1})")
-        k = min(k, vocab)
-        top_ids, top_probs, produced_probs, ranks, entropy = [], [], [], [], []
-        for h in hidden:
-            probs = _project(adapter, h[0, positions])  # [P, V]
-            values, ids = probs.topk(k, dim=-1)
-            top_ids.append(ids)
-            top_probs.append(values)
-            picked = probs.gather(1, produced[:, None])
-            produced_probs.append(picked[:, 0])
-            ranks.append(1 + (probs > picked).sum(dim=1))
-            entropy.append(-(probs * torch.log(probs.clamp_min(1e-30))).sum(dim=1))
-        lens = LogitLens(
-            top_ids=torch.stack(top_ids),
-            top_probs=torch.stack(top_probs),
-            produced_ids=produced,
-            produced_probs=torch.stack(produced_probs),
-            produced_ranks=torch.stack(ranks),
-            entropy=torch.stack(entropy),
-            positions=positions,
-            top_tokens=[[_strings(tokenizer, row.tolist()) for row in layer] for layer in top_ids],
-            produced_tokens=_strings(tokenizer, produced.tolist()),
-            sequence=sequence,
-        )
-        if layout is not None:
-            _image_token_lens(adapter, lens, hidden, layout, k, word_ids, words)
-    return lens
+        for b, prompt in enumerate(prompts):
+            answer = answers[b] if answers is not None else adapter.greedy_answer(
+                pixel_values[b : b + 1], prompt, torch.ones_like(prompt), max_new_tokens)
+            args, start = adapter.lens_sequence(prompt, torch.ones_like(prompt), answer)
+            scored.append(args)
+            starts.append(start)
+    lenses = logit_lens_scored(model, pixel_values, scored, starts, k=k, tokenizer=tokenizer, words=words,
+                               batch_size=batch_size)
+    return lenses[0] if n == 1 else lenses
 
 
-def _image_token_lens(adapter, lens: LogitLens, hidden, layout, k, word_ids, words) -> None:
-    """Fill the image-token fields from the adapter's image-token layout of this sequence."""
-    index = layout.columns[0]
-    top_ids, top_probs, maps = [], [], {str(w): [] for w in words}
-    for h in hidden:
-        probs = _project(adapter, h[0, index])  # [N, V]
-        values, ids = probs.topk(k, dim=-1)
-        top_ids.append(ids)
-        top_probs.append(values)
-        for word, word_id in zip(words, word_ids):
-            on_sequence = probs.new_zeros(1, 1, h.shape[1])
-            on_sequence[0, 0, index] = probs[:, word_id]
-            maps[str(word)].append(layout.to_grid(on_sequence)[0, 0])
-    lens.image_top_ids, lens.image_top_probs = torch.stack(top_ids), torch.stack(top_probs)
-    lens.image_positions = index
-    lens.image_grid = layout.grid
-    lens.word_maps = {w: torch.stack(v) for w, v in maps.items()}
+def _as_list(value: Any) -> list | None:
+    return list(value) if isinstance(value, (list, tuple)) else None
 
 
 def logit_lens(
     model: nn.Module,
     processor: Any,
     image: Any,
-    text: str,
-    answer: str | None = None,
+    text: str | Sequence[str],
+    answer: str | Sequence[str] | None = None,
     k: int = 5,
     max_new_tokens: int = 10,
     words: Sequence[str] = (),
-) -> LogitLens:
-    """The logit lens on one image and one text (a caption prompt, a question, a LLaVA prompt
-    holding the image token).
+    batch_size: int = 8,
+    show_progress: bool = False,
+) -> LogitLens | list[LogitLens]:
+    """The logit lens on an image and a text (a caption prompt, a question, a LLaVA prompt
+    holding the image token), or on a batch: a list of images and/or a list of texts.
 
     Args:
         model: BLIP captioning/VQA or LLaVA (any class whose adapter ``has_decoder``).
         processor: the model's processor.
-        image: a PIL image (or what the processor takes).
-        text: the prompt or question.
-        answer: the continuation to lens; None lenses the model's own greedy answer.
+        image: a PIL image (or what the processor takes), or a list of them.
+        text: the prompt or question, or a list (one per image; one text goes with every image,
+            one image with every text).
+        answer: the continuation(s) to lens; None lenses the model's own greedy answer.
         k: top tokens per layer and position.
         max_new_tokens: longest greedy answer.
         words: single-token words whose probability to map over the image tokens (LLaVA).
+        batch_size: rows per forward; batched equals one by one.
+        show_progress: a tqdm bar over the rows.
 
     Returns:
-        :class:`LogitLens`.
+        :class:`LogitLens`; a list of them (one per row) when ``image`` or ``text`` is a list.
 
     Raises:
         TypeError: the model has no language decoder (the message lists the classes that do).
 
     Example:
         >>> lens = logit_lens(model, processor, image, "what color is the circle?")  # doctest: +SKIP
+        >>> lenses = logit_lens(model, processor, [a, b], ["what color?", "what shape?"])  # doctest: +SKIP
     """
     _require_decoder(model)
-    if not isinstance(text, str):
-        raise TypeError(f"text: expected one string, got {type(text).__name__}")
-    if answer is not None and not isinstance(answer, str):
-        raise TypeError(f"answer: expected a string or None, got {type(answer).__name__}")
-    inputs = processor(images=image, text=text, return_tensors="pt")
+    check_count(batch_size, "batch_size")
+    images, texts = _as_list(image), _as_list(text)
+    batched = images is not None or texts is not None
+    texts = texts if texts is not None else [text]
+    bad = [t for t in texts if not isinstance(t, str)]
+    if bad or not texts:
+        raise TypeError(f"text: expected a string or a list of strings, got {type(bad[0] if bad else text).__name__}"
+                        + ("" if bad else " (empty list)"))
+    images = images if images is not None else [image]
+    if not images:
+        raise ValueError("image: the list of images is empty")
+    n = max(len(images), len(texts))
+    if len(images) not in (1, n) or len(texts) not in (1, n):
+        raise ValueError(f"image, text: expected as many texts as images (or one of either), got "
+                         f"{len(images)} images and {len(texts)} texts")
+    images, texts = images * (n // len(images)), texts * (n // len(texts))
+    answers = _as_list(answer) if answer is not None else None
+    if answer is not None and answers is None:
+        answers = [answer]
+    if answers is not None:
+        if len(answers) != n:
+            raise ValueError(f"answer: expected one answer per row ({n}), got {len(answers)}")
+        wrong = [a for a in answers if not isinstance(a, str)]
+        if wrong:
+            raise TypeError(f"answer: expected strings or None, got {type(wrong[0]).__name__}")
     tokenizer = getattr(processor, "tokenizer", processor)
-    answer_ids = None
-    if answer is not None:
-        answer_ids = torch.as_tensor([tokenizer(answer, add_special_tokens=False)["input_ids"]])
-        if answer_ids.shape[1] == 0:
-            raise ValueError(f"answer: {answer!r} has no tokens")
-    mask = inputs.get("attention_mask")
-    return logit_lens_from_inputs(model, inputs["pixel_values"], inputs["input_ids"], mask, answer_ids,
-                                  k=k, max_new_tokens=max_new_tokens, tokenizer=tokenizer, words=words)
+    answer_rows = None
+    if answers is not None:
+        answer_rows = [torch.as_tensor([tokenizer(a, add_special_tokens=False)["input_ids"]]) for a in answers]
+        empty = [a for a, r in zip(answers, answer_rows) if r.shape[1] == 0]
+        if empty:
+            raise ValueError(f"answer: {empty[0]!r} has no tokens")
+    lenses = []
+    rows = range(0, n, batch_size)
+    if show_progress:
+        from tqdm.auto import tqdm
+
+        rows = tqdm(rows, desc="logit lens", total=len(rows))
+    for first in rows:
+        part = slice(first, first + batch_size)
+        pixels, prompts = [], []
+        for img, txt in zip(images[part], texts[part]):  # each row on its own: no padding side matters
+            inputs = processor(images=img, text=txt, return_tensors="pt")
+            pixels.append(inputs["pixel_values"])
+            ids = inputs["input_ids"]
+            mask = inputs.get("attention_mask")
+            prompts.append(ids if mask is None else ids[:, mask[0].bool()])
+        out = logit_lens_from_inputs(
+            model, torch.cat(pixels), _pad_right(prompts),
+            _pad_right([torch.ones_like(p) for p in prompts]),
+            None if answer_rows is None else answer_rows[part], k=k, max_new_tokens=max_new_tokens,
+            tokenizer=tokenizer, words=words, batch_size=batch_size)
+        lenses += out if isinstance(out, list) else [out]
+    for lens, txt in zip(lenses, texts):
+        lens.prompt = txt
+    return lenses if batched else lenses[0]
 
 
 def mean_rank_per_layer(lenses: Sequence[LogitLens]) -> np.ndarray:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -67,6 +68,18 @@ class ProbeResult:
         from captum_vlm.viz.lens_inside import plot_probe_curves
 
         return plot_probe_curves(self, title=title)
+
+    def html_section(self, title: str | None = None) -> str:
+        """This result as one ``<section>`` of an inside-the-model report (escaped, no script)."""
+        from captum_vlm.viz.lens_inside import probe_html
+
+        return probe_html(self, title=title or f"linear probe ({self.where})")
+
+    def to_html(self, path: str | Path | None = None, title: str | None = None) -> str:
+        """A self-contained HTML page of this result (see :func:`captum_vlm.lens.inside_report`)."""
+        from captum_vlm.lens.inside_report import inside_report
+
+        return inside_report([self], path, title=title)
 
     def heat_map(self, model: nn.Module, pixel_values: torch.Tensor, layer: int, class_index: int = -1) -> np.ndarray:
         """The fitted patch probe's decision values over the patches of new images.

@@ -112,7 +112,7 @@ _STYLE = """
 .cv-report .note{color:#555;font-size:.85rem;max-width:60ch} .cv-report .details{font-size:.85rem;color:#333}
 .cv-report .flag{background:#fff3cd;border:1px solid #c9a227;padding:.3rem .5rem;border-radius:4px;font-size:.9rem;max-width:60ch}
 .cv-report tr.absent td{background:#fff3cd} .cv-report .bar{font-size:.8rem;color:#333}
-.cv-report .compare img{max-width:100%;border:1px solid #ddd} .cv-report .noscript-hint{color:#777;font-size:.8rem}
+.cv-report .compare img,.cv-report section img{max-width:100%;border:1px solid #ddd} .cv-report .noscript-hint{color:#777;font-size:.8rem}
 """
 
 _SCRIPT = """
@@ -230,6 +230,7 @@ def render_report(
     compare_title: str = "",
     agreement: dict[tuple[str, str], float] | None = None,
     alpha: float = 0.6,
+    sections: list[str] | tuple[str, ...] = (),
 ) -> str:
     """Build the report page.
 
@@ -250,6 +251,8 @@ def render_report(
         compare_title: what ``compare_png`` shows.
         agreement: ``{(method a, method b): rank correlation}`` shown as a table.
         alpha: opacity of the strongest grid values, as in :func:`overlay`.
+        sections: further static ``<section>`` blocks, already escaped by whoever built them
+            (e.g. the logit lens, :func:`captum_vlm.viz.lens_inside.logit_lens_html`).
 
     Returns:
         The HTML text; write it to a ``.html`` file and open it anywhere, or show it in Jupyter.
@@ -347,6 +350,7 @@ def render_report(
 <h3>Model scores</h3><table><thead><tr><th>text</th><th>{esc(score_label)}</th></tr></thead><tbody data-part="scores">{score_rows}</tbody></table>
 {evidence_table}
 {compare_html}
+{"".join(sections)}
 <script type="application/json" data-part="report-data">{_safe_json(data)}</script>
 <script>{_SCRIPT.replace("__ROOT__", root)}</script>
 </div>"""

@@ -8,9 +8,10 @@
     ...                    return_tensors="pt", padding=True)
     >>> model(**inputs).logits_per_image
 
-The models are stock ``transformers`` classes (``CLIPModel``, ``SiglipModel``) with their own
-processors, so code written for a hub checkpoint runs unchanged. See ``zoo/README.md`` for the model
-cards and ``python -m captum_vlm.zoo.train NAME`` to retrain one.
+The models are stock ``transformers`` classes (``CLIPModel``, ``SiglipModel``, BLIP,
+``ViltForQuestionAnswering``, ``LlavaForConditionalGeneration``) with their own processors, so
+code written for a hub checkpoint runs unchanged. See ``zoo/README.md`` for the model cards and
+``python -m captum_vlm.zoo.train NAME`` to retrain one.
 """
 
 from __future__ import annotations

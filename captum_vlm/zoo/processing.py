@@ -12,6 +12,8 @@ exactly 2 would make ``CLIPTextModel`` fall back to legacy pooling at the highes
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors
@@ -39,15 +41,22 @@ IMAGE_MEAN = (0.5, 0.5, 0.5)
 IMAGE_STD = (0.5, 0.5, 0.5)
 
 
-def vocabulary() -> dict[str, int]:
-    """The token-to-id map: special tokens first (PAD 0, UNK 1, BOS 2, EOS 3), then the words."""
+def vocabulary(extra: Sequence[str] = ()) -> dict[str, int]:
+    """The token-to-id map: special tokens first (PAD 0, UNK 1, BOS 2, EOS 3), then the words,
+    then ``extra`` words (so the ids of the shared vocabulary never move)."""
     vocab = {PAD: PAD_ID, UNK: UNK_ID, BOS: BOS_ID, EOS: EOS_ID}
-    for word in _WORDS:
+    for word in [*_WORDS, *extra]:
         vocab.setdefault(word, len(vocab))
     return vocab
 
 
-def build_tokenizer(max_length: int = MAX_LENGTH) -> PreTrainedTokenizerFast:
+def build_tokenizer(
+    max_length: int = MAX_LENGTH,
+    extra_words: Sequence[str] = (),
+    special_tokens: Sequence[str] = (),
+    add_eos: bool = True,
+    padding_side: str = "right",
+) -> PreTrainedTokenizerFast:
     """Build the word-level tokenizer.
 
     Text is lower-cased and split on whitespace and punctuation; ``[BOS]`` and ``[EOS]`` are added
@@ -55,19 +64,30 @@ def build_tokenizer(max_length: int = MAX_LENGTH) -> PreTrainedTokenizerFast:
 
     Args:
         max_length: ``model_max_length`` (the text model's position embeddings must cover it).
+        extra_words: words added after the shared vocabulary (e.g. a chat template's).
+        special_tokens: tokens matched verbatim before splitting (e.g. LLaVA's ``"<image>"``),
+            added after ``extra_words``.
+        add_eos: append ``[EOS]`` to every sequence (False for a decoder-only LM's prompts,
+            which get ``[BOS]`` only, as Llama tokenizers do).
+        padding_side: "right" or "left".
 
     Returns:
         A ``PreTrainedTokenizerFast``.
     """
-    tok = Tokenizer(WordLevel(vocab=vocabulary(), unk_token=UNK))
+    from tokenizers import AddedToken
+
+    tok = Tokenizer(WordLevel(vocab=vocabulary([*extra_words, *special_tokens]), unk_token=UNK))
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    end = f" {EOS}" if add_eos else ""
     tok.post_processor = processors.TemplateProcessing(
-        single=f"{BOS} $A {EOS}",
-        pair=f"{BOS} $A {EOS} $B {EOS}",
+        single=f"{BOS} $A{end}",
+        pair=f"{BOS} $A{end} $B{end}",
         special_tokens=[(BOS, BOS_ID), (EOS, EOS_ID)],
     )
     tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    if special_tokens:
+        tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special_tokens])
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token=BOS,
@@ -75,7 +95,7 @@ def build_tokenizer(max_length: int = MAX_LENGTH) -> PreTrainedTokenizerFast:
         pad_token=PAD,
         unk_token=UNK,
         model_max_length=max_length,
-        padding_side="right",
+        padding_side=padding_side,
     )
 
 

@@ -5,7 +5,7 @@ Reproduce a shipped model (writes weights, config and processor into ``zoo/model
     OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE HF_HUB_OFFLINE=1 \\
         python -m captum_vlm.zoo.train shapes-clip      # or shapes-siglip, shapes-blip-itm, shapes-blip-vqa,
                                                         # shapes-clip-shortcut, shapes-blip-vqa-prior,
-                                                        # shapes-blip-caption
+                                                        # shapes-blip-caption, shapes-vilt, shapes-llava
 
 The recipe (see :data:`RECIPES`) is a stock ``transformers.CLIPModel`` / ``SiglipModel`` with a small
 config, trained contrastively on scenes drawn on the fly. The loss has no false negatives (a
@@ -857,6 +857,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         from .train_blip import main as blip_main
 
         blip_main(args_list)
+        return
+    if args_list and args_list[0] in ("shapes-vilt", "shapes-llava"):
+        from importlib import import_module
+
+        import_module(f".train_{args_list[0][len('shapes-'):]}", __package__).main(args_list)
         return
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("name", choices=sorted(RECIPES), help="zoo model to train")

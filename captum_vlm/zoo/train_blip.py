@@ -939,7 +939,7 @@ def answer(model, processor, images: list, questions: list[str]) -> list[str]:
 
 @torch.no_grad()
 def evaluate_vqa(
-    model, processor, seed: int = HELDOUT_SEED, n: int = 400, batch: int = 100
+    model, processor, seed: int = HELDOUT_SEED, n: int = 400, batch: int = 100, answer_fn=None
 ) -> dict[str, float]:
     """Held-out VQA accuracy (exact match of the generated answer) on scenes from ``seed``.
 
@@ -954,10 +954,13 @@ def evaluate_vqa(
         seed: evaluation seed.
         n: scenes.
         batch: questions per ``generate`` call (before grouping by length).
+        answer_fn: ``answer_fn(model, processor, images, questions)`` -> answers (default
+            :func:`answer`; other families pass their own).
 
     Returns:
         The accuracies.
     """
+    answer_fn = answer_fn or answer
     rng = np.random.default_rng([seed, 7])
     scenes = [make_scene(seed + i) for i in range(n)]
     images, questions, answers, kinds = [], [], [], []
@@ -974,7 +977,7 @@ def evaluate_vqa(
     assert all(truth[(id(im), q)] == a for im, q, a in zip(images, questions, answers))
     pred = []
     for i in range(0, len(questions), batch):
-        pred += answer(model, processor, images[i : i + batch], questions[i : i + batch])
+        pred += answer_fn(model, processor, images[i : i + batch], questions[i : i + batch])
     hits = np.array([p == a for p, a in zip(pred, answers)])
     res = {"accuracy": float(hits.mean())}
     for kind in QUESTION_TYPES:
@@ -983,7 +986,7 @@ def evaluate_vqa(
     pred = []
     for i in range(0, len(pairs), batch):
         chunk = pairs[i : i + batch]
-        pred += answer(model, processor, [p[0] for p in chunk], [p[1] for p in chunk])
+        pred += answer_fn(model, processor, [p[0] for p in chunk], [p[1] for p in chunk])
     res["all_pairs"] = float(np.mean([p == a for p, (_, _, a) in zip(pred, pairs)]))
     return res
 
