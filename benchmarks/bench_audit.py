@@ -11,6 +11,7 @@ in the data set's size.
 Run::
 
     OMP_NUM_THREADS=1 python benchmarks/bench_audit.py --images 96 --small 16
+    OMP_NUM_THREADS=1 python benchmarks/bench_audit.py --images 10000 --small 1000 --checks   # scale
 
 Prints a Markdown table for ``benchmarks/RESULTS.md``.
 """
@@ -71,12 +72,12 @@ class PeakRSS:
         self.thread.join()
 
 
-def timed_run(model, processor, folder, engine, concurrency, out, batch_size):
+def timed_run(model, processor, folder, engine, concurrency, out, batch_size, method, checks):
     shutil.rmtree(out, ignore_errors=True)
     start = time.perf_counter()
     with PeakRSS() as memory:
-        result = cv.audit(model, processor, folder, scenes.zero_shot_prompts(), methods=["grad-eclip"],
-                          checks=("deletion", "grounding"), engine=engine, concurrency=concurrency,
+        result = cv.audit(model, processor, folder, scenes.zero_shot_prompts(), methods=[method],
+                          checks=checks, engine=engine, concurrency=concurrency,
                           batch_size=batch_size, output=out)
     seconds = time.perf_counter() - start
     assert len(result) == len(list(folder.glob("img-*.png"))) and not result.errors()
@@ -98,7 +99,12 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--engines", nargs="+", default=["local", "ray1", "ray2"],
                         help="local, ray1 (1 actor), ray2 (2 actors)")
+    parser.add_argument("--method", default="grad-eclip")
+    parser.add_argument("--ray-startup-timeout", type=float, default=600.0, help="seconds Ray may take to start")
+    parser.add_argument("--checks", nargs="*", default=["deletion", "grounding"],
+                        help="deletion and/or grounding; none: --checks with no value")
     args = parser.parse_args()
+    checks = tuple(args.checks)
     torch.set_num_threads(1)
     import ray
 
@@ -106,29 +112,34 @@ def main() -> None:
     small, large = scene_folder(work / "small", args.small), scene_folder(work / "large", args.images)
     model, processor = cv.zoo.load("shapes-clip")
     ray_start = float("nan")
-    if any(e.startswith("ray") for e in args.engines):
-        start = time.perf_counter()
-        os.environ["RAY_worker_niceness"] = "0"  # Ray's default 15 starves its workers on a shared machine
-        start_local_ray(num_cpus=2, object_store_memory=200 * 2**20)
-        ray_start = time.perf_counter() - start
     rows, tables, findings = [], {}, []
     chosen = {"local": ("local", 1), "ray1": ("ray", 1), "ray2": ("ray", 2)}
     for engine, concurrency in [chosen[e] for e in args.engines]:
         name = "local" if engine == "local" else f"ray, {concurrency} actor{'s' * (concurrency > 1)}"
-        t_small, m_small, _ = timed_run(model, processor, small, engine, concurrency, work / "o-small", args.batch_size)
+        if engine == "ray" and not ray.is_initialized():  # after the local engine: its rows survive a failed start
+            start = time.perf_counter()
+            os.environ["RAY_worker_niceness"] = "0"  # Ray's default 15 starves its workers on a shared machine
+            start_local_ray(args.ray_startup_timeout, num_cpus=2, object_store_memory=200 * 2**20)
+            ray_start = time.perf_counter() - start
+            print(f"ray.init: {ray_start:.1f} s", flush=True)
+        t_small, m_small, _ = timed_run(model, processor, small, engine, concurrency, work / "o-small",
+                                        args.batch_size, args.method, checks)
         t_large, m_large, result = timed_run(model, processor, large, engine, concurrency, work / "o-large",
-                                             args.batch_size)
+                                             args.batch_size, args.method, checks)
         tables[name] = result.table().drop_columns(["path"])
         if engine == "local":
             findings = result.patterns()
         marginal = (args.images - args.small) / max(t_large - t_small, 1e-9)
         rows.append((name, t_small, t_large, args.images / t_large, marginal, m_small, m_large))
-        print(f"{name}: {t_small:.1f} s / {args.small} images, {t_large:.1f} s / {args.images} images", flush=True)
+        print(f"{name}: {t_small:.1f} s / {args.small} images, {t_large:.1f} s / {args.images} images "
+              f"(marginal {marginal:.2f} images/s; driver peak RSS {m_small:.0f} / {m_large:.0f} MiB; "
+              f"load average {os.getloadavg()[0]:.1f}; records identical to the first engine's: "
+              f"{_same(tables[name], next(iter(tables.values())))})", flush=True)
     if ray.is_initialized():
         ray.shutdown()
     same = "n/a (one engine)" if len(tables) < 2 else all(_same(t, next(iter(tables.values()))) for t in tables.values())
-    print(f"\n{args.images} held-out one-object scenes (seed {HELDOUT_SEED}), shapes-clip, Grad-ECLIP + deletion "
-          f"(16 steps) + grounding test, batch {args.batch_size}; ray.init: {ray_start:.1f} s; "
+    print(f"\n{args.images} held-out one-object scenes (seed {HELDOUT_SEED}), shapes-clip, {args.method}, checks "
+          f"{', '.join(checks) or 'none'} (deletion: 16 steps), batch {args.batch_size}; ray.init: {ray_start:.1f} s; "
           f"records identical across engines: {same}\n")
     print(f"| engine | {args.small} images (s) | {args.images} images (s) | images/s (whole run) | "
           f"images/s (marginal) | driver peak RSS, {args.small} / {args.images} images (MiB) |")

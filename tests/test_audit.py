@@ -106,6 +106,27 @@ def test_records_equal_an_independent_computation(tmp_path):
     assert sum(row["empty_maps"] for row in result.label_table()) == 1
 
 
+def test_a_copy_of_the_zoo_model_writes_the_same_records(tmp_path):
+    """What a Ray actor does: audit an unpickled copy of the model. Bit-identical records need the
+    copy to compute the same bits as the original; zoo weights left as views into the checkpoint
+    file (64-byte misaligned) once made MKL's matrix-vector product round differently."""
+    import pickle
+
+    from captum_vlm.audit import AuditWorker
+
+    model, processor = cv.zoo.load("shapes-clip")
+    prompts = scenes.zero_shot_prompts()
+    picked = [scenes.make_scene(seed, n_objects=1) for seed in range(16)]
+    images, labels = [s.pil() for s in picked], [scenes.phrase(*s.labels[0]) for s in picked]
+    masks = [s.objects[0].mask for s in picked]
+    result = cv.audit(model, processor, images, prompts, methods=["grad-eclip"], labels=labels, masks=masks,
+                      checks=(), keep_maps=True, output=tmp_path / "a")
+    copy = AuditWorker(pickle.loads(pickle.dumps(model)), pickle.loads(pickle.dumps(processor)), result.config)
+    copied = copy(rows_from(images, labels=labels, masks=masks)).sort_by("id")
+    assert copied.num_rows == 16 and copied.column("error").null_count == 16
+    assert same_records(copied, result.table())
+
+
 # ----- resume, no duplicates, no partial shards ----------------------------------------------------
 def test_resume_after_an_interruption_equals_an_uninterrupted_run(clip, folder, tmp_path, monkeypatch):
     model, processor = clip

@@ -63,6 +63,36 @@ def test_start_local_ray_turns_usage_stats_off_before_init(monkeypatch):
     assert seen["stats"] == "1"
 
 
+def test_a_cluster_that_does_not_start_is_a_clear_error_and_is_shut_down(monkeypatch):
+    """Ray's driver gives the raylet 30 s to register (ray._private.services.get_node in a loop);
+    start_local_ray asks again until its own deadline, then reports what to raise."""
+    failures, shut = {"left": 3}, []
+
+    def slow_get_node(*args):
+        if failures["left"]:
+            failures["left"] -= 1
+            raise RuntimeError("node not found")
+        return {"node": args}
+
+    def fake_init(**kwargs):  # what Ray's Node does while it starts
+        return ray._private.services.get_node("gcs", "node")
+
+    monkeypatch.setattr(ray._private.services, "get_node", slow_get_node)
+    monkeypatch.setattr(ray, "shutdown", lambda: shut.append(True))
+    monkeypatch.setattr(ray, "init", fake_init)
+    start_local_ray(startup_timeout_s=30, num_cpus=1)  # three refusals, then the node: no error
+    assert failures["left"] == 0 and not shut
+    assert ray._private.services.get_node is slow_get_node  # the patience is only for the start
+
+    def timed_out(**kwargs):
+        raise Exception("The current node timed out during startup.")
+
+    monkeypatch.setattr(ray, "init", timed_out)
+    with pytest.raises(RuntimeError, match=r"did not start.*timed out.*startup_timeout_s"):
+        start_local_ray(startup_timeout_s=1, num_cpus=1)
+    assert shut == [True]
+
+
 @pytest.fixture(scope="module")
 def clip():
     return tiny_clip()
@@ -94,10 +124,15 @@ def test_ray_gives_the_records_of_the_local_engine(ray_cluster, clip, local_run,
 
 
 def _actor_pids() -> list[int]:
+    """The audit actors of this test's own cluster: its raylet is a child of this process, the
+    actors are the raylet's workers (other users' Ray clusters on the machine are left alone)."""
     pids = []
-    for proc in psutil.process_iter(["pid", "cmdline"]):
-        if "AuditWorker" in " ".join(proc.info["cmdline"] or []):
-            pids.append(proc.info["pid"])
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            if "AuditWorker" in " ".join(proc.cmdline()):
+                pids.append(proc.pid)
+        except psutil.Error:  # gone meanwhile
+            continue
     return pids
 
 

@@ -20,10 +20,10 @@ from captum_vlm.audit.patterns import (
            fixed_peak_labels,
            ungrounded_labels,
 )
-from captum_vlm.audit.result import Audit
+from captum_vlm.audit.result import Audit, group_of
 from captum_vlm.audit.run import audit
 from captum_vlm.audit.sources import rows_from
 from captum_vlm.audit.worker import AuditConfig, AuditWorker
 
 __all__ = ["Audit", "AuditConfig", "AuditWorker", "Finding", "audit", "empty_map_labels", "fixed_peak_labels",
-           "rows_from", "ungrounded_labels"]
+           "group_of", "rows_from", "ungrounded_labels"]

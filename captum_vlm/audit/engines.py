@@ -49,11 +49,13 @@ def run_local(model, processor, config, rows: list[dict], store: RunStore, batch
 def start_local_ray(startup_timeout_s: float = 180.0, **init_kwargs: Any) -> None:
     """``ray.init`` of a local cluster bound to 127.0.0.1, without the dashboard.
 
-    On a loaded 2-core machine Ray's own start-up limits were missed: the raylet waits a limited
-    time for its metrics agent (``RAY_agent_register_timeout_ms``, ``RAY_raylet_start_wait_time_s``)
-    and the driver gives the raylet a fixed 30 s to register. While this call starts the cluster,
-    they wait up to ``startup_timeout_s`` (the variables unless they are set already; the driver
-    by asking ``ray._private.services.get_node`` again, when Ray has it).
+    On a loaded machine Ray's own start-up limits are missed: the raylet waits a limited time for
+    its metrics agent (``RAY_agent_register_timeout_ms``, ``RAY_raylet_start_wait_time_s``: set
+    here to ``startup_timeout_s`` unless they are set already) and the driver gives the raylet a
+    fixed 30 s to register (no setting exists for it; while this call starts the cluster the
+    driver asks again until ``startup_timeout_s``, where Ray has ``ray._private.services.get_node``).
+    A cluster that still does not start is shut down and reported as a ``RuntimeError`` saying
+    what to raise.
 
     Ray's usage-stats reporting (which sends data off the machine) and Ray Data's usage poller are
     turned off for the cluster this starts, unless ``RAY_USAGE_STATS_ENABLED`` /
@@ -62,6 +64,13 @@ def start_local_ray(startup_timeout_s: float = 180.0, **init_kwargs: Any) -> Non
     Args:
         startup_timeout_s: how long the cluster may take to start.
         **init_kwargs: more ``ray.init`` arguments (``num_cpus``, ``object_store_memory``...).
+
+    Raises:
+        RuntimeError: the cluster did not start within ``startup_timeout_s``.
+
+    Example:
+        >>> start_local_ray(startup_timeout_s=600, num_cpus=2)  # a busy machine   # doctest: +SKIP
+        >>> cv.audit(model, processor, data, texts, engine="ray")  # uses it       # doctest: +SKIP
     """
     import time
     from unittest import mock
@@ -82,15 +91,26 @@ def start_local_ray(startup_timeout_s: float = 180.0, **init_kwargs: Any) -> Non
                     raise
                 time.sleep(0.5)
 
-    patch = mock.patch.object(services, "get_node", patient_get_node) if real else mock.MagicMock()
+    # Ray's Node asks services.get_node in a loop limited to 30 s; the wait is not a setting
+    patch = mock.patch.object(services, "get_node", patient_get_node) if callable(real) else mock.MagicMock()
     agent_wait = {
         "RAY_agent_register_timeout_ms": os.environ.get("RAY_agent_register_timeout_ms",
                                                         str(int(startup_timeout_s * 1000))),
         "RAY_raylet_start_wait_time_s": os.environ.get("RAY_raylet_start_wait_time_s", str(int(startup_timeout_s))),
     }
-    with patch, mock.patch.dict(os.environ, agent_wait):
-        ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, logging_level=logging.WARNING,
-                 **init_kwargs)
+    start = time.monotonic()
+    try:
+        with patch, mock.patch.dict(os.environ, agent_wait):
+            ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, logging_level=logging.WARNING,
+                     **init_kwargs)
+    except Exception as err:  # Ray raises bare Exception for a node that timed out during startup
+        ray.shutdown()  # whatever part of the cluster did start
+        raise RuntimeError(
+            f"Ray's local cluster did not start ({type(err).__name__}: {err}) after "
+            f"{time.monotonic() - start:.0f} s; on a busy machine give it longer with "
+            f"captum_vlm.audit.engines.start_local_ray(startup_timeout_s=...) before cv.audit (now "
+            f"{startup_timeout_s:g} s), or start a cluster with `ray start --head` and pass address="
+        ) from err
 
 
 def _start_ray(ray, address: str | None) -> None:

@@ -84,12 +84,13 @@ def _map_png(record: dict[str, Any], method: str) -> bytes | None:
 def _card(record: dict[str, Any], method: str) -> str:
     png = _map_png(record, method)
     picture = "" if png is None else f'<img alt="map" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
-    facts = [("id", record["id"]), ("label", record["label"]), ("prediction", record["prediction"]),
+    facts = [("id", record["id"]), ("label", record["label"]), ("question", record.get("question")),
+             ("prediction", record["prediction"]),
              ("confidence", _number(record["confidence"])), ("mass off object", _number(record[f"{method}.mass_outside"])),
              ("deletion AUC / random", f"{_number(record[f'{method}.deletion_auc'])} / "
                                        f"{_number(record[f'{method}.deletion_auc_random'])}"),
              ("grounded", record[f"{method}.grounded"])]
-    text = "<br>".join(f"<b>{_e(k)}</b>: {_e(v)}" for k, v in facts)
+    text = "<br>".join(f"<b>{_e(k)}</b>: {_e(v)}" for k, v in facts if k != "question" or v is not None)
     return f'<div class="card">{picture}<div>{text}</div></div>'
 
 
@@ -106,7 +107,7 @@ def render_audit(result: Any, gallery: int = 12) -> str:
     parts.append("".join(f'<div class="finding">{_e(f.summary())}</div>' for f in findings)
                  or "<p>No label stands out: no fixed peak cells, no label far more often not grounded.</p>")
     columns = ["label", "count", "errors", "empty_maps", "accuracy", "confidence", "entropy", "mass_inside",
-               "deletion_auc", "deletion_auc_random", "not_grounded"]
+               "deletion_auc", "deletion_auc_random", "not_grounded", "object_not_grounded"]
     for method in config.methods:
         parts.append(f"<h2>Per label: {_e(method)}</h2>")
         parts.append(_table(result.label_table(method), columns, ("label",)))

@@ -18,7 +18,16 @@ from captum_vlm.audit.patterns import (
 from captum_vlm.audit.store import RunStore
 from captum_vlm.audit.worker import AuditConfig
 
-__all__ = ["Audit"]
+__all__ = ["Audit", "group_of"]
+
+
+def group_of(record: dict[str, Any]) -> str:
+    """The group a record is aggregated and tested in: its label (two-tower models; the
+    prediction when it has none); for answer models the question and the model's answer
+    (``"what color is the square? → blue"``), marked ``[wrong]`` when a label says so."""
+    if record.get("question") is not None and record.get("explained") is not None:
+        return record["explained"] + (" [wrong]" if record.get("correct") is False else "")
+    return record["label"] if record["label"] is not None else f"(predicted) {record['prediction']}"
 
 
 def _mean(values: list[Any]) -> float:
@@ -72,17 +81,19 @@ class Audit:
 
     # ----- aggregates ------------------------------------------------------------------------
     def label_table(self, method: str | None = None) -> list[dict[str, Any]]:
-        """Per label (the prediction when an image has no label): count, errors, accuracy, mean
-        confidence and, for ``method``, the maps without a positive cell, mean entropy, mass on the object, deletion AUCs (map
-        and random order) and the share of maps not grounded."""
+        """Per label (see :func:`group_of`: the prediction when an image has no label; question →
+        answer for answer models): count, errors, accuracy, mean confidence and, for ``method``,
+        the maps without a positive cell, mean entropy, mass on the object, deletion AUCs (map and
+        random order), the share of maps not grounded and of objects not grounded (masked images)."""
         method = self._method(method)
         groups: dict[str, list[dict]] = {}
         for r in self.records():
-            groups.setdefault(r["label"] if r["label"] is not None else f"(predicted) {r['prediction']}", []).append(r)
+            groups.setdefault(group_of(r), []).append(r)
         rows = []
         for label, items in sorted(groups.items(), key=lambda kv: str(kv[0])):
             ok = [r for r in items if r["error"] is None]
             verdicts = [r[f"{method}.grounded"] for r in ok if r[f"{method}.grounded"] is not None]
+            objects = [r["object_grounded"] for r in ok if r["object_grounded"] is not None]
             rows.append({
                 "label": label, "count": len(items), "errors": len(items) - len(ok),
                 "empty_maps": sum(r[f"{method}.peak_row"] is None for r in ok),
@@ -93,6 +104,7 @@ class Audit:
                 "deletion_auc": _mean([r[f"{method}.deletion_auc"] for r in ok]),
                 "deletion_auc_random": _mean([r[f"{method}.deletion_auc_random"] for r in ok]),
                 "not_grounded": _mean([not v for v in verdicts]) if verdicts else float("nan"),
+                "object_not_grounded": _mean([not v for v in objects]) if objects else float("nan"),
             })
         return rows
 
@@ -117,21 +129,25 @@ class Audit:
     def patterns(self, method: str | None = None, **kwargs: Any) -> list[Finding]:
         """The pattern finder (see :mod:`captum_vlm.audit.patterns`) over ``method``'s maps, or
         every method's when ``None``: labels with fixed peaks, labels far more often with empty maps
-        or not grounded.
+        or not grounded; with masks, also labels whose objects are far more often not grounded
+        (method ``"object mask"``: the answer survives losing the object).
 
         ``kwargs`` go to :func:`~captum_vlm.audit.patterns.fixed_peak_labels` (``min_lift``,
-        ``alpha``, ...). Images without a label are grouped by their prediction."""
+        ``alpha``, ...). Records are grouped by :func:`group_of` (answer models: question → answer)."""
         methods = [self._method(method)] if method else self.methods
         records = [r for r in self.records() if r["error"] is None]
-        labels = [r["label"] if r["label"] is not None else r["prediction"] for r in records]
+        labels = [group_of(r) for r in records]
+        shared = {k: v for k, v in kwargs.items() if k in ("alpha", "min_count")}
         findings: list[Finding] = []
         for m in methods:
             peaks = [(r[f"{m}.peak_row"], r[f"{m}.peak_col"]) for r in records]
             findings += fixed_peak_labels(labels, peaks, method=m, **kwargs)
-            shared = {k: v for k, v in kwargs.items() if k in ("alpha", "min_count")}
             findings += empty_map_labels(labels, [p[0] is None for p in peaks], method=m, **shared)
             if "grounding" in self.config.checks:
                 findings += ungrounded_labels(labels, [r[f"{m}.grounded"] for r in records], method=m, **shared)
+        objects = [r["object_grounded"] for r in records]
+        if any(v is not None for v in objects):
+            findings += ungrounded_labels(labels, objects, method="object mask", **shared)
         return findings
 
     def to_html(self, path: str | Path | None = None, gallery: int = 12) -> str:

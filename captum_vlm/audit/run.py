@@ -8,10 +8,11 @@ from pathlib import Path
 from typing import Any
 
 from captum_vlm._checks import check_choice, check_count
+from captum_vlm.adapters import get_adapter
 from captum_vlm.audit.result import Audit
 from captum_vlm.audit.sources import rows_from
 from captum_vlm.audit.store import RunStore
-from captum_vlm.audit.worker import CHECKS, AuditConfig
+from captum_vlm.audit.worker import ANSWER_TASKS, CHECKS, AuditConfig
 
 __all__ = ["audit"]
 
@@ -23,18 +24,27 @@ def _is_ray_dataset(data: Any) -> bool:
 
 
 def _check_config(model, texts, methods, checks, explain, deletion_steps, grounding_fraction) -> AuditConfig:
-    from captum_vlm.adapters import get_adapter
     from captum_vlm.explain import METHODS, method_names
 
     adapter = get_adapter(model)
-    if not getattr(adapter, "two_tower", False):
+    answers = adapter.answers_questions and adapter.task in ANSWER_TASKS
+    if not adapter.two_tower and not answers:
         raise ValueError(
-            f"model: cv.audit scores images against prompts and needs a two-tower model "
-            f"(image and text towers, e.g. CLIP or SigLIP); {type(model).__name__} is not one"
+            f"model: cv.audit explains two-tower models (image and text towers, e.g. CLIP or SigLIP) and "
+            f"models that answer questions with answer tokens after the question (e.g. BLIP VQA); "
+            f"{type(model).__name__} computes {adapter.task!r}"
         )
-    if isinstance(texts, str) or not isinstance(texts, Sequence) or len(texts) < 2:
+    if answers:
+        texts = [texts] if isinstance(texts, str) else list(texts or ())
+        if len(texts) > 1 or not all(isinstance(t, str) and t.strip() for t in texts):
+            raise ValueError(f"texts: a model that answers questions is asked each row's own 'question', or the "
+                             f"one question given here; expected [] or [question], got {texts!r}")
+        if explain != "prediction":
+            raise ValueError(f'explain: a model that answers questions is explained through its own answer; '
+                             f'expected "prediction", got {explain!r}')
+    elif isinstance(texts, str) or not isinstance(texts, Sequence) or len(texts) < 2:
         raise ValueError(f"texts: expected a list of at least 2 prompts (the classes), got {texts!r}")
-    if not all(isinstance(t, str) and t.strip() for t in texts) or len(set(texts)) != len(texts):
+    elif not all(isinstance(t, str) and t.strip() for t in texts) or len(set(texts)) != len(texts):
         raise ValueError(f"texts: every prompt must be a distinct non-empty string, got {list(texts)!r}")
     methods = [methods] if isinstance(methods, str) else list(methods)
     usable = method_names(model)
@@ -58,7 +68,7 @@ def audit(
     model: Any,
     processor: Any,
     data: Any,
-    texts: Sequence[str],
+    texts: Sequence[str] | None,
     methods: Sequence[str] = ("grad-eclip",),
     checks: Sequence[str] = CHECKS,
     *,
@@ -82,20 +92,33 @@ def audit(
 ) -> Audit:
     """Explain every image of ``data`` and write one record per image to ``output``.
 
-    Each record holds the image's id and label, the model's prediction over ``texts`` and its
-    confidence, and per method the map's summary (peak cell, entropy, share of the positive mass
-    on the object when a mask or box is given), its deletion AUC beside a random order's, and
-    the grounding-test verdict; an unreadable image gives a record with ``error`` set. Records
-    are Parquet shards in ``output/records/``, written as the run goes; a run started again
-    with the same ``output`` (and arguments) skips the recorded images.
+    Each record holds the image's id and label, the model's prediction over ``texts`` (or its
+    answer to the question) and its confidence, and per method the map's summary (peak cell,
+    entropy, share of the positive mass on the object when a mask or box is given), its deletion
+    AUC beside a random order's, and the grounding-test verdict (and, with a mask or box, the
+    verdict of masking the object itself: ``object_grounded``); an unreadable image gives a
+    record with ``error`` set. Records are Parquet shards in ``output/records/``, written as the
+    run goes; a run started again with the same ``output`` (and arguments) skips the recorded
+    images.
+
+    The engines write bit-identical records when the model's weights live in memory of their
+    own, as :func:`captum_vlm.zoo.load` gives them: Ray actors hold an unpickled (fresh,
+    64-byte aligned) copy, while ``from_pretrained`` can leave weights as views into the
+    memory-mapped checkpoint at misaligned addresses, where MKL's matrix-vector product rounds
+    differently (the last float32 bits, ~1e-7 relative). For such a model, audit
+    ``copy.deepcopy(model)`` to get the actors' bits locally.
 
     Args:
-        model: a two-tower model (``CLIPModel``, ``SiglipModel``...).
+        model: a two-tower model (``CLIPModel``, ``SiglipModel``...) or a model that answers
+            questions with answer tokens (``BlipForQuestionAnswering``): each image is asked its
+            row's ``question`` (or ``texts[0]``), and its answer is explained and checked.
         processor: its processor.
         data: a folder of images (with ``labels.csv``/``labels.jsonl``: ``file``, ``label`` and
             optionally ``mask``, ``box``), a list of paths / PIL images / arrays / dicts, a Hugging
             Face ``datasets.Dataset``, or a ``ray.data.Dataset`` (``engine="ray"``).
         texts: the prompts; labels that are one of them are checked against the prediction.
+            Answer models: ``[question]`` for rows without their own, or ``[]``; a label is the
+            expected answer.
         methods: registry names of the image methods (see :func:`captum_vlm.method_names`).
         checks: ``"deletion"`` and/or ``"grounding"`` per map (``()`` for summaries only).
         labels, masks, boxes: per image, for list inputs (or the labels file of a folder).
@@ -130,6 +153,11 @@ def audit(
     if ray_data and engine != "ray":
         raise ValueError('data: a ray.data.Dataset needs engine="ray"')
     rows = data if ray_data else rows_from(data, labels=labels, masks=masks, boxes=boxes)
+    if not ray_data and get_adapter(model).answers_questions and not config.texts:
+        missing = [r["id"] for r in rows if not r.get("question")]
+        if missing:
+            raise ValueError(f"texts: no question to ask images {missing[:5]} (they carry no 'question'); "
+                             "pass texts=[question] or a question per row")
     store = RunStore(output, config)
     if engine == "local":
         from captum_vlm.audit.engines import run_local

@@ -3,8 +3,9 @@
 A row is a plain dict, the same for both engines (Ray Data builds its blocks from them):
 ``id`` (str, unique), ``path`` (image file or ``None``), ``image`` (encoded image bytes or an
 ``(H, W, 3)`` array, or ``None``), ``label`` (str or ``None``), ``mask`` (``.npy`` bytes, or
-``None``), ``mask_path`` (an ``.npy`` or image file, or ``None``) and ``box``
-(``[x0, y0, x1, y1]`` in pixels, or ``None``). Images are opened by the workers, batch by batch,
+``None``), ``mask_path`` (an ``.npy`` or image file, or ``None``), ``box``
+(``[x0, y0, x1, y1]`` in pixels, or ``None``) and ``question`` (what a VQA model is asked about
+this image, or ``None``: then the audit's one question). Images are opened by the workers, batch by batch,
 so a folder of any size costs the driver only its file names.
 """
 
@@ -24,7 +25,7 @@ __all__ = ["IMAGE_SUFFIXES", "LABEL_FILES", "ROW_KEYS", "rows_from"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 LABEL_FILES = ("labels.csv", "labels.jsonl")
-ROW_KEYS = ("id", "path", "image", "label", "mask", "mask_path", "box")
+ROW_KEYS = ("id", "path", "image", "label", "mask", "mask_path", "box", "question")
 
 
 def _row(id_: str, **values: Any) -> dict[str, Any]:
@@ -46,8 +47,9 @@ def _png_bytes(image: Image.Image) -> bytes:
 
 
 def _read_label_file(path: Path) -> dict[str, dict[str, Any]]:
-    """``{file: {"label", "mask_path", "box"}}`` from ``labels.csv`` (columns ``file``, ``label``
-    and optionally ``mask``, ``box`` as "x0 y0 x1 y1") or ``labels.jsonl`` (the same keys)."""
+    """``{file: {"label", "mask_path", "box", "question"}}`` from ``labels.csv`` (columns ``file``,
+    ``label`` and optionally ``mask``, ``box`` as "x0 y0 x1 y1", ``question``) or ``labels.jsonl``
+    (the same keys)."""
     if path.suffix == ".jsonl":
         entries = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     else:
@@ -65,6 +67,7 @@ def _read_label_file(path: Path) -> dict[str, dict[str, Any]]:
             "label": None if entry.get("label") in (None, "") else str(entry["label"]),
             "mask_path": None if mask is None else str(path.parent / mask),
             "box": box,
+            "question": None if entry.get("question") in (None, "") else str(entry["question"]),
         }
     return found
 
@@ -99,17 +102,19 @@ def _per_item(values: Any, n: int, name: str) -> list[Any]:
     return list(values)
 
 
-def _item_row(index: int, item: Any, label: Any, mask: Any, box: Any) -> dict[str, Any]:
+def _item_row(index: int, item: Any, label: Any, mask: Any, box: Any, question: Any = None) -> dict[str, Any]:
     if isinstance(item, Mapping):
-        extra = {k: item[k] for k in ("label", "mask", "mask_path", "box") if k in item}
+        extra = {k: item[k] for k in ("label", "mask", "mask_path", "box", "question") if k in item}
         mask = extra.get("mask", extra.get("mask_path", mask))
         label, box = extra.get("label", label), extra.get("box", box)
+        question = extra.get("question", question)
         id_ = item.get("id", index)
         item = item.get("image", item.get("path"))
     else:
         id_ = index
     values: dict[str, Any] = {"label": None if label is None else str(label),
-                              "box": None if box is None else [float(v) for v in box]}
+                              "box": None if box is None else [float(v) for v in box],
+                              "question": None if question is None else str(question)}
     if isinstance(mask, (str, Path)):
         values["mask_path"] = str(mask)
     elif mask is not None:
@@ -126,7 +131,7 @@ def _item_row(index: int, item: Any, label: Any, mask: Any, box: Any) -> dict[st
 
 def _hf_rows(dataset: Any) -> list[dict[str, Any]]:
     """Rows of a Hugging Face ``datasets.Dataset`` with an ``image`` column (and optionally
-    ``label`` — class indices are turned into their names —, ``mask``, ``box``, ``id``)."""
+    ``label`` — class indices are turned into their names —, ``mask``, ``box``, ``id``, ``question``)."""
     names = set(dataset.column_names)
     if "image" not in names:
         raise ValueError(f"data: the datasets.Dataset needs an 'image' column; it has {sorted(names)}")
@@ -137,7 +142,8 @@ def _hf_rows(dataset: Any) -> list[dict[str, Any]]:
         label = example.get("label")
         if label is not None and to_name is not None:
             label = to_name(int(label))
-        rows.append(_item_row(index, example["image"], label, example.get("mask"), example.get("box")))
+        rows.append(_item_row(index, example["image"], label, example.get("mask"), example.get("box"),
+                              example.get("question")))
         if "id" in example:
             rows[-1]["id"] = str(example["id"])
     return rows
@@ -149,7 +155,8 @@ def rows_from(data: Any, labels: Any = None, masks: Any = None, boxes: Any = Non
     Args:
         data: a folder of images (its ``labels.csv``/``labels.jsonl`` is read when present),
             a list of image paths, PIL images, ``(H, W, 3)`` arrays or dicts with ``image`` (and
-            ``label``, ``mask`` or ``mask_path``, ``box``, ``id``), or a Hugging Face ``datasets.Dataset``.
+            ``label``, ``mask`` or ``mask_path``, ``box``, ``id``, ``question``), or a Hugging Face
+            ``datasets.Dataset``.
         labels: one label per image, or the labels file of a folder.
         masks: one boolean ``(H, W)`` mask (array or file) per image, or ``None``.
         boxes: one ``(x0, y0, x1, y1)`` box per image, or ``None``.

@@ -4,6 +4,11 @@
 batch of rows (see :mod:`captum_vlm.audit.sources`) into a ``pyarrow.Table`` of records. Each
 image is scored and explained on its own, so a record does not depend on which batch the image
 fell in: the local engine and any number of Ray actors write the same records.
+
+Two kinds of model, told apart by the adapter's capability flags: two-tower models score the
+image against every prompt (the prediction is the best prompt); answer models (the adapter's
+``answers_questions`` with answer tokens after the question, e.g. BLIP VQA) are asked the row's
+question and explained through their own answer, whose log-probability the checks perturb.
 """
 
 from __future__ import annotations
@@ -30,6 +35,11 @@ METRICS = {  # per method: column suffix -> Arrow type
     "deletion_auc": pa.float64(), "deletion_auc_random": pa.float64(),
     "grounded": pa.bool_(), "grounding_drop": pa.float64(), "grounding_drop_random": pa.float64(),
 }
+OBJECT_GROUNDING = {  # per record, with a mask and the grounding check: the object's own patches masked
+    "object_grounded": pa.bool_(), "object_grounding_drop": pa.float64(),
+    "object_grounding_drop_random": pa.float64(),
+}
+ANSWER_TASKS = ("answer_tokens",)  # answer models the audit explains: answer tokens after the question
 
 
 @dataclass(frozen=True)
@@ -37,10 +47,12 @@ class AuditConfig:
     """What an audit computes; two runs resume each other only when their configs are equal.
 
     Args:
-        texts: the prompts (two-tower models: the classes; the model's prediction is one of them).
+        texts: two-tower models: the prompts (the classes; the model's prediction is one of
+            them); answer models: ``()`` or the one question asked of rows that carry none.
         methods: registry names of the methods (see :func:`captum_vlm.method_names`).
         checks: per map, ``"deletion"`` (deletion AUC of the map's order and of a random order)
-            and/or ``"grounding"`` (:meth:`CausalOcclusion.grounding_test` of the map).
+            and/or ``"grounding"`` (:meth:`CausalOcclusion.grounding_test` of the map; with a
+            mask or box, also of the object's own patches: ``object_grounded``).
         explain: ``"prediction"`` (explain the predicted prompt) or ``"label"`` (the true one).
         keep_maps: also store each map as a flat float32 list (``{method}.map``).
         deletion_steps: deletion steps (at most one per patch).
@@ -75,8 +87,10 @@ def record_schema(config: AuditConfig) -> pa.Schema:
         pa.field("prediction", pa.string()), pa.field("prediction_index", pa.int32()),
         pa.field("confidence", pa.float64()), pa.field("label_confidence", pa.float64()),
         pa.field("correct", pa.bool_()), pa.field("explained", pa.string()), pa.field("has_mask", pa.bool_()),
-        pa.field("path", pa.string()), pa.field("map_rows", pa.int32()), pa.field("map_cols", pa.int32()),
+        pa.field("path", pa.string()), pa.field("question", pa.string()),
+        pa.field("map_rows", pa.int32()), pa.field("map_cols", pa.int32()),
     ]
+    fields += [pa.field(name, kind) for name, kind in OBJECT_GROUNDING.items()]
     for method in config.methods:
         fields += [pa.field(f"{method}.{name}", kind) for name, kind in METRICS.items()]
         if config.keep_maps:
@@ -161,11 +175,13 @@ class AuditWorker:
         self.config = AuditConfig.from_json(config) if isinstance(config, str) else config
         self.schema = record_schema(self.config)
         self.adapter = cv.get_adapter(self.model)
-        self.score = cv.ImageTextSimilarity(self.model)
+        self.answers = self.adapter.answers_questions
         self.occlusion = cv.CausalOcclusion(self.model) if "grounding" in self.config.checks else None
-        padding = self.adapter.text_padding
-        text = self.processor(text=list(self.config.texts), return_tensors="pt", padding=padding)
-        self.ids, self.mask = text["input_ids"], text["attention_mask"]
+        self.score = self.adapter.default_target()  # similarity logits, answer log-prob or label logits
+        if not self.answers:
+            text = self.processor(text=list(self.config.texts), return_tensors="pt",
+                                  padding=self.adapter.text_padding)
+            self.ids, self.mask = text["input_ids"], text["attention_mask"]
 
     def __call__(self, batch: Any) -> pa.Table:
         records = [self.record(row) for row in _rows(batch)]
@@ -178,26 +194,32 @@ class AuditWorker:
         texts = list(self.config.texts)
         record: dict[str, Any] = {
             "id": str(row["id"]), "label": None if label is None else str(label),
-            "label_index": texts.index(label) if label in texts else None,
+            "label_index": texts.index(label) if label in texts and not self.answers else None,
             "path": None if not row.get("path") else str(row["path"]),
         }
+        if self.answers:
+            record["question"] = row.get("question") or (texts[0] if texts else None)
         try:
             image = _image_of(row)
         except Exception as err:  # noqa: BLE001 - any unreadable image is one error record
             record["error"] = f"cannot read image: {type(err).__name__}: {err}"
             return record
         try:
-            record.update(self._explain(image, row, record["label_index"]))
+            if self.answers:
+                record.update(self._explain_answer(image, row, record["question"]))
+            else:
+                record.update(self._explain(image, row, record["label_index"]))
         except Exception as err:  # noqa: BLE001 - one bad example must not stop the run
             record["error"] = f"{type(err).__name__}: {err}"
         return record
 
     def _explain(self, image: Image.Image, row: dict[str, Any], label_index: int | None) -> dict[str, Any]:
+        """A two-tower model: the prediction over the prompts, and the map of the explained one."""
         import captum_vlm as cv
 
         pixels = self.processor(images=image, return_tensors="pt")["pixel_values"]
         with torch.no_grad():
-            probabilities = self._probabilities(pixels, self.ids, self.mask)[0]
+            probabilities = self.adapter.to_probability(self.score(pixels, self.ids, self.mask))[0]
         predicted = int(probabilities.argmax())
         if self.config.explain == "label" and label_index is None:
             raise ValueError(f"label {row.get('label')!r} is not one of the texts; cannot explain it")
@@ -209,19 +231,59 @@ class AuditWorker:
             "correct": None if label_index is None else predicted == label_index,
             "explained": self.config.texts[target],
         }
-        # evidence=False: the record keeps its own checks; explain's per-map evidence would be discarded
+        # the audit's own checks below, not explain()'s per-map evidence (its randomisation check
+        # alone would cost ~10x the map)
         explanation = cv.explain(self.model, self.processor, image, list(self.config.texts),
                                  methods=list(self.config.methods), target=target, evidence=False)
+        scored = _Scored(pixels, (self.ids, self.mask), target, expand=False)
+        return out | self._maps(explanation, scored, row, image)
+
+    def _explain_answer(self, image: Image.Image, row: dict[str, Any], question: str | None) -> dict[str, Any]:
+        """An answer model: its answer to the row's question, and the map of that answer."""
+        import captum_vlm as cv
+        from captum_vlm.explain.answering import answer_questions
+
+        if not question:
+            raise ValueError("row has no question and the audit has none (texts) to ask")
+        inputs = self.processor(images=image, text=[question], return_tensors="pt", padding=self.adapter.text_padding)
+        answers = answer_questions(self.model, getattr(self.processor, "tokenizer", self.processor), dict(inputs))
+        answer, label = answers.texts[0], row.get("label")
+        out: dict[str, Any] = {
+            "prediction": answer, "confidence": float(answers.probabilities[0]),
+            "correct": None if label is None else _normalised(answer) == _normalised(label),
+            "explained": f"{question} → {answer}",
+        }
+        explanation = cv.explain(self.model, self.processor, image, [question],
+                                 methods=list(self.config.methods), target=0, evidence=False)
+        ids, mask = inputs["input_ids"], inputs["attention_mask"]  # the answer's tokens, scored after the question
+        scored = _Scored(inputs["pixel_values"], (ids, mask, answers.answer_ids, answers.answer_mask), None)
+        return out | self._maps(explanation, scored, row, image)
+
+    def _maps(self, explanation, scored: _Scored, row: dict[str, Any], image: Image.Image) -> dict[str, Any]:
+        """Summaries and checks of every whole-text map of ``explanation``; the object check."""
         mask = _mask_of(row, image.size)
-        out["has_mask"] = mask is not None
+        out: dict[str, Any] = {"has_mask": mask is not None}
         seed = (zlib.crc32(str(row["id"]).encode()) + self.config.seed) % 2**31
+        grid = None
         for record in explanation.records:
+            if record.text_index is None:  # per-token maps of an answer: the whole answer's map is kept
+                continue
             grid = np.asarray(record.grid, dtype=np.float64)
             out["map_rows"], out["map_cols"] = grid.shape
-            out.update(self._summary(record.method, grid, pixels, target, mask, explanation.crop_box, seed))
+            out.update(self._summary(record.method, grid, scored, mask, explanation.crop_box, seed))
+        if mask is not None and self.occlusion is not None and grid is not None:
+            cells = torch.as_tensor(mask_cells(mask, grid.shape, explanation.crop_box))[None]
+            test = self._grounding(scored, cells, seed)
+            out.update(object_grounded=bool(test.grounded[0]), object_grounding_drop=float(test.drop_relevant[0]),
+                       object_grounding_drop_random=float(test.drop_random[0]))
         return out
 
-    def _summary(self, method, grid, pixels, target, mask, crop_box, seed) -> dict[str, Any]:
+    def _grounding(self, scored: _Scored, heat: torch.Tensor, seed: int):
+        return self.occlusion.grounding_test(scored.pixels, heat, target=scored.target,
+                                             additional_forward_args=scored.args,
+                                             fraction=self.config.grounding_fraction, seed=seed)
+
+    def _summary(self, method, grid, scored: _Scored, mask, crop_box, seed) -> dict[str, Any]:
         from captum_vlm.metrics import deletion_curve
 
         row, col = peak_cell(grid) or (None, None)
@@ -235,23 +297,37 @@ class AuditWorker:
             random_order = torch.rand(grid.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
 
             def auc(order):
-                return float(deletion_curve(self._probabilities, pixels, order, target=target,
-                                            additional_forward_args=(self.ids, self.mask),
+                return float(deletion_curve(self._probabilities, scored.pixels, order, target=scored.target,
+                                            additional_forward_args=scored.args, expand_additional_args=scored.expand,
                                             patch_size=self.adapter.patch_size(), steps=steps,
                                             batch_size=steps + 1).auc[0])
 
             values.update(deletion_auc=auc(heat), deletion_auc_random=auc(random_order[None]))
         if self.occlusion is not None:
-            test = self.occlusion.grounding_test(pixels, heat, target=target,
-                                                 additional_forward_args=(self.ids, self.mask),
-                                                 fraction=self.config.grounding_fraction, seed=seed)
+            test = self._grounding(scored, heat, seed)
             values.update(grounded=bool(test.grounded[0]), grounding_drop=float(test.drop_relevant[0]),
                           grounding_drop_random=float(test.drop_random[0]))
         if self.config.keep_maps:
             values["map"] = grid.astype(np.float32).ravel().tolist()
         return {f"{method}.{k}": v for k, v in values.items()}
 
-    def _probabilities(self, pixels, ids, mask):
-        """The model's probabilities of the prompts (softmax over them, or SigLIP's sigmoid: the
-        adapter says which)."""
-        return self.adapter.to_probability(self.score(pixels, ids, mask))
+    def _probabilities(self, pixels, *args):
+        """The explained score as a probability (softmax over the prompts, SigLIP's sigmoid or the
+        answer's exp(log-probability): the adapter says which)."""
+        return self.adapter.to_probability(self.score(pixels, *args))
+
+
+@dataclass
+class _Scored:
+    """What the checks perturb: ``pixel_values``, the forward arguments after them, the target
+    (a prompt index, or ``None`` for a one-number score), and whether
+    the arguments are per example (expanded with the perturbed images) or shared prompts."""
+
+    pixels: torch.Tensor
+    args: tuple
+    target: Any
+    expand: bool = True
+
+
+def _normalised(text: Any) -> str:
+    return " ".join(str(text).lower().split())

@@ -106,7 +106,8 @@ def load(name_or_path: str | Path, **model_kwargs):
             ``attn_implementation="eager"``.
 
     Returns:
-        ``(model, processor)``; the model is in eval mode.
+        ``(model, processor)``; the model is in eval mode, its weights in memory of its own
+        (not views into the file), so a copy of it computes the same bits.
 
     Raises:
         ValueError: for an unknown name.
@@ -129,6 +130,23 @@ def load(name_or_path: str | Path, **model_kwargs):
     finally:
         if bar_was_enabled:
             hf_logging.enable_progress_bar()
+    _own_memory(model)
     processor = AutoProcessor.from_pretrained(folder, local_files_only=True)
     model.eval()
     return model, processor
+
+
+def _own_memory(model) -> None:
+    """Copy the weights out of the memory-mapped checkpoint into fresh (64-byte aligned) tensors.
+
+    ``from_pretrained`` leaves them as views into the safetensors file, at addresses that are not
+    64-byte aligned; MKL's matrix-vector kernel then sums in another order than for the same
+    values in fresh memory, so the model would give other float32 bits than a copy of itself
+    (``copy.deepcopy``, pickling, a Ray actor's copy). Tied weights stay tied (each shared
+    ``Parameter`` is one object, copied once).
+    """
+    import torch
+
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            tensor.data = tensor.data.clone()
