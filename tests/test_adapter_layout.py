@@ -20,6 +20,7 @@ EXPECTED = {  # class: (task, two_tower, image_stream, probability, default targ
     "ViltForQuestionAnswering": (tm.vilt_vqa, "answer_label", False, "joint", "sigmoid", AnswerLogits),
     "ViltForImageAndTextRetrieval": (tm.vilt_itm, "match", False, "joint", "sigmoid", MatchLogit),
     "LlavaForConditionalGeneration": (tm.llava, "generate", False, "joint", "exp", TokenLogProbs),
+    "PaliGemmaForConditionalGeneration": (tm.paligemma, "generate", False, "joint", "exp", TokenLogProbs),
 }
 
 

@@ -18,6 +18,7 @@ FAMILY = {
     "ViltForQuestionAnswering": "vilt",
     "ViltForImageAndTextRetrieval": "vilt",
     "LlavaForConditionalGeneration": "llava",
+    "PaliGemmaForConditionalGeneration": "paligemma",
 }
 
 

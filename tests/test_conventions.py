@@ -71,9 +71,13 @@ def inputs_for(class_name: str, batch: int = 2, size: tuple[int, int] = (tm.IMAG
         ids, mask = tm.text_ids(3, 6)
         return pixels, (ids, mask), [2, 0, 1][:batch]
     if adapter.image_tokens_in_input_ids:
-        n = (size[0] // tm.PATCH) * (size[1] // tm.PATCH)
-        row = [tm.BOS, 9] + [tm.LLAVA_IMAGE_TOKEN] * n + [11, 12, 13]
-        return pixels, (torch.tensor([row] * batch), torch.ones(batch, len(row), dtype=torch.long)), None
+        h, w = adapter.patch_grid(pixels)  # one image token per grid cell
+        row = [tm.BOS, 9] + [adapter.image_token_id] * (h * w) + [11, 12, 13]
+        ids = torch.tensor([row] * batch)
+        args = (ids, torch.ones_like(ids))
+        if "token_type_ids" in adapter.extra_text_inputs:  # a prefix-LM: the last two tokens are the suffix
+            args = (*args, (torch.arange(len(row)) >= len(row) - 2).long().expand(batch, -1).clone())
+        return pixels, args, None
     ids, mask = tm.text_ids(batch, 6)
     if adapter.takes_answer_ids:
         answer, answer_mask = tm.text_ids(batch, 4, seed=1)

@@ -16,6 +16,8 @@ from transformers import (
     CLIPModel,
     LlavaConfig,
     LlavaForConditionalGeneration,
+    PaliGemmaConfig,
+    PaliGemmaForConditionalGeneration,
     SiglipConfig,
     SiglipModel,
     ViltConfig,
@@ -159,6 +161,35 @@ def llava(seed: int = 0, image_token_id: int = LLAVA_IMAGE_TOKEN) -> LlavaForCon
     return _finish(LlavaForConditionalGeneration(config), seed)
 
 
+def _gemma_text(model_type: str = "gemma", **extra) -> dict:
+    cfg = dict(
+        model_type=model_type,
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=HEADS,
+        num_key_value_heads=HEADS,
+        head_dim=HIDDEN // HEADS,
+        max_position_embeddings=128,
+        pad_token_id=PAD,
+        bos_token_id=BOS,
+        eos_token_id=EOS,
+        initializer_range=0.02,
+    )
+    cfg.update(extra)
+    return cfg
+
+
+def paligemma(seed: int = 0, image_token_id: int = LLAVA_IMAGE_TOKEN) -> PaliGemmaForConditionalGeneration:
+    """SigLIP tower (no CLS: 16 image tokens at 32 px), Gemma language model, prefix-LM."""
+    torch.manual_seed(seed)
+    vision = dict(model_type="siglip_vision_model", **_vision(projection_dim=HIDDEN))
+    config = PaliGemmaConfig(vision_config=vision, text_config=_gemma_text(), image_token_id=image_token_id,
+                             projection_dim=HIDDEN)
+    return _finish(PaliGemmaForConditionalGeneration(config), seed)
+
+
 #: one tiny model per supported class, by class name
 FACTORIES = {
     "CLIPModel": clip,
@@ -169,6 +200,7 @@ FACTORIES = {
     "ViltForQuestionAnswering": vilt_vqa,
     "ViltForImageAndTextRetrieval": vilt_itm,
     "LlavaForConditionalGeneration": llava,
+    "PaliGemmaForConditionalGeneration": paligemma,
 }
 
 

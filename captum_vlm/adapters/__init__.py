@@ -10,6 +10,7 @@ from captum_vlm.adapters.base import (
 from captum_vlm.adapters.blip import BlipAdapter
 from captum_vlm.adapters.clip import CLIPAdapter
 from captum_vlm.adapters.llava import LlavaAdapter
+from captum_vlm.adapters.paligemma import PaliGemmaAdapter
 from captum_vlm.adapters.siglip import SiglipAdapter
 from captum_vlm.adapters.vilt import ViltAdapter
 
@@ -24,4 +25,5 @@ __all__ = [
     "BlipAdapter",
     "ViltAdapter",
     "LlavaAdapter",
+    "PaliGemmaAdapter",
 ]

@@ -80,6 +80,9 @@ class VLMAdapter:
     #: two-tower models: how similarity logits become probabilities, ``"softmax"`` over the
     #: prompts or ``"sigmoid"`` of each
     similarity_probability: str = "softmax"
+    #: processor outputs beyond ``input_ids`` and ``attention_mask`` that the language model
+    #: takes, passed after them in ``additional_forward_args`` (PaliGemma: ``token_type_ids``)
+    extra_text_inputs: tuple[str, ...] = ()
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -270,6 +273,34 @@ class VLMAdapter:
     def image_token_positions(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Boolean mask ``[B, T]`` of the positions holding image tokens in a joint sequence."""
         raise NotImplementedError(f"{self.family}: image tokens do not sit in the text sequence")
+
+    def language_kwargs(self, input_ids: torch.Tensor, extra: Sequence[torch.Tensor | None] = ()) -> dict:
+        """Keyword inputs of the model's forward beside ``pixel_values``, ``input_ids`` and
+        ``attention_mask``: the :attr:`extra_text_inputs` given in ``extra`` (``None`` left out);
+        families whose forward needs more read it from ``input_ids`` here.
+
+        Raises:
+            ValueError: more ``extra`` tensors than :attr:`extra_text_inputs` names.
+        """
+        extra = tuple(extra)
+        if len(extra) > len(self.extra_text_inputs):
+            names = ", ".join(("input_ids", "attention_mask", *self.extra_text_inputs))
+            raise ValueError(f"additional_forward_args: {type(self.model).__name__} takes ({names}), got "
+                             f"{2 + len(extra)} tensors")
+        found = {}
+        for name, value in zip(self.extra_text_inputs, extra):
+            if value is None:
+                continue
+            if not isinstance(value, torch.Tensor) or value.shape != input_ids.shape:
+                shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+                raise ValueError(f"{name}: expected a tensor shaped like input_ids {tuple(input_ids.shape)}, got {shape}")
+            found[name] = value.to(input_ids.device)
+        return found
+
+    def unscored_positions(self, input_ids: torch.Tensor, extra: Sequence[torch.Tensor | None] = ()) -> torch.Tensor:
+        """Positions ``[B, T]`` (bool) of a joint sequence whose token is no prediction of the
+        model: the image placeholders (and a prefix-LM's prefix, where ``extra`` marks one)."""
+        return self.image_token_positions(input_ids)
 
     @contextmanager
     def image_layout(

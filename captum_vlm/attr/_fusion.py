@@ -257,10 +257,11 @@ class FusionAttribution(ImageAttributionBase, Attribution):
     # ----- plumbing ---------------------------------------------------------------------------
     def _prepare(self, inputs, target, additional_forward_args, upsample) -> tuple[FusionInputs, list[int]]:
         pixel_values, grid = self.image_inputs(inputs, upsample)
+        extra_names = self.adapter.extra_text_inputs
         wanted = ("(input_ids, attention_mask, answer_ids[, answer_attention_mask])" if self.takes_answer_ids
-                  else "(input_ids, attention_mask)")
-        ids, mask, args = split_text_args(self.adapter, additional_forward_args, 4 if self.takes_answer_ids else 2,
-                                          wanted)
+                  else f"(input_ids, attention_mask{''.join(f'[, {n}]' for n in extra_names)})")
+        ids, mask, args = split_text_args(self.adapter, additional_forward_args,
+                                          4 if self.takes_answer_ids else 2 + len(extra_names), wanted)
         max_length = self.adapter.max_text_length()
         check_same_batch(pixel_values=pixel_values, input_ids=ids)
         query_mask = mask.bool()
@@ -279,10 +280,11 @@ class FusionAttribution(ImageAttributionBase, Attribution):
             tokens[:, 0] = self.model.config.text_config.bos_token_id
             token_mask = self.forward_func.score_mask(tokens, answer_mask)
         else:
-            forward_args = (ids, mask)
+            forward_args = (ids, mask, *args)
+            self.adapter.language_kwargs(ids, args)  # checks the extra inputs' shapes
             tokens, token_mask = ids, mask.bool()
             if self.kind == "tokens":
-                token_mask = self.forward_func.score_mask(ids, mask)
+                token_mask = self.forward_func.score_mask(ids, mask, *args)
             if self.adapter.image_tokens_in_input_ids:
                 query_mask = query_mask & ~self.adapter.image_token_positions(ids)
         prepared = FusionInputs(pixel_values, forward_args, ids, mask, tokens, token_mask, query_mask, grid)

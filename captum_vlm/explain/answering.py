@@ -21,6 +21,9 @@ class Answers:
         answer_ids, answer_mask: BLIP: the generated answer tokens ``[n, T]`` (start token first).
         sequences, prompt_lengths: LLaVA: per text, the prompt followed by the generated tokens
             ``[1, L]``, and where the generated tokens start.
+        forward_args: generative models: per text, what the target takes after ``pixel_values``
+            to score the answer (the adapter's ``lens_sequence``: ``(sequence, mask)``, plus
+            e.g. PaliGemma's ``token_type_ids``).
         tokens: BLIP: the answer's token strings; LLaVA: the whole sequence's; per text.
     """
 
@@ -32,6 +35,7 @@ class Answers:
     sequences: list[torch.Tensor] | None = None
     prompt_lengths: list[int] | None = None
     tokens: list[list[str]] | None = None
+    forward_args: list[tuple[torch.Tensor, ...]] | None = None
 
 
 def answer_questions(
@@ -67,7 +71,7 @@ def answer_questions(
             probabilities = adapter.to_probability(logits.gather(1, labels[:, None])[:, 0]).tolist()
             return Answers(texts, probabilities, label_ids=labels)
         if adapter.task == "generate":
-            return _generate_each(model, tokenizer, pixels, ids, mask, max_new_tokens)
+            return _generate_each(adapter, tokenizer, pixels, ids, mask, max_new_tokens)
         generated = model.generate(pixel_values=pixels, input_ids=ids, attention_mask=mask,
                                    max_new_tokens=max_new_tokens, do_sample=False)
         end = model.config.text_config.sep_token_id
@@ -79,26 +83,26 @@ def answer_questions(
         return Answers(texts, log_p.exp().tolist(), answer_ids=generated, answer_mask=answer_mask, tokens=tokens)
 
 
-def _generate_each(model, tokenizer, pixels, ids, mask, max_new_tokens) -> Answers:
+def _generate_each(adapter, tokenizer, pixels, ids, mask, max_new_tokens) -> Answers:
     """A generative model: each prompt (padding dropped) answered on its own, so no padding side
-    matters."""
+    matters; the adapter generates and lays out prompt and answer for scoring."""
     from captum_vlm.targets import TokenLogProbs
 
-    sequences, lengths, texts, probabilities, tokens = [], [], [], [], []
+    sequences, lengths, texts, probabilities, tokens, forward_args = [], [], [], [], [], []
     for k in range(ids.shape[0]):
         prompt = ids[k][mask[k].bool()][None]
-        sequence = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt),
-                                  pixel_values=pixels[k : k + 1], max_new_tokens=max_new_tokens, do_sample=False)
-        start = prompt.shape[1]  # generate() adds at least one token (max_new_tokens >= 1)
-        log_p = TokenLogProbs(model, reduction="sum", score_from=start)(
-            pixels[k : k + 1], sequence, torch.ones_like(sequence)
-        )
+        new = adapter.greedy_answer(pixels[k : k + 1], prompt, torch.ones_like(prompt), max_new_tokens)
+        args, start = adapter.lens_sequence(prompt, torch.ones_like(prompt), new)
+        log_p = TokenLogProbs(adapter.model, reduction="sum", score_from=start)(pixels[k : k + 1], *args)
+        sequence = args[0]
         sequences.append(sequence)
         lengths.append(start)
+        forward_args.append(args)
         texts.append(tokenizer.decode(sequence[0, start:], skip_special_tokens=True).strip())
         probabilities.append(float(log_p.exp()[0]))
         tokens.append(_token_strings(tokenizer, sequence[0]))
-    return Answers(texts, probabilities, sequences=sequences, prompt_lengths=lengths, tokens=tokens)
+    return Answers(texts, probabilities, sequences=sequences, prompt_lengths=lengths, tokens=tokens,
+                   forward_args=forward_args)
 
 
 def _token_strings(tokenizer: Any, ids: torch.Tensor) -> list[str]:

@@ -155,7 +155,7 @@ def _fusion_maps(method: Any, context: ExplainContext):
             sequence, start = answers.sequences[k], answers.prompt_lengths[k]
             shown = list(range(start, sequence.shape[1]))
             whole, per_token = method.attribute_with_tokens(
-                pixels[k : k + 1], target=shown, additional_forward_args=(sequence, torch.ones_like(sequence)),
+                pixels[k : k + 1], target=shown, additional_forward_args=answers.forward_args[k],
                 return_grid=True,
             )
             yield k, whole[0], per_token[0], answers.tokens[k], shown
