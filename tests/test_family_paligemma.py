@@ -247,16 +247,14 @@ def test_drop_image_tokens_is_scoped(model):
 def tiny_processor():
     """PaliGemma's own processor, offline: SigLIP's image processor at 32 px (16 image tokens) and
     the zoo's word-level tokenizer without its BOS/EOS template (PaliGemma's processor adds them)."""
-    import transformers
     from tokenizers import processors
-    from transformers import PaliGemmaProcessor
+    from transformers import PaliGemmaProcessor, SiglipImageProcessorPil
 
     from captum_vlm.zoo.processing import build_tokenizer
 
     tokenizer = build_tokenizer(64)
     tokenizer._tokenizer.post_processor = processors.TemplateProcessing(single="$A", pair="$A $B", special_tokens=[])
-    image_processor = getattr(transformers, "SiglipImageProcessorPil", transformers.SiglipImageProcessor)(
-        size={"height": tm.IMAGE_SIZE, "width": tm.IMAGE_SIZE})
+    image_processor = SiglipImageProcessorPil(size={"height": tm.IMAGE_SIZE, "width": tm.IMAGE_SIZE})
     image_processor.image_seq_length = N
     processor = PaliGemmaProcessor(image_processor=image_processor, tokenizer=tokenizer)
     assert processor.image_token_id < tm.VOCAB

@@ -14,6 +14,8 @@ from transformers import (
     BlipForQuestionAnswering,
     CLIPConfig,
     CLIPModel,
+    Gemma3Config,
+    Gemma3ForConditionalGeneration,
     LlavaConfig,
     LlavaForConditionalGeneration,
     PaliGemmaConfig,
@@ -190,6 +192,26 @@ def paligemma(seed: int = 0, image_token_id: int = LLAVA_IMAGE_TOKEN) -> PaliGem
     return _finish(PaliGemmaForConditionalGeneration(config), seed)
 
 
+GEMMA3_BOI, GEMMA3_EOI = 61, 62
+GEMMA3_TOKENS = 4  # 4x4 patches average-pooled 2x2 -> a 2x2 token grid
+
+
+def gemma3(seed: int = 0, image_token_id: int = LLAVA_IMAGE_TOKEN, boi_token_id: int = GEMMA3_BOI,
+           eoi_token_id: int = GEMMA3_EOI) -> Gemma3ForConditionalGeneration:
+    """SigLIP tower (4x4 patches at 32 px), average-pooled 2x2 into 4 image tokens, Gemma 3 text."""
+    torch.manual_seed(seed)
+    vision = dict(model_type="siglip_vision_model", **_vision())
+    text = _gemma_text("gemma3_text", query_pre_attn_scalar=HIDDEN // HEADS, sliding_window=8,
+                       layer_types=["sliding_attention", "full_attention"])
+    config = Gemma3Config(vision_config=vision, text_config=text, mm_tokens_per_image=GEMMA3_TOKENS,
+                          image_token_index=image_token_id, boi_token_index=boi_token_id,
+                          eoi_token_index=eoi_token_id)
+    model = Gemma3ForConditionalGeneration(config)
+    with torch.no_grad():  # transformers leaves the projection at zero (no image signal at all)
+        model.model.multi_modal_projector.mm_input_projection_weight.normal_(0.0, 0.2)
+    return _finish(model, seed)
+
+
 #: one tiny model per supported class, by class name
 FACTORIES = {
     "CLIPModel": clip,
@@ -201,6 +223,7 @@ FACTORIES = {
     "ViltForImageAndTextRetrieval": vilt_itm,
     "LlavaForConditionalGeneration": llava,
     "PaliGemmaForConditionalGeneration": paligemma,
+    "Gemma3ForConditionalGeneration": gemma3,
 }
 
 

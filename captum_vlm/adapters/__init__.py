@@ -9,6 +9,7 @@ from captum_vlm.adapters.base import (
 )
 from captum_vlm.adapters.blip import BlipAdapter
 from captum_vlm.adapters.clip import CLIPAdapter
+from captum_vlm.adapters.gemma3 import Gemma3Adapter
 from captum_vlm.adapters.llava import LlavaAdapter
 from captum_vlm.adapters.paligemma import PaliGemmaAdapter
 from captum_vlm.adapters.siglip import SiglipAdapter
@@ -26,4 +27,5 @@ __all__ = [
     "ViltAdapter",
     "LlavaAdapter",
     "PaliGemmaAdapter",
+    "Gemma3Adapter",
 ]

@@ -35,7 +35,8 @@ TOKEN_TASKS = ("caption", "answer_tokens", "generate")
 #: tasks explained through the model's own answer to each text
 ANSWER_TASKS = ("answer_label", "answer_tokens", "generate")
 _CONFIG_TOKEN_KEYS = ("pad_token_id", "bos_token_id", "eos_token_id", "sep_token_id", "cls_token_id",
-                      "decoder_start_token_id", "image_token_id", "image_token_index")
+                      "decoder_start_token_id", "image_token_id", "image_token_index", "boi_token_id",
+                      "eoi_token_id")
 
 _REGISTRY: dict[str, type[VLMAdapter]] = {}
 
@@ -137,6 +138,12 @@ class VLMAdapter:
 
         return default_target(self.model)
 
+    def processor_images(self, image, n_texts: int):
+        """What the processor's ``images=`` takes to pair ``image`` with ``n_texts`` texts: the
+        image once (two towers compare it with every text) or once per text; families whose
+        processor reads a flat list as several images of one text override this."""
+        return image if self.two_tower else [image] * n_texts
+
     # ----- special tokens ---------------------------------------------------------------------
     def config_token_ids(self) -> dict[str, int]:
         """Special token ids named by the model's config (or its text config):
@@ -199,9 +206,18 @@ class VLMAdapter:
         return self.vision_model().embeddings.patch_embedding
 
     def patch_size(self) -> tuple[int, int]:
-        """Patch height and width in pixels."""
+        """Height and width in pixels of one cell of the map's grid: the vision patch, times
+        :attr:`patches_per_cell` where one image token pools several patches."""
         conv = self._patch_conv()
-        return tuple(int(s) for s in conv.kernel_size)  # type: ignore[return-value]
+        ph, pw = (int(s) for s in conv.kernel_size)
+        kh, kw = self.patches_per_cell
+        return ph * kh, pw * kw
+
+    @property
+    def patches_per_cell(self) -> tuple[int, int]:
+        """Vision patches ``(rows, cols)`` in one cell of the grid, i.e. pooled into one image
+        token (Gemma 3: ``(4, 4)``); ``(1, 1)`` where each image token is one patch."""
+        return 1, 1
 
     def _patch_conv(self) -> nn.Conv2d:
         """The patch convolution (its kernel is the patch size)."""
@@ -225,6 +241,12 @@ class VLMAdapter:
         if h < ph or w < pw:
             raise ValueError(f"pixel_values: image {(h, w)} is smaller than one {ph}x{pw} patch")
         return h // ph, w // pw
+
+    def vision_grid(self, pixel_values: torch.Tensor) -> tuple[int, int]:
+        """The vision tower's own patch grid for these ``pixel_values``: :meth:`patch_grid` times
+        :attr:`patches_per_cell` (the same grid where each image token is one patch)."""
+        (h, w), (kh, kw) = self.patch_grid(pixel_values), self.patches_per_cell
+        return h * kh, w * kw
 
     @property
     def num_prefix_tokens(self) -> int:
@@ -341,13 +363,17 @@ class VLMAdapter:
             (all of them, unless image placeholders must go with their dropped features).
         """
         keep_flat = keep.reshape(keep.shape[0], -1) > 0.5
-        handle = self.vision_model().embeddings.register_forward_hook(
-            _token_dropper(keep_flat, self.num_prefix_tokens)
-        )
+        module, prefix = self._token_drop_site()
+        handle = module.register_forward_hook(_token_dropper(keep_flat, prefix))
         try:
             yield self._staying_positions(keep_flat)
         finally:
             handle.remove()
+
+    def _token_drop_site(self) -> tuple[nn.Module, int]:
+        """The module whose output ``[B, prefix + cells, D]`` holds one row per grid cell after
+        ``prefix`` rows, for :meth:`drop_image_tokens`: the vision embeddings by default."""
+        return self.vision_model().embeddings, self.num_prefix_tokens
 
     def _staying_positions(self, keep_flat: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
         """``stays(input_ids)`` for :meth:`drop_image_tokens`: with image placeholders in

@@ -36,7 +36,8 @@ __all__ = [
 # Chefer relevancy (deletion AUC 0.046, pointing 0.970); shapes-siglip: Grad-ECLIP (deletion
 # 0.080 against relevancy 0.090, raw attention 0.152, rollout 0.156); shapes-blip-itm and
 # shapes-blip-vqa: bi-modal relevancy (pointing 0.830 / 0.752 against Grad-CAM 0.733 / 0.596).
-# ViLT, LLaVA and PaliGemma have no zoo model; they take the BLIP ranking (same two fusion methods).
+# ViLT, LLaVA, PaliGemma and Gemma 3 have no zoo model; they take the BLIP ranking (same two fusion
+# methods).
 DEFAULT_METHODS: dict[str, tuple[str, ...]] = {
     "clip": ("relevancy",),
     "siglip": ("grad-eclip",),
@@ -44,6 +45,7 @@ DEFAULT_METHODS: dict[str, tuple[str, ...]] = {
     "vilt": ("bimodal-relevancy",),
     "llava": ("bimodal-relevancy",),
     "paligemma": ("bimodal-relevancy",),
+    "gemma3": ("bimodal-relevancy",),
 }
 
 VALUE_LABELS: dict[str, str] = {
