@@ -213,10 +213,16 @@ class TokenLogProbs(_Target):
             ``generate``).
         reduction: ``None`` for per-token ``[B, T]``, ``"sum"`` for ``[B]``.
         score_from: score only positions ``>= score_from`` (e.g. the answer after a prompt).
+        interpolate_pos_encoding: pass through to the vision tower, for inputs of another size
+            than the trained one (generative models: ``input_ids`` then hold one placeholder per
+            patch of that size).
     """
 
-    def __init__(self, model: nn.Module, reduction: str | None = None, score_from: int = 1):
+    def __init__(self, model: nn.Module, reduction: str | None = None, score_from: int = 1,
+                 interpolate_pos_encoding: bool = False):
         super().__init__(model)
+        if not isinstance(interpolate_pos_encoding, bool):
+            raise TypeError(f"interpolate_pos_encoding: expected a bool, got {interpolate_pos_encoding!r}")
         if not self.adapter.scores_tokens:
             from captum_vlm.adapters.base import TOKEN_TASKS, classes_for_tasks
 
@@ -226,6 +232,10 @@ class TokenLogProbs(_Target):
             raise ValueError(f"reduction: expected None or 'sum', got {reduction!r}")
         if not isinstance(score_from, int) or score_from < 1:
             raise ValueError(f"score_from: expected an int >= 1 (position 0 has no prediction), got {score_from!r}")
+        if interpolate_pos_encoding and not self.adapter.interpolates_positions:
+            raise ValueError(f"interpolate_pos_encoding: {type(self.model).__name__} takes only its trained image "
+                             "size (its forward does not interpolate the vision tower's positions); leave it False")
+        self.interpolate_pos_encoding = interpolate_pos_encoding
         self.kind = self.adapter.task
         self.reduction = reduction
         self.score_from = score_from
@@ -241,7 +251,8 @@ class TokenLogProbs(_Target):
         if self.kind == "caption":
             tokens = input_ids.clone()
             tokens[:, 0] = self.model.config.text_config.bos_token_id
-            logits = self.model(pixel_values=pixel_values, input_ids=tokens, attention_mask=attention_mask).logits
+            logits = self.model(pixel_values=pixel_values, input_ids=tokens, attention_mask=attention_mask,
+                                interpolate_pos_encoding=self.interpolate_pos_encoding).logits
             return logits, tokens, attention_mask
         if self.kind == "answer_tokens":
             answer_ids = extra[0] if extra else None
@@ -254,7 +265,8 @@ class TokenLogProbs(_Target):
             check_same_batch(pixel_values=pixel_values, answer_ids=answer_ids)
             tokens = answer_ids.clone()
             tokens[:, 0] = self.model.config.text_config.bos_token_id
-            image = self.model.vision_model(pixel_values=pixel_values).last_hidden_state
+            image = self.model.vision_model(pixel_values=pixel_values,
+                                            interpolate_pos_encoding=self.interpolate_pos_encoding).last_hidden_state
             image_mask = torch.ones(image.shape[:-1], dtype=torch.long, device=image.device)
             question = self.model.text_encoder(
                 input_ids=input_ids,
@@ -270,6 +282,8 @@ class TokenLogProbs(_Target):
             ).logits
             return logits, tokens, answer_attention_mask
         extra_inputs = self.adapter.language_kwargs(input_ids, extra)
+        if self.interpolate_pos_encoding:  # only when asked: not every tower's forward takes it
+            extra_inputs["interpolate_pos_encoding"] = True
         logits = self.model(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask,
                             **extra_inputs).logits
         return logits, input_ids, attention_mask

@@ -23,7 +23,7 @@ from numerics import assert_close_scaled
 import captum_vlm.attr as attr
 from captum_vlm._grid import grid_to_pixels
 from captum_vlm.adapters import get_adapter
-from captum_vlm.targets import ImageTextSimilarity
+from captum_vlm.targets import ImageTextSimilarity, MatchLogit, TokenLogProbs
 
 METHODS = {n: getattr(attr, n) for n in attr.__all__
            if isinstance(getattr(attr, n), type) and issubclass(getattr(attr, n), Attribution)}
@@ -44,11 +44,22 @@ def _make(method_name: str, model, odd_size: bool = False):
     """The method on ``model``; for other sizes than the trained one, the two-tower methods
     interpolate their position embeddings (the caller's choice, as in the README)."""
     cls = METHODS[method_name]
-    if not odd_size or not get_adapter(model).two_tower:
+    adapter = get_adapter(model)
+    if not odd_size or not (adapter.two_tower or _interpolates(adapter)):
         return cls(model)
     if method_name in ("TokenIntegratedGradients", "CausalOcclusion"):
-        return cls(ImageTextSimilarity(model, interpolate_pos_encoding=True))
+        if adapter.two_tower:
+            return cls(ImageTextSimilarity(model, interpolate_pos_encoding=True))
+        if adapter.task == "match":
+            return cls(MatchLogit(model, interpolate_pos_encoding=True))
+        return cls(TokenLogProbs(model, reduction="sum", interpolate_pos_encoding=True))
     return cls(model, interpolate_pos_encoding=True)
+
+
+def _interpolates(adapter) -> bool:
+    """A fusion model whose targets pass interpolate_pos_encoding to its vision tower (BLIP, LLaVA)."""
+    return adapter.interpolates_positions and (adapter.task == "match" and adapter.image_stream == "cross"
+                                               or adapter.scores_tokens)
 
 
 def _supported(method_name: str, class_name: str) -> bool:
@@ -147,9 +158,10 @@ def test_noise_tunnel_wraps_it(method_name, class_name):
 
 def _takes_other_sizes(class_name: str) -> bool:
     adapter = get_adapter(model_of(class_name))
-    # two towers interpolate their position embeddings; ViLT embeds any size; the others' targets
-    # run the vision tower at its trained size
-    return adapter.two_tower or adapter.image_stream == "joint" and not adapter.image_tokens_in_input_ids
+    # two towers, BLIP and LLaVA interpolate their position embeddings; ViLT embeds any size;
+    # PaliGemma and Gemma 3 run their vision tower at its trained size only
+    joint_encoder = adapter.image_stream == "joint" and not adapter.image_tokens_in_input_ids
+    return adapter.two_tower or joint_encoder or _interpolates(adapter)
 
 
 @pytest.mark.parametrize("method_name,class_name", [p for p in PAIRS if _takes_other_sizes(p[1])])

@@ -84,6 +84,9 @@ class VLMAdapter:
     #: processor outputs beyond ``input_ids`` and ``attention_mask`` that the language model
     #: takes, passed after them in ``additional_forward_args`` (PaliGemma: ``token_type_ids``)
     extra_text_inputs: tuple[str, ...] = ()
+    #: the model's forward passes ``interpolate_pos_encoding`` on to its vision tower, so it
+    #: takes other image sizes than the trained one
+    interpolates_positions: bool = True
 
     def __init__(self, model: nn.Module):
         self.model = model

@@ -35,6 +35,8 @@ class Gemma3Adapter(LlavaAdapter):
     family = "gemma3"
     model_classes = ("Gemma3ForConditionalGeneration",)
     tasks = {"Gemma3ForConditionalGeneration": "generate"}
+    #: the projector pools a fixed patch grid
+    interpolates_positions = False
 
     def _projector(self) -> nn.Module:
         return self._inner().multi_modal_projector

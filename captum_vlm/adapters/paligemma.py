@@ -30,6 +30,8 @@ class PaliGemmaAdapter(LlavaAdapter):
     family = "paligemma"
     model_classes = ("PaliGemmaForConditionalGeneration",)
     tasks = {"PaliGemmaForConditionalGeneration": "generate"}
+    #: its forward does not pass ``interpolate_pos_encoding`` to the SigLIP tower
+    interpolates_positions = False
     extra_text_inputs = ("token_type_ids",)
 
     def language_kwargs(self, input_ids: torch.Tensor, extra: Sequence[torch.Tensor | None] = ()) -> dict:

@@ -115,7 +115,7 @@ class FusionAttribution(ImageAttributionBase, Attribution):
     """Base of the fusion-model image methods; subclasses implement ``_modules``, ``_row_maps``
     and ``_reduce_rows`` (see the module docstring for what is explained per model class)."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, interpolate_pos_encoding: bool = False):
         self.bind(model)
         task = None if self.adapter.two_tower else self.adapter.task
         if task not in FUSION_KINDS:
@@ -127,11 +127,13 @@ class FusionAttribution(ImageAttributionBase, Attribution):
         self.kind = FUSION_KINDS[task]
         self.takes_answer_ids = self.adapter.takes_answer_ids  # the scored tokens are separate answer_ids
         if self.kind == "match":
-            forward_func = MatchLogit(self.model)
+            forward_func = MatchLogit(self.model, interpolate_pos_encoding=interpolate_pos_encoding)
         elif self.kind == "answer":
+            if interpolate_pos_encoding:
+                raise ValueError("interpolate_pos_encoding: ViLT embeds any size itself; leave it False")
             forward_func = AnswerLogits(self.model)
         else:
-            forward_func = TokenLogProbs(self.model)
+            forward_func = TokenLogProbs(self.model, interpolate_pos_encoding=interpolate_pos_encoding)
         super().__init__(forward_func)
 
     # ----- what subclasses implement ----------------------------------------------------------
