@@ -192,7 +192,7 @@ class TokenIntegratedGradients(ImageAttributionBase, GradientAttribution):
                 forward, [adapter.patch_embedding()], (pixels,), (pixel_base,), (), rows.tolist(),
                 n_steps, method, ibs, progress,
             )
-            return _patch_sum(grids[0], adapter.patch_grid(pixels)), None, delta
+            return _patch_sum(grids[0], adapter.patch_grid(pixels), adapter.patches_per_cell), None, delta
 
         # text and both: one image at a time, so each prompt's gradient belongs to one image
         images, texts, deltas = [], [], []
@@ -222,7 +222,7 @@ class TokenIntegratedGradients(ImageAttributionBase, GradientAttribution):
             attrs, delta = self._integrate(forward, layers, inps, bases, rest, k, n_steps, method, ibs, progress)
             texts.append(attrs[-1].sum(-1)[k])
             if modality == "both":
-                images.append(_patch_sum(attrs[0], adapter.patch_grid(pix))[0])
+                images.append(_patch_sum(attrs[0], adapter.patch_grid(pix), adapter.patches_per_cell)[0])
             deltas.append(None if delta is None else delta[0])
         image = torch.stack(images) if images else None
         return image, torch.stack(texts), (None if deltas[0] is None else torch.stack(deltas))
@@ -246,7 +246,7 @@ class TokenIntegratedGradients(ImageAttributionBase, GradientAttribution):
         with torch.no_grad():
             check_output_target(call(pixels, ids, mask, *extra), target)
         attrs, delta = self._integrate(forward, layers, inps, bases, rest, target, n_steps, method, ibs, progress)
-        image = _patch_sum(attrs[0], adapter.patch_grid(pixels)) if modality != "text" else None
+        image = _patch_sum(attrs[0], adapter.patch_grid(pixels), adapter.patches_per_cell) if modality != "text" else None
         text = attrs[-1].sum(-1) if modality != "image" else None
         return image, text, delta
 
@@ -417,11 +417,18 @@ def _pixel_baseline_unchecked(baselines, pixel_values: torch.Tensor) -> torch.Te
     )
 
 
-def _patch_sum(layer_attr: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    """Patch-embedding attributions (``[B, D, h, w]`` or ``[B, N, D]``) summed per patch ``[B, h, w]``."""
-    if layer_attr.dim() == 4:
-        return layer_attr.sum(1)
-    return layer_attr.sum(-1).reshape(layer_attr.shape[0], *grid)
+def _patch_sum(layer_attr: torch.Tensor, grid: tuple[int, int], per_cell: tuple[int, int] = (1, 1)) -> torch.Tensor:
+    """Patch-embedding attributions (``[B, D, h * kh, w * kw]`` or ``[B, N, D]``) summed per grid
+    cell ``[B, h, w]``, a cell holding ``per_cell = (kh, kw)`` patches (pooled image tokens).
+
+    Example:
+        >>> _patch_sum(torch.ones(1, 2, 4, 4), (2, 2), (2, 2)).tolist()
+        [[[8.0, 8.0], [8.0, 8.0]]]
+    """
+    (h, w), (kh, kw) = grid, per_cell
+    per_patch = layer_attr.sum(1) if layer_attr.dim() == 4 else layer_attr.sum(-1)
+    per_patch = per_patch.reshape(layer_attr.shape[0], h, kh, w, kw)
+    return per_patch.sum(dim=(2, 4))
 
 
 def _example_sums(attr: torch.Tensor, batch: int) -> torch.Tensor:
