@@ -194,50 +194,69 @@ class TokenLogProbs(_Target):
     """Teacher-forced log-probabilities of caption or answer tokens.
 
     Column ``t`` of the ``[B, T]`` output is ``log p(tokens[t] | tokens[<t], image)`` for the
-    scored tokens and 0 elsewhere (position 0, padding, LLaVA's image placeholders, and any
-    prompt before ``score_from``). ``reduction="sum"`` returns their sum ``[B]`` instead.
+    scored tokens and 0 elsewhere (position 0, padding, image placeholders, a prefix-LM's prefix,
+    and any prompt before ``score_from``). ``reduction="sum"`` returns their sum ``[B]`` instead.
 
-    * ``BlipForConditionalGeneration``: ``forward(pixel_values, input_ids, attention_mask=None)``;
-      the caption's first token is replaced by the decoder start token, as ``generate`` does.
-    * ``BlipForQuestionAnswering``: ``forward(pixel_values, input_ids, attention_mask,
-      answer_ids, answer_attention_mask=None)``; the question is ``input_ids``, columns follow
-      ``answer_ids`` (first token replaced by the decoder start token).
-    * ``LlavaForConditionalGeneration``, ``Blip2ForConditionalGeneration`` (any model whose
-      ``input_ids`` hold the image placeholders): ``forward(pixel_values, input_ids,
-      attention_mask=None)`` with the placeholders left intact; a model with further text inputs
-      (the adapter's ``extra_text_inputs``, InstructBLIP's ``qformer_input_ids,
-      qformer_attention_mask``) takes them in the two places after ``attention_mask``.
+    * captioning (``BlipForConditionalGeneration``): ``forward(pixel_values, input_ids,
+      attention_mask=None)``; the caption's first token is replaced by the decoder start token,
+      as ``generate`` does.
+    * separate answer tokens (``BlipForQuestionAnswering``): ``forward(pixel_values, input_ids,
+      attention_mask, answer_ids, answer_attention_mask=None)``; the question is ``input_ids``,
+      columns follow ``answer_ids`` (first token replaced by the decoder start token).
+    * generative models with the image tokens in ``input_ids`` (LLaVA, BLIP-2, InstructBLIP,
+      PaliGemma, Gemma 3): ``forward(pixel_values, input_ids, attention_mask=None, *extra)`` with
+      the image placeholders left intact; ``extra`` are the processor outputs the adapter names in
+      :attr:`~captum_vlm.adapters.VLMAdapter.extra_text_inputs` (PaliGemma's optional
+      ``token_type_ids``, 0 on the prefix its attention sees both ways, 1 on the scored suffix;
+      InstructBLIP's required ``qformer_input_ids, qformer_attention_mask``).
 
     Args:
-        model: one of the classes above.
+        model: a model whose adapter's task scores tokens (``caption``, ``answer_tokens``,
+            ``generate``).
         reduction: ``None`` for per-token ``[B, T]``, ``"sum"`` for ``[B]``.
         score_from: score only positions ``>= score_from`` (e.g. the answer after a prompt).
+        interpolate_pos_encoding: pass through to the vision tower, for inputs of another size
+            than the trained one (generative models: ``input_ids`` then hold one placeholder per
+            patch of that size).
     """
 
-    def __init__(self, model: nn.Module, reduction: str | None = None, score_from: int = 1):
+    def __init__(self, model: nn.Module, reduction: str | None = None, score_from: int = 1,
+                 interpolate_pos_encoding: bool = False):
         super().__init__(model)
-        name = type(self.model).__name__
+        if not isinstance(interpolate_pos_encoding, bool):
+            raise TypeError(f"interpolate_pos_encoding: expected a bool, got {interpolate_pos_encoding!r}")
         if not self.adapter.has_decoder:
-            raise TypeError(f"model: TokenLogProbs supports {', '.join(classes_with_decoder())}, got {name}")
+            raise TypeError(f"model: TokenLogProbs supports {', '.join(classes_with_decoder())}, "
+                            f"got {type(self.model).__name__}")
         if reduction not in (None, "sum"):
             raise ValueError(f"reduction: expected None or 'sum', got {reduction!r}")
         if not isinstance(score_from, int) or score_from < 1:
             raise ValueError(f"score_from: expected an int >= 1 (position 0 has no prediction), got {score_from!r}")
-        self.kind = name
+        if interpolate_pos_encoding and not self.adapter.interpolates_positions:
+            raise ValueError(f"interpolate_pos_encoding: {type(self.model).__name__} takes only its trained image "
+                             "size (its forward does not interpolate the vision tower's positions); leave it False")
+        self.interpolate_pos_encoding = interpolate_pos_encoding
+        self.kind = self.adapter.task
         self.reduction = reduction
         self.score_from = score_from
 
-    def logits(self, pixel_values, input_ids, attention_mask=None, answer_ids=None, answer_attention_mask=None):
-        """Next-token logits ``[B, T, V]`` aligned with the scored token sequence, and it."""
+    def logits(self, pixel_values, input_ids, attention_mask=None, *extra):
+        """Next-token logits ``[B, T, V]`` aligned with the scored token sequence, it, and its mask.
+
+        ``extra``: ``(answer_ids, answer_attention_mask)`` for separate answer tokens, else the
+        adapter's :attr:`~captum_vlm.adapters.VLMAdapter.extra_text_inputs`."""
         check_pixel_values(pixel_values)
         input_ids, attention_mask = self._check_text(input_ids, attention_mask)
         check_same_batch(pixel_values=pixel_values, input_ids=input_ids)
-        if self.kind == "BlipForConditionalGeneration":
+        if self.kind == "caption":
             tokens = input_ids.clone()
             tokens[:, 0] = self.model.config.text_config.bos_token_id
-            logits = self.model(pixel_values=pixel_values, input_ids=tokens, attention_mask=attention_mask).logits
+            logits = self.model(pixel_values=pixel_values, input_ids=tokens, attention_mask=attention_mask,
+                                interpolate_pos_encoding=self.interpolate_pos_encoding).logits
             return logits, tokens, attention_mask
-        if self.kind == "BlipForQuestionAnswering":
+        if self.kind == "answer_tokens":
+            answer_ids = extra[0] if extra else None
+            answer_attention_mask = extra[1] if len(extra) > 1 else None
             if answer_ids is None:
                 raise ValueError("answer_ids: BlipForQuestionAnswering needs the answer tokens to score")
             answer_ids, answer_attention_mask = check_input_ids(
@@ -246,7 +265,8 @@ class TokenLogProbs(_Target):
             check_same_batch(pixel_values=pixel_values, answer_ids=answer_ids)
             tokens = answer_ids.clone()
             tokens[:, 0] = self.model.config.text_config.bos_token_id
-            image = self.model.vision_model(pixel_values=pixel_values).last_hidden_state
+            image = self.model.vision_model(pixel_values=pixel_values,
+                                            interpolate_pos_encoding=self.interpolate_pos_encoding).last_hidden_state
             image_mask = torch.ones(image.shape[:-1], dtype=torch.long, device=image.device)
             question = self.model.text_encoder(
                 input_ids=input_ids,
@@ -262,11 +282,11 @@ class TokenLogProbs(_Target):
             ).logits
             return logits, tokens, answer_attention_mask
         self.adapter.check_image_tokens(pixel_values, input_ids)
-        extra = dict(zip(self.adapter.extra_text_inputs, (answer_ids, answer_attention_mask)))
-        if any(v is None for v in extra.values()):
-            raise ValueError(f"additional_forward_args: {type(self.model).__name__} also needs "
-                             f"{', '.join(self.adapter.extra_text_inputs)} after (input_ids, attention_mask)")
-        logits = self.model(**self.adapter.model_inputs(pixel_values, input_ids, attention_mask), **extra).logits
+        extra_inputs = self.adapter.language_kwargs(input_ids, extra)
+        if self.interpolate_pos_encoding:  # only when asked: not every tower's forward takes it
+            extra_inputs["interpolate_pos_encoding"] = True
+        logits = self.model(**self.adapter.model_inputs(pixel_values, input_ids, attention_mask),
+                            **extra_inputs).logits
         return logits, input_ids, attention_mask
 
     @property
@@ -275,12 +295,13 @@ class TokenLogProbs(_Target):
         ``answer_ids``."""
         return not self.adapter.takes_answer_ids
 
-    def score_mask(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Which positions of ``tokens`` are scored ``[B, T]`` (bool)."""
+    def score_mask(self, tokens: torch.Tensor, mask: torch.Tensor, *extra) -> torch.Tensor:
+        """Which positions of ``tokens`` are scored ``[B, T]`` (bool); ``extra`` as in
+        :meth:`logits` (the adapter reads a prefix-LM's prefix from it)."""
         scored = mask.bool().clone()
         scored[:, : self.score_from] = False
         if self.adapter.image_tokens_in_input_ids:
-            scored &= ~self.adapter.image_token_positions(tokens)
+            scored &= ~self.adapter.unscored_positions(tokens, extra)
         return scored
 
     def __call__(
@@ -288,16 +309,15 @@ class TokenLogProbs(_Target):
         pixel_values: torch.Tensor,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
-        answer_ids: torch.Tensor | None = None,
-        answer_attention_mask: torch.Tensor | None = None,
+        *extra: torch.Tensor | None,
     ) -> torch.Tensor:
-        logits, tokens, mask = self.logits(pixel_values, input_ids, attention_mask, answer_ids, answer_attention_mask)
+        logits, tokens, mask = self.logits(pixel_values, input_ids, attention_mask, *extra)
         if logits.dtype in (torch.float16, torch.bfloat16):  # half models: the softmax in float32
             logits = logits.float()
         log_probs = F.log_softmax(logits[:, :-1], dim=-1)
         picked = log_probs.gather(-1, tokens[:, 1:, None]).squeeze(-1)
         per_token = torch.cat([torch.zeros_like(picked[:, :1]), picked], dim=1)
-        per_token = per_token * self.score_mask(tokens, mask)
+        per_token = per_token * self.score_mask(tokens, mask, *extra)
         return per_token.sum(dim=1) if self.reduction == "sum" else per_token
 
 

@@ -22,6 +22,8 @@ FAMILY = {
     "Qwen2VLForConditionalGeneration": "qwen-vl",
     "Blip2ForConditionalGeneration": "blip2",
     "InstructBlipForConditionalGeneration": "instructblip",
+    "PaliGemmaForConditionalGeneration": "paligemma",
+    "Gemma3ForConditionalGeneration": "gemma3",
 }
 
 
@@ -82,13 +84,20 @@ def _vision_tokens(model, pixel_values):
 
 @pytest.mark.parametrize("size", [(64, 64), (64, 96)])
 def test_patch_grid_matches_real_sequence(model, size):
+    """The grid's cells times the patches each pools are the vision tower's patch tokens. A
+    tower whose image tokens pool patches (Gemma 3) runs at its trained size only
+    (tests/test_family_gemma3.py checks the refusal)."""
     adapter = get_adapter(model)
+    kh, kw = adapter.patches_per_cell
+    if (kh, kw) != (1, 1):
+        size = (tm.IMAGE_SIZE, tm.IMAGE_SIZE)
     pixels = tm.pixels(1, *size)
     rows, cols = adapter.patch_grid(pixels)
-    assert (rows, cols) == (size[0] // tm.PATCH, size[1] // tm.PATCH)
+    assert (rows * kh, cols * kw) == (size[0] // tm.PATCH, size[1] // tm.PATCH)
+    assert adapter.patch_size() == (tm.PATCH * kh, tm.PATCH * kw)
     with torch.no_grad():
         n_tokens = _vision_tokens(model, pixels)
-    assert n_tokens == adapter.num_prefix_tokens + rows * cols
+    assert n_tokens == adapter.num_prefix_tokens + rows * kh * cols * kw
 
 
 def test_prefix_tokens():

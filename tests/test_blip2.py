@@ -95,8 +95,17 @@ def test_instructblip_adapter_facts_and_the_instruction_moves_the_queries():
     assert (one - other).abs().max() > 1e-6
     with pytest.raises(ValueError, match="also needs qformer_input_ids"):
         TokenLogProbs(model)(pixels, ids, mask)
-    with pytest.raises(TypeError, match="additional_forward_args: expected \\(input_ids, attention_mask, qformer_input_ids"):
+    with pytest.raises(ValueError, match="also needs qformer_input_ids, qformer_attention_mask"):
         CrossAttentionGradCAM(model).attribute(pixels, additional_forward_args=(ids, mask))
+    with pytest.raises(ValueError, match="also needs qformer_input_ids, qformer_attention_mask .* got 3 tensors"):
+        TokenLogProbs(model)(pixels, ids, mask, q_ids)
+    with pytest.raises(ValueError, match=r"qformer_input_ids: expected an integer tensor \[B, Q\], got torch.float32"):
+        TokenLogProbs(model)(pixels, ids, mask, q_ids.float(), q_mask)
+    with pytest.raises(ValueError, match=r"expected two \[B=2, Q\] tensors alike, got \(1, 5\) and \(1, 5\)"):
+        TokenLogProbs(model)(pixels, ids, mask, q_ids[:1], q_mask[:1])
+    # the Q-Former's instruction has its own length: not checked against input_ids'
+    assert q_ids.shape[1] != ids.shape[1]
+    assert torch.isfinite(TokenLogProbs(model, reduction="sum")(pixels, ids, mask, q_ids, q_mask)).all()
 
 
 def test_query_layout_to_grid_by_hand():

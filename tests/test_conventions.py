@@ -23,7 +23,7 @@ from numerics import assert_close_scaled
 import captum_vlm.attr as attr
 from captum_vlm._grid import grid_to_pixels
 from captum_vlm.adapters import get_adapter
-from captum_vlm.targets import ImageTextSimilarity
+from captum_vlm.targets import ImageTextSimilarity, MatchLogit, TokenLogProbs
 
 METHODS = {n: getattr(attr, n) for n in attr.__all__
            if isinstance(getattr(attr, n), type) and issubclass(getattr(attr, n), Attribution)}
@@ -44,11 +44,22 @@ def _make(method_name: str, model, odd_size: bool = False):
     """The method on ``model``; for other sizes than the trained one, the two-tower methods
     interpolate their position embeddings (the caller's choice, as in the README)."""
     cls = METHODS[method_name]
-    if not odd_size or not get_adapter(model).two_tower:
+    adapter = get_adapter(model)
+    if not odd_size or adapter.any_image_size or not (adapter.two_tower or _interpolates(adapter)):
         return cls(model)
     if method_name in ("TokenIntegratedGradients", "CausalOcclusion"):
-        return cls(ImageTextSimilarity(model, interpolate_pos_encoding=True))
+        if adapter.two_tower:
+            return cls(ImageTextSimilarity(model, interpolate_pos_encoding=True))
+        if adapter.task == "match":
+            return cls(MatchLogit(model, interpolate_pos_encoding=True))
+        return cls(TokenLogProbs(model, reduction="sum", interpolate_pos_encoding=True))
     return cls(model, interpolate_pos_encoding=True)
+
+
+def _interpolates(adapter) -> bool:
+    """A fusion model whose targets pass interpolate_pos_encoding to its vision tower (BLIP, LLaVA)."""
+    return adapter.interpolates_positions and (adapter.task == "match" and adapter.image_stream == "cross"
+                                               or adapter.scores_tokens)
 
 
 def _supported(method_name: str, class_name: str) -> bool:
@@ -71,8 +82,12 @@ def inputs_for(class_name: str, batch: int = 2, size: tuple[int, int] = (tm.IMAG
         ids, mask = tm.text_ids(3, 6)
         return pixels, (ids, mask), [2, 0, 1][:batch]
     if adapter.image_tokens_in_input_ids:  # the processor's placeholders: one per patch, or per query
-        text = tm.image_prompt(adapter.model, [9, 11, 12, 13], batch, pixels)
-        return pixels, (*text, *tm.extra_text_inputs(adapter.model, batch)), None
+        ids, mask = tm.image_prompt(adapter.model, [9, 11, 12, 13], batch, pixels)
+        args = (ids, mask, *tm.extra_text_inputs(adapter.model, batch))
+        if "token_type_ids" in adapter.extra_text_inputs:  # a prefix-LM: the last two tokens are the suffix
+            length = ids.shape[1]
+            args = (*args, (torch.arange(length) >= length - 2).long().expand(batch, -1).clone())
+        return pixels, args, None
     ids, mask = tm.text_ids(batch, 6)
     if adapter.takes_answer_ids:
         answer, answer_mask = tm.text_ids(batch, 4, seed=1)
@@ -142,10 +157,10 @@ def test_noise_tunnel_wraps_it(method_name, class_name):
 
 def _takes_other_sizes(class_name: str) -> bool:
     adapter = get_adapter(model_of(class_name))
-    # two towers interpolate their position embeddings; ViLT and dynamic-resolution models embed
-    # any size; the others' targets run the vision tower at its trained size
-    return (adapter.two_tower or adapter.any_image_size
-            or adapter.image_stream == "joint" and not adapter.image_tokens_in_input_ids)
+    # two towers, BLIP and LLaVA interpolate their position embeddings; ViLT and dynamic-resolution
+    # models embed any size; PaliGemma and Gemma 3 run their vision tower at its trained size only
+    joint_encoder = adapter.image_stream == "joint" and not adapter.image_tokens_in_input_ids
+    return adapter.two_tower or adapter.any_image_size or joint_encoder or _interpolates(adapter)
 
 
 @pytest.mark.parametrize("method_name,class_name", [p for p in PAIRS if _takes_other_sizes(p[1])])

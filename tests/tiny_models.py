@@ -16,10 +16,14 @@ from transformers import (
     BlipForQuestionAnswering,
     CLIPConfig,
     CLIPModel,
+    Gemma3Config,
+    Gemma3ForConditionalGeneration,
     InstructBlipConfig,
     InstructBlipForConditionalGeneration,
     LlavaConfig,
     LlavaForConditionalGeneration,
+    PaliGemmaConfig,
+    PaliGemmaForConditionalGeneration,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
     Qwen2VLConfig,
@@ -196,6 +200,53 @@ def qwen2_5_vl(seed: int = 0) -> Qwen2_5_VLForConditionalGeneration:
 def qwen2_vl(seed: int = 0) -> Qwen2VLForConditionalGeneration:
     config = _qwen_config(Qwen2VLConfig, seed, embed_dim=HIDDEN, hidden_size=HIDDEN, mlp_ratio=2)
     return _finish(Qwen2VLForConditionalGeneration(config), seed)
+def _gemma_text(model_type: str = "gemma", **extra) -> dict:
+    cfg = dict(
+        model_type=model_type,
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=HEADS,
+        num_key_value_heads=HEADS,
+        head_dim=HIDDEN // HEADS,
+        max_position_embeddings=128,
+        pad_token_id=PAD,
+        bos_token_id=BOS,
+        eos_token_id=EOS,
+        initializer_range=0.02,
+    )
+    cfg.update(extra)
+    return cfg
+
+
+def paligemma(seed: int = 0, image_token_id: int = LLAVA_IMAGE_TOKEN) -> PaliGemmaForConditionalGeneration:
+    """SigLIP tower (no CLS: 16 image tokens at 32 px), Gemma language model, prefix-LM."""
+    torch.manual_seed(seed)
+    vision = dict(model_type="siglip_vision_model", **_vision(projection_dim=HIDDEN))
+    config = PaliGemmaConfig(vision_config=vision, text_config=_gemma_text(), image_token_id=image_token_id,
+                             projection_dim=HIDDEN)
+    return _finish(PaliGemmaForConditionalGeneration(config), seed)
+
+
+GEMMA3_BOI, GEMMA3_EOI = 61, 62
+GEMMA3_TOKENS = 4  # 4x4 patches average-pooled 2x2 -> a 2x2 token grid
+
+
+def gemma3(seed: int = 0, image_token_id: int = LLAVA_IMAGE_TOKEN, boi_token_id: int = GEMMA3_BOI,
+           eoi_token_id: int = GEMMA3_EOI) -> Gemma3ForConditionalGeneration:
+    """SigLIP tower (4x4 patches at 32 px), average-pooled 2x2 into 4 image tokens, Gemma 3 text."""
+    torch.manual_seed(seed)
+    vision = dict(model_type="siglip_vision_model", **_vision())
+    text = _gemma_text("gemma3_text", query_pre_attn_scalar=HIDDEN // HEADS, sliding_window=8,
+                       layer_types=["sliding_attention", "full_attention"])
+    config = Gemma3Config(vision_config=vision, text_config=text, mm_tokens_per_image=GEMMA3_TOKENS,
+                          image_token_index=image_token_id, boi_token_index=boi_token_id,
+                          eoi_token_index=eoi_token_id)
+    model = Gemma3ForConditionalGeneration(config)
+    with torch.no_grad():  # transformers leaves the projection at zero (no image signal at all)
+        model.model.multi_modal_projector.mm_input_projection_weight.normal_(0.0, 0.2)
+    return _finish(model, seed)
 
 
 #: one tiny model per supported class, by class name
@@ -210,6 +261,8 @@ FACTORIES = {
     "LlavaForConditionalGeneration": llava,
     "Qwen2_5_VLForConditionalGeneration": qwen2_5_vl,
     "Qwen2VLForConditionalGeneration": qwen2_vl,
+    "PaliGemmaForConditionalGeneration": paligemma,
+    "Gemma3ForConditionalGeneration": gemma3,
 }
 
 
@@ -292,10 +345,11 @@ def instructblip(seed: int = 0, cross_attention_frequency: int = 1,
 
 def extra_text_inputs(model: torch.nn.Module, batch: int, seed: int = 2) -> tuple:
     """What the forward takes after ``(input_ids, attention_mask)`` (InstructBLIP: the
-    instruction as its Q-Former reads it), random tokens; ``()`` for the others."""
+    instruction as its Q-Former reads it), random tokens; ``()`` for the others (PaliGemma's
+    optional ``token_type_ids`` are left to the test)."""
     from captum_vlm.adapters import get_adapter
 
-    return text_ids(batch, 5, seed=seed) if get_adapter(model).extra_text_inputs else ()
+    return text_ids(batch, 5, seed=seed) if "qformer_input_ids" in get_adapter(model).extra_text_inputs else ()
 
 
 FACTORIES["Blip2ForConditionalGeneration"] = blip2

@@ -10,8 +10,10 @@ from captum_vlm.adapters.base import (
 from captum_vlm.adapters.blip import BlipAdapter
 from captum_vlm.adapters.blip2 import Blip2Adapter
 from captum_vlm.adapters.clip import CLIPAdapter
+from captum_vlm.adapters.gemma3 import Gemma3Adapter
 from captum_vlm.adapters.instructblip import InstructBlipAdapter
 from captum_vlm.adapters.llava import LlavaAdapter
+from captum_vlm.adapters.paligemma import PaliGemmaAdapter
 from captum_vlm.adapters.qwen_vl import QwenVLAdapter
 from captum_vlm.adapters.siglip import SiglipAdapter
 from captum_vlm.adapters.vilt import ViltAdapter
@@ -30,4 +32,6 @@ __all__ = [
     "ViltAdapter",
     "LlavaAdapter",
     "QwenVLAdapter",
+    "PaliGemmaAdapter",
+    "Gemma3Adapter",
 ]

@@ -35,7 +35,8 @@ TOKEN_TASKS = ("caption", "answer_tokens", "generate")
 #: tasks explained through the model's own answer to each text
 ANSWER_TASKS = ("answer_label", "answer_tokens", "generate")
 _CONFIG_TOKEN_KEYS = ("pad_token_id", "bos_token_id", "eos_token_id", "sep_token_id", "cls_token_id",
-                      "decoder_start_token_id", "image_token_id", "image_token_index")
+                      "decoder_start_token_id", "image_token_id", "image_token_index", "boi_token_id",
+                      "eoi_token_id")
 
 _REGISTRY: dict[str, type[VLMAdapter]] = {}
 
@@ -81,14 +82,18 @@ class VLMAdapter:
     #: (a learned query that cross-attends to the vision tokens, e.g. a Q-Former's; it maps to
     #: the grid through the bridge, see :meth:`bridge_blocks`)
     image_tokens: str = "patches"
-    #: further text inputs the forward takes, by name, after ``(input_ids, attention_mask)`` in
-    #: ``additional_forward_args`` (InstructBLIP: the instruction as its Q-Former reads it)
-    extra_text_inputs: tuple[str, ...] = ()
     #: two-tower models: how similarity logits become probabilities, ``"softmax"`` over the
     #: prompts or ``"sigmoid"`` of each
     similarity_probability: str = "softmax"
     #: the model embeds images of any size (dynamic resolution): the grid follows the input
     any_image_size: bool = False
+    #: processor outputs beyond ``input_ids`` and ``attention_mask`` that the model takes,
+    #: passed after them in ``additional_forward_args`` and read by :meth:`language_kwargs`
+    #: (PaliGemma: ``token_type_ids``; InstructBLIP: the instruction as its Q-Former reads it)
+    extra_text_inputs: tuple[str, ...] = ()
+    #: the model's forward passes ``interpolate_pos_encoding`` on to its vision tower, so it
+    #: takes other image sizes than the trained one
+    interpolates_positions: bool = True
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -142,6 +147,12 @@ class VLMAdapter:
         from captum_vlm.targets import default_target
 
         return default_target(self.model)
+
+    def processor_images(self, image, n_texts: int):
+        """What the processor's ``images=`` takes to pair ``image`` with ``n_texts`` texts: the
+        image once (two towers compare it with every text) or once per text; families whose
+        processor reads a flat list as several images of one text override this."""
+        return image if self.two_tower else [image] * n_texts
 
     # ----- special tokens ---------------------------------------------------------------------
     def config_token_ids(self) -> dict[str, int]:
@@ -208,7 +219,15 @@ class VLMAdapter:
         """Height and width in pixels of one cell of the map grid (:meth:`patch_grid`): the
         patch, or the block of patches one merged image token stands for."""
         conv = self._patch_conv()
-        return tuple(int(s) for s in conv.kernel_size)  # type: ignore[return-value]
+        ph, pw = (int(s) for s in conv.kernel_size)
+        kh, kw = self.patches_per_cell
+        return ph * kh, pw * kw
+
+    @property
+    def patches_per_cell(self) -> tuple[int, int]:
+        """Vision patches ``(rows, cols)`` in one cell of the grid, i.e. pooled into one image
+        token (Gemma 3: ``(4, 4)``); ``(1, 1)`` where each image token is one patch."""
+        return 1, 1
 
     def _patch_conv(self) -> nn.Conv2d:
         """The patch convolution (its kernel is the patch size)."""
@@ -232,6 +251,12 @@ class VLMAdapter:
         if h < ph or w < pw:
             raise ValueError(f"pixel_values: image {(h, w)} is smaller than one {ph}x{pw} patch")
         return h // ph, w // pw
+
+    def vision_grid(self, pixel_values: torch.Tensor) -> tuple[int, int]:
+        """The vision tower's own patch grid for these ``pixel_values``: :meth:`patch_grid` times
+        :attr:`patches_per_cell` (the same grid where each image token is one patch)."""
+        (h, w), (kh, kw) = self.patch_grid(pixel_values), self.patches_per_cell
+        return h * kh, w * kw
 
     @property
     def num_prefix_tokens(self) -> int:
@@ -269,11 +294,12 @@ class VLMAdapter:
         return kwargs
 
     def patch_embedding_grid(self, layer_attr: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Attributions at :meth:`patch_embedding`'s output (``[B, D, h, w]`` or ``[B, N, D]``)
-        summed per map-grid cell, ``[B, h, w]``."""
-        if layer_attr.dim() == 4:
-            return layer_attr.sum(1)
-        return layer_attr.sum(-1).reshape(pixel_values.shape[0], *self.patch_grid(pixel_values))
+        """Attributions at :meth:`patch_embedding`'s output (``[B, D, h * kh, w * kw]`` or
+        ``[B, N, D]``) summed per map-grid cell ``[B, h, w]``, a cell holding
+        :attr:`patches_per_cell` ``= (kh, kw)`` patches (pooled image tokens)."""
+        (h, w), (kh, kw) = self.patch_grid(pixel_values), self.patches_per_cell
+        per_patch = layer_attr.sum(1) if layer_attr.dim() == 4 else layer_attr.sum(-1)
+        return per_patch.reshape(layer_attr.shape[0], h, kh, w, kw).sum(dim=(2, 4))
 
     # ----- text side --------------------------------------------------------------------
     def text_blocks(self) -> list[nn.Module]:
@@ -348,6 +374,33 @@ class VLMAdapter:
         """The module whose output is the bridge's input sequence (the embedded queries); methods
         make it differentiable so that gradients reach the bridge's first attention."""
         return None
+    def language_kwargs(self, input_ids: torch.Tensor, extra: Sequence[torch.Tensor | None] = ()) -> dict:
+        """Keyword inputs of the model's forward beside ``pixel_values``, ``input_ids`` and
+        ``attention_mask``: the :attr:`extra_text_inputs` given in ``extra`` (``None`` left out);
+        families whose forward needs more read it from ``input_ids`` here.
+
+        Raises:
+            ValueError: more ``extra`` tensors than :attr:`extra_text_inputs` names.
+        """
+        extra = tuple(extra)
+        if len(extra) > len(self.extra_text_inputs):
+            names = ", ".join(("input_ids", "attention_mask", *self.extra_text_inputs))
+            raise ValueError(f"additional_forward_args: {type(self.model).__name__} takes ({names}), got "
+                             f"{2 + len(extra)} tensors")
+        found = {}
+        for name, value in zip(self.extra_text_inputs, extra):
+            if value is None:
+                continue
+            if not isinstance(value, torch.Tensor) or value.shape != input_ids.shape:
+                shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+                raise ValueError(f"{name}: expected a tensor shaped like input_ids {tuple(input_ids.shape)}, got {shape}")
+            found[name] = value.to(input_ids.device)
+        return found
+
+    def unscored_positions(self, input_ids: torch.Tensor, extra: Sequence[torch.Tensor | None] = ()) -> torch.Tensor:
+        """Positions ``[B, T]`` (bool) of a joint sequence whose token is no prediction of the
+        model: the image placeholders (and a prefix-LM's prefix, where ``extra`` marks one)."""
+        return self.image_token_positions(input_ids)
 
     @contextmanager
     def image_layout(
@@ -395,13 +448,17 @@ class VLMAdapter:
             (all of them, unless image placeholders must go with their dropped features).
         """
         keep_flat = keep.reshape(keep.shape[0], -1) > 0.5
-        handle = self.vision_model().embeddings.register_forward_hook(
-            _token_dropper(keep_flat, self.num_prefix_tokens)
-        )
+        module, prefix = self._token_drop_site()
+        handle = module.register_forward_hook(_token_dropper(keep_flat, prefix))
         try:
             yield self._staying_positions(keep_flat)
         finally:
             handle.remove()
+
+    def _token_drop_site(self) -> tuple[nn.Module, int]:
+        """The module whose output ``[B, prefix + cells, D]`` holds one row per grid cell after
+        ``prefix`` rows, for :meth:`drop_image_tokens`: the vision embeddings by default."""
+        return self.vision_model().embeddings, self.num_prefix_tokens
 
     def _staying_positions(self, keep_flat: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
         """``stays(input_ids)`` for :meth:`drop_image_tokens`: with image placeholders in
@@ -461,19 +518,22 @@ class VLMAdapter:
         raise NotImplementedError(f"{self.family}: {type(self.model).__name__} has no language decoder")
 
     def lens_sequence(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, answer_ids: torch.Tensor
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, answer_ids: torch.Tensor,
+        extra: Sequence[torch.Tensor] = (),
     ) -> tuple[tuple[torch.Tensor, ...], int]:
         """Teacher-forced inputs for ``TokenLogProbs(model).logits(pixel_values, *args)`` scoring
         ``answer_ids`` ``[1, n]`` (continuation tokens, no start token) after the prompt, and the
-        index in the scored token sequence of the first answer token."""
+        index in the scored token sequence of the first answer token. ``extra``: the prompt's
+        :attr:`extra_text_inputs` as the processor gave them (``[1, ...]``), for families whose
+        forward needs them (others lay out their own)."""
         raise NotImplementedError(f"{self.family}: {type(self.model).__name__} has no language decoder")
 
     def greedy_answer(
         self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-        max_new_tokens: int,
+        max_new_tokens: int, extra: Sequence[torch.Tensor] = (),
     ) -> torch.Tensor:
         """The model's own greedy continuation ``[1, n]`` in :meth:`lens_sequence`'s convention
-        (new tokens only, up to and including the end token)."""
+        (new tokens only, up to and including the end token); ``extra`` as there."""
         raise NotImplementedError(f"{self.family}: {type(self.model).__name__} has no language decoder")
 
     def stream_attentions(self, stream: str) -> list[nn.Module]:

@@ -101,7 +101,7 @@ class BlipAdapter(VLMAdapter):
         """``text_decoder.cls``: the transform (dense, GELU, LayerNorm) and the vocabulary layer."""
         return self._decoder().cls
 
-    def lens_sequence(self, input_ids, attention_mask, answer_ids):
+    def lens_sequence(self, input_ids, attention_mask, answer_ids, extra=()):
         self._decoder()
         if self.takes_answer_ids:  # [start] answer...; the start token is set by the target
             start = torch.full_like(answer_ids[:, :1], self.model.config.text_config.bos_token_id)
@@ -111,7 +111,7 @@ class BlipAdapter(VLMAdapter):
         tokens = torch.cat([prompt, answer_ids], 1)
         return (tokens, torch.cat([mask, torch.ones_like(answer_ids)], 1)), prompt.shape[1]
 
-    def greedy_answer(self, pixel_values, input_ids, attention_mask, max_new_tokens):
+    def greedy_answer(self, pixel_values, input_ids, attention_mask, max_new_tokens, extra=()):
         generated = self.model.generate(pixel_values=pixel_values, input_ids=input_ids,
                                         attention_mask=attention_mask, max_new_tokens=max_new_tokens,
                                         do_sample=False)

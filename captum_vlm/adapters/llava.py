@@ -74,13 +74,17 @@ class LlavaAdapter(VLMAdapter):
     def decoder_blocks(self) -> list[nn.Module]:
         return self.text_blocks()
 
-    def lens_sequence(self, input_ids, attention_mask, answer_ids):
+    def lens_sequence(self, input_ids, attention_mask, answer_ids, extra=()):
         tokens = torch.cat([input_ids, answer_ids], 1)
         return (tokens, torch.cat([attention_mask, torch.ones_like(answer_ids)], 1)), input_ids.shape[1]
 
-    def greedy_answer(self, pixel_values, input_ids, attention_mask, max_new_tokens):
+    def greedy_answer(self, pixel_values, input_ids, attention_mask, max_new_tokens, extra=()):
+        return self._greedy(pixel_values, input_ids, attention_mask, max_new_tokens)
+
+    def _greedy(self, pixel_values, input_ids, attention_mask, max_new_tokens, **model_kwargs):
+        """``generate`` greedily (``model_kwargs`` passed on), the new tokens up to the end token."""
         generated = self.model.generate(**self.model_inputs(pixel_values, input_ids, attention_mask),
-                                        max_new_tokens=max_new_tokens, do_sample=False)
+                                        max_new_tokens=max_new_tokens, do_sample=False, **model_kwargs)
         new = generated[:, input_ids.shape[1]:]
         eos = self.model.generation_config.eos_token_id
         eos = eos[0] if isinstance(eos, (list, tuple)) else eos

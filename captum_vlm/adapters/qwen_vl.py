@@ -46,6 +46,8 @@ class QwenVLAdapter(LlavaAdapter):
     model_classes = ("Qwen2_5_VLForConditionalGeneration", "Qwen2VLForConditionalGeneration")
     tasks = {name: "generate" for name in model_classes}
     any_image_size = True
+    #: any size is native (dynamic resolution): there is no ``interpolate_pos_encoding`` to pass
+    interpolates_positions = False
 
     # ----- vision tower ---------------------------------------------------------------------
     def vision_model(self) -> nn.Module:

@@ -120,7 +120,7 @@ class FusionAttribution(ImageAttributionBase, Attribution):
     """Base of the fusion-model image methods; subclasses implement ``_modules``, ``_row_maps``
     and ``_reduce_rows`` (see the module docstring for what is explained per model class)."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, interpolate_pos_encoding: bool = False):
         self.bind(model)
         task = None if self.adapter.two_tower else self.adapter.task
         if task not in FUSION_KINDS:
@@ -132,11 +132,13 @@ class FusionAttribution(ImageAttributionBase, Attribution):
         self.kind = FUSION_KINDS[task]
         self.takes_answer_ids = self.adapter.takes_answer_ids  # the scored tokens are separate answer_ids
         if self.kind == "match":
-            forward_func = MatchLogit(self.model)
+            forward_func = MatchLogit(self.model, interpolate_pos_encoding=interpolate_pos_encoding)
         elif self.kind == "answer":
+            if interpolate_pos_encoding:
+                raise ValueError("interpolate_pos_encoding: ViLT embeds any size itself; leave it False")
             forward_func = AnswerLogits(self.model)
         else:
-            forward_func = TokenLogProbs(self.model)
+            forward_func = TokenLogProbs(self.model, interpolate_pos_encoding=interpolate_pos_encoding)
         super().__init__(forward_func)
 
     # ----- what subclasses implement ----------------------------------------------------------
@@ -274,11 +276,11 @@ class FusionAttribution(ImageAttributionBase, Attribution):
     # ----- plumbing ---------------------------------------------------------------------------
     def _prepare(self, inputs, target, additional_forward_args, upsample) -> tuple[FusionInputs, list[int]]:
         pixel_values, grid = self.image_inputs(inputs, upsample)
-        extra = self.adapter.extra_text_inputs  # further text inputs the forward takes
+        extra_names = self.adapter.extra_text_inputs
         wanted = ("(input_ids, attention_mask, answer_ids[, answer_attention_mask])" if self.takes_answer_ids
-                  else f"({', '.join(('input_ids', 'attention_mask', *extra))})")
+                  else f"(input_ids, attention_mask{''.join(f'[, {n}]' for n in extra_names)})")
         ids, mask, args = split_text_args(self.adapter, additional_forward_args,
-                                          4 if self.takes_answer_ids else 2 + len(extra), wanted)
+                                          4 if self.takes_answer_ids else 2 + len(extra_names), wanted)
         max_length = self.adapter.max_text_length()
         check_same_batch(pixel_values=pixel_values, input_ids=ids)
         query_mask = mask.bool()
@@ -297,13 +299,11 @@ class FusionAttribution(ImageAttributionBase, Attribution):
             tokens[:, 0] = self.model.config.text_config.bos_token_id
             token_mask = self.forward_func.score_mask(tokens, answer_mask)
         else:
-            if len(args) != len(extra):
-                raise TypeError(f"additional_forward_args: expected {wanted} from the processor, got "
-                                f"{2 + len(args)} tensors")
             forward_args = (ids, mask, *args)
+            self.adapter.language_kwargs(ids, args)  # checks the extra inputs' shapes
             tokens, token_mask = ids, mask.bool()
             if self.kind == "tokens":
-                token_mask = self.forward_func.score_mask(ids, mask)
+                token_mask = self.forward_func.score_mask(ids, mask, *args)
             if self.adapter.image_tokens_in_input_ids:
                 query_mask = query_mask & ~self.adapter.image_token_positions(ids)
         prepared = FusionInputs(pixel_values, forward_args, ids, mask, tokens, token_mask, query_mask, grid)

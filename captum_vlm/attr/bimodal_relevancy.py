@@ -88,14 +88,16 @@ class BimodalRelevancy(FusionAttribution):
             ``ViltForImageAndTextRetrieval`` or ``LlavaForConditionalGeneration``.
         image_relevancy: BLIP only: ``"vision"`` (propagate through the vision tower) or
             ``"identity"``; ``None`` means ``"vision"`` for BLIP.
+        interpolate_pos_encoding: pass through to the vision tower (BLIP, LLaVA, PaliGemma at
+            another size than the trained one).
 
     Example:
         >>> explainer = BimodalRelevancy(blip_itm)                                      # doctest: +SKIP
         >>> heat = explainer.attribute(pixel_values, additional_forward_args=(ids, mask))   # doctest: +SKIP
     """
 
-    def __init__(self, model: nn.Module, image_relevancy: str | None = None):
-        super().__init__(model)
+    def __init__(self, model: nn.Module, image_relevancy: str | None = None, interpolate_pos_encoding: bool = False):
+        super().__init__(model, interpolate_pos_encoding=interpolate_pos_encoding)
         self.two_streams = self.adapter.image_stream == "cross"  # a separate image stream
         self.queries = self.adapter.image_tokens == "queries"  # a vision tower behind a bridge
         if image_relevancy is not None and not (self.two_streams or self.queries):

@@ -68,6 +68,8 @@ class CrossAttentionGradCAM(FusionAttribution):
             ``ViltForImageAndTextRetrieval``, ``LlavaForConditionalGeneration``.
         layer: index into the adapter's ``cross_attentions()`` (negative counts from the end);
             ``None`` for the middle layer.
+        interpolate_pos_encoding: pass through to the vision tower (BLIP, LLaVA, PaliGemma at
+            another size than the trained one).
 
     Example:
         >>> explainer = CrossAttentionGradCAM(blip_itm)                                # doctest: +SKIP
@@ -76,8 +78,8 @@ class CrossAttentionGradCAM(FusionAttribution):
         ...                                    word_ids=encoding.word_ids(), return_grid=True)
     """
 
-    def __init__(self, model: nn.Module, layer: int | None = None):
-        super().__init__(model)
+    def __init__(self, model: nn.Module, layer: int | None = None, interpolate_pos_encoding: bool = False):
+        super().__init__(model, interpolate_pos_encoding=interpolate_pos_encoding)
         n_layers = len(self.adapter.cross_attentions())
         if layer is None:
             layer = default_layer(n_layers, self.kind)

@@ -398,6 +398,9 @@ class CausalOcclusion(ImageAttributionBase, PerturbationAttribution):
                 raise RuntimeError("occlusion: rows place their image tokens differently; occlude them one at a time")
             target_fn = copy.copy(target_fn)
             target_fn.score_from = max(1, self.target_fn.score_from - int(shift[0]))
+        # per-position extra inputs (a prefix-LM's token_type_ids) lose the same positions
+        extra = tuple(e[stay].view(rows, length) if isinstance(e, torch.Tensor) and e.shape == ids.shape else e
+                      for e in extra)
         out = target_fn(pixel_values, ids[stay].view(rows, length), mask[stay].view(rows, length), *extra)
         if out.dim() == 2 and out.shape[1] == length and length != ids.shape[1]:
             full = out.new_zeros(rows, ids.shape[1])

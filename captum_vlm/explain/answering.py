@@ -21,10 +21,10 @@ class Answers:
         answer_ids, answer_mask: BLIP: the generated answer tokens ``[n, T]`` (start token first).
         sequences, prompt_lengths: LLaVA: per text, the prompt followed by the generated tokens
             ``[1, L]``, and where the generated tokens start.
+        forward_args: generative models: per text, what the target takes after ``pixel_values``
+            to score the answer (the adapter's ``lens_sequence``: ``(sequence, mask)``, plus
+            e.g. PaliGemma's ``token_type_ids``, InstructBLIP's Q-Former instruction).
         tokens: BLIP: the answer's token strings; LLaVA: the whole sequence's; per text.
-        extra_args: generative models with further text inputs (the adapter's
-            ``extra_text_inputs``, InstructBLIP's instruction for its Q-Former): per text, those
-            inputs ``[1, ...]`` (padding dropped), to pass after ``(sequence, mask)``.
     """
 
     texts: list[str]
@@ -35,7 +35,7 @@ class Answers:
     sequences: list[torch.Tensor] | None = None
     prompt_lengths: list[int] | None = None
     tokens: list[list[str]] | None = None
-    extra_args: list[tuple[torch.Tensor, ...]] | None = None
+    forward_args: list[tuple[torch.Tensor, ...]] | None = None
 
 
 def answer_questions(
@@ -71,8 +71,8 @@ def answer_questions(
             probabilities = adapter.to_probability(logits.gather(1, labels[:, None])[:, 0]).tolist()
             return Answers(texts, probabilities, label_ids=labels)
         if adapter.task == "generate":
-            extra = [inputs[name] for name in adapter.extra_text_inputs]
-            return _generate_each(model, tokenizer, pixels, ids, mask, max_new_tokens, extra)
+            extra = [inputs.get(name) for name in adapter.extra_text_inputs]
+            return _generate_each(adapter, tokenizer, pixels, ids, mask, max_new_tokens, extra)
         generated = model.generate(pixel_values=pixels, input_ids=ids, attention_mask=mask,
                                    max_new_tokens=max_new_tokens, do_sample=False)
         end = model.config.text_config.sep_token_id
@@ -84,37 +84,29 @@ def answer_questions(
         return Answers(texts, log_p.exp().tolist(), answer_ids=generated, answer_mask=answer_mask, tokens=tokens)
 
 
-def _generate_each(model, tokenizer, pixels, ids, mask, max_new_tokens, extra=()) -> Answers:
+def _generate_each(adapter, tokenizer, pixels, ids, mask, max_new_tokens, extra=()) -> Answers:
     """A generative model: each prompt (padding dropped) answered on its own, so no padding side
-    matters. ``extra``: the adapter's further text inputs ``(ids, mask)`` for all prompts."""
-    from captum_vlm.adapters import get_adapter
+    matters; the adapter generates and lays out prompt and answer for scoring. ``extra``: the
+    processor's :attr:`extra_text_inputs` for all prompts (``None`` where it gave none); each
+    prompt's rows go to the adapter as given."""
     from captum_vlm.targets import TokenLogProbs
 
-    adapter = get_adapter(model)
-    names = adapter.extra_text_inputs
-    sequences, lengths, texts, probabilities, tokens, extra_args = [], [], [], [], [], []
+    sequences, lengths, texts, probabilities, tokens, forward_args = [], [], [], [], [], []
     for k in range(ids.shape[0]):
         prompt = ids[k][mask[k].bool()][None]
-        own = ()
-        if extra:  # (ids, mask) pairs: this prompt's, padding dropped
-            kept = extra[1][k].bool()
-            own = (extra[0][k][kept][None], extra[1][k][kept][None])
-        sequence = model.generate(**adapter.model_inputs(pixels[k : k + 1], prompt, torch.ones_like(prompt)),
-                                  max_new_tokens=max_new_tokens, do_sample=False, **dict(zip(names, own)))
-        if sequence.shape[1] < prompt.shape[1] or not torch.equal(sequence[:, : prompt.shape[1]], prompt):
-            sequence = torch.cat([prompt, sequence], 1)  # models whose generate() returns new tokens only
-        start = prompt.shape[1]  # generate() adds at least one token (max_new_tokens >= 1)
-        log_p = TokenLogProbs(model, reduction="sum", score_from=start)(
-            pixels[k : k + 1], sequence, torch.ones_like(sequence), *own
-        )
-        extra_args.append(own)
+        own = tuple(e[k : k + 1] for e in extra if e is not None)
+        new = adapter.greedy_answer(pixels[k : k + 1], prompt, torch.ones_like(prompt), max_new_tokens, own)
+        args, start = adapter.lens_sequence(prompt, torch.ones_like(prompt), new, own)
+        log_p = TokenLogProbs(adapter.model, reduction="sum", score_from=start)(pixels[k : k + 1], *args)
+        sequence = args[0]
         sequences.append(sequence)
         lengths.append(start)
+        forward_args.append(args)
         texts.append(tokenizer.decode(sequence[0, start:], skip_special_tokens=True).strip())
         probabilities.append(float(log_p.exp()[0]))
         tokens.append(_token_strings(tokenizer, sequence[0]))
     return Answers(texts, probabilities, sequences=sequences, prompt_lengths=lengths, tokens=tokens,
-                   extra_args=extra_args)
+                   forward_args=forward_args)
 
 
 def _token_strings(tokenizer: Any, ids: torch.Tensor) -> list[str]:

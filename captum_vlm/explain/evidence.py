@@ -37,13 +37,16 @@ __all__ = [
 # Chefer relevancy (deletion AUC 0.046, pointing 0.970); shapes-siglip: Grad-ECLIP (deletion
 # 0.080 against relevancy 0.090, raw attention 0.152, rollout 0.156); shapes-blip-itm and
 # shapes-blip-vqa: bi-modal relevancy (pointing 0.830 / 0.752 against Grad-CAM 0.733 / 0.596).
-# ViLT and LLaVA have no zoo model; they take the BLIP ranking (same two fusion methods).
+# ViLT, LLaVA, PaliGemma and Gemma 3 have no zoo model; they take the BLIP ranking (same two fusion
+# methods).
 DEFAULT_METHODS: dict[str, tuple[str, ...]] = {
     "clip": ("relevancy",),
     "siglip": ("grad-eclip",),
     "blip": ("bimodal-relevancy",),
     "vilt": ("bimodal-relevancy",),
     "llava": ("bimodal-relevancy",),
+    "paligemma": ("bimodal-relevancy",),
+    "gemma3": ("bimodal-relevancy",),
 }
 
 VALUE_LABELS: dict[str, str] = {
@@ -149,13 +152,11 @@ def _score_function(context: Any, k: int):
         target_fn, args, label = AnswerLogits(model), rows(ids, mask), int(answers.label_ids[k])
         return ("text", k), (lambda images: target_fn(images, *args(len(images)))[:, label]), None, "answer logit"
     if task == "generate" and answers is not None and answers.sequences is not None:
-        sequence = answers.sequences[k]
+        answer_args = answers.forward_args[k]
         target_fn = TokenLogProbs(model, reduction="sum", score_from=answers.prompt_lengths[k])
-        extra = answers.extra_args[k] if answers.extra_args else ()
 
         def forward(images):
-            batch = sequence.expand(len(images), -1)
-            return target_fn(images, batch, torch.ones_like(batch), *(e.expand(len(images), -1) for e in extra))
+            return target_fn(images, *(a.expand(len(images), -1) for a in answer_args))
 
         return ("text", k), forward, None, "answer log-probability"
     return None

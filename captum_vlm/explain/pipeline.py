@@ -164,7 +164,7 @@ def explain(
             raise ValueError(f"target: {bad or targets} out of range for {len(texts)} texts (0..{len(texts) - 1})")
         if len(set(targets)) != len(targets):
             raise ValueError(f"target: {targets} names a text more than once; give each index once")
-    images = picture if adapter.two_tower else [picture] * len(texts)  # fusion models: each text with the image
+    images = adapter.processor_images(picture, len(texts))  # fusion models: each text with the image
     inputs = adapter.processor_inputs(  # pixel_values as one image tensor [B, 3, H, W]
         processor(images=images, text=list(texts), return_tensors="pt", padding=adapter.text_padding))
     tokenizer = getattr(processor, "tokenizer", processor)

@@ -154,9 +154,10 @@ def _fusion_maps(method: Any, context: ExplainContext):
         for k in context.targets:
             sequence, start = answers.sequences[k], answers.prompt_lengths[k]
             shown = list(range(start, sequence.shape[1]))
-            args = (sequence, torch.ones_like(sequence), *(answers.extra_args[k] if answers.extra_args else ()))
-            whole, per_token = method.attribute_with_tokens(pixels[k : k + 1], target=shown,
-                                                            additional_forward_args=args, return_grid=True)
+            whole, per_token = method.attribute_with_tokens(
+                pixels[k : k + 1], target=shown, additional_forward_args=answers.forward_args[k],
+                return_grid=True,
+            )
             yield k, whole[0], per_token[0], answers.tokens[k], shown
         return
     rows = torch.tensor(context.targets)

@@ -145,7 +145,7 @@ def _uses_image_layout(adapter, stream: str) -> bool:
 
 def _tower_layout(adapter, pixel_values: torch.Tensor) -> dict:
     """The vision tower's own sequence: prefix tokens (the sinks), then the patches row by row."""
-    grid = adapter.patch_grid(pixel_values)
+    grid = adapter.vision_grid(pixel_values)  # the tower's patches (several per token where tokens pool them)
     prefix = adapter.num_prefix_tokens
     patches = torch.arange(prefix, prefix + grid[0] * grid[1])
     return dict(sink_keys=torch.arange(prefix), patch_keys=patches, patch_queries=patches, grid=grid)

@@ -243,7 +243,7 @@ def probe(
             raise ValueError("processor: needed to turn images into pixel_values (or pass a tensor)")
         pixel_values = processor(images=list(images), return_tensors="pt")["pixel_values"]
     n_images = pixel_values.shape[0]
-    grid = adapter.patch_grid(pixel_values)
+    grid = adapter.vision_grid(pixel_values)  # the vision blocks' patch tokens
     y = _check_labels(labels, where, n_images, grid)
     classes, counts = np.unique(y, return_counts=True)
     if len(classes) < 2:
