@@ -210,9 +210,12 @@ class AnswerClassifier(nn.Module):
     def __init__(self, model: nn.Module, answer_ids: torch.Tensor, answer_attention_mask: torch.Tensor):
         super().__init__()
         self.log_probs = TokenLogProbs(model, reduction="sum")
-        if self.log_probs.kind != "BlipForQuestionAnswering":  # the only one scoring answer_ids
+        if not self.log_probs.adapter.takes_answer_ids:  # the answer is scored as separate answer_ids
+            from captum_vlm.adapters import classes_for_tasks
+
             raise TypeError(f"model: AnswerClassifier scores candidate answers of a VQA model "
-                            f"(BlipForQuestionAnswering), got {self.log_probs.kind}")
+                            f"({', '.join(classes_for_tasks(['answer_tokens']))}), got "
+                            f"{type(self.log_probs.model).__name__}")
         self.vlm = self.log_probs.model
         self.register_buffer("answer_ids", answer_ids, persistent=False)
         self.register_buffer("answer_attention_mask", answer_attention_mask, persistent=False)

@@ -207,3 +207,21 @@ def test_insights_methods_refuse_other_models_and_bad_targets():
         cvi.two_tower_visualizer(model, processor, [], ["a red circle"])
     with pytest.raises(TypeError, match="TokenLogProbs supports"):  # not a VQA model
         cvi.fusion_visualizer(model, processor, [cv.zoo.scenes.make_scene(0).pil()], ["what?"], ["red", "blue"])
+
+
+def test_answer_classifier_takes_vqa_models_only():
+    """Candidate answers are scored as separate answer_ids: a VQA model's task; a captioner is refused
+    by name (the check reads the adapter's flag, not a class name)."""
+    model, processor, image, question = example()
+    answers = processor.tokenizer(ANSWERS, return_tensors="pt", padding=True)
+    classifier = cvi.AnswerClassifier(model, answers["input_ids"], answers["attention_mask"])
+    x = processor(images=image, text=question, return_tensors="pt")
+    with torch.no_grad():
+        scores = classifier(x["pixel_values"], x["input_ids"], x["attention_mask"])
+        expected = torch.stack([cv.TokenLogProbs(model, reduction="sum")(
+            x["pixel_values"], x["input_ids"], x["attention_mask"], answers["input_ids"][c:c + 1],
+            answers["attention_mask"][c:c + 1])[0] for c in range(len(ANSWERS))])
+    assert_close_scaled(scores[0], expected)
+    captioner, _ = cv.zoo.load("shapes-blip-caption")
+    with pytest.raises(TypeError, match="BlipForQuestionAnswering.*got BlipForConditionalGeneration"):
+        cvi.AnswerClassifier(captioner, answers["input_ids"], answers["attention_mask"])
