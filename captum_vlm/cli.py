@@ -200,8 +200,7 @@ def run_explain(image_path: str, texts: list[str], model_spec: str, methods: lis
                 targets: list[int] | None, out: str, png_dir: str | None, quiet: bool,
                 logit_lens: bool = False) -> Path:
     from captum_vlm.adapters import get_adapter
-    from captum_vlm.explain import METHODS, explain, method_names
-    from captum_vlm.explain.evidence import default_methods
+    from captum_vlm.explain import METHODS, explain
 
     unknown = [m for m in methods or [] if m not in METHODS]
     if unknown:
@@ -211,12 +210,11 @@ def run_explain(image_path: str, texts: list[str], model_spec: str, methods: lis
     image = open_image(image_path)
     model, processor = load_model(model_spec)
     try:
-        family = get_adapter(model).family
+        get_adapter(model)
     except TypeError as err:
         raise UsageError(str(err)) from err
-    methods = methods or default_methods(family, method_names(family))
     try:
-        explanation = explain(model, processor, image, texts, methods=methods, target=targets,
+        explanation = explain(model, processor, image, texts, methods=methods or None, target=targets,
                               model_name=model_spec.removeprefix("zoo:"), show_progress=not quiet,
                               logit_lens=logit_lens)
     except (ValueError, TypeError) as err:

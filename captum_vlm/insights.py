@@ -301,7 +301,7 @@ def two_tower_visualizer(model: nn.Module, processor: Any, images: Sequence[Any]
     if isinstance(prompts, str) or not prompts:
         raise ValueError(f"prompts: expected a non-empty list of strings, got {prompts!r}")
     # SigLIP pools the last position and is trained on texts padded to the full length
-    padding = "max_length" if get_adapter(model).family == "siglip" else True
+    padding = get_adapter(model).text_padding
     text = processor(text=list(prompts), return_tensors="pt", padding=padding)
     classifier = ZeroShotClassifier(model, text["input_ids"], text["attention_mask"])
     pixels = processor(images=images, return_tensors="pt")["pixel_values"]

@@ -85,6 +85,9 @@ class VLMAdapter:
     #: two-tower models: how similarity logits become probabilities, ``"softmax"`` over the
     #: prompts or ``"sigmoid"`` of each
     similarity_probability: str = "softmax"
+    #: the registry methods ``explain`` uses when given none: the most faithful on this family's
+    #: zoo model (benchmarks/RESULTS.md); ``()`` where no zoo ranking exists (the first that fits)
+    default_methods: tuple[str, ...] = ()
     #: the model embeds images of any size (dynamic resolution): the grid follows the input
     any_image_size: bool = False
     #: processor outputs beyond ``input_ids`` and ``attention_mask`` that the model takes,

@@ -22,6 +22,8 @@ class BlipAdapter(VLMAdapter):
     """
 
     family = "blip"
+    #: shapes-blip-itm / -vqa: bi-modal relevancy (pointing 0.830 / 0.752 against Grad-CAM 0.733 / 0.596)
+    default_methods = ("bimodal-relevancy",)
     model_classes = ("BlipForImageTextRetrieval", "BlipForConditionalGeneration", "BlipForQuestionAnswering")
     tasks = {
         "BlipForImageTextRetrieval": "match",

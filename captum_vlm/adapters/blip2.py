@@ -32,6 +32,8 @@ class Blip2Adapter(LlavaAdapter):
     """
 
     family = "blip2"
+    #: no zoo ranking yet: the first registered method that fits
+    default_methods = ()
     model_classes = ("Blip2ForConditionalGeneration",)
     tasks = {"Blip2ForConditionalGeneration": "generate"}
     image_tokens = "queries"

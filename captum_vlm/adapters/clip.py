@@ -17,6 +17,8 @@ class CLIPAdapter(VLMAdapter):
     """
 
     family = "clip"
+    #: shapes-clip: Chefer relevancy (deletion AUC 0.046, pointing 0.970)
+    default_methods = ("relevancy",)
     model_classes = ("CLIPModel",)
     tasks = {"CLIPModel": "similarity"}
     two_tower = True

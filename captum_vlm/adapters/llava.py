@@ -18,6 +18,8 @@ class LlavaAdapter(VLMAdapter):
     """
 
     family = "llava"
+    #: no ranked zoo model: the BLIP ranking (the same two fusion methods); PaliGemma and Gemma 3 inherit it
+    default_methods = ("bimodal-relevancy",)
     model_classes = ("LlavaForConditionalGeneration",)
     tasks = {"LlavaForConditionalGeneration": "generate"}
     image_stream = "joint"

@@ -43,6 +43,8 @@ class QwenVLAdapter(LlavaAdapter):
     """
 
     family = "qwen-vl"
+    #: no zoo ranking yet: the first registered method that fits
+    default_methods = ()
     model_classes = ("Qwen2_5_VLForConditionalGeneration", "Qwen2VLForConditionalGeneration")
     tasks = {name: "generate" for name in model_classes}
     any_image_size = True

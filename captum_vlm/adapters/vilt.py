@@ -27,6 +27,8 @@ class ViltAdapter(VLMAdapter):
     """
 
     family = "vilt"
+    #: no ranked zoo model: the BLIP ranking (the same two fusion methods)
+    default_methods = ("bimodal-relevancy",)
     model_classes = ("ViltForQuestionAnswering", "ViltForImageAndTextRetrieval")
     tasks = {"ViltForQuestionAnswering": "answer_label", "ViltForImageAndTextRetrieval": "match"}
     attention_needs_output_flag = True

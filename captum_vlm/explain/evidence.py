@@ -29,25 +29,9 @@ import torch
 from captum_vlm.adapters import get_adapter
 
 __all__ = [
-    "DEFAULT_METHODS", "VALUE_LABELS", "attach_evidence", "collapse_prompt_independent", "confidence",
+    "VALUE_LABELS", "attach_evidence", "collapse_prompt_independent", "confidence",
     "default_methods", "layers_label",
 ]
-
-# Most faithful registered method per family on the zoo (benchmarks/RESULTS.md): shapes-clip:
-# Chefer relevancy (deletion AUC 0.046, pointing 0.970); shapes-siglip: Grad-ECLIP (deletion
-# 0.080 against relevancy 0.090, raw attention 0.152, rollout 0.156); shapes-blip-itm and
-# shapes-blip-vqa: bi-modal relevancy (pointing 0.830 / 0.752 against Grad-CAM 0.733 / 0.596).
-# ViLT, LLaVA, PaliGemma and Gemma 3 have no zoo model; they take the BLIP ranking (same two fusion
-# methods).
-DEFAULT_METHODS: dict[str, tuple[str, ...]] = {
-    "clip": ("relevancy",),
-    "siglip": ("grad-eclip",),
-    "blip": ("bimodal-relevancy",),
-    "vilt": ("bimodal-relevancy",),
-    "llava": ("bimodal-relevancy",),
-    "paligemma": ("bimodal-relevancy",),
-    "gemma3": ("bimodal-relevancy",),
-}
 
 VALUE_LABELS: dict[str, str] = {
     "grad-eclip": "Grad-ECLIP relevance: ReLU(∂ logit / ∂ attention) × value (a.u.)",
@@ -61,14 +45,15 @@ VALUE_LABELS: dict[str, str] = {
 }
 
 
-def default_methods(family: str, registered: Sequence[str]) -> list[str]:
-    """The benchmark's most faithful method for ``family``, else the first registered one.
+def default_methods(adapter: Any, registered: Sequence[str]) -> list[str]:
+    """The adapter's :attr:`~captum_vlm.adapters.VLMAdapter.default_methods` that are in
+    ``registered``, else the first registered one.
 
     Example:
-        >>> default_methods("clip", ["grad-eclip", "relevancy"])
+        >>> default_methods(get_adapter(model), ["grad-eclip", "relevancy"])  # doctest: +SKIP
         ['relevancy']
     """
-    chosen = [m for m in DEFAULT_METHODS.get(family, ()) if m in registered]
+    chosen = [m for m in adapter.default_methods if m in registered]
     return chosen or list(registered[:1])
 
 

@@ -111,7 +111,7 @@ def explain(
             :func:`answer_questions`).
         methods: registry names, see :func:`method_names`. Default: the method the zoo
             benchmark ranks most faithful for the model's family
-            (:data:`captum_vlm.explain.evidence.DEFAULT_METHODS`: CLIP ``relevancy``, SigLIP
+            (the adapter's ``default_methods``: CLIP ``relevancy``, SigLIP
             ``grad-eclip``, BLIP/ViLT/LLaVA ``bimodal-relevancy``; see ``benchmarks/RESULTS.md``).
         target: which prompts to explain (index or list); ``None`` explains all.
         model_name: name for titles (default: the checkpoint's folder or the class name).
@@ -141,7 +141,7 @@ def explain(
         raise TypeError(f"target: expected a text index (int) or a list of them, got {target!r}; "
                         "pass the text itself in texts")
     if methods is None:
-        methods = default_methods(adapter.family, method_names(adapter))
+        methods = default_methods(adapter, method_names(adapter))
     if isinstance(methods, str):
         methods = [methods]
     unknown = [m for m in methods if m not in METHODS]
