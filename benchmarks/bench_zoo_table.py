@@ -342,12 +342,18 @@ def _cell(summary: dict | None, digits: int = 2) -> str:
     return f"{summary['mean']:.{digits}f} ± {summary['se']:.{digits}f}"
 
 
+def _pass(variant: dict) -> str:
+    """Share of maps passing the randomisation check (|ρ| < 0.5) and how many were checked."""
+    passed = variant["sanity_pass"]
+    return f"{passed['mean']:.2f} of {passed['n']}" if passed.get("n") else "n/a"
+
+
 def markdown(rows: list[dict]) -> str:
     """The table: one line per model x method, the random-map baseline of its model beside it."""
     randoms = {r["model"]: r for r in rows if r["method"] == RANDOM_MAP}
     lines = [
         "| model | method | pointing game | PG untrained | PG random map | deletion AUC / score | "
-        "del. untrained | del. random map | randomisation ρ (pass) | ρ untrained | CPU s |",
+        "del. untrained | del. random map | randomisation ρ (share passing, of n maps) | ρ untrained | CPU s |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -358,7 +364,7 @@ def markdown(rows: list[dict]) -> str:
         lines.append(
             f"| {r['model']} | {r['method']} | {_cell(t['pointing'])} | {_cell(u['pointing'])} | "
             f"{_cell(rand.get('pointing'))} | {_cell(t['deletion'])} | {_cell(u['deletion'])} | "
-            f"{_cell(rand.get('deletion'))} | {_cell(t['sanity'])} ({_cell(t['sanity_pass'], 1).split(' ')[0]}) | "
+            f"{_cell(rand.get('deletion'))} | {_cell(t['sanity'])} ({_pass(t)}) | "
             f"{_cell(u['sanity'])} | {r['cpu_s']:.0f} |"
         )
     return "\n".join(lines)
