@@ -356,7 +356,7 @@ def markdown(rows: list[dict]) -> str:
         "del. untrained | del. random map | randomisation ρ (share passing, of n maps) | ρ untrained | CPU s |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in rows:
+    for r in sorted(rows, key=lambda row: row["model"]):  # stable: a model's rows in the order run
         if r["method"] == RANDOM_MAP:
             continue
         rand = randoms.get(r["model"], {})
