@@ -345,11 +345,14 @@ def instructblip(seed: int = 0, cross_attention_frequency: int = 1,
 
 def extra_text_inputs(model: torch.nn.Module, batch: int, seed: int = 2) -> tuple:
     """What the forward takes after ``(input_ids, attention_mask)`` (InstructBLIP: the
-    instruction as its Q-Former reads it), random tokens; ``()`` for the others (PaliGemma's
+    instruction as its Q-Former reads it), random tokens; LLaVA-NeXT's ``image_sizes``; ``()`` for the others (PaliGemma's
     optional ``token_type_ids`` are left to the test)."""
     from captum_vlm.adapters import get_adapter
 
-    return text_ids(batch, 5, seed=seed) if "qformer_input_ids" in get_adapter(model).extra_text_inputs else ()
+    names = get_adapter(model).extra_text_inputs
+    if "image_sizes" in names:  # LLaVA-NeXT / OneVision: an original that fills a 32 x 32 canvas
+        return (torch.tensor([[IMAGE_SIZE, IMAGE_SIZE]] * batch),)
+    return text_ids(batch, 5, seed=seed) if "qformer_input_ids" in names else ()
 
 
 FACTORIES["Blip2ForConditionalGeneration"] = blip2

@@ -227,10 +227,9 @@ class LlavaNextAdapter(LlavaAdapter):
             kept = (0, h, pad, w - pad)
         return self._with_pooling((h, w), tiles, kept)
 
-    def geometry(self, grid: tuple[int, int], n_tokens: int, keep: torch.Tensor | None = None) -> AnyresGeometry:
+    def geometry(self, grid: tuple[int, int], n_tokens: int) -> AnyresGeometry:
         """The geometry of an image on a canvas of patch grid ``grid`` whose text holds
-        ``n_tokens`` image placeholders (``keep``: the cells kept by an occlusion, whose dropped
-        tokens' placeholders are gone): the unpadding whose token count that is.
+        ``n_tokens`` image placeholders: the unpadding whose token count that is.
 
         Raises:
             ValueError: no unpadding gives ``n_tokens``, or two do (explain such an image alone
@@ -246,10 +245,7 @@ class LlavaNextAdapter(LlavaAdapter):
         found = {}
         for kept in candidates:
             geometry = self._with_pooling(grid, tiles, kept)
-            count = geometry.num_tokens
-            if keep is not None:
-                count -= int(self._dropped(geometry, keep).sum())
-            if count == n_tokens:
+            if geometry.num_tokens == n_tokens:
                 found[geometry.kept] = geometry
         if len(found) != 1:
             full = self._with_pooling(grid, tiles, (0, h, 0, w)).num_tokens
@@ -264,8 +260,7 @@ class LlavaNextAdapter(LlavaAdapter):
         """The one geometry of every row of ``input_ids`` (ValueError if rows differ)."""
         grid = self.patch_grid(pixel_values)
         counts = self.image_token_positions(input_ids).sum(1).tolist()
-        keep = _DROPPING.get(id(self.model))
-        found = [self.geometry(grid, n, None if keep is None else keep[b % keep.shape[0]]) for b, n in enumerate(counts)]
+        found = [self.geometry(grid, n) for n in counts]
         if len({g.kept for g in found}) != 1:
             raise ValueError(
                 f"input_ids: rows hold {counts} image tokens (different unpadding); explain images of one size "
@@ -333,7 +328,8 @@ class LlavaNextAdapter(LlavaAdapter):
         check_pixel_values(pixel_values)
         kwargs = {"pixel_values": self.tiles(pixel_values)}
         if input_ids is not None:
-            self._text_geometry(pixel_values, input_ids)  # a clear error before the model's own
+            if id(self.model) not in _DROPPING:  # (an occlusion's drop removes placeholders)
+                self._text_geometry(pixel_values, input_ids)  # a clear error before the model's own
             kwargs["input_ids"] = input_ids
         if attention_mask is not None:
             kwargs["attention_mask"] = attention_mask
