@@ -25,7 +25,9 @@ from model_state import assert_unchanged, snapshot
 from numerics import assert_close_scaled
 from PIL import Image, ImageDraw
 from transformers import LlavaNextProcessor, LlavaOnevisionProcessor
-from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+from transformers.models.llava_next.image_processing_pil_llava_next import (
+    LlavaNextImageProcessorPil,
+)
 from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
     LlavaOnevisionImageProcessorPil,
 )
@@ -559,3 +561,13 @@ def test_cli_explains_an_anyres_model(model, processor, tmp_path, monkeypatch, c
     html = out.read_text()
     assert html.startswith("<!DOCTYPE html>") and list(reference.scores)[0].split(" → ")[1] in html
     assert len(list((tmp_path / "png").glob("*.png"))) >= 1
+
+
+def test_batched_windows_that_drop_unequally_ask_for_one_at_a_time():
+    model = warmed(MODELS["onevision"]())
+    _, inputs, args = adapted(model, make_processor("onevision"), noise(*SIZES["filled"]))  # pooled 4 x 3
+    before = snapshot(model)
+    occlusion = CausalOcclusion(model)
+    with pytest.raises(ValueError, match="perturbations_per_eval: the occlusion windows of one forward drop"):
+        occlusion.attribute(inputs["pixel_values"], additional_forward_args=args, window=1, perturbations_per_eval=4)
+    assert_unchanged(model, before)

@@ -133,10 +133,13 @@ class LlavaNextAdapter(LlavaAdapter):
     **The base view is computed from the canvas** (the whole canvas, padding included, resized to
     ``S x S`` bicubic with antialiasing), so a change to the canvas reaches both the tiles and the
     base view. The processor's own base view is a separate resize of the original image (no
-    padding, its aspect stretched to a square); where the canvas has no padding the two differ by
-    the resampling only. On the tiny random models of the tests (``benchmarks/anyres_base_view.py``)
-    the largest logit change is 0.6-1.6% of the logits' range for an image that fills its pinpoint
-    and 1-4% for one padded by a third; the greedy answer did not change in those runs.
+    padding, its aspect stretched to a square). Measured on the tiny random models of the tests
+    (``benchmarks/anyres_base_view.py``, 3 seeds, 2026-12-02): for a picture that fills its
+    pinpoint the largest logit difference is 0.1-0.2% of the logits' range and the greedy answer
+    never changed; with padding on the canvas (2 to 9 of 16-32 pixel rows) it is 14-71% of the
+    range over all positions (2-16% at the last prompt position) and the greedy answer changed in
+    up to 2 of 3 models. So the maps explain the model on the canvas-derived base view; for a
+    padded image that is not exactly what the processor's inputs give.
 
     The processor's ``image_sizes`` (the original ``(height, width)``, which fixes the unpadding)
     travel after ``attention_mask``: ``additional_forward_args=(input_ids, attention_mask,
@@ -145,7 +148,9 @@ class LlavaNextAdapter(LlavaAdapter):
     ``input_ids``. One image per example, all of one batch on the same canvas.
 
     Occlusion (``"drop"``) removes, with their placeholders, the tile tokens of the dropped cells
-    and every base-view (or pooled) token whose box holds a dropped cell; newlines stay.
+    and every base-view (or pooled) token whose box holds a dropped cell; newlines stay. Windows
+    at different places can then drop different numbers of tokens, which one batched forward
+    cannot hold: such a batch asks for ``perturbations_per_eval=1`` (ValueError).
     Image-side IG sums the patch embeddings' attributions per cell: a tile patch's in its cell, a
     base-view patch's spread evenly over its block.
 
@@ -183,7 +188,8 @@ class LlavaNextAdapter(LlavaAdapter):
     def _max_tiles(self) -> int | None:
         """OneVision's ``anyres_max_N``: tile features are pooled above ``N`` tiles' worth."""
         ratio = getattr(self.model.config, "vision_aspect_ratio", None)
-        return int(ratio.strip("anyres_max_")) if isinstance(ratio, str) and ratio.startswith("anyres_max_") else None
+        prefix = "anyres_max_"
+        return int(ratio[len(prefix):]) if isinstance(ratio, str) and ratio.startswith(prefix) else None
 
     def patch_grid(self, pixel_values: torch.Tensor) -> tuple[int, int]:
         """The canvas's patch grid; ValueError unless the canvas is one of the grid pinpoints."""
@@ -445,6 +451,13 @@ class LlavaNextAdapter(LlavaAdapter):
                 geometry = self.geometry(grid, int(positions[b].sum()))
                 columns = positions[b].nonzero()[:, 0]
                 found[b, columns[self._dropped(geometry, keep[b]).to(columns.device)]] = False
+            counts = (~found).sum(1)
+            if not bool((counts == counts[0]).all()):
+                raise ValueError(
+                    f"perturbations_per_eval: the occlusion windows of one forward drop {counts.tolist()} image "
+                    "tokens (a base-view or pooled token covers several cells, so windows at different places "
+                    "drop different numbers); pass perturbations_per_eval=1 for this model"
+                )
             return found
 
         return stays
