@@ -137,7 +137,7 @@ class QwenVLAdapter(LlavaAdapter):
         grid = torch.tensor([[1, h * m, w * m]] * b, dtype=torch.long, device=pixel_values.device)
         return flat, grid
 
-    def model_inputs(self, pixel_values, input_ids=None, attention_mask=None) -> dict:
+    def model_inputs(self, pixel_values, input_ids=None, attention_mask=None, extra=()) -> dict:
         """Flattened patches, ``image_grid_thw`` and the ``mm_token_type_ids`` M-RoPE needs.
 
         Raises:

@@ -246,7 +246,7 @@ class TokenIntegratedGradients(ImageAttributionBase, GradientAttribution):
         with torch.no_grad():
             check_output_target(call(pixels, ids, mask, *extra), target)
         attrs, delta = self._integrate(forward, layers, inps, bases, rest, target, n_steps, method, ibs, progress)
-        image = adapter.patch_embedding_grid(attrs[0], pixels) if modality != "text" else None
+        image = adapter.patch_embedding_grid(attrs[0], pixels, extra) if modality != "text" else None
         text = attrs[-1].sum(-1) if modality != "image" else None
         return image, text, delta
 
