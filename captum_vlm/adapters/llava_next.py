@@ -7,10 +7,10 @@ padded to it), cuts that **canvas** into ``S x S`` tiles (``S`` the vision tower
 adds a **base view**, the whole image resized to ``S x S``. Every method here takes, and every
 map is drawn over, that canvas ``[B, 3, H, W]``: :meth:`LlavaNextAdapter.processor_inputs`
 reassembles it exactly from the processor's tiles, and :meth:`LlavaNextAdapter.model_inputs` cuts
-the tiles again and computes the base view from the canvas with torch (bicubic, antialiased, the
-processor's resample), so everything the model sees is a function of the one image tensor
-(gradients, IG paths and occlusion reach the tiles and the base view; a painted region is hidden
-in both).
+the tiles again and computes the base view from the canvas's content box (the pixels the resized
+image fills, placed by ``image_sizes``) with torch (bicubic, antialiased, the processor's
+resample), so everything the model sees is a function of the one image tensor (gradients, IG paths
+and occlusion reach the tiles and the base view; a painted region is hidden in both).
 """
 
 from __future__ import annotations
@@ -138,34 +138,37 @@ class LlavaNextAdapter(LlavaAdapter):
     padding are removed; they map to nothing). LLaVA-OneVision bilinearly **pools** the unpadded
     tile features to a smaller grid when there are more than ``anyres_max_N`` tiles' worth
     (``config.vision_aspect_ratio``); a pooled token covers the cells its bilinear weights read.
-    A tile token covers its cell, a base-view token the ``a x b`` block of cells its share of the
-    canvas spans (:class:`AnyresGeometry`); newline tokens are no image tokens. The layout spreads
+    A tile token covers its cell, a base-view token the cells its ``1/g x 1/g`` share of the content
+    box touches (:class:`AnyresGeometry`); newline tokens are no image tokens. The layout spreads
     a token's score evenly over its cells (mass-conserving,
     :meth:`~captum_vlm.adapters.layout.ImageTokenLayout.boxes`).
 
-    **The base view is computed from the canvas** (the whole canvas, padding included, resized to
-    ``S x S`` bicubic with antialiasing), so a change to the canvas reaches both the tiles and the
-    base view. The processor's own base view is a separate resize of the original image (no
-    padding, its aspect stretched to a square). Measured on the tiny random models of the tests
-    (``benchmarks/anyres_base_view.py``, 3 seeds, 2026-12-02): for a picture that fills its
-    pinpoint the largest logit difference is 0.1-0.2% of the logits' range and the greedy answer
-    never changed; with padding on the canvas (2 to 9 of 16-32 pixel rows) it is 14-71% of the
-    range over all positions (2-16% at the last prompt position) and the greedy answer changed in
-    up to 2 of 3 models. So the maps explain the model on the canvas-derived base view; for a
-    padded image that is not exactly what the processor's inputs give.
+    **The base view is computed from the canvas's content box**: the pixels where the processor
+    pasted the resized image (from ``image_sizes``: the pinpoint, the resize size and the even
+    padding, :meth:`geometry_of_size`), resized to ``S x S`` bicubic with antialiasing. So a change
+    to the canvas reaches both the tiles and the base view, and padding reaches neither the base
+    view nor any map through it. The processor's own base view is one resize of the original
+    image; ours resamples twice. Measured on the tiny random models of the tests
+    (``benchmarks/anyres_base_view.py``, 3 seeds, 2026-12-02): the largest logit difference is
+    0.1-0.2% of the logits' range for a picture that fills its pinpoint and 0.4-2.7% with padding
+    on the canvas (the whole padded canvas as base view gave 14-71% and changed greedy answers);
+    no greedy answer changed.
 
     The processor's ``image_sizes`` (the original ``(height, width)``, which fixes the unpadding)
     travel after ``attention_mask``: ``additional_forward_args=(input_ids, attention_mask,
-    image_sizes)``; :meth:`processor_inputs` keeps them. The unpadding a text's placeholders
-    imply is read back from their number (:meth:`geometry`), so the layout needs only
-    ``input_ids``. One image per example, all of one batch on the same canvas.
+    image_sizes)``; :meth:`processor_inputs` keeps them. :meth:`model_inputs`,
+    :meth:`patch_embedding_grid` and occlusion's ``stays`` read them from their ``extra``
+    argument, :meth:`image_layout` from the model's forward inside its block (or its
+    ``image_sizes`` argument). The unpadding a text's placeholders imply is read back from their
+    number (:meth:`geometry`) and checked. One image per example, all of one batch on the same
+    canvas.
 
     Occlusion (``"drop"``) removes, with their placeholders, the tile tokens of the dropped cells
     and every base-view (or pooled) token whose box holds a dropped cell; newlines stay. Windows
     at different places can then drop different numbers of tokens, which one batched forward
     cannot hold: such a batch asks for ``perturbations_per_eval=1`` (ValueError).
     Image-side IG sums the patch embeddings' attributions per cell: a tile patch's in its cell, a
-    base-view patch's spread evenly over its block.
+    base-view patch's spread evenly over its box of content-box cells.
 
     Example:
         >>> adapter = get_adapter(model)                                              # doctest: +SKIP
