@@ -161,7 +161,7 @@ class QwenVLAdapter(LlavaAdapter):
             kwargs["attention_mask"] = attention_mask
         return kwargs
 
-    def patch_embedding_grid(self, layer_attr: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
+    def patch_embedding_grid(self, layer_attr: torch.Tensor, pixel_values: torch.Tensor, extra=()) -> torch.Tensor:
         """Patch-embedding attributions ``[B * patches, D]`` summed per merged cell ``[B, h, w]``."""
         h, w = self.patch_grid(pixel_values)
         return layer_attr.sum(-1).reshape(pixel_values.shape[0], h, w, self.merge ** 2).sum(-1)
