@@ -104,6 +104,8 @@ def add_audit_parser(sub) -> None:
     audit.add_argument("--engine", choices=["local", "ray"], default="local", help="local (default) or ray")
     audit.add_argument("--batch-size", type=int, default=16, help="images per batch (default 16)")
     audit.add_argument("--concurrency", type=int, default=1, help="ray: number of actors (default 1)")
+    audit.add_argument("--num-cpus", type=float, default=1, help="ray: CPUs per actor (default 1)")
+    audit.add_argument("--num-gpus", type=float, default=0, help="ray: GPUs per actor (default 0)")
     audit.add_argument("--address", help="ray: address of a running cluster (default: start a local one)")
     audit.add_argument("--keep-maps", action="store_true", help="store every map's grid in the records")
     audit.add_argument("--out", default="audit", help="output folder (default audit)")
@@ -130,7 +132,8 @@ def run_audit(args) -> str:
     try:
         result = audit(model, processor, args.data, texts, methods=args.method or default_methods, checks=checks,
                        engine=args.engine, batch_size=args.batch_size, output=args.out, keep_maps=args.keep_maps,
-                       concurrency=args.concurrency, address=args.address,
+                       concurrency=args.concurrency, num_cpus=args.num_cpus, num_gpus=args.num_gpus,
+                       address=args.address,
                        model_name=args.model.removeprefix("zoo:"), show_progress=not args.quiet)
     except (ValueError, TypeError, ImportError) as err:
         raise UsageError(str(err).splitlines()[0]) from err

@@ -149,6 +149,10 @@ def audit(
     """
     check_choice(engine, ENGINES, "engine")
     check_count(batch_size, "batch_size")
+    if isinstance(num_cpus, bool) or not isinstance(num_cpus, (int, float)) or not num_cpus > 0:
+        raise ValueError(f"num_cpus: expected a number > 0 (CPUs per Ray actor), got {num_cpus!r}")
+    if isinstance(num_gpus, bool) or not isinstance(num_gpus, (int, float)) or not num_gpus >= 0:
+        raise ValueError(f"num_gpus: expected a number >= 0 (GPUs per Ray actor), got {num_gpus!r}")
     config = _check_config(model, texts, methods, checks, explain, deletion_steps, grounding_fraction)
     name = model_name or Path(str(getattr(model, "name_or_path", "") or type(model).__name__)).name
     config = replace(config, keep_maps=bool(keep_maps), seed=int(seed), model_name=name)
