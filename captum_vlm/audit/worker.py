@@ -187,7 +187,8 @@ class AuditWorker:
     """Holds the model once; ``worker(batch) -> pyarrow.Table`` of records.
 
     Args:
-        model: a two-tower model (CLIP, SigLIP, ...), or a Ray object reference to it.
+        model: a two-tower model (CLIP, SigLIP, ...) or an answer model (BLIP or ViLT VQA), or a Ray
+            object reference to it.
         processor: its processor, or a reference to it.
         config: an :class:`AuditConfig` (or its JSON).
 
