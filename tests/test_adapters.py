@@ -24,6 +24,8 @@ FAMILY = {
     "InstructBlipForConditionalGeneration": "instructblip",
     "PaliGemmaForConditionalGeneration": "paligemma",
     "Gemma3ForConditionalGeneration": "gemma3",
+    "LlavaNextForConditionalGeneration": "llava-next",
+    "LlavaOnevisionForConditionalGeneration": "llava-next",
 }
 
 
@@ -74,6 +76,10 @@ def _vision_tokens(model, pixel_values):
         out = model(input_ids=ids, attention_mask=mask, pixel_values=pixel_values, output_hidden_states=True)
         return out.hidden_states[-1].shape[1] - ids.shape[1]
     adapter = get_adapter(model)
+    if adapter.family == "llava-next":  # the canvas's tiles (the base view and each tile's CLS left out)
+        tiles = adapter.model_inputs(pixel_values)["pixel_values"][0, 1:]
+        out = adapter.vision_model()(pixel_values=tiles)
+        return (out.last_hidden_state.shape[1] - adapter.num_prefix_tokens) * tiles.shape[0] + adapter.num_prefix_tokens
     if adapter.family == "qwen-vl":  # flattened patches in, one merged token per 2x2 patches out
         inputs = adapter.model_inputs(pixel_values)
         out = adapter.vision_model()(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"])
@@ -91,6 +97,8 @@ def test_patch_grid_matches_real_sequence(model, size):
     kh, kw = adapter.patches_per_cell
     if (kh, kw) != (1, 1):
         size = (tm.IMAGE_SIZE, tm.IMAGE_SIZE)
+    if adapter.family == "llava-next":  # a tile canvas of one of the grid pinpoints
+        size = (size[0] // 2, size[1] // 2)
     pixels = tm.pixels(1, *size)
     rows, cols = adapter.patch_grid(pixels)
     assert (rows * kh, cols * kw) == (size[0] // tm.PATCH, size[1] // tm.PATCH)

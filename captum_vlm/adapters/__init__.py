@@ -13,6 +13,7 @@ from captum_vlm.adapters.clip import CLIPAdapter
 from captum_vlm.adapters.gemma3 import Gemma3Adapter
 from captum_vlm.adapters.instructblip import InstructBlipAdapter
 from captum_vlm.adapters.llava import LlavaAdapter
+from captum_vlm.adapters.llava_next import LlavaNextAdapter
 from captum_vlm.adapters.paligemma import PaliGemmaAdapter
 from captum_vlm.adapters.qwen_vl import QwenVLAdapter
 from captum_vlm.adapters.siglip import SiglipAdapter
@@ -31,6 +32,7 @@ __all__ = [
     "InstructBlipAdapter",
     "ViltAdapter",
     "LlavaAdapter",
+    "LlavaNextAdapter",
     "QwenVLAdapter",
     "PaliGemmaAdapter",
     "Gemma3Adapter",
