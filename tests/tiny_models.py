@@ -354,3 +354,18 @@ def extra_text_inputs(model: torch.nn.Module, batch: int, seed: int = 2) -> tupl
 
 FACTORIES["Blip2ForConditionalGeneration"] = blip2
 FACTORIES["InstructBlipForConditionalGeneration"] = instructblip
+
+
+# ----- SigLIP 2 (NaFlex) ---------------------------------------------------------------------------
+def siglip2(seed: int = 0) -> torch.nn.Module:
+    """SigLIP 2 whose learned position embeddings form a 4x4 grid (``num_patches=16``), resized to
+    every image's own patch grid."""
+    from transformers import Siglip2Config, Siglip2Model
+
+    torch.manual_seed(seed)
+    vision = {k: v for k, v in _vision(num_patches=16).items() if k != "image_size"}
+    config = Siglip2Config(text_config=_text(projection_size=HIDDEN), vision_config=vision)
+    return _finish(Siglip2Model(config), seed)
+
+
+FACTORIES["Siglip2Model"] = siglip2

@@ -16,6 +16,7 @@ from captum_vlm.adapters.llava import LlavaAdapter
 from captum_vlm.adapters.paligemma import PaliGemmaAdapter
 from captum_vlm.adapters.qwen_vl import QwenVLAdapter
 from captum_vlm.adapters.siglip import SiglipAdapter
+from captum_vlm.adapters.siglip2 import Siglip2Adapter
 from captum_vlm.adapters.vilt import ViltAdapter
 
 __all__ = [
@@ -26,6 +27,7 @@ __all__ = [
     "supported_model_classes",
     "CLIPAdapter",
     "SiglipAdapter",
+    "Siglip2Adapter",
     "BlipAdapter",
     "Blip2Adapter",
     "InstructBlipAdapter",
