@@ -11,6 +11,7 @@ from captum_vlm.adapters.blip import BlipAdapter
 from captum_vlm.adapters.blip2 import Blip2Adapter
 from captum_vlm.adapters.clip import CLIPAdapter
 from captum_vlm.adapters.gemma3 import Gemma3Adapter
+from captum_vlm.adapters.idefics3 import Idefics3Adapter
 from captum_vlm.adapters.instructblip import InstructBlipAdapter
 from captum_vlm.adapters.llava import LlavaAdapter
 from captum_vlm.adapters.paligemma import PaliGemmaAdapter
@@ -36,4 +37,5 @@ __all__ = [
     "QwenVLAdapter",
     "PaliGemmaAdapter",
     "Gemma3Adapter",
+    "Idefics3Adapter",
 ]
