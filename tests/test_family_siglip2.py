@@ -380,3 +380,14 @@ def test_cli_explains_a_siglip2_model(model, processor, image, tmp_path, monkeyp
     assert code == 0, capsys.readouterr()
     assert out.read_text().startswith("<!DOCTYPE html>")
     assert len(list((tmp_path / "png").glob("*.png"))) >= 2
+
+
+def test_lens_embed_gives_the_models_logits_for_images_of_different_grids(model, processor, image):
+    from captum_vlm.lens import embed
+
+    images = [image, image.resize((24, 64))]  # 3 x 5 and 5 x 3 patches: one tensor each
+    emb = embed(model, processor, images=images, texts=PROMPTS)
+    with torch.no_grad():
+        want = torch.cat([model(**processor(images=im, text=PROMPTS, return_tensors="pt")).logits_per_image
+                          for im in images])
+    assert_close_scaled(torch.as_tensor(emb.similarity("logits")), want)
