@@ -14,6 +14,7 @@ from captum_vlm.adapters.gemma3 import Gemma3Adapter
 from captum_vlm.adapters.idefics3 import Idefics3Adapter
 from captum_vlm.adapters.instructblip import InstructBlipAdapter
 from captum_vlm.adapters.llava import LlavaAdapter
+from captum_vlm.adapters.llava_next import LlavaNextAdapter
 from captum_vlm.adapters.paligemma import PaliGemmaAdapter
 from captum_vlm.adapters.qwen_vl import QwenVLAdapter
 from captum_vlm.adapters.siglip import SiglipAdapter
@@ -34,6 +35,7 @@ __all__ = [
     "InstructBlipAdapter",
     "ViltAdapter",
     "LlavaAdapter",
+    "LlavaNextAdapter",
     "QwenVLAdapter",
     "PaliGemmaAdapter",
     "Gemma3Adapter",
