@@ -137,10 +137,11 @@ def test_a_single_image_without_splitting_is_exact(model, image):
         torch.testing.assert_close(model(**kwargs).logits, model(**raw).logits, rtol=0, atol=0)
 
 
-def test_torch_global_view_is_close_to_the_processors(model, processor, image, capsys):
+def test_torch_global_view_is_close_to_the_processors(model, processor, image):
     """The one approximation: the global view resized from the canvas with torch, not PIL's
-    Lanczos from the 8-bit canvas. Measured (and printed): the largest next-token logit change
-    relative to the largest logit, and whether the greedy answer changes."""
+    Lanczos from the 8-bit canvas: the largest next-token logit change relative to the largest
+    logit stays small and the greedy answer is the same (numbers over more seeds and pictures:
+    benchmarks/idefics3_global_view.py, benchmarks/RESULTS.md)."""
     raw = raw_inputs(processor, image)
     adapter = get_adapter(model)
     inputs = adapter.processor_inputs(raw)
@@ -160,9 +161,6 @@ def test_torch_global_view_is_close_to_the_processors(model, processor, image, c
             a = model.generate(**row, max_new_tokens=5, do_sample=False)
             b_ = model.generate(**raw_row, max_new_tokens=5, do_sample=False)
             same.append(torch.equal(a, b_))
-    with capsys.disabled():
-        print(f"\n{type(model).__name__}: global view max |pixel diff| {pixel_gap:.3f} (normalised units), "
-              f"max |logit diff| / max |logit| {relative:.4f}, greedy answers equal: {same}")
     assert pixel_gap < 0.5 and relative < 0.2 and all(same)
 
 
