@@ -7,7 +7,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from captum_vlm.attr._base import ImageAttribution, mha_projections, normalise_targets
+from captum_vlm.attr._base import ImageAttribution, mha_projections
+from captum_vlm.attr._core import prompt_targets
 
 __all__ = ["PatchWordSimilarity"]
 
@@ -96,7 +97,7 @@ class PatchWordSimilarity(ImageAttribution):
             torch.Size([1, 7, 7, 7])
         """
         pixel_values, ids, mask, grid = self._prepare(inputs, additional_forward_args, upsample)
-        targets = normalise_targets(target, pixel_values.shape[0], ids.shape[0]).to(ids.device)
+        targets = prompt_targets(target, pixel_values.shape[0], ids.shape[0]).to(ids.device)
         sims = self._similarities(pixel_values, ids, mask)
         sims = sims[torch.arange(sims.shape[0], device=sims.device), targets.to(sims.device)]
         sims = sims * mask[targets].to(sims)[..., None]
