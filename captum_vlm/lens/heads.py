@@ -224,7 +224,7 @@ def head_statistics(
     if forward is None:
         if stream == "vision" and not _uses_image_layout(adapter, stream):
             def forward():
-                return adapter.vision_model()(pixel_values=inputs["pixel_values"])
+                return adapter.vision_outputs(inputs["pixel_values"])
         else:
             def forward():
                 return model(**model_kwargs)
