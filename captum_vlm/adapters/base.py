@@ -205,6 +205,12 @@ class VLMAdapter:
         """The vision transformer (embeddings + encoder)."""
         raise NotImplementedError(f"{self.family}: no separate vision model")
 
+    def vision_outputs(self, pixel_values: torch.Tensor, **kwargs):
+        """The vision model's outputs for one image tensor ``[B, 3, H, W]`` (``kwargs`` such as
+        ``interpolate_pos_encoding`` passed on); families whose tower takes its image otherwise
+        (NaFlex patches) convert here."""
+        return self.vision_model()(pixel_values=pixel_values, **kwargs)
+
     def vision_blocks(self) -> list[nn.Module]:
         """The vision transformer blocks, first to last."""
         return list(self.vision_model().encoder.layers)

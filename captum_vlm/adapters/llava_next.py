@@ -179,7 +179,9 @@ class LlavaNextAdapter(LlavaAdapter):
     """
 
     family = "llava-next"
-    default_methods = ()
+    #: no zoo model (so no ranking of its own): LLaVA's, itself the BLIP ranking of the same two
+    #: fusion methods (benchmarks/RESULTS.md, "Default methods of explain()")
+    default_methods = ("bimodal-relevancy",)
     model_classes = ("LlavaNextForConditionalGeneration", "LlavaOnevisionForConditionalGeneration")
     tasks = {name: "generate" for name in model_classes}
     extra_text_inputs = ("image_sizes",)

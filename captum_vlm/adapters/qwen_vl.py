@@ -43,8 +43,10 @@ class QwenVLAdapter(LlavaAdapter):
     """
 
     family = "qwen-vl"
-    #: no zoo ranking yet: the first registered method that fits
-    default_methods = ()
+    #: no zoo model (so no ranking of its own): LLaVA's, the joint-sequence family whose
+    #: language-model side this is, itself the BLIP ranking of the same two fusion methods
+    #: (benchmarks/RESULTS.md, "Default methods of explain()")
+    default_methods = ("bimodal-relevancy",)
     model_classes = ("Qwen2_5_VLForConditionalGeneration", "Qwen2VLForConditionalGeneration")
     tasks = {name: "generate" for name in model_classes}
     any_image_size = True
