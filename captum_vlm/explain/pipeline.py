@@ -245,8 +245,8 @@ def _explained_lenses(model, adapter, inputs, targets, texts, tokenizer, answers
     rows, starts, images = [], [], []
     for k in targets:
         if adapter.answers_questions and not adapter.takes_answer_ids:  # a continuation after the prompt
-            sequence = answers.sequences[k]
-            rows.append((sequence, torch.ones_like(sequence)))
+            sequence = answers.sequences[k]  # scored as the maps explain it (with e.g. InstructBLIP's instruction)
+            rows.append(answers.forward_args[k] if answers.forward_args else (sequence, torch.ones_like(sequence)))
             starts.append(answers.prompt_lengths[k])
         elif adapter.takes_answer_ids:  # the answer tokens after the question (as explained: padded batch row)
             answer = answers.answer_ids[k][answers.answer_mask[k].bool()][None]
