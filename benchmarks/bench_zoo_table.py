@@ -23,8 +23,11 @@ Per map:
 * **pointing game** (:func:`captum_vlm.metrics.pointing_game`, default tolerance 4 px): the peak
   on the object's mask;
 * **deletion AUC** (:func:`captum_vlm.metrics.deletion_curve`, patches removed to 0 in
-  ``--steps`` steps, most relevant first) divided by the unperturbed score: 1 = the score does
-  not move, lower is more faithful;
+  ``--steps`` steps, most relevant first) of the explained probability, absolute (lower is more
+  faithful; comparable with the random map of the same model, as in ``bench_two_tower.py``), and
+  divided by the unperturbed score, aggregated as a **median** (1 = the score does not move; a
+  mean of ratios is dominated by the few maps whose unperturbed probability is tiny, as for a
+  softmax over 12 prompts);
 * **randomisation check** (:func:`captum_vlm.metrics.model_randomization_check`, cascading,
   every vision block re-initialised top-down, as ``explain`` attaches it): Spearman rank
   correlation between the map and the map after all vision blocks are re-initialised, on the
@@ -35,11 +38,15 @@ the trained model) and the **same method on an untrained model** (same class and
 ``torch.manual_seed(0)`` initialisation), explaining the same text and the trained model's own
 answer, its deletion measured on the untrained model's own score.
 
-Run (partial results go to ``--out`` as JSON lines, one per model x method; a rerun skips rows
-already there, so a stopped run resumes)::
+Every per-map value (hit, unperturbed score, deletion AUC, ρ) is stored in the row
+(``per_map``), so a change of aggregation needs no re-run. Run (partial results go to ``--out``
+as JSON lines, one per model x method; a rerun skips rows already there, so a stopped run
+resumes; ``--redo-deletion`` recomputes the maps and deletion of rows stored without
+``per_map``, keeping their randomisation check)::
 
     OMP_NUM_THREADS=1 python benchmarks/bench_zoo_table.py                      # every model
     python benchmarks/bench_zoo_table.py --models shapes-clip --methods grad-eclip --scenes 10
+    python benchmarks/bench_zoo_table.py --redo-deletion --models shapes-clip      # old rows: add per_map
     python benchmarks/bench_zoo_table.py --table-only                            # print the table
 
 Prints the Markdown table for ``benchmarks/RESULTS.md``.
@@ -204,14 +211,17 @@ def score_function(context: ExplainContext, case: Case) -> Callable[[torch.Tenso
     return probability
 
 
-def deletion_relative(context: ExplainContext, case: Case, maps: torch.Tensor, steps: int) -> list[float]:
-    """Deletion AUC / unperturbed score of each map ``[M, h, w]`` of the case's image."""
-    pixels = context.inputs["pixel_values"]
-    row = pixels[case.k : case.k + 1] if pixels.shape[0] > 1 else pixels[:1]
+def deletion_values(context: ExplainContext, case: Case, maps: torch.Tensor, steps: int) -> tuple[list, list]:
+    """Deletion AUC and unperturbed score of each map ``[M, h, w]`` of the case's image.
+
+    Returns:
+        ``(aucs, scores)``: two lists of ``M`` floats (the ratio is ``auc / score``).
+    """
+    row = _row(context, case)
     patch = row.shape[-1] // maps.shape[-1]
     curve = deletion_curve(score_function(context, case), row.expand(len(maps), -1, -1, -1), maps,
                            patch_size=patch, steps=steps, baseline=0.0, batch_size=steps + 1)
-    return (curve.auc / curve.scores[:, 0]).tolist()
+    return curve.auc.tolist(), curve.scores[:, 0].tolist()
 
 
 def sanity_rho(context: ExplainContext, case: Case, method: str, shape: tuple[int, int]) -> float:
@@ -241,6 +251,22 @@ def _summary(values: Sequence[float]) -> dict[str, float]:
             "n": int(len(v))}
 
 
+def _median(values: Sequence[float]) -> dict[str, float]:
+    """Median and quartiles of the finite values."""
+    v = np.asarray([x for x in values if x == x], np.float64)
+    if not len(v):
+        return {"median": float("nan"), "q1": float("nan"), "q3": float("nan"), "n": 0}
+    q1, median, q3 = np.quantile(v, [0.25, 0.5, 0.75])
+    return {"median": float(median), "q1": float(q1), "q3": float(q3), "n": int(len(v))}
+
+
+def deletion_summaries(aucs: Sequence[float], scores: Sequence[float]) -> dict[str, dict]:
+    """``deletion`` (mean of AUC / score, the old figure), ``deletion_auc`` (mean ± se of the
+    absolute AUC) and ``deletion_ratio`` (median and quartiles of AUC / score)."""
+    ratios = [a / s for a, s in zip(aucs, scores)]
+    return {"deletion": _summary(ratios), "deletion_auc": _summary(aucs), "deletion_ratio": _median(ratios)}
+
+
 def prepare(model, processor, n_scenes: int, seed: int = HELDOUT_SEED):
     """Trained and untrained contexts of the held-out scenes (answers: the trained model's)."""
     side = int(getattr(model.config, "vision_config", model.config).image_size)
@@ -256,16 +282,19 @@ def prepare(model, processor, n_scenes: int, seed: int = HELDOUT_SEED):
 
 
 def random_row(items, steps: int, seed: int = 0) -> dict[str, Any]:
-    """Pointing game and relative deletion AUC of uniform random maps on the patch grid."""
+    """Pointing game and deletion of uniform random maps on the patch grid."""
     generator = torch.Generator().manual_seed(seed)
-    hits, aucs = [], []
+    hits, aucs, scores = [], [], []
     for scene, context, _, cases in items:
         shape = _grid_shape(context)
         for case in cases:
             heat = torch.rand(1, *shape, generator=generator, dtype=torch.float64)
             hits.append(float(pointing_game(heat[0], torch.from_numpy(scene.objects[case.obj].mask)).hits[0]))
-            aucs += deletion_relative(context, case, heat, min(steps, shape[0] * shape[1]))
-    return {"pointing": _summary(hits), "deletion": _summary(aucs)}
+            auc, score = deletion_values(context, case, heat, min(steps, shape[0] * shape[1]))
+            aucs += auc
+            scores += score
+    return {"pointing": _summary(hits), **deletion_summaries(aucs, scores),
+            "per_map": {"hit": hits, "auc": aucs, "score": scores}}
 
 
 def _grid_shape(context: ExplainContext) -> tuple[int, int]:
@@ -278,7 +307,7 @@ def method_row(items, method: str, steps: int, n_sanity: int) -> dict[str, Any]:
     out: dict[str, Any] = {}
     run = METHODS[method].run
     for variant, index in (("trained", 1), ("untrained", 2)):
-        hits, aucs, rhos, scores, right = [], [], [], [], []
+        hits, aucs, base, rhos, scores, right = [], [], [], [], [], []
         for i, item in enumerate(items):
             scene, context = item[0], item[index]
             cases = item[3]
@@ -288,7 +317,9 @@ def method_row(items, method: str, steps: int, n_sanity: int) -> dict[str, Any]:
                 heat = case_map(records, case, shape)
                 mask = torch.from_numpy(scene.objects[case.obj].mask)
                 hits.append(float(pointing_game(torch.as_tensor(heat), mask).hits[0]))
-                aucs += deletion_relative(context, case, torch.as_tensor(heat)[None], min(steps, heat.size))
+                auc, score = deletion_values(context, case, torch.as_tensor(heat)[None], min(steps, heat.size))
+                aucs += auc
+                base += score
                 if i < n_sanity:
                     rhos.append(sanity_rho(context, case, method, shape))
                 if variant == "trained":
@@ -296,8 +327,9 @@ def method_row(items, method: str, steps: int, n_sanity: int) -> dict[str, Any]:
                         scores.append(float(score_function(context, case)(_row(context, case))[0]))
                     if case.truth is not None:
                         right.append(float(context.answers.texts[case.k] == case.truth))
-        out[variant] = {"pointing": _summary(hits), "deletion": _summary(aucs), "sanity": _summary(rhos),
-                        "sanity_pass": _summary([abs(r) < 0.5 for r in rhos if r == r])}
+        out[variant] = {"pointing": _summary(hits), **deletion_summaries(aucs, base), "sanity": _summary(rhos),
+                        "sanity_pass": _summary([abs(r) < 0.5 for r in rhos if r == r]),
+                        "per_map": {"hit": hits, "auc": aucs, "score": base, "rho": rhos}}
         if variant == "trained":
             out["score"] = _summary(scores)
             out["answer_accuracy"] = _summary(right) if right else None
@@ -310,12 +342,22 @@ def _row(context: ExplainContext, case: Case) -> torch.Tensor:
 
 
 def model_rows(name: str, n_scenes: int, steps: int, n_sanity: int, methods: Sequence[str] | None,
-               done: set[tuple[str, str]], write: Callable[[dict], None], seed: int = HELDOUT_SEED) -> None:
-    """Compute and ``write`` every row of one zoo model not in ``done``."""
+               done: set[tuple[str, str]], write: Callable[[dict], None], seed: int = HELDOUT_SEED,
+               redo: dict[str, dict] | None = None) -> None:
+    """Compute and ``write`` every row of one zoo model not in ``done``.
+
+    ``redo`` (method -> stored row): recompute only those rows' maps and deletion, with their
+    stored scenes and steps and no randomisation check, and ``write`` the stored row updated.
+    """
     model, processor = zoo.load(name)
     adapter = get_adapter(model)
     chosen = [m for m in method_names(adapter) if methods is None or m in methods]
-    todo = [m for m in [RANDOM_MAP, *chosen] if (name, m) not in done]
+    if redo is not None:
+        todo = [m for m in [RANDOM_MAP, *chosen] if m in redo]
+        if todo:
+            n_scenes, steps, seed = (redo[todo[0]][key] for key in ("scenes", "steps", "seed"))
+    else:
+        todo = [m for m in [RANDOM_MAP, *chosen] if (name, m) not in done]
     if not todo:
         return
     start = time.process_time()
@@ -327,9 +369,43 @@ def model_rows(name: str, n_scenes: int, steps: int, n_sanity: int, methods: Seq
             "weights_sha256": _sha256(zoo.model_dir(name) / "model.safetensors")[:12]}
     for method in tqdm(todo, desc=name, file=sys.stderr):
         start = time.process_time()
-        row = random_row(items, steps) if method == RANDOM_MAP else method_row(items, method, steps, n_sanity)
-        write({**base, "method": method, **row, "cpu_s": time.process_time() - start + (prep if method == todo[0] else 0),
-               "sanity_scenes": min(n_sanity, len(items))})
+        if redo is not None and redo[method]["weights_sha256"] != base["weights_sha256"]:
+            print(f"{name} {method}: weights changed since the stored row; not redone", file=sys.stderr)
+            continue
+        sanity = 0 if redo is not None else n_sanity
+        row = random_row(items, steps) if method == RANDOM_MAP else method_row(items, method, steps, sanity)
+        cpu = time.process_time() - start + (prep if method == todo[0] else 0)
+        if redo is None:
+            write({**base, "method": method, **row, "cpu_s": cpu, "sanity_scenes": min(n_sanity, len(items))})
+        else:
+            write(_merge_redone(redo[method], row, cpu))
+
+
+def _merge_redone(stored: dict, row: dict, cpu_s: float) -> dict:
+    """The stored row with the recomputed pointing game and deletion (its randomisation kept)."""
+    merged = json.loads(json.dumps(stored))
+    kept = ("sanity", "sanity_pass")
+    for variant in ("trained", "untrained"):
+        if variant in row:
+            new = dict(row[variant])
+            new["per_map"] = {k: v for k, v in new["per_map"].items() if k != "rho"}
+            merged[variant] = {**new, **{k: stored[variant][k] for k in kept}}
+    for key in ("pointing", "deletion", "deletion_auc", "deletion_ratio", "per_map", "score"):
+        if key in row:
+            merged[key] = row[key]
+    same = all(_same(stored.get(v, stored).get("pointing"), merged.get(v, merged).get("pointing"))
+               and _same(stored.get(v, stored).get("deletion"), merged.get(v, merged).get("deletion"))
+               for v in ("trained", "untrained") if v in stored or v == "trained")
+    merged["deletion_redone"] = {"cpu_s": cpu_s, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                                 "old_means_reproduced": same}
+    return merged
+
+
+def _same(a: dict | None, b: dict | None) -> bool:
+    """Two stored summaries agree (the redone row reproduces the old means)."""
+    if a is None or b is None:
+        return a is b
+    return a["n"] == b["n"] and bool(np.isclose(a["mean"], b["mean"], rtol=1e-6, atol=1e-9, equal_nan=True))
 
 
 def _sha256(path: Path) -> str:
@@ -342,6 +418,16 @@ def _cell(summary: dict | None, digits: int = 2) -> str:
     return f"{summary['mean']:.{digits}f} ± {summary['se']:.{digits}f}"
 
 
+def _median_cell(variant: dict | None, digits: int = 2) -> str:
+    """Median [quartiles] of AUC / score; a row stored before per-map values: its mean, marked."""
+    if not variant:
+        return "n/a"
+    found = variant.get("deletion_ratio")
+    if found and found.get("n"):
+        return f"{found['median']:.{digits}f} [{found['q1']:.{digits}f}, {found['q3']:.{digits}f}]"
+    return f"mean {_cell(variant.get('deletion'), digits)}"
+
+
 def _pass(variant: dict) -> str:
     """Share of maps passing the randomisation check (|ρ| < 0.5) and how many were checked."""
     passed = variant["sanity_pass"]
@@ -349,12 +435,17 @@ def _pass(variant: dict) -> str:
 
 
 def markdown(rows: list[dict]) -> str:
-    """The table: one line per model x method, the random-map baseline of its model beside it."""
+    """The table: one line per model x method, the random-map baseline of its model beside it.
+
+    Deletion: the absolute AUC of the explained probability (trained model and random map: the
+    same model, the same scores), and the median of AUC / score (trained, untrained, random map).
+    """
     randoms = {r["model"]: r for r in rows if r["method"] == RANDOM_MAP}
     lines = [
-        "| model | method | pointing game | PG untrained | PG random map | deletion AUC / score | "
-        "del. untrained | del. random map | randomisation ρ (share passing, of n maps) | ρ untrained | CPU s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | method | pointing game | PG untrained | PG random map | deletion AUC (p) | del. AUC random map | "
+        "AUC / score, median [quartiles] | untrained | random map | randomisation ρ (share passing, of n maps) | "
+        "ρ untrained | CPU s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in sorted(rows, key=lambda row: row["model"]):  # stable: a model's rows in the order run
         if r["method"] == RANDOM_MAP:
@@ -363,8 +454,8 @@ def markdown(rows: list[dict]) -> str:
         t, u = r["trained"], r["untrained"]
         lines.append(
             f"| {r['model']} | {r['method']} | {_cell(t['pointing'])} | {_cell(u['pointing'])} | "
-            f"{_cell(rand.get('pointing'))} | {_cell(t['deletion'])} | {_cell(u['deletion'])} | "
-            f"{_cell(rand.get('deletion'))} | {_cell(t['sanity'])} ({_pass(t)}) | "
+            f"{_cell(rand.get('pointing'))} | {_cell(t.get('deletion_auc'), 3)} | {_cell(rand.get('deletion_auc'), 3)} | "
+            f"{_median_cell(t)} | {_median_cell(u)} | {_median_cell(rand)} | {_cell(t['sanity'])} ({_pass(t)}) | "
             f"{_cell(u['sanity'])} | {r['cpu_s']:.0f} |"
         )
     return "\n".join(lines)
@@ -401,11 +492,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON lines of the rows (resumable)")
     parser.add_argument("--fresh", action="store_true", help="discard the rows already in --out")
     parser.add_argument("--table-only", action="store_true", help="print the table of --out and stop")
+    parser.add_argument("--redo-deletion", action="store_true",
+                        help="recompute the maps and deletion of the rows of --out stored without per-map values "
+                             "(their scenes and steps; the randomisation check kept), in place")
     args = parser.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     if args.fresh and args.out.exists():
         args.out.unlink()
-    if not args.table_only:
+    if args.redo_deletion and not args.table_only:
+        stored = read_rows(args.out)
+        for name in args.models or list(zoo.list_models()):
+            redo = {r["method"]: r for r in stored if r["model"] == name and "per_map" not in r.get("trained", r)
+                    and (args.methods is None or r["method"] in args.methods or r["method"] == RANDOM_MAP)}
+
+            def replace_row(row: dict) -> None:
+                rows = [row if (r["model"], r["method"]) == (row["model"], row["method"]) else r
+                        for r in read_rows(args.out)]
+                temporary = args.out.with_suffix(".tmp")
+                temporary.write_text("".join(json.dumps(r) + "\n" for r in rows))
+                temporary.replace(args.out)
+
+            if redo:
+                model_rows(name, args.scenes, args.steps, args.sanity, args.methods, set(), replace_row, redo=redo)
+    elif not args.table_only:
         done = {(r["model"], r["method"]) for r in read_rows(args.out)}
 
         def write(row: dict) -> None:
