@@ -11,6 +11,7 @@
     captum-vlm lens-inside heads IMAGE [--model zoo:shapes-clip] [--stream vision] [--out heads.html]
     captum-vlm lens-inside ablate --scenes 50 | --data FOLDER [--model zoo:shapes-clip] [--mode mean]
     captum-vlm audit FOLDER --text "a red circle" --text "a blue square" [--engine ray] --out audit/
+    captum-vlm audit FOLDER --model zoo:shapes-blip-vqa [--question "what color is the circle?"] --out audit/
 
 Bad input (image path, unreadable image, unknown method or model) prints one line and exits 2.
 """
@@ -83,20 +84,28 @@ def add_audit_parser(sub) -> None:
     """``captum-vlm audit``: every image of a folder, records in Parquet, an HTML report."""
     audit = sub.add_parser("audit", help="audit a folder of images; writes Parquet records and a report",
                            description="Explain every image of a folder (labels from its labels.csv or "
-                           "labels.jsonl: file, label, optionally mask, box) against the prompts, write one "
-                           "record per image to OUT/records/*.parquet and OUT/report.html. Run it again with "
-                           "the same --out to resume.")
+                           "labels.jsonl: file, label, optionally mask, box, question) against the prompts "
+                           "(two-tower models, --text) or through the model's answer to each image's question "
+                           "(VQA models: the labels file's question column, else --question; a label is the "
+                           "expected answer), write one record per image to OUT/records/*.parquet and "
+                           "OUT/report.html. Run it again with the same --out to resume.")
     audit.add_argument("data", help="folder of images")
-    audit.add_argument("--text", action="append", required=True, metavar="TEXT",
-                       help="a prompt (class); repeat for several (at least 2)")
+    audit.add_argument("--text", action="append", metavar="TEXT",
+                       help="two-tower models: a prompt (class); repeat for several (at least 2)")
+    audit.add_argument("--question", metavar="TEXT",
+                       help="VQA models: the question asked of images whose labels-file row has none")
     audit.add_argument("--model", default=DEFAULT_MODEL, help=f"zoo:NAME or a local checkpoint (default {DEFAULT_MODEL})")
-    audit.add_argument("--method", action="append", metavar="NAME", help="attribution method; repeat (default grad-eclip)")
+    audit.add_argument("--method", action="append", metavar="NAME",
+                       help="attribution method; repeat (default grad-eclip; VQA models: the family's default, "
+                       "bimodal-relevancy for BLIP and ViLT)")
     audit.add_argument("--check", action="append", choices=["deletion", "grounding"],
                        help="per-map check; repeat (default both)")
     audit.add_argument("--no-checks", action="store_true", help="map summaries only")
     audit.add_argument("--engine", choices=["local", "ray"], default="local", help="local (default) or ray")
     audit.add_argument("--batch-size", type=int, default=16, help="images per batch (default 16)")
     audit.add_argument("--concurrency", type=int, default=1, help="ray: number of actors (default 1)")
+    audit.add_argument("--num-cpus", type=float, default=1, help="ray: CPUs per actor (default 1)")
+    audit.add_argument("--num-gpus", type=float, default=0, help="ray: GPUs per actor (default 0)")
     audit.add_argument("--address", help="ray: address of a running cluster (default: start a local one)")
     audit.add_argument("--keep-maps", action="store_true", help="store every map's grid in the records")
     audit.add_argument("--out", default="audit", help="output folder (default audit)")
@@ -109,17 +118,22 @@ def run_audit(args) -> str:
 
     if not Path(args.data).is_dir():
         raise UsageError(f"data folder not found: {args.data}")
-    if len(args.text) < 2:
-        raise UsageError(f"texts: expected at least 2 prompts (repeat --text), got {args.text}")
+    if args.text and args.question is not None:
+        raise UsageError("--text and --question: give prompts (--text, two-tower models) or a question "
+                         "(--question, VQA models), not both")
     unknown = [m for m in args.method or [] if m not in METHODS]
     if unknown:
         raise UsageError(f"methods: unknown {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+    if args.question is None and len(args.text or []) == 1:
+        raise UsageError(f"texts: expected at least 2 prompts (repeat --text), got {args.text}")
     model, processor = load_model(args.model)
+    texts, default_methods = _audit_texts(args, model)
     checks = () if args.no_checks else tuple(args.check or ("deletion", "grounding"))
     try:
-        result = audit(model, processor, args.data, args.text, methods=args.method or ["grad-eclip"], checks=checks,
+        result = audit(model, processor, args.data, texts, methods=args.method or default_methods, checks=checks,
                        engine=args.engine, batch_size=args.batch_size, output=args.out, keep_maps=args.keep_maps,
-                       concurrency=args.concurrency, address=args.address,
+                       concurrency=args.concurrency, num_cpus=args.num_cpus, num_gpus=args.num_gpus,
+                       address=args.address,
                        model_name=args.model.removeprefix("zoo:"), show_progress=not args.quiet)
     except (ValueError, TypeError, ImportError) as err:
         raise UsageError(str(err).splitlines()[0]) from err
@@ -127,6 +141,39 @@ def run_audit(args) -> str:
     result.to_html(report)
     errors = len(result.errors())
     return f"audited {len(result)} images ({errors} errors): records in {Path(args.out) / 'records'}, report {report}"
+
+
+def _audit_texts(args, model) -> tuple[list[str], list[str]]:
+    """What ``cv.audit`` is given as ``texts`` from ``--text``/``--question``, and the default
+    methods: two-tower models their prompts (grad-eclip); VQA models ``[question]`` or ``[]``
+    (each row's own question from the labels file), the family's default method."""
+    from captum_vlm.adapters import get_adapter
+    from captum_vlm.audit.sources import rows_from
+
+    try:
+        adapter = get_adapter(model)
+    except TypeError as err:
+        raise UsageError(str(err).splitlines()[0]) from err
+    if not adapter.answers_questions:
+        if args.question is not None:
+            raise UsageError(f"--question: {type(model).__name__} does not answer questions; give its prompts "
+                             "with --text")
+        if len(args.text or []) < 2:
+            raise UsageError(f"texts: expected at least 2 prompts (repeat --text), got {args.text or []}")
+        return list(args.text), ["grad-eclip"]
+    if args.text:
+        raise UsageError(f"--text: {type(model).__name__} answers questions; ask with --question or a question "
+                         "column in the labels file")
+    if args.question is None:
+        try:
+            rows = rows_from(args.data)
+        except (ValueError, TypeError) as err:
+            raise UsageError(str(err).splitlines()[0]) from err
+        missing = [r["id"] for r in rows if not r["question"]]
+        if missing:
+            raise UsageError(f"--question: no question to ask {', '.join(missing[:3])} (no 'question' in the "
+                             "labels file); pass --question")
+    return ([] if args.question is None else [args.question]), list(adapter.default_methods[:1]) or ["grad-eclip"]
 
 
 def load_model(spec: str):

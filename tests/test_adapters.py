@@ -24,6 +24,11 @@ FAMILY = {
     "InstructBlipForConditionalGeneration": "instructblip",
     "PaliGemmaForConditionalGeneration": "paligemma",
     "Gemma3ForConditionalGeneration": "gemma3",
+    "LlavaNextForConditionalGeneration": "llava-next",
+    "LlavaOnevisionForConditionalGeneration": "llava-next",
+    "Siglip2Model": "siglip2",
+    "Idefics3ForConditionalGeneration": "idefics3",
+    "SmolVLMForConditionalGeneration": "idefics3",
 }
 
 
@@ -74,11 +79,18 @@ def _vision_tokens(model, pixel_values):
         out = model(input_ids=ids, attention_mask=mask, pixel_values=pixel_values, output_hidden_states=True)
         return out.hidden_states[-1].shape[1] - ids.shape[1]
     adapter = get_adapter(model)
+    if adapter.family == "llava-next":  # the canvas's tiles (the base view and each tile's CLS left out)
+        tiles = adapter.model_inputs(pixel_values)["pixel_values"][0, 1:]
+        out = adapter.vision_model()(pixel_values=tiles)
+        return (out.last_hidden_state.shape[1] - adapter.num_prefix_tokens) * tiles.shape[0] + adapter.num_prefix_tokens
     if adapter.family == "qwen-vl":  # flattened patches in, one merged token per 2x2 patches out
         inputs = adapter.model_inputs(pixel_values)
         out = adapter.vision_model()(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"])
         return out.pooler_output.shape[0]
-    out = adapter.vision_model()(pixel_values=pixel_values, interpolate_pos_encoding=True)
+    if adapter.family == "idefics3":  # every view's patches (a one-tile canvas: the image alone)
+        views = adapter.model_inputs(pixel_values)["pixel_values"].flatten(0, 1)
+        return adapter.vision_model()(pixel_values=views).last_hidden_state.shape[1] * views.shape[0]
+    out = adapter.vision_outputs(pixel_values, interpolate_pos_encoding=True)  # SigLIP 2: its NaFlex patches
     return out.last_hidden_state.shape[1]
 
 
@@ -91,10 +103,13 @@ def test_patch_grid_matches_real_sequence(model, size):
     kh, kw = adapter.patches_per_cell
     if (kh, kw) != (1, 1):
         size = (tm.IMAGE_SIZE, tm.IMAGE_SIZE)
+    if adapter.family == "llava-next":  # a tile canvas of one of the grid pinpoints
+        size = (size[0] // 2, size[1] // 2)
+    patch = tm.IDEFICS_PATCH if adapter.family == "idefics3" else tm.PATCH  # its 2x2 patches: one 8-px token
     pixels = tm.pixels(1, *size)
     rows, cols = adapter.patch_grid(pixels)
-    assert (rows * kh, cols * kw) == (size[0] // tm.PATCH, size[1] // tm.PATCH)
-    assert adapter.patch_size() == (tm.PATCH * kh, tm.PATCH * kw)
+    assert (rows * kh, cols * kw) == (size[0] // patch, size[1] // patch)
+    assert adapter.patch_size() == (patch * kh, patch * kw)
     with torch.no_grad():
         n_tokens = _vision_tokens(model, pixels)
     assert n_tokens == adapter.num_prefix_tokens + rows * kh * cols * kw

@@ -205,6 +205,8 @@ def test_corrupt_images_become_error_records(clip, tmp_path):
     ({"methods": ["cross-attention-gradcam"]}, "methods"),
     ({"checks": ["pointing"]}, "checks"),
     ({"engine": "spark"}, "engine"),
+    ({"engine": "ray", "num_cpus": 0}, "num_cpus: expected a number > 0"),
+    ({"engine": "ray", "num_gpus": -1}, "num_gpus: expected a number >= 0"),
     ({"batch_size": 0}, "batch_size"),
     ({"explain": "everything"}, "explain"),
     ({"grounding_fraction": 1.5}, "grounding_fraction"),

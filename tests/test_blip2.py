@@ -484,3 +484,39 @@ def test_cli_explains_the_generated_answer(blip2_and_processor, image, tmp_path,
         sequence = model.generate(**inputs, max_new_tokens=10, do_sample=False)
     answer = processor.tokenizer.decode(sequence[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
     assert f"what color is the circle → {answer}" in html
+
+
+# ----- the logit lens (InstructBLIP: the instruction reaches the Q-Former) -------------------------------
+def test_logit_lens_last_layer_is_the_models_probability_of_its_answer(blip2_and_processor, image):
+    model, processor = blip2_and_processor
+    before = snapshot(model)
+    prompts = ["what color is the circle", "how many"]
+    result = cv.explain(model, processor, image, prompts, methods=["bimodal-relevancy"], max_new_tokens=3,
+                        evidence=False, logit_lens=True)
+    lenses = cv.lens.logit_lens(model, processor, image, prompts, max_new_tokens=3)
+    assert_unchanged(model, before)
+    for lens, direct, (title, probability) in zip(result.lenses, lenses, result.scores.items()):
+        assert title.startswith(lens.prompt)
+        # the last layer's probabilities of the produced tokens multiply to the explained answer's
+        assert float(lens.produced_probs[-1].double().prod()) == pytest.approx(probability, rel=1e-4)
+        assert (lens.produced_ranks[-1] == 1).all()  # greedy: the answer is top at the last layer
+        assert torch.equal(direct.produced_ids, lens.produced_ids)
+        assert_close_scaled(direct.produced_probs, lens.produced_probs)
+    inputs = processor(images=image, text=prompts[0], return_tensors="pt")
+    extra = {name: inputs[name] for name in get_adapter(model).extra_text_inputs}
+    with torch.no_grad():  # reference: the model's own forward over prompt + answer, with the instruction
+        sequence = torch.cat([inputs["input_ids"], lenses[0].produced_ids[None]], 1)
+        logits = model(input_ids=sequence, pixel_values=inputs["pixel_values"], **extra).logits
+    start = inputs["input_ids"].shape[1]
+    own = F.softmax(logits[0, start - 1 : -1].double(), -1).gather(-1, sequence[0, start:, None])[:, 0]
+    assert_close_scaled(lenses[0].produced_probs[-1].double(), own)
+    from_inputs = cv.lens.logit_lens_from_inputs(
+        model, inputs["pixel_values"], inputs["input_ids"], inputs["attention_mask"], max_new_tokens=3,
+        extra_text_inputs=tuple(extra.values()))
+    assert torch.equal(from_inputs.top_ids, lenses[0].top_ids)
+    if extra:  # without the instruction the Q-Former cannot run: said by name, before any work
+        with pytest.raises(ValueError, match="qformer_input_ids, qformer_attention_mask"):
+            cv.lens.logit_lens_from_inputs(model, inputs["pixel_values"], inputs["input_ids"])
+        with pytest.raises(ValueError, match="qformer_input_ids: expected a tensor with one row per image"):
+            cv.lens.logit_lens_from_inputs(model, inputs["pixel_values"], inputs["input_ids"],
+                                           extra_text_inputs=(extra["qformer_input_ids"][0],))

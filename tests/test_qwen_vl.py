@@ -395,3 +395,34 @@ def test_logit_lens_reads_the_models_own_layers(processor, image):
     assert_close_scaled(lens.produced_probs[-1], last.gather(1, lens.produced_ids[:, None])[:, 0])
     red = processor.tokenizer.convert_tokens_to_ids("red")
     assert_close_scaled(lens.word_map("red", layer), probs[:, red].reshape(4, 7))
+
+
+# ----- lens: head statistics on the processor's own inputs --------------------------------------------
+def test_head_statistics_text_stream_on_the_processors_inputs(model, processor, image):
+    from captum_vlm.lens import attention_statistics, head_statistics
+
+    raw = raw_inputs(processor, image, [PROMPT, "<|vision_start|><|image_pad|><|vision_end|> how many"])
+    pixels = get_adapter(model).processor_inputs(raw)["pixel_values"]  # [2, 3, 32, 56]
+    masks = torch.zeros(2, *pixels.shape[-2:], dtype=torch.bool)
+    masks[0, :, :32] = True  # merged tokens of 8 pixels: columns 0..3 of the 4 x 7 grid
+    masks[1, 16:] = True  # rows 2..3
+    before = snapshot(model)
+    stats = head_statistics(model, raw, stream="text", masks=masks)
+    assert_unchanged(model, before)
+    with torch.no_grad():  # reference: the eager model on the processor's own inputs
+        attentions = eager_copy(model)(**raw, output_attentions=True).attentions
+    ids = raw["input_ids"]
+    image_positions = (ids[0] == tm.QWEN_IMAGE_TOKEN).nonzero()[:, 0]  # both rows: the same place
+    assert torch.equal(image_positions, (ids[1] == tm.QWEN_IMAGE_TOKEN).nonzero()[:, 0])
+    assert len(image_positions) == 4 * 7  # merged tokens row by row on the 4 x 7 grid
+    want = attention_statistics(attentions, torch.tensor([0]), image_positions, image_positions, (4, 7),
+                                masks=masks)
+    for name in ("entropy", "sink_mass", "distance"):
+        assert_close_scaled(getattr(stats, name), getattr(want, name))
+    assert_close_scaled(stats.pointing + 1, want.pointing + 1)  # hit rates, 0 where no head points there
+    assert np.isfinite(stats.pointing).all() and (want.pointing > 0).any()
+    again = head_statistics(model, {**get_adapter(model).processor_inputs(raw), "input_ids": ids,
+                                    "attention_mask": raw["attention_mask"]}, stream="text", masks=masks)
+    assert_close_scaled(again.entropy, stats.entropy)  # the image tensor itself gives the same
+    with pytest.raises(ValueError, match="stream: .* has no 'vision' attention"):
+        head_statistics(model, raw, stream="vision")

@@ -66,3 +66,23 @@ def test_method_duplicate_refused_then_overwritten():
         del METHODS["toy-method"]
     with pytest.raises(ValueError, match="name: expected a non-empty string"):
         register_method("", summary="s", limits="l", families=["clip"])
+
+
+def test_every_supported_class_declares_registered_default_methods():
+    """``explain()`` without ``methods`` uses the adapter's declared default (the zoo ranking, or the
+    analogous family's), never the fallback "first method that fits"."""
+    import tiny_models as tm
+
+    from captum_vlm.explain.evidence import default_methods
+    from captum_vlm.explain.registry import method_names
+
+    wanted = {"CLIPModel": ["relevancy"], "SiglipModel": ["grad-eclip"]}  # their zoo rankings
+    for class_name, factory in tm.FACTORIES.items():
+        adapter = get_adapter(factory())
+        registered = method_names(adapter)
+        assert adapter.default_methods, class_name
+        assert set(adapter.default_methods) <= set(registered), class_name
+        if not adapter.two_tower:  # fusion and generative: the BLIP ranking (theirs or by analogy)
+            assert default_methods(adapter, registered) == ["bimodal-relevancy"], class_name
+        elif class_name in wanted:
+            assert default_methods(adapter, registered) == wanted[class_name], class_name

@@ -345,12 +345,110 @@ def instructblip(seed: int = 0, cross_attention_frequency: int = 1,
 
 def extra_text_inputs(model: torch.nn.Module, batch: int, seed: int = 2) -> tuple:
     """What the forward takes after ``(input_ids, attention_mask)`` (InstructBLIP: the
-    instruction as its Q-Former reads it), random tokens; ``()`` for the others (PaliGemma's
+    instruction as its Q-Former reads it), random tokens; LLaVA-NeXT's ``image_sizes``; ``()`` for the others (PaliGemma's
     optional ``token_type_ids`` are left to the test)."""
     from captum_vlm.adapters import get_adapter
 
-    return text_ids(batch, 5, seed=seed) if "qformer_input_ids" in get_adapter(model).extra_text_inputs else ()
+    names = get_adapter(model).extra_text_inputs
+    if "image_sizes" in names:  # LLaVA-NeXT / OneVision: an original that fills a 32 x 32 canvas
+        return (torch.tensor([[IMAGE_SIZE, IMAGE_SIZE]] * batch),)
+    return text_ids(batch, 5, seed=seed) if "qformer_input_ids" in names else ()
 
 
 FACTORIES["Blip2ForConditionalGeneration"] = blip2
 FACTORIES["InstructBlipForConditionalGeneration"] = instructblip
+
+
+# ----- SigLIP 2 (NaFlex) ---------------------------------------------------------------------------
+def siglip2(seed: int = 0) -> torch.nn.Module:
+    """SigLIP 2 whose learned position embeddings form a 4x4 grid (``num_patches=16``), resized to
+    every image's own patch grid."""
+    from transformers import Siglip2Config, Siglip2Model
+
+    torch.manual_seed(seed)
+    vision = {k: v for k, v in _vision(num_patches=16).items() if k != "image_size"}
+    config = Siglip2Config(text_config=_text(projection_size=HIDDEN), vision_config=vision)
+    return _finish(Siglip2Model(config), seed)
+
+
+FACTORIES["Siglip2Model"] = siglip2
+
+
+# ----- Idefics3 / SmolVLM (tiles, global view, pixel shuffle) -------------------------------------
+#: the Idefics3 text tokens, where the zoo tokenizer puts them once added (tests/test_family_idefics3.py)
+IDEFICS_FAKE, IDEFICS_IMAGE_TOKEN, IDEFICS_END, IDEFICS_GLOBAL = 46, 47, 48, 49
+IDEFICS_PATCH, IDEFICS_SCALE = PATCH // 2, 2  # one image token covers PATCH x PATCH pixels, as the others' patch
+
+
+def _idefics3_config(config_class, seed: int):
+    torch.manual_seed(seed)
+    text = dict(model_type="llama", vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=HEADS, num_key_value_heads=HEADS, max_position_embeddings=256, pad_token_id=PAD,
+                bos_token_id=BOS, eos_token_id=EOS, initializer_range=0.02)
+    vision = dict(hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=2, num_attention_heads=HEADS,
+                  image_size=IMAGE_SIZE, patch_size=IDEFICS_PATCH, initializer_range=0.02)
+    return config_class(text_config=text, vision_config=vision, scale_factor=IDEFICS_SCALE,
+                        image_token_id=IDEFICS_IMAGE_TOKEN)
+
+
+def idefics3(seed: int = 0) -> torch.nn.Module:
+    """Idefics3 with 32-px tiles of 4-px patches, pixel shuffle 2: 4 x 4 image tokens per tile."""
+    from transformers import Idefics3Config, Idefics3ForConditionalGeneration
+
+    return _finish(Idefics3ForConditionalGeneration(_idefics3_config(Idefics3Config, seed)), seed)
+
+
+def smolvlm(seed: int = 0) -> torch.nn.Module:
+    """SmolVLM, the same sizes as :func:`idefics3`."""
+    from transformers import SmolVLMConfig, SmolVLMForConditionalGeneration
+
+    return _finish(SmolVLMForConditionalGeneration(_idefics3_config(SmolVLMConfig, seed)), seed)
+
+
+FACTORIES["Idefics3ForConditionalGeneration"] = idefics3
+FACTORIES["SmolVLMForConditionalGeneration"] = smolvlm
+
+
+#: LLaVA-NeXT / OneVision: 16 px tiles (2x2 patches of 8 px) on canvases of up to 3x3 tiles
+ANYRES_TILE = 16
+ANYRES_PINPOINTS = [[16, 32], [32, 16], [32, 32], [32, 48], [48, 32], [48, 48], [16, 48], [48, 16]]
+ANYRES_IMAGE_TOKEN = 46  # where the zoo tokenizer puts "<image>" once added (tests/test_family_anyres.py)
+
+
+def _anyres_text(**extra) -> dict:
+    return dict(model_type="qwen2" if extra.pop("qwen", False) else "llama", vocab_size=VOCAB, hidden_size=HIDDEN,
+                intermediate_size=64, num_hidden_layers=2, num_attention_heads=HEADS, num_key_value_heads=HEADS,
+                max_position_embeddings=256, pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS,
+                initializer_range=0.02, **extra)
+
+
+def llava_next(seed: int = 0, image_token_id: int = ANYRES_IMAGE_TOKEN):
+    """LLaVA-NeXT: CLIP tower on 16 px tiles (CLS dropped), any-resolution canvases of
+    :data:`ANYRES_PINPOINTS`, a Llama language model."""
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
+
+    torch.manual_seed(seed)
+    vision = dict(model_type="clip_vision_model", **_vision(image_size=ANYRES_TILE, projection_dim=16))
+    config = LlavaNextConfig(vision_config=vision, text_config=_anyres_text(), image_token_id=image_token_id,
+                             image_grid_pinpoints=ANYRES_PINPOINTS, vision_feature_layer=-2,
+                             vision_feature_select_strategy="default", projector_hidden_act="gelu")
+    return _finish(LlavaNextForConditionalGeneration(config), seed)
+
+
+def llava_onevision(seed: int = 0, image_token_id: int = ANYRES_IMAGE_TOKEN, max_tiles: int = 4):
+    """LLaVA-OneVision: SigLIP tower on 16 px tiles (every patch kept), a Qwen2 language model;
+    a canvas of more than ``max_tiles`` tiles' worth of tokens after unpadding is bilinearly
+    pooled (``vision_aspect_ratio="anyres_max_{max_tiles}"``)."""
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
+
+    torch.manual_seed(seed)
+    vision = dict(model_type="siglip_vision_model", **_vision(image_size=ANYRES_TILE))
+    config = LlavaOnevisionConfig(vision_config=vision, text_config=_anyres_text(qwen=True),
+                                  image_token_id=image_token_id, image_grid_pinpoints=ANYRES_PINPOINTS,
+                                  vision_feature_layer=-1, vision_feature_select_strategy="full",
+                                  vision_aspect_ratio=f"anyres_max_{max_tiles}", projector_hidden_act="gelu")
+    return _finish(LlavaOnevisionForConditionalGeneration(config), seed)
+
+
+FACTORIES["LlavaNextForConditionalGeneration"] = llava_next
+FACTORIES["LlavaOnevisionForConditionalGeneration"] = llava_onevision

@@ -43,8 +43,10 @@ class QwenVLAdapter(LlavaAdapter):
     """
 
     family = "qwen-vl"
-    #: no zoo ranking yet: the first registered method that fits
-    default_methods = ()
+    #: no zoo model (so no ranking of its own): LLaVA's, the joint-sequence family whose
+    #: language-model side this is, itself the BLIP ranking of the same two fusion methods
+    #: (benchmarks/RESULTS.md, "Default methods of explain()")
+    default_methods = ("bimodal-relevancy",)
     model_classes = ("Qwen2_5_VLForConditionalGeneration", "Qwen2VLForConditionalGeneration")
     tasks = {name: "generate" for name in model_classes}
     any_image_size = True
@@ -137,7 +139,7 @@ class QwenVLAdapter(LlavaAdapter):
         grid = torch.tensor([[1, h * m, w * m]] * b, dtype=torch.long, device=pixel_values.device)
         return flat, grid
 
-    def model_inputs(self, pixel_values, input_ids=None, attention_mask=None) -> dict:
+    def model_inputs(self, pixel_values, input_ids=None, attention_mask=None, extra=()) -> dict:
         """Flattened patches, ``image_grid_thw`` and the ``mm_token_type_ids`` M-RoPE needs.
 
         Raises:
@@ -161,7 +163,7 @@ class QwenVLAdapter(LlavaAdapter):
             kwargs["attention_mask"] = attention_mask
         return kwargs
 
-    def patch_embedding_grid(self, layer_attr: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
+    def patch_embedding_grid(self, layer_attr: torch.Tensor, pixel_values: torch.Tensor, extra=()) -> torch.Tensor:
         """Patch-embedding attributions ``[B * patches, D]`` summed per merged cell ``[B, h, w]``."""
         h, w = self.patch_grid(pixel_values)
         return layer_attr.sum(-1).reshape(pixel_values.shape[0], h, w, self.merge ** 2).sum(-1)

@@ -1,7 +1,9 @@
 """Attribution methods, one per file, each a Captum ``Attribution`` subclass.
 
 Image maps come back in the shape of ``pixel_values``; ``return_grid=True`` gives the patch grid
-(see :mod:`captum_vlm.attr._base`).
+(see :mod:`captum_vlm.attr._base`). Every method has ``attribute`` (one map per example) and
+``attribute_items`` (one map per explained item: prompt, token or output column; see
+:mod:`captum_vlm.attr._core`).
 """
 
 from captum_vlm.attr.attention_rollout import AttentionRollout

@@ -12,9 +12,10 @@ Return shapes, the same for every image method:
 * ``attribute(..., return_grid=True)`` returns the raw patch grid ``[B, h, w]`` instead, with
   ``(h, w)`` taken from the adapter and the actual input size (non-square inputs give non-square
   grids).
-* ``attribute_prompts(pixel_values, additional_forward_args=(ids, mask), prompts=None)`` explains
+* ``attribute_items(pixel_values, target=None, additional_forward_args=(ids, mask))`` explains
   several prompts with one image forward: ``[B, P, 3, H, W]`` (or ``[B, P, h, w]`` with
-  ``return_grid=True``); ``prompts=None`` means all K.
+  ``return_grid=True``); ``target=None`` means all K, a list names the prompts explained for
+  every image (``attribute_prompts(..., prompts=...)`` is its older name).
 
 Gradient-based methods differentiate the model's similarity logit of the target prompt (the
 forward function's output, as Captum does), except Grad-ECLIP, which uses the plain cosine as its
@@ -41,7 +42,8 @@ from torch import nn
 from captum_vlm.attr._core import (
     UPSAMPLE_MODES,
     ImageAttributionBase,
-    int_targets,
+    item_targets,
+    prompt_targets,
     split_text_args,
     upsample_grid,
 )
@@ -168,36 +170,6 @@ def recorded_pooling_head(head: nn.Module, num_heads: int | None = None) -> Iter
         handle.remove()
 
 
-def normalise_targets(target: object, batch: int, n_prompts: int) -> torch.Tensor:
-    """Captum-style ``target`` to one prompt index per image ``[B]`` (long).
-
-    Args:
-        target: an int, a list of ints (one per image), a tensor (scalar or ``[B]``), or ``None``
-            when there is a single prompt.
-        batch: number of images.
-        n_prompts: number of prompts K.
-
-    Returns:
-        Non-negative prompt indices ``[B]``.
-    """
-    if target is None:
-        if n_prompts != 1:
-            raise ValueError(f"target: {n_prompts} prompts were given; say which to explain (target=k)")
-        target = 0
-    single = isinstance(target, int) or (isinstance(target, torch.Tensor) and target.dim() == 0)
-    values = int_targets(target)
-    if single:
-        values = values * batch
-    if len(values) != batch:
-        raise ValueError(f"target: {len(values)} targets for {batch} images; give one per image or one int")
-    out = []
-    for t in values:
-        if not -n_prompts <= t < n_prompts:
-            raise ValueError(f"target: {t} is out of range for {n_prompts} prompts (0..{n_prompts - 1})")
-        out.append(t % n_prompts)
-    return torch.tensor(out, dtype=torch.long)
-
-
 class ImageAttribution(ImageAttributionBase, Attribution):
     """Base of the two-tower image methods: maps over the patch grid, one per (image, prompt).
 
@@ -238,6 +210,19 @@ class ImageAttribution(ImageAttributionBase, Attribution):
     @property
     def n_vision_layers(self) -> int:
         return len(self.adapter.vision_blocks())
+
+    def pooled_row_layers(self, layers: int | Sequence[int] | None, pooled_row: str) -> list[int]:
+        """The vision layers read at the pooled row (:func:`resolve_layers`); ``[]`` for a model
+        pooled by an attention head, which refuses ``layers`` (``pooled_row`` says where its
+        pooled row is instead)."""
+        if not self.pools_with_head:
+            return resolve_layers(layers, self.n_vision_layers)
+        if layers is not None:
+            raise ValueError(
+                f"layers: {type(self.model).__name__} has no pooled token inside its encoder blocks; "
+                f"{pooled_row}. Leave layers=None."
+            )
+        return []
 
     def image_embeds(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Projected image embeddings ``[B, E]`` (with graph)."""
@@ -283,8 +268,42 @@ class ImageAttribution(ImageAttributionBase, Attribution):
             torch.Size([1, 3, 224, 224])
         """
         pixel_values, input_ids, attention_mask, grid = self._prepare(inputs, additional_forward_args, upsample)
-        targets = normalise_targets(target, pixel_values.shape[0], input_ids.shape[0])[:, None]
+        targets = prompt_targets(target, pixel_values.shape[0], input_ids.shape[0])[:, None]
         maps = self._run(pixel_values, input_ids, attention_mask, targets, grid)[:, 0]
+        return self.finish(maps, pixel_values, return_grid, upsample)
+
+    def attribute_items(
+        self,
+        inputs: torch.Tensor,
+        target: int | Sequence[int] | torch.Tensor | None = None,
+        additional_forward_args: tuple | None = None,
+        return_grid: bool = False,
+        upsample: str = "nearest",
+    ) -> torch.Tensor:
+        """One map per explained prompt for each image, all from one image forward.
+
+        Args:
+            inputs: ``pixel_values`` ``[B, 3, H, W]``.
+            target: the prompts to explain, each for every image: an int, a list of ints, or
+                ``None`` for all K (unlike :meth:`attribute`, a list names prompts, not one per
+                image).
+            additional_forward_args: ``(input_ids, attention_mask)`` of the K prompts.
+            return_grid: return ``[B, P, h, w]`` instead of ``[B, P, 3, H, W]``.
+            upsample: ``"nearest"`` or ``"bilinear"``.
+
+        Returns:
+            ``[B, P, 3, H, W]`` (or ``[B, P, h, w]``), P the explained prompts; item ``p``
+            equals ``attribute(inputs, target=prompts[p], ...)``.
+
+        Example:
+            >>> maps = method.attribute_items(pixel_values,                  # doctest: +SKIP
+            ...                               additional_forward_args=(ids, mask))
+        """
+        pixel_values, input_ids, attention_mask, grid = self._prepare(inputs, additional_forward_args, upsample)
+        b, k = pixel_values.shape[0], input_ids.shape[0]
+        prompts = list(range(k)) if target is None else item_targets(target, "a prompt index or a list of them")
+        columns = [prompt_targets(p, b, k) for p in prompts]
+        maps = self._run(pixel_values, input_ids, attention_mask, torch.stack(columns, dim=1), grid)
         return self.finish(maps, pixel_values, return_grid, upsample)
 
     def attribute_prompts(
@@ -295,37 +314,19 @@ class ImageAttribution(ImageAttributionBase, Attribution):
         return_grid: bool = False,
         upsample: str = "nearest",
     ) -> torch.Tensor:
-        """Explain several prompts for each image with one image forward.
-
-        Args:
-            inputs: ``pixel_values`` ``[B, 3, H, W]``.
-            additional_forward_args: ``(input_ids, attention_mask)`` of the K prompts.
-            prompts: prompt indices to explain (each for every image); ``None`` for all K.
-            return_grid: return ``[B, P, h, w]`` instead of ``[B, P, 3, H, W]``.
-            upsample: ``"nearest"`` or ``"bilinear"``.
-
-        Returns:
-            ``[B, P, 3, H, W]`` (or ``[B, P, h, w]``), ``P = len(prompts)``.
-
-        Example:
-            >>> maps = method.attribute_prompts(pixel_values,            # doctest: +SKIP
-            ...                                 additional_forward_args=(ids, mask))
-        """
-        pixel_values, input_ids, attention_mask, grid = self._prepare(inputs, additional_forward_args, upsample)
-        b, k = pixel_values.shape[0], input_ids.shape[0]
-        if prompts is None:
-            prompts = list(range(k))
-        if not isinstance(prompts, (list, tuple)) or not prompts:
+        """Alias of :meth:`attribute_items` with the prompts as ``prompts`` (a non-empty list
+        of indices, ``None`` for all K): ``[B, P, 3, H, W]`` (or ``[B, P, h, w]``)."""
+        if prompts is not None and (not isinstance(prompts, (list, tuple)) or not prompts):
             raise TypeError(f"prompts: expected a non-empty list of prompt indices, got {prompts!r}")
-        columns = [normalise_targets(p, b, k) for p in prompts]
-        maps = self._run(pixel_values, input_ids, attention_mask, torch.stack(columns, dim=1), grid)
-        return self.finish(maps, pixel_values, return_grid, upsample)
+        return self.attribute_items(inputs, prompts, additional_forward_args, return_grid, upsample)
 
     # ----- plumbing ---------------------------------------------------------------------------
     def _prepare(self, inputs, additional_forward_args, upsample):
         pixel_values, grid = self.image_inputs(inputs, upsample)
         ids, mask, _ = split_text_args(self.adapter, additional_forward_args, most=2,
                                        wanted="(input_ids, attention_mask)")
+        if self.adapter.any_image_size:  # every grid is native (dynamic resolution)
+            return pixel_values, ids, mask, grid
         config = self.model.config.vision_config
         trained = (config.image_size // config.patch_size,) * 2
         if grid != trained and not self.interpolate_pos_encoding:

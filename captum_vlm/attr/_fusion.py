@@ -23,9 +23,9 @@ What is explained depends on the adapter's task (the "kind" here):
   one batched backward pass.
 
 Shapes follow :mod:`captum_vlm.attr._base`: ``attribute`` returns ``[B, 3, H, W]`` like
-``pixel_values`` (``[B, h, w]`` with ``return_grid=True``); ``attribute_tokens`` returns
-``[B, T, 3, H, W]`` (``[B, T, h, w]``), T the token axis above, or one map per word when
-``word_ids``/``token_groups`` are given.
+``pixel_values`` (``[B, h, w]`` with ``return_grid=True``); ``attribute_items`` (older name
+``attribute_tokens``) returns ``[B, T, 3, H, W]`` (``[B, T, h, w]``), T the token axis above,
+or one map per word when ``word_ids``/``token_groups`` are given.
 """
 
 from __future__ import annotations
@@ -205,15 +205,15 @@ class FusionAttribution(ImageAttributionBase, Attribution):
         _, _, aggregate = self._maps(prepared, target, positions, show_progress)
         return self._finish(aggregate, prepared, return_grid, upsample)
 
-    def attribute_tokens(
+    def attribute_items(
         self,
         inputs: torch.Tensor,
         target: int | Sequence[int] | torch.Tensor | None = None,
         additional_forward_args: tuple | None = None,
-        word_ids: Sequence | None = None,
-        token_groups: Sequence[Sequence[int]] | None = None,
         return_grid: bool = False,
         upsample: str = "nearest",
+        word_ids: Sequence | None = None,
+        token_groups: Sequence[Sequence[int]] | None = None,
         show_progress: bool = False,
     ) -> torch.Tensor:
         """One image map per token (or per word), aligned with the token axis.
@@ -223,7 +223,7 @@ class FusionAttribution(ImageAttributionBase, Attribution):
 
         Args:
             inputs, target, additional_forward_args, return_grid, upsample, show_progress: as in
-                :meth:`attribute`.
+                :meth:`attribute` (for token models ``target`` names the explained positions).
             word_ids: merge sub-tokens into words: the tokenizer's ``encoding.word_ids()`` (one
                 entry per token, ``None`` for special tokens), or one such list per example. Word
                 ``w``'s map is the mean of its tokens' maps (over tokens that have one).
@@ -235,11 +235,26 @@ class FusionAttribution(ImageAttributionBase, Attribution):
             words (groups), words missing from shorter examples zero.
 
         Example:
-            >>> maps = method.attribute_tokens(pixel_values, additional_forward_args=(ids, mask),  # doctest: +SKIP
-            ...                                word_ids=encoding.word_ids())
+            >>> maps = method.attribute_items(pixel_values, additional_forward_args=(ids, mask),  # doctest: +SKIP
+            ...                               word_ids=encoding.word_ids())
         """
         return self.attribute_with_tokens(inputs, target, additional_forward_args, word_ids, token_groups,
                                           return_grid, upsample, show_progress)[1]
+
+    def attribute_tokens(
+        self,
+        inputs: torch.Tensor,
+        target: int | Sequence[int] | torch.Tensor | None = None,
+        additional_forward_args: tuple | None = None,
+        word_ids: Sequence | None = None,
+        token_groups: Sequence[Sequence[int]] | None = None,
+        return_grid: bool = False,
+        upsample: str = "nearest",
+        show_progress: bool = False,
+    ) -> torch.Tensor:
+        """Alias of :meth:`attribute_items` (its older name and argument order)."""
+        return self.attribute_items(inputs, target, additional_forward_args, return_grid, upsample, word_ids,
+                                    token_groups, show_progress)
 
     def attribute_with_tokens(
         self,
@@ -252,11 +267,11 @@ class FusionAttribution(ImageAttributionBase, Attribution):
         upsample: str = "nearest",
         show_progress: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """:meth:`attribute` and :meth:`attribute_tokens` from one pass: the same two results as
+        """:meth:`attribute` and :meth:`attribute_items` from one pass: the same two results as
         calling both, at the cost of one.
 
         Args:
-            as in :meth:`attribute_tokens`.
+            as in :meth:`attribute_items`.
 
         Returns:
             ``(whole, per_token)``: ``[B, 3, H, W]`` and ``[B, T, 3, H, W]`` (grids with

@@ -14,10 +14,10 @@ from captum_vlm.attr._base import (
     ImageAttribution,
     cosine_scores,
     min_max,
-    normalise_targets,
     recorded_pooling_head,
     resolve_layers,
 )
+from captum_vlm.attr._core import prompt_targets
 from captum_vlm.hooks import eager_attention
 
 __all__ = ["GradECLIP"]
@@ -154,12 +154,7 @@ class GradECLIP(ImageAttribution):
         super().__init__(model, interpolate_pos_encoding=interpolate_pos_encoding)
         check_choice(mode, MODES, "mode")
         self.mode = mode
-        if self.pools_with_head and layers is not None:
-            raise ValueError(
-                f"layers: {type(self.model).__name__} has no pooled token inside its encoder blocks; "
-                "Grad-ECLIP runs at its attention-pooling head. Leave layers=None."
-            )
-        self.layers = None if self.pools_with_head else resolve_layers(layers, self.n_vision_layers)
+        self.layers = self.pooled_row_layers(layers, "Grad-ECLIP runs at its attention-pooling head") or None
         self.text_layers = resolve_layers(text_layers, len(self.adapter.text_blocks()), name="text_layers")
 
     @property
@@ -240,7 +235,7 @@ class GradECLIP(ImageAttribution):
         """
         pixel_values, ids, mask, _ = self._prepare(inputs, additional_forward_args, "nearest")
         b, (k, t) = pixel_values.shape[0], ids.shape
-        targets = None if target is None else normalise_targets(target, b, k)
+        targets = None if target is None else prompt_targets(target, b, k)
         if special_tokens_mask is not None:
             if not isinstance(special_tokens_mask, torch.Tensor) or special_tokens_mask.shape != ids.shape:
                 raise ValueError(

@@ -22,17 +22,15 @@ from captum.log import log_usage
 from torch import nn
 from tqdm.auto import tqdm
 
-from captum_vlm._checks import check_choice, check_count, check_same_batch
+from captum_vlm._checks import check_choice, check_count
 from captum_vlm._grid import pixels_to_grid
-from captum_vlm.attr._base import normalise_targets, upsample_grid
-from captum_vlm.attr._core import ImageAttributionBase, split_text_args
-from captum_vlm.attr.token_ig import (
-    _pixel_baseline,
+from captum_vlm.attr._core import (
+    TargetAttributionBase,
     check_output_target,
-    default_target,
-    pad_token_id,
+    pixel_baseline,
+    replacement_token,
     select_target,
-    special_token_mask,
+    upsample_grid,
 )
 from captum_vlm.targets import MatchLogit, TokenLogProbs, _Target
 
@@ -90,7 +88,7 @@ class GroundingResult:
         return "\n".join(lines)
 
 
-class CausalOcclusion(ImageAttributionBase, PerturbationAttribution):
+class CausalOcclusion(TargetAttributionBase, PerturbationAttribution):
     """Occlusion on the patch grid and on text tokens: the change of the target when a part is gone.
 
     Zeiler & Fergus, *Visualizing and Understanding Convolutional Networks*, ECCV 2014: slide a
@@ -111,7 +109,7 @@ class CausalOcclusion(ImageAttributionBase, PerturbationAttribution):
 
     Args:
         model: a supported vision-language model (default target, see
-            :func:`captum_vlm.attr.token_ig.default_target`) or a target from
+            :func:`captum_vlm.targets.default_target`) or a target from
             :mod:`captum_vlm.targets`.
 
     Example:
@@ -121,9 +119,7 @@ class CausalOcclusion(ImageAttributionBase, PerturbationAttribution):
     """
 
     def __init__(self, model: nn.Module | _Target):
-        self.target_fn = default_target(model)
-        self.bind(self.target_fn.adapter)
-        self.two_tower = self.adapter.two_tower
+        self.bind_target(model)
         super().__init__(self.target_fn)
 
     @log_usage()  # Captum's NoiseTunnel calls attribute.__wrapped__
@@ -186,9 +182,7 @@ class CausalOcclusion(ImageAttributionBase, PerturbationAttribution):
         pixel_values, grid = self.image_inputs(inputs, upsample)  # also: at least one patch
         check_choice(modality, ("image", "text"), "modality")
         check_count(perturbations_per_eval, "perturbations_per_eval")
-        ids, mask, extra = split_text_args(self.adapter, additional_forward_args)
-        if not self.two_tower:
-            check_same_batch(inputs=pixel_values, input_ids=ids)
+        ids, mask, extra = self.text_inputs(pixel_values, additional_forward_args)
         if modality == "text":
             check_choice(text_intervention, TEXT_INTERVENTIONS, "text_intervention")
             scores_input_ids = isinstance(self.target_fn, TokenLogProbs) and self.target_fn.scores_input_ids
@@ -196,7 +190,7 @@ class CausalOcclusion(ImageAttributionBase, PerturbationAttribution):
                 raise ValueError(
                     "text_intervention: 'delete' shifts the tokens this TokenLogProbs target scores; use 'replace'"
                 )
-            captum_target = self._check_target(pixel_values, ids, mask, extra, target)
+            captum_target = self.explained_target(pixel_values, ids, mask, extra, target)
             with self.preserved(grad=False, freeze_parameters=False):
                 return self._text(pixel_values, ids, mask, extra, captum_target, text_intervention,
                                   text_baseline, keep_token_ids, perturbations_per_eval, show_progress)
@@ -222,7 +216,7 @@ class CausalOcclusion(ImageAttributionBase, PerturbationAttribution):
                 pixels_map = Occlusion(forward).attribute(
                     pixel_values, sliding_window_shapes=(3, window[0] * ph, window[1] * pw),
                     strides=(3, stride[0] * ph, stride[1] * pw),
-                    baselines=_pixel_baseline(baselines, pixel_values), target=captum_target,
+                    baselines=pixel_baseline(baselines, pixel_values), target=captum_target,
                     additional_forward_args=rest or None, perturbations_per_eval=perturbations_per_eval,
                     show_progress=show_progress,
                 )
@@ -230,6 +224,24 @@ class CausalOcclusion(ImageAttributionBase, PerturbationAttribution):
         if n_outputs is not None:  # Captum gives output (b, c) of the sweep as row b * C + c
             maps = maps.reshape(pixel_values.shape[0], n_outputs, *grid)
         return self.finish(maps, pixel_values, return_grid, upsample)
+
+    def attribute_items(self, inputs: torch.Tensor, target=None, additional_forward_args=None,
+                        return_grid: bool = False, upsample: str = "nearest", **options) -> torch.Tensor:
+        """:meth:`attribute` per output column, ``[B, K, ...]`` (see
+        :meth:`~captum_vlm.attr._core.TargetAttributionBase.attribute_items`); image maps of all
+        columns (``target=None`` on K > 1 columns) come from one sweep, whose occluded forwards
+        score every column at once.
+
+        Example:
+            >>> CausalOcclusion(clip).attribute_items(pixel_values,             # doctest: +SKIP
+            ...     additional_forward_args=(ids, mask), return_grid=True).shape
+            torch.Size([1, 3, 7, 7])
+        """
+        if target is None and options.get("modality", "image") == "image":
+            if len(self.item_columns(inputs, None, additional_forward_args)) > 1:
+                return self.attribute(inputs, None, additional_forward_args, return_grid=return_grid,
+                                      upsample=upsample, **options)
+        return super().attribute_items(inputs, target, additional_forward_args, return_grid, upsample, **options)
 
     # ----- grounding test (LVLM-Interpret) ---------------------------------------------------
     def grounding_test(
@@ -278,9 +290,7 @@ class CausalOcclusion(ImageAttributionBase, PerturbationAttribution):
             raise ValueError(f"fraction: expected a number in (0, 1), got {fraction!r}")
         check_count(n_random, "n_random")
         check_choice(intervention, INTERVENTIONS, "intervention")
-        ids, mask, extra = split_text_args(self.adapter, additional_forward_args)
-        if not self.two_tower:
-            check_same_batch(inputs=pixel_values, input_ids=ids)
+        ids, mask, extra = self.text_inputs(pixel_values, additional_forward_args)
         captum_target, n_outputs = self._image_target(pixel_values, ids, mask, extra, target)
         b, n = pixel_values.shape[0], grid[0] * grid[1]
         c = n_outputs or 1
@@ -341,27 +351,19 @@ class CausalOcclusion(ImageAttributionBase, PerturbationAttribution):
 
     # ----- forwards ---------------------------------------------------------------------------
     def _image_target(self, pixel_values, ids, mask, extra, target) -> tuple[object, int | None]:
-        """Like :meth:`_check_target`, and with ``target=None`` on an output of C > 1 columns (K
+        """Like :meth:`explained_target`, and with ``target=None`` on an output of C > 1 columns (K
         prompts of a two-tower model, a per-token ``TokenLogProbs``, ViLT's answers) every column is
         explained by the same sweep: returns ``(None, C)``, else ``(captum_target, None)``."""
         if self.two_tower:
             if target is None and ids.shape[0] > 1:
                 return None, int(ids.shape[0])
-            return self._check_target(pixel_values, ids, mask, extra, target), None
+            return self.explained_target(pixel_values, ids, mask, extra, target), None
         with self.preserved(grad=False, freeze_parameters=False):
             output = self.target_fn(pixel_values, ids, mask, *extra)
         if target is None and output.dim() == 2 and output.shape[1] > 1:
             return None, int(output.shape[1])
         check_output_target(output, target)
         return target, None
-
-    def _check_target(self, pixel_values, ids, mask, extra, target):
-        """Validate ``target``; returns it in the form Captum takes (a per-image list for two-tower)."""
-        if self.two_tower:
-            return normalise_targets(target, pixel_values.shape[0], ids.shape[0]).tolist()
-        with self.preserved(grad=False, freeze_parameters=False):
-            check_output_target(self.target_fn(pixel_values, ids, mask, *extra), target)
-        return target
 
     def _call(self, pixel_values, ids, mask, extra, keep=None) -> torch.Tensor:
         """The target's full output, without the patches where ``keep`` ``[B, h, w]`` is 0
@@ -377,7 +379,7 @@ class CausalOcclusion(ImageAttributionBase, PerturbationAttribution):
                 parts.append(self._call(pixel_values[row], *text, keep[row]))
             return torch.cat(parts)
         with self.adapter.drop_image_tokens(keep) as stays:
-            stay = stays(ids)
+            stay = stays(ids, extra)
             if bool(stay.all()):
                 return self.target_fn(pixel_values, ids, mask, *extra)
             return self._shortened(pixel_values, ids, mask, extra, stay)
@@ -429,7 +431,7 @@ class CausalOcclusion(ImageAttributionBase, PerturbationAttribution):
             return self._call(pixel_values, ids, mask, extra, keep)
         ph, pw = self.adapter.patch_size()
         painted = upsample_grid(1 - keep, tuple(pixel_values.shape[-2:]), (ph, pw))
-        base = _pixel_baseline(baselines, pixel_values)
+        base = pixel_baseline(baselines, pixel_values)
         return self.target_fn(pixel_values * (1 - painted) + base * painted, ids, mask, *extra)
 
     def _answer(self, output: torch.Tensor) -> torch.Tensor | None:
@@ -443,13 +445,8 @@ class CausalOcclusion(ImageAttributionBase, PerturbationAttribution):
 
     # ----- text ---------------------------------------------------------------------------------
     def _text(self, pixels, ids, mask, extra, target, how, replacement, keep_token_ids, per_eval, progress):
-        if replacement is None:
-            replacement = pad_token_id(self.adapter)
-            if replacement is None:
-                raise ValueError("text_baseline: the model config names no pad token; pass a token id")
-        if isinstance(replacement, bool) or not isinstance(replacement, int):
-            raise TypeError(f"text_baseline: expected a token id (int), got {type(replacement).__name__}")
-        fixed = special_token_mask(self.adapter, ids, mask, keep_token_ids)
+        replacement = replacement_token(self.adapter, replacement)
+        fixed = self.adapter.special_token_mask(ids, mask, keep_token_ids)
         if self.two_tower:
             rows = torch.as_tensor(target)
             jobs = [(k, t) for k in sorted(set(rows.tolist())) for t in range(ids.shape[1]) if not fixed[k, t]]

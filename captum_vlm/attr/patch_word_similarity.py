@@ -7,7 +7,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from captum_vlm.attr._base import ImageAttribution, mha_projections, normalise_targets
+from captum_vlm.attr._base import ImageAttribution, mha_projections
+from captum_vlm.attr._core import prompt_targets
 
 __all__ = ["PatchWordSimilarity"]
 
@@ -42,7 +43,7 @@ class PatchWordSimilarity(ImageAttribution):
     def patch_embeds(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Patch tokens in the joint embedding space ``[B, n_patches, E]``."""
         vision = self.model.vision_model
-        hidden = vision(pixel_values=pixel_values, interpolate_pos_encoding=self.interpolate_pos_encoding)
+        hidden = self.adapter.vision_outputs(pixel_values, interpolate_pos_encoding=self.interpolate_pos_encoding)
         hidden = hidden.last_hidden_state[:, self.adapter.num_prefix_tokens :]
         if not self.pools_with_head:
             return self.model.visual_projection(vision.post_layernorm(hidden))
@@ -96,7 +97,7 @@ class PatchWordSimilarity(ImageAttribution):
             torch.Size([1, 7, 7, 7])
         """
         pixel_values, ids, mask, grid = self._prepare(inputs, additional_forward_args, upsample)
-        targets = normalise_targets(target, pixel_values.shape[0], ids.shape[0]).to(ids.device)
+        targets = prompt_targets(target, pixel_values.shape[0], ids.shape[0]).to(ids.device)
         sims = self._similarities(pixel_values, ids, mask)
         sims = sims[torch.arange(sims.shape[0], device=sims.device), targets.to(sims.device)]
         sims = sims * mask[targets].to(sims)[..., None]

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from captum_vlm._checks import check_choice
-from captum_vlm.attr._base import ImageAttribution, fuse_heads, resolve_layers
+from captum_vlm.attr._base import ImageAttribution, fuse_heads
 
 __all__ = ["RawAttention"]
 
@@ -47,12 +47,7 @@ class RawAttention(ImageAttribution):
         super().__init__(model, interpolate_pos_encoding=interpolate_pos_encoding)
         check_choice(head_fusion, HEAD_FUSIONS, "head_fusion")
         self.head_fusion = head_fusion
-        if self.pools_with_head and layers is not None:
-            raise ValueError(
-                f"layers: {type(self.model).__name__} has no pooled token inside its encoder blocks; "
-                "its pooled row is the attention-pooling head's. Leave layers=None."
-            )
-        self.layers = [] if self.pools_with_head else resolve_layers(layers, self.n_vision_layers)
+        self.layers = self.pooled_row_layers(layers, "its pooled row is the attention-pooling head's")
 
     def _patch_maps(self, pixel_values, input_ids, attention_mask, targets):
         use_grad = self.head_fusion == "grad"

@@ -5,8 +5,8 @@ IG runs at the *output* of the text-embedding layer and of the patch-embedding l
 image placeholders stay where they are and are filled with image features as usual, and a
 caption scored by :class:`~captum_vlm.targets.TokenLogProbs` is still the caption being scored.
 
-The helpers at the bottom (splitting ``additional_forward_args``,
-special tokens kept in text baselines, picking ``target`` columns) are shared with
+The checks, the target, the text arguments, the pixel baseline and the ending come from the
+shared base, :class:`captum_vlm.attr._core.TargetAttributionBase`, as in
 :mod:`captum_vlm.attr.occlusion`.
 """
 
@@ -22,14 +22,13 @@ from captum.log import log_usage
 from torch import nn
 from tqdm.auto import tqdm
 
-from captum_vlm._checks import (
-    check_choice,
-    check_count,
-    check_finite,
-    check_same_batch,
+from captum_vlm._checks import check_choice, check_count
+from captum_vlm.attr._core import (
+    TargetAttributionBase,
+    pixel_baseline,
+    replacement_token,
+    select_target,
 )
-from captum_vlm.attr._base import normalise_targets
-from captum_vlm.attr._core import ImageAttributionBase, int_targets, split_text_args
 from captum_vlm.targets import ImageTextSimilarity, _Target, default_target
 
 __all__ = ["TokenIntegratedGradients", "default_target", "text_baseline_ids"]
@@ -38,7 +37,7 @@ MODALITIES = ("image", "text", "both")
 IG_METHODS = ("gausslegendre", "riemann_trapezoid", "riemann_left", "riemann_right", "riemann_middle")
 
 
-class TokenIntegratedGradients(ImageAttributionBase, GradientAttribution):
+class TokenIntegratedGradients(TargetAttributionBase, GradientAttribution):
     """Integrated Gradients over text tokens, image patches, or both on one path.
 
     IG (Sundararajan, Taly & Yan, *Axiomatic Attribution for Deep Networks*, ICML 2017) integrates
@@ -75,9 +74,7 @@ class TokenIntegratedGradients(ImageAttributionBase, GradientAttribution):
     """
 
     def __init__(self, model: nn.Module | _Target, multiply_by_inputs: bool = True):
-        self.target_fn = default_target(model)
-        self.bind(self.target_fn.adapter)
-        self.two_tower = self.adapter.two_tower
+        self.bind_target(model)
         self._multiply_by_inputs = multiply_by_inputs
         self._want_delta = False
         self._interpolate = bool(getattr(self.target_fn, "interpolate_pos_encoding", False))
@@ -151,25 +148,23 @@ class TokenIntegratedGradients(ImageAttributionBase, GradientAttribution):
             isinstance(internal_batch_size, bool) or not isinstance(internal_batch_size, int) or internal_batch_size < 1
         ):
             raise ValueError(f"internal_batch_size: expected None or an int >= 1, got {internal_batch_size!r}")
-        ids, mask, extra = split_text_args(self.adapter, additional_forward_args)
-        if not self.two_tower:
-            check_same_batch(inputs=pixel_values, input_ids=ids)
-        pixel_base = _pixel_baseline(baselines, pixel_values)
+        ids, mask, extra = self.text_inputs(pixel_values, additional_forward_args)
+        pixel_base = pixel_baseline(baselines, pixel_values)
         text_base = None
         if modality != "image":
             text_base = text_baseline_ids(self.adapter, ids, mask, text_baseline, keep_token_ids)
+        captum_target = self.explained_target(pixel_values, ids, mask, extra, target)
 
         self._want_delta = return_convergence_delta
         with self.preserved():
             if self.two_tower:
-                rows = normalise_targets(target, pixel_values.shape[0], ids.shape[0])
                 image, text, delta = self._two_tower(
-                    pixel_values, pixel_base, ids, mask, text_base, rows, modality,
+                    pixel_values, pixel_base, ids, mask, text_base, captum_target, modality,
                     n_steps, method, internal_batch_size, show_progress,
                 )
             else:
                 image, text, delta = self._fusion(
-                    pixel_values, pixel_base, ids, mask, extra, text_base, target, modality,
+                    pixel_values, pixel_base, ids, mask, extra, text_base, captum_target, modality,
                     n_steps, method, internal_batch_size, show_progress,
                 )
         if image is not None:
@@ -189,7 +184,7 @@ class TokenIntegratedGradients(ImageAttributionBase, GradientAttribution):
                 return adapter.similarity_logits(adapter.image_embeds(pix, self._interpolate), text)
 
             grids, delta = self._integrate(
-                forward, [adapter.patch_embedding()], (pixels,), (pixel_base,), (), rows.tolist(),
+                forward, [adapter.patch_embedding()], (pixels,), (pixel_base,), (), rows,
                 n_steps, method, ibs, progress,
             )
             return adapter.patch_embedding_grid(grids[0], pixels), None, delta
@@ -243,10 +238,8 @@ class TokenIntegratedGradients(ImageAttributionBase, GradientAttribution):
             layers = [adapter.patch_embedding(), adapter.text_embedding()]
             inps, bases, rest = (pixels, ids), (pixel_base, text_base), (mask, *extra)
             forward = call
-        with torch.no_grad():
-            check_output_target(call(pixels, ids, mask, *extra), target)
         attrs, delta = self._integrate(forward, layers, inps, bases, rest, target, n_steps, method, ibs, progress)
-        image = adapter.patch_embedding_grid(attrs[0], pixels) if modality != "text" else None
+        image = adapter.patch_embedding_grid(attrs[0], pixels, extra) if modality != "text" else None
         text = attrs[-1].sum(-1) if modality != "image" else None
         return image, text, delta
 
@@ -291,24 +284,7 @@ class TokenIntegratedGradients(ImageAttributionBase, GradientAttribution):
         return attrs, total_attr - change
 
 
-# ----- helpers shared with occlusion --------------------------------------------------------------
-
-
-def split_forward_args(adapter, additional_forward_args) -> tuple[torch.Tensor, torch.Tensor, tuple]:
-    """Alias of :func:`captum_vlm.attr._core.split_text_args`."""
-    return split_text_args(adapter, additional_forward_args)
-
-
-def special_token_mask(
-    adapter, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep_token_ids: Sequence[int] = ()
-) -> torch.Tensor:
-    """Alias of :meth:`captum_vlm.adapters.VLMAdapter.special_token_mask`."""
-    return adapter.special_token_mask(input_ids, attention_mask, keep_token_ids)
-
-
-def pad_token_id(adapter) -> int | None:
-    """Alias of :attr:`captum_vlm.adapters.VLMAdapter.pad_token_id`."""
-    return adapter.pad_token_id
+# ----- helpers ------------------------------------------------------------------------------------
 
 
 def text_baseline_ids(
@@ -341,13 +317,8 @@ def text_baseline_ids(
                 f"{text_baseline.dtype} {tuple(text_baseline.shape)}"
             )
         return text_baseline.to(input_ids.device)
-    if text_baseline is None:
-        text_baseline = pad_token_id(adapter)
-        if text_baseline is None:
-            raise ValueError("text_baseline: the model config names no pad token; pass a token id")
-    if isinstance(text_baseline, bool) or not isinstance(text_baseline, int):
-        raise TypeError(f"text_baseline: expected a token id (int) or a tensor, got {type(text_baseline).__name__}")
-    keep = special_token_mask(adapter, input_ids, attention_mask, keep_token_ids)
+    text_baseline = replacement_token(adapter, text_baseline, "a token id (int) or a tensor")
+    keep = adapter.special_token_mask(input_ids, attention_mask, keep_token_ids)
     baseline = torch.where(keep, input_ids, torch.full_like(input_ids, text_baseline))
     before = adapter.pooled_text_position(input_ids, attention_mask)
     after = adapter.pooled_text_position(baseline, attention_mask)
@@ -357,64 +328,6 @@ def text_baseline_ids(
             f"{after.tolist()}); pass another token id or a baseline tensor"
         )
     return baseline
-
-
-def check_output_target(output: torch.Tensor, target) -> None:
-    """``target`` must fit the forward output: None for ``[B]``, valid columns for ``[B, C]``."""
-    if output.dim() == 1:
-        if target is not None:
-            raise ValueError(
-                f"target: this score is one number per example (shape {tuple(output.shape)}); pass target=None"
-            )
-        return
-    columns = output.shape[1]
-    if target is None:
-        if columns != 1:
-            raise ValueError(f"target: the output has {columns} columns; say which to explain (target=...)")
-        return
-    values = int_targets(target.flatten() if isinstance(target, torch.Tensor) else target)
-    for value in values:
-        if not -columns <= value < columns:
-            raise ValueError(f"target: {value} is out of range for {columns} outputs (0..{columns - 1})")
-    if len(values) not in (1, output.shape[0]):
-        raise ValueError(f"target: {len(values)} targets for {output.shape[0]} examples; give one per example")
-
-
-def select_target(output: torch.Tensor, target) -> torch.Tensor:
-    """One score per row of ``output``: the ``target`` column (int, per-row list or tensor);
-    rows past the targets' length reuse them cyclically (Captum's expanded batches)."""
-    if output.dim() == 1:
-        return output
-    if target is None:
-        return output[:, 0]
-    if isinstance(target, int):
-        return output[:, target]
-    index = torch.as_tensor(target, dtype=torch.long, device=output.device).flatten()
-    if index.numel() == 1:
-        return output[:, int(index)]
-    index = index.repeat(output.shape[0] // index.numel())
-    return output.gather(1, index[:, None])[:, 0]
-
-
-def _pixel_baseline(baselines, pixel_values: torch.Tensor) -> torch.Tensor:
-    return check_finite(_pixel_baseline_unchecked(baselines, pixel_values), "baselines")
-
-
-def _pixel_baseline_unchecked(baselines, pixel_values: torch.Tensor) -> torch.Tensor:
-    if baselines is None:
-        return torch.zeros_like(pixel_values)
-    if isinstance(baselines, (int, float)) and not isinstance(baselines, bool):
-        return torch.full_like(pixel_values, float(baselines))
-    if isinstance(baselines, torch.Tensor):
-        if baselines.dim() == 0:
-            return torch.full_like(pixel_values, float(baselines))
-        try:
-            return torch.broadcast_to(baselines, pixel_values.shape).to(pixel_values)
-        except RuntimeError:
-            pass
-    raise ValueError(
-        f"baselines: expected a number or a tensor broadcastable to {tuple(pixel_values.shape)}, got {baselines!r}"
-    )
 
 
 def _example_sums(attr: torch.Tensor, batch: int) -> torch.Tensor:

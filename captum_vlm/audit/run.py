@@ -12,7 +12,7 @@ from captum_vlm.adapters import get_adapter
 from captum_vlm.audit.result import Audit
 from captum_vlm.audit.sources import rows_from
 from captum_vlm.audit.store import RunStore
-from captum_vlm.audit.worker import ANSWER_TASKS, CHECKS, AuditConfig
+from captum_vlm.audit.worker import ANSWER_TASKS, CHECKS, AuditConfig, unknown_answer_labels
 
 __all__ = ["audit"]
 
@@ -31,7 +31,7 @@ def _check_config(model, texts, methods, checks, explain, deletion_steps, ground
     if not adapter.two_tower and not answers:
         raise ValueError(
             f"model: cv.audit explains two-tower models (image and text towers, e.g. CLIP or SigLIP) and "
-            f"models that answer questions with answer tokens after the question (e.g. BLIP VQA); "
+            f"models that answer questions with answer tokens (e.g. BLIP VQA) or answer labels (e.g. ViLT VQA); "
             f"{type(model).__name__} computes {adapter.task!r}"
         )
     if answers:
@@ -110,15 +110,18 @@ def audit(
 
     Args:
         model: a two-tower model (``CLIPModel``, ``SiglipModel``...) or a model that answers
-            questions with answer tokens (``BlipForQuestionAnswering``): each image is asked its
-            row's ``question`` (or ``texts[0]``), and its answer is explained and checked.
+            questions with answer tokens (``BlipForQuestionAnswering``) or answer labels
+            (``ViltForQuestionAnswering``): each image is asked its row's ``question`` (or
+            ``texts[0]``), and its answer is explained and checked (the answer's log-probability,
+            or its label's logit).
         processor: its processor.
         data: a folder of images (with ``labels.csv``/``labels.jsonl``: ``file``, ``label`` and
             optionally ``mask``, ``box``), a list of paths / PIL images / arrays / dicts, a Hugging
             Face ``datasets.Dataset``, or a ``ray.data.Dataset`` (``engine="ray"``).
         texts: the prompts; labels that are one of them are checked against the prediction.
             Answer models: ``[question]`` for rows without their own, or ``[]``; a label is the
-            expected answer.
+            expected answer (label-answer models: one of ``model.config.label2id``, else a
+            ``ValueError`` naming it).
         methods: registry names of the image methods (see :func:`captum_vlm.method_names`).
         checks: ``"deletion"`` and/or ``"grounding"`` per map (``()`` for summaries only).
         labels, masks, boxes: per image, for list inputs (or the labels file of a folder).
@@ -146,6 +149,10 @@ def audit(
     """
     check_choice(engine, ENGINES, "engine")
     check_count(batch_size, "batch_size")
+    if isinstance(num_cpus, bool) or not isinstance(num_cpus, (int, float)) or not num_cpus > 0:
+        raise ValueError(f"num_cpus: expected a number > 0 (CPUs per Ray actor), got {num_cpus!r}")
+    if isinstance(num_gpus, bool) or not isinstance(num_gpus, (int, float)) or not num_gpus >= 0:
+        raise ValueError(f"num_gpus: expected a number >= 0 (GPUs per Ray actor), got {num_gpus!r}")
     config = _check_config(model, texts, methods, checks, explain, deletion_steps, grounding_fraction)
     name = model_name or Path(str(getattr(model, "name_or_path", "") or type(model).__name__)).name
     config = replace(config, keep_maps=bool(keep_maps), seed=int(seed), model_name=name)
@@ -158,6 +165,10 @@ def audit(
         if missing:
             raise ValueError(f"texts: no question to ask images {missing[:5]} (they carry no 'question'); "
                              "pass texts=[question] or a question per row")
+    unknown = [] if ray_data else unknown_answer_labels(model, [r.get("label") for r in rows])
+    if unknown:
+        raise ValueError(f"labels: {unknown[:5]} are not answers of {type(model).__name__} (its config.label2id); "
+                         f"the label of an image is its expected answer, one of {sorted(model.config.label2id)[:12]}")
     store = RunStore(output, config)
     if engine == "local":
         from captum_vlm.audit.engines import run_local

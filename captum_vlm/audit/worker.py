@@ -7,8 +7,10 @@ fell in: the local engine and any number of Ray actors write the same records.
 
 Two kinds of model, told apart by the adapter's capability flags: two-tower models score the
 image against every prompt (the prediction is the best prompt); answer models (the adapter's
-``answers_questions`` with answer tokens after the question, e.g. BLIP VQA) are asked the row's
-question and explained through their own answer, whose log-probability the checks perturb.
+``answers_questions``) are asked the row's question and explained through their own answer, whose
+score the checks perturb: the log-probability of answer tokens after the question (BLIP VQA), or
+the logit of an answer label of the model's classifier (ViLT VQA: ``config.label2id``; a row's
+label must be one of them).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from PIL import Image
 
 from captum_vlm.audit.summaries import box_to_mask, map_entropy, mask_cells, mass_inside, peak_cell
 
-__all__ = ["CHECKS", "AuditConfig", "AuditWorker", "record_schema"]
+__all__ = ["CHECKS", "AuditConfig", "AuditWorker", "answer_label_ids", "record_schema", "unknown_answer_labels"]
 
 CHECKS = ("deletion", "grounding")
 METRICS = {  # per method: column suffix -> Arrow type
@@ -39,7 +41,34 @@ OBJECT_GROUNDING = {  # per record, with a mask and the grounding check: the obj
     "object_grounded": pa.bool_(), "object_grounding_drop": pa.float64(),
     "object_grounding_drop_random": pa.float64(),
 }
-ANSWER_TASKS = ("answer_tokens",)  # answer models the audit explains: answer tokens after the question
+#: answer models the audit explains: answer tokens after the question, or answer labels
+ANSWER_TASKS = ("answer_tokens", "answer_label")
+
+
+def answer_label_ids(model: Any) -> dict[str, int] | None:
+    """The answer labels of a model whose answers are classifier labels (its adapter's task is
+    ``"answer_label"``), keyed by their normalised text: ``{"red": 0, ...}``; ``None`` for other
+    models.
+
+    Example:
+        >>> answer_label_ids(vilt_vqa)["red"]     # doctest: +SKIP
+        0
+    """
+    from captum_vlm.adapters import get_adapter
+
+    if get_adapter(model).task != "answer_label":
+        return None
+    known = getattr(model.config, "label2id", None) or {}
+    return {_normalised(label): int(index) for label, index in known.items()}
+
+
+def unknown_answer_labels(model: Any, labels: list[Any]) -> list[str]:
+    """The labels (expected answers) that are not answers of a label-answer model, in order of
+    first appearance; ``[]`` for any other model or when every label is known."""
+    known = answer_label_ids(model)
+    if known is None:
+        return []
+    return list(dict.fromkeys(str(v) for v in labels if v is not None and _normalised(v) not in known))
 
 
 @dataclass(frozen=True)
@@ -158,7 +187,8 @@ class AuditWorker:
     """Holds the model once; ``worker(batch) -> pyarrow.Table`` of records.
 
     Args:
-        model: a two-tower model (CLIP, SigLIP, ...), or a Ray object reference to it.
+        model: a two-tower model (CLIP, SigLIP, ...) or an answer model (BLIP or ViLT VQA), or a Ray
+            object reference to it.
         processor: its processor, or a reference to it.
         config: an :class:`AuditConfig` (or its JSON).
 
@@ -177,6 +207,7 @@ class AuditWorker:
         self.adapter = cv.get_adapter(self.model)
         self.answers = self.adapter.answers_questions
         self.occlusion = cv.CausalOcclusion(self.model) if "grounding" in self.config.checks else None
+        self.label_ids = answer_label_ids(self.model) if self.answers else None
         self.score = self.adapter.default_target()  # similarity logits, answer log-prob or label logits
         if not self.answers:
             text = self.processor(text=list(self.config.texts), return_tensors="pt",
@@ -245,9 +276,16 @@ class AuditWorker:
 
         if not question:
             raise ValueError("row has no question and the audit has none (texts) to ask")
+        label = row.get("label")
+        label_id = None
+        if self.label_ids is not None and label is not None:
+            label_id = self.label_ids.get(_normalised(label))
+            if label_id is None:
+                raise ValueError(f"label {label!r} is not an answer of this model (its config.label2id); "
+                                 f"answers: {sorted(self.label_ids)[:12]}")
         inputs = self.processor(images=image, text=[question], return_tensors="pt", padding=self.adapter.text_padding)
         answers = answer_questions(self.model, getattr(self.processor, "tokenizer", self.processor), dict(inputs))
-        answer, label = answers.texts[0], row.get("label")
+        answer = answers.texts[0]
         out: dict[str, Any] = {
             "prediction": answer, "confidence": float(answers.probabilities[0]),
             "correct": None if label is None else _normalised(answer) == _normalised(label),
@@ -255,8 +293,17 @@ class AuditWorker:
         }
         explanation = cv.explain(self.model, self.processor, image, [question],
                                  methods=list(self.config.methods), target=0, evidence=False)
-        ids, mask = inputs["input_ids"], inputs["attention_mask"]  # the answer's tokens, scored after the question
-        scored = _Scored(inputs["pixel_values"], (ids, mask, answers.answer_ids, answers.answer_mask), None)
+        pixels, ids, mask = inputs["pixel_values"], inputs["input_ids"], inputs["attention_mask"]
+        if answers.label_ids is None:  # the answer's tokens, scored after the question
+            scored = _Scored(pixels, (ids, mask, answers.answer_ids, answers.answer_mask), None)
+        else:  # the answer is a label of the model's classifier: its logit, by label id
+            predicted = int(answers.label_ids[0])
+            scored = _Scored(pixels, (ids, mask), predicted)
+            out.update(prediction_index=predicted, label_index=label_id, correct=None if label_id is None
+                       else predicted == label_id)
+            if label_id is not None:
+                with torch.no_grad():
+                    out["label_confidence"] = float(self._probabilities(pixels, ids, mask)[0, label_id])
         return out | self._maps(explanation, scored, row, image)
 
     def _maps(self, explanation, scored: _Scored, row: dict[str, Any], image: Image.Image) -> dict[str, Any]:

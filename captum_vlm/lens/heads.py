@@ -15,7 +15,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -165,6 +165,20 @@ def _sequence_layout(adapter, stream: str, layout) -> dict:
     return dict(sink_keys=torch.tensor([0]), patch_keys=keys, patch_queries=queries, grid=layout.grid)
 
 
+def _image_and_model_inputs(adapter, inputs: Mapping) -> tuple[dict, dict]:
+    """``inputs`` with ``pixel_values`` as one image tensor ``[B, 3, H, W]`` (the adapter's
+    :meth:`processor_inputs` where the processor gave them otherwise), and the keyword
+    arguments of the model's forward (the adapter's :meth:`model_inputs` of the image and text,
+    beside the processor's further inputs)."""
+    inputs = dict(inputs)
+    if not (isinstance(inputs["pixel_values"], torch.Tensor) and inputs["pixel_values"].dim() == 4):
+        inputs = adapter.processor_inputs(inputs)
+    extra = tuple(inputs.get(name) for name in adapter.extra_text_inputs)
+    built = adapter.model_inputs(inputs["pixel_values"], inputs.get("input_ids"), inputs.get("attention_mask"), extra)
+    rest = {k: v for k, v in inputs.items() if k not in ("pixel_values", "input_ids", "attention_mask")}
+    return inputs, {**rest, **built}
+
+
 def _stream_modules(adapter, stream: str) -> list[nn.Module]:
     check_choice(stream, STREAMS, "stream")
     try:
@@ -184,7 +198,10 @@ def head_statistics(
 
     Args:
         model: any supported model.
-        inputs: the processor's output (``pixel_values``; ``input_ids`` for text/cross).
+        inputs: the processor's output (``pixel_values``; ``input_ids`` for text/cross), as it
+            gave it (Qwen-VL's flattened patches and ``image_grid_thw`` are read through the
+            adapter's :meth:`~captum_vlm.adapters.VLMAdapter.processor_inputs`) or with
+            ``pixel_values`` already one image tensor ``[B, 3, H, W]``.
         stream: ``"vision"`` (the image tower), ``"text"`` or ``"cross"`` (text queries on image
             tokens).
         masks: ``[B, H, W]`` object masks at the ``pixel_values`` size, for the pointing game.
@@ -196,8 +213,9 @@ def head_statistics(
     """
     adapter = get_adapter(model)
     modules = _stream_modules(adapter, stream)
-    if not isinstance(inputs, dict) or "pixel_values" not in inputs:
+    if not isinstance(inputs, Mapping) or "pixel_values" not in inputs:
         raise TypeError("inputs: expected the processor's output, a dict with pixel_values")
+    inputs, model_kwargs = _image_and_model_inputs(adapter, inputs)
     if masks is not None:
         masks = torch.as_tensor(np.asarray(masks)).bool()
         size = tuple(inputs["pixel_values"].shape[-2:])
@@ -207,10 +225,10 @@ def head_statistics(
     if forward is None:
         if stream == "vision" and not _uses_image_layout(adapter, stream):
             def forward():
-                return adapter.vision_model()(pixel_values=inputs["pixel_values"])
+                return adapter.vision_outputs(inputs["pixel_values"])
         else:
             def forward():
-                return model(**inputs)
+                return model(**model_kwargs)
     with ExitStack() as scope:
         read_layout = None
         if _uses_image_layout(adapter, stream):

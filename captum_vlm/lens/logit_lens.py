@@ -343,6 +343,22 @@ def _answer_rows(answer_ids: Any, n: int) -> list[torch.Tensor] | None:
     return out
 
 
+def _extra_rows(adapter, extra_text_inputs: Sequence[torch.Tensor | None], n: int) -> list[tuple]:
+    """Per row ``[1, ...]``, the given :attr:`extra_text_inputs` (``None`` ones left out)."""
+    if isinstance(extra_text_inputs, torch.Tensor) or not isinstance(extra_text_inputs, (list, tuple)):
+        raise TypeError(f"extra_text_inputs: expected a tuple of tensors ({', '.join(adapter.extra_text_inputs) or 'none'} "
+                        f"for {type(adapter.model).__name__}), got {type(extra_text_inputs).__name__}")
+    if len(extra_text_inputs) > len(adapter.extra_text_inputs):
+        raise ValueError(f"extra_text_inputs: {type(adapter.model).__name__} takes "
+                         f"{', '.join(adapter.extra_text_inputs) or 'none'}, got {len(extra_text_inputs)} tensors")
+    given = [e for e in extra_text_inputs if e is not None]
+    for name, value in zip(adapter.extra_text_inputs, extra_text_inputs):
+        if value is not None and (not isinstance(value, torch.Tensor) or value.dim() < 1 or value.shape[0] != n):
+            got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise ValueError(f"{name}: expected a tensor with one row per image ({n}), got {got}")
+    return [tuple(e[b : b + 1] for e in given) for b in range(n)]
+
+
 def logit_lens_from_inputs(
     model: nn.Module,
     pixel_values: torch.Tensor,
@@ -354,6 +370,7 @@ def logit_lens_from_inputs(
     tokenizer: Any = None,
     words: Sequence[str | int] = (),
     batch_size: int = 8,
+    extra_text_inputs: Sequence[torch.Tensor | None] = (),
 ) -> LogitLens | list[LogitLens]:
     """The logit lens on processor outputs: one image and text, or a batch of them.
 
@@ -369,6 +386,10 @@ def logit_lens_from_inputs(
         tokenizer: for token strings and string ``words``.
         words: words (single tokens) or token ids whose probability to map over the image tokens.
         batch_size: rows per teacher-forced forward (:func:`logit_lens_scored`).
+        extra_text_inputs: what the processor gave besides ``input_ids`` and ``attention_mask``
+            that the forward needs, in the order of the adapter's
+            :attr:`~captum_vlm.adapters.VLMAdapter.extra_text_inputs` (InstructBLIP:
+            ``qformer_input_ids, qformer_attention_mask``), each ``[B, ...]``.
 
     Returns:
         :class:`LogitLens` for a batch of one, else a list of them, one per row.
@@ -384,13 +405,15 @@ def logit_lens_from_inputs(
                          f"{n} images and {input_ids.shape[0]} texts")
     answers = _answer_rows(answer_ids, n)
     _check_words(adapter, tokenizer, words)
+    extra = _extra_rows(adapter, extra_text_inputs, n)
     prompts = [input_ids[b][attention_mask[b].bool()][None] for b in range(n)]
     scored, starts = [], []
     with preserved_model_state(model), torch.no_grad():
         for b, prompt in enumerate(prompts):
+            adapter.language_kwargs(prompt, extra[b])  # says what is missing, before any work
             answer = answers[b] if answers is not None else adapter.greedy_answer(
-                pixel_values[b : b + 1], prompt, torch.ones_like(prompt), max_new_tokens)
-            args, start = adapter.lens_sequence(prompt, torch.ones_like(prompt), answer)
+                pixel_values[b : b + 1], prompt, torch.ones_like(prompt), max_new_tokens, extra[b])
+            args, start = adapter.lens_sequence(prompt, torch.ones_like(prompt), answer, extra[b])
             scored.append(args)
             starts.append(start)
     lenses = logit_lens_scored(model, pixel_values, scored, starts, k=k, tokenizer=tokenizer, words=words,
@@ -481,18 +504,27 @@ def logit_lens(
         rows = tqdm(rows, desc="logit lens", total=len(rows))
     for first in rows:
         part = slice(first, first + batch_size)
-        pixels, prompts = [], []
+        pixels, prompts, extras = [], [], []
+        adapter = get_adapter(model)
         for img, txt in zip(images[part], texts[part]):  # each row on its own: no padding side matters
-            inputs = get_adapter(model).processor_inputs(processor(images=img, text=txt, return_tensors="pt"))
+            inputs = adapter.processor_inputs(processor(images=img, text=txt, return_tensors="pt"))
             pixels.append(inputs["pixel_values"])
             ids = inputs["input_ids"]
             mask = inputs.get("attention_mask")
-            prompts.append(ids if mask is None else ids[:, mask[0].bool()])
+            kept = slice(None) if mask is None else mask[0].bool()
+            prompts.append(ids[:, kept])
+            # the forward's further text inputs (InstructBLIP's instruction for the Q-Former); one
+            # per position of the prompt loses its padding with it
+            extras.append([None if inputs.get(name) is None else
+                           inputs[name][:, kept] if inputs[name].shape == ids.shape else inputs[name]
+                           for name in adapter.extra_text_inputs])
+        extra = [None if any(row[j] is None for row in extras) else _pad_right([row[j] for row in extras])
+                 for j in range(len(adapter.extra_text_inputs))]
         out = logit_lens_from_inputs(
             model, torch.cat(pixels), _pad_right(prompts),
             _pad_right([torch.ones_like(p) for p in prompts]),
             None if answer_rows is None else answer_rows[part], k=k, max_new_tokens=max_new_tokens,
-            tokenizer=tokenizer, words=words, batch_size=batch_size)
+            tokenizer=tokenizer, words=words, batch_size=batch_size, extra_text_inputs=tuple(extra))
         lenses += out if isinstance(out, list) else [out]
     for lens, txt in zip(lenses, texts):
         lens.prompt = txt
