@@ -685,3 +685,28 @@ def test_batched_windows_that_drop_unequally_ask_for_one_at_a_time():
     with pytest.raises(ValueError, match="perturbations_per_eval: the occlusion windows of one forward drop"):
         occlusion.attribute(inputs["pixel_values"], additional_forward_args=args, window=1, perturbations_per_eval=4)
     assert_unchanged(model, before)
+
+
+def test_lens_views_of_the_per_view_tower_refuse_before_any_work(model, processor):
+    """The tower runs once per tile and once on the base view, so a lens view of one tower run
+    on the canvas would be wrong: each refuses (naming the argument) before any forward, and the
+    model is left as found."""
+    from captum_vlm.lens import head_statistics, layer_features, probe
+
+    raw = dict(raw_inputs(processor, noise(*SIZES["filled"])))
+    canvas = get_adapter(model).processor_inputs(raw)["pixel_values"]
+    before, runs = snapshot(model), []
+    handle = model.register_forward_pre_hook(lambda *_: runs.append("model"))
+    tower = get_adapter(model).vision_model().register_forward_pre_hook(lambda *_: runs.append("tower"))
+    try:
+        with pytest.raises(ValueError, match=r"stream: .*vision tower runs once per view"):
+            head_statistics(model, raw, stream="vision")
+        with pytest.raises(ValueError, match=r"model: .*vision tower runs once per view"):
+            probe(model, None, canvas, [0, 1], cv=2)
+        with pytest.raises(ValueError, match=r"model: .*vision tower runs once per view"):
+            layer_features(model, canvas, [0])
+    finally:
+        handle.remove()
+        tower.remove()
+    assert runs == []
+    assert_unchanged(model, before)

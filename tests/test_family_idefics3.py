@@ -457,3 +457,28 @@ def test_cli_explains_an_idefics3_checkpoint(processor, image, tmp_path, capsys)
     html = out.read_text()
     assert html.startswith("<!DOCTYPE html>") and list(reference.scores)[0].split(" → ")[1] in html
     assert len(list((tmp_path / "png").glob("*.png"))) >= 1
+
+
+def test_lens_views_of_the_per_view_tower_refuse_before_any_work(model, processor, image):
+    """The tower runs once per tile and once on the global view, so a lens view of one tower run
+    on the canvas would be wrong: each refuses (naming the argument) before any forward, and the
+    model is left as found."""
+    from captum_vlm.lens import head_statistics, layer_features, probe
+
+    raw = dict(raw_inputs(processor, image))
+    canvas = get_adapter(model).processor_inputs(raw)["pixel_values"]
+    before, runs = snapshot(model), []
+    handle = model.register_forward_pre_hook(lambda *_: runs.append("model"))
+    tower = get_adapter(model).vision_model().register_forward_pre_hook(lambda *_: runs.append("tower"))
+    try:
+        with pytest.raises(ValueError, match=r"stream: .*vision tower runs once per view"):
+            head_statistics(model, raw, stream="vision")
+        with pytest.raises(ValueError, match=r"model: .*vision tower runs once per view"):
+            probe(model, None, canvas, [0, 1], cv=2)
+        with pytest.raises(ValueError, match=r"model: .*vision tower runs once per view"):
+            layer_features(model, canvas, [0])
+    finally:
+        handle.remove()
+        tower.remove()
+    assert runs == []
+    assert_unchanged(model, before)
