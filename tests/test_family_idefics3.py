@@ -482,3 +482,39 @@ def test_lens_views_of_the_per_view_tower_refuse_before_any_work(model, processo
         tower.remove()
     assert runs == []
     assert_unchanged(model, before)
+
+
+def test_logit_lens_last_layer_is_the_models_probability_of_its_answer(model, processor, image):
+    """The logit lens on the tiles + global view: its last layer is the model's own next-token
+    softmax (on the adapter's inputs), the produced probabilities multiply to the explained
+    answer's probability, and the image-token rows are the model's softmax at the image tokens."""
+    import captum_vlm as cv
+
+    before = snapshot(model)
+    result = explain(model, processor, image, PROMPTS, methods=["bimodal-relevancy"], max_new_tokens=3,
+                     evidence=False, logit_lens=True)
+    lenses = cv.lens.logit_lens(model, processor, image, PROMPTS, max_new_tokens=3)
+    assert_unchanged(model, before)
+    assert len(result.lenses) == len(lenses) == 2
+    for lens, direct, (title, probability) in zip(result.lenses, lenses, result.scores.items()):
+        assert title.startswith(lens.prompt)
+        assert float(lens.produced_probs[-1].double().prod()) == pytest.approx(probability, rel=1e-4)
+        assert (lens.produced_ranks[-1] == 1).all()  # greedy: the answer is top at the last layer
+        assert torch.equal(direct.produced_ids, lens.produced_ids)
+        assert_close_scaled(direct.produced_probs, lens.produced_probs)
+    adapter = get_adapter(model)
+    raw = raw_inputs(processor, image, [PROMPTS[0]])
+    canvas, ids = adapter.processor_inputs(raw)["pixel_values"], raw["input_ids"]
+    sequence = torch.cat([ids, lenses[0].produced_ids[None]], 1)
+    with torch.no_grad():  # reference: the model's own forward over prompt + answer
+        logits = model(**adapter.model_inputs(canvas, sequence, torch.ones_like(sequence))).logits
+    start = ids.shape[1]
+    own = F.softmax(logits[0].double(), -1)
+    assert_close_scaled(lenses[0].produced_probs[-1].double(), own[start - 1 : -1].gather(-1, sequence[0, start:, None])[:, 0])
+    positions = lenses[0].image_positions
+    assert torch.equal(positions, (sequence[0] == IMAGE).nonzero()[:, 0])  # every tile token, then the global view's
+    assert lenses[0].image_grid == GRID
+    assert_close_scaled(lenses[0].image_top_probs[-1].double(), own[positions].topk(5, -1).values)
+    from_inputs = cv.lens.logit_lens_from_inputs(model, canvas, ids, raw["attention_mask"], max_new_tokens=3)
+    assert torch.equal(from_inputs.top_ids, lenses[0].top_ids)
+    assert_unchanged(model, before)
