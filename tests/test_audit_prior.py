@@ -17,30 +17,31 @@ from captum_vlm.zoo import train_blip
 
 MODEL = "shapes-blip-vqa-prior"
 SCAN_SEED = 2026  # held-out scenes (the zoo trains on other seeds); the picks come from the model's answers
-PER_GROUP = 8  # prior-driven answers, and correct answers
+PRIOR, CORRECT = 16, 20  # prior-driven answers, correct answers
 METHOD = "bimodal-relevancy"
 
 
 @pytest.fixture(scope="module")
 def picked():
-    """The first PER_GROUP scenes (of a non-blue square) answered "blue", and the first PER_GROUP
+    """The first PRIOR scenes (of a non-blue square) answered "blue", and the first CORRECT
     answered right, scanning held-out scenes in order with the model's own answers."""
     torch.set_num_threads(1)
     model, processor = cv.zoo.load(MODEL)
     prior = train_blip.language_prior(train_blip.RECIPES[MODEL])
-    scenes = train_blip.prior_scenes(prior, SCAN_SEED, 240, against=True)
+    scenes = train_blip.prior_scenes(prior, SCAN_SEED, 400, against=True)
     prior_driven, correct = [], []
     for start in range(0, len(scenes), 40):
         chunk = scenes[start : start + 40]
         answers = train_blip.answer(model, processor, [s.image for s in chunk], [prior.question] * len(chunk))
         for scene, said in zip(chunk, answers):
             colour, index = train_blip.prior_object(prior, scene)
-            group = prior_driven if said == prior.colour else correct if said == colour else None
-            if group is not None and len(group) < PER_GROUP:
-                group.append((scene, colour, index, said))
-        if len(prior_driven) == len(correct) == PER_GROUP:
+            if said == prior.colour and len(prior_driven) < PRIOR:
+                prior_driven.append((scene, colour, index, said))
+            elif said == colour and len(correct) < CORRECT:
+                correct.append((scene, colour, index, said))
+        if (len(prior_driven), len(correct)) == (PRIOR, CORRECT):
             break
-    assert len(prior_driven) == len(correct) == PER_GROUP, "the scan found too few prior-driven answers"
+    assert (len(prior_driven), len(correct)) == (PRIOR, CORRECT), "the scan found too few prior-driven answers"
     return model, processor, prior, prior_driven, correct
 
 
@@ -64,7 +65,7 @@ def test_the_records_hold_the_answers_of_the_scan(picked, audited):
         for i, (_, colour, _, said) in enumerate(group):
             record = records[f"{kind}-{i}"]
             assert (record["prediction"], record["label"], record["correct"]) == (said, colour, said == colour)
-    assert {group_of(records[f"prior-{i}"]) for i in range(PER_GROUP)} == {f"{prior.question} → blue [wrong]"}
+    assert {group_of(records[f"prior-{i}"]) for i in range(PRIOR)} == {f"{prior.question} → blue [wrong]"}
 
 
 def test_prior_driven_answers_are_not_grounded_far_more_often(picked, audited):
@@ -76,14 +77,15 @@ def test_prior_driven_answers_are_not_grounded_far_more_often(picked, audited):
     def not_grounded(rows, key):
         return sum(r[key] is False for r in rows) / len(rows)
 
-    # the answer survives losing the square (object mask), and losing what its own map points at
-    assert not_grounded(prior_rows, "object_grounded") >= 0.75 > 0.25 >= not_grounded(correct_rows, "object_grounded")
-    assert not_grounded(prior_rows, f"{METHOD}.grounded") >= not_grounded(correct_rows, f"{METHOD}.grounded") + 0.25
-    # the audit's own pattern finder names that group, and only it
+    # the answer survives losing what its own map points at, and losing the square (object mask)
+    for key in (f"{METHOD}.grounded", "object_grounded"):
+        assert not_grounded(prior_rows, key) >= not_grounded(correct_rows, key) + 0.4, key
+    # the audit's own pattern finder names that group, and only it (the correct answers' colour
+    # groups are tested too: min_count=5)
     wanted = f"{prior.question} → blue [wrong]"
-    findings = audited.patterns(min_count=PER_GROUP)
+    findings = audited.patterns(min_count=5)
     flagged = {(f.kind, f.method, f.label) for f in findings}
-    assert ("not grounded", "object mask", wanted) in flagged
+    assert {("not grounded", METHOD, wanted), ("not grounded", "object mask", wanted)} <= flagged
     assert {label for _, _, label in flagged} == {wanted}
 
 
@@ -94,8 +96,8 @@ def test_shuffled_verdicts_single_out_nothing(audited):
     labels = [group_of(r) for r in records]
     verdicts = [r["object_grounded"] for r in records]
     swapped = [not v if v is not None else None for v in verdicts]
-    assert not [f for f in ungrounded_labels(labels, swapped, min_count=PER_GROUP) if "[wrong]" in f.label]
+    assert not [f for f in ungrounded_labels(labels, swapped, min_count=5) if "[wrong]" in f.label]
     rng = np.random.default_rng(0)
     for _ in range(5):
         shuffled = list(rng.permutation(np.array(verdicts, dtype=object)))
-        assert not [f for f in ungrounded_labels(labels, shuffled, min_count=PER_GROUP) if "[wrong]" in f.label]
+        assert not [f for f in ungrounded_labels(labels, shuffled, min_count=5) if "[wrong]" in f.label]
