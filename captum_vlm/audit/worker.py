@@ -16,8 +16,8 @@ label must be one of them).
 from __future__ import annotations
 
 import io
-import math
 import json
+import math
 import zlib
 from dataclasses import asdict, dataclass
 from typing import Any
