@@ -285,7 +285,7 @@ class TokenLogProbs(_Target):
         extra_inputs = self.adapter.language_kwargs(input_ids, extra)
         if self.interpolate_pos_encoding:  # only when asked: not every tower's forward takes it
             extra_inputs["interpolate_pos_encoding"] = True
-        logits = self.model(**self.adapter.model_inputs(pixel_values, input_ids, attention_mask),
+        logits = self.model(**self.adapter.model_inputs(pixel_values, input_ids, attention_mask, extra),
                             **extra_inputs).logits
         return logits, input_ids, attention_mask
 

@@ -26,6 +26,9 @@ FAMILY = {
     "Gemma3ForConditionalGeneration": "gemma3",
     "LlavaNextForConditionalGeneration": "llava-next",
     "LlavaOnevisionForConditionalGeneration": "llava-next",
+    "Siglip2Model": "siglip2",
+    "Idefics3ForConditionalGeneration": "idefics3",
+    "SmolVLMForConditionalGeneration": "idefics3",
 }
 
 
@@ -84,7 +87,10 @@ def _vision_tokens(model, pixel_values):
         inputs = adapter.model_inputs(pixel_values)
         out = adapter.vision_model()(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"])
         return out.pooler_output.shape[0]
-    out = adapter.vision_model()(pixel_values=pixel_values, interpolate_pos_encoding=True)
+    if adapter.family == "idefics3":  # every view's patches (a one-tile canvas: the image alone)
+        views = adapter.model_inputs(pixel_values)["pixel_values"].flatten(0, 1)
+        return adapter.vision_model()(pixel_values=views).last_hidden_state.shape[1] * views.shape[0]
+    out = adapter.vision_outputs(pixel_values, interpolate_pos_encoding=True)  # SigLIP 2: its NaFlex patches
     return out.last_hidden_state.shape[1]
 
 
@@ -99,10 +105,11 @@ def test_patch_grid_matches_real_sequence(model, size):
         size = (tm.IMAGE_SIZE, tm.IMAGE_SIZE)
     if adapter.family == "llava-next":  # a tile canvas of one of the grid pinpoints
         size = (size[0] // 2, size[1] // 2)
+    patch = tm.IDEFICS_PATCH if adapter.family == "idefics3" else tm.PATCH  # its 2x2 patches: one 8-px token
     pixels = tm.pixels(1, *size)
     rows, cols = adapter.patch_grid(pixels)
-    assert (rows * kh, cols * kw) == (size[0] // tm.PATCH, size[1] // tm.PATCH)
-    assert adapter.patch_size() == (tm.PATCH * kh, tm.PATCH * kw)
+    assert (rows * kh, cols * kw) == (size[0] // patch, size[1] // patch)
+    assert adapter.patch_size() == (patch * kh, patch * kw)
     with torch.no_grad():
         n_tokens = _vision_tokens(model, pixels)
     assert n_tokens == adapter.num_prefix_tokens + rows * kh * cols * kw

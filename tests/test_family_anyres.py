@@ -9,7 +9,8 @@ processors with 16 px tiles on the tiny models' pinpoints, the zoo's word tokeni
 ``<image>``); OneVision's video processor needs torchvision, so the test class leaves it out.
 Images: 40 x 28 px -> a 48 x 32 canvas of 3 x 2 tiles (6 x 4 cells, no unpadding; OneVision
 pools it to 4 x 3 tokens), 30 x 64 px -> a 32 x 48 canvas (4 x 6 cells, its first and last row
-unpadded).
+unpadded; the content box is pixel rows 4..27), 12 x 10 px -> a 16 x 32 canvas whose first and
+last cell columns hold padding only (content box: pixel columns 9..23).
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from model_state import assert_unchanged, snapshot
 from numerics import assert_close_scaled
 from PIL import Image, ImageDraw
 from transformers import LlavaNextProcessor, LlavaOnevisionProcessor
+from transformers.image_processing_utils import get_patch_output_size, select_best_resolution
+from transformers.image_utils import ChannelDimension
 from transformers.models.llava_next.image_processing_pil_llava_next import (
     LlavaNextImageProcessorPil,
 )
@@ -130,7 +133,48 @@ def adapted(model, processor, image, prompts=(PROMPT,)):
 
 def forward_kwargs(model, pixels, ids, mask, sizes) -> dict:
     adapter = get_adapter(model)
-    return {**adapter.model_inputs(pixels, ids, mask), **adapter.language_kwargs(ids, (sizes,))}
+    return {**adapter.model_inputs(pixels, ids, mask, (sizes,)), **adapter.language_kwargs(ids, (sizes,))}
+
+
+def content_box(size) -> tuple[int, int, int, int]:
+    """The canvas pixels ``(top, bottom, left, right)`` the processor's resized image fills, by
+    transformers' own pinpoint choice and resize size and the processors' even padding rule."""
+    best = select_best_resolution(tuple(size), tm.ANYRES_PINPOINTS)
+    new_h, new_w = get_patch_output_size(np.zeros((*size, 3)), best, ChannelDimension.LAST)
+    top, left = divmod(best[0] - new_h, 2)[0], divmod(best[1] - new_w, 2)[0]
+    return top, top + new_h, left, left + new_w
+
+
+def base_cells(size, grid) -> torch.Tensor:
+    """``[g, g, H, W]``: the canvas cells base-view patch ``(i, j)`` reads, i.e. those whose pixels
+    meet its ``1/g`` share of the content box (rows and columns by exact fractions, by hand)."""
+    from fractions import Fraction
+
+    h, w = grid
+    p = tm.PATCH  # pixels per cell side
+    g = tm.ANYRES_TILE // p
+    top, bottom, left, right = content_box(size)
+    out = torch.zeros(g, g, h, w, dtype=torch.float64)
+
+    def meets(cell: int, start: int, size: int, i: int) -> bool:
+        lo, hi = start + Fraction(i * size, g), start + Fraction((i + 1) * size, g)
+        return cell * p < hi and lo < (cell + 1) * p
+
+    for i in range(g):
+        for j in range(g):
+            for r in range(h):
+                for c in range(w):
+                    if meets(r, top, bottom - top, i) and meets(c, left, right - left, j):
+                        out[i, j, r, c] = 1.0
+    return out
+
+
+def base_view(pixels, size) -> torch.Tensor:
+    """The content box of the canvas resized to one tile (bicubic, antialiased), by hand."""
+    top, bottom, left, right = content_box(size)
+    s = tm.ANYRES_TILE
+    return F.interpolate(pixels[:, :, top:bottom, left:right], size=(s, s), mode="bicubic", antialias=True,
+                         align_corners=False)
 
 
 def double(model):
@@ -141,16 +185,14 @@ def double(model):
 def reference_token_cells(model, size, grid, tiles) -> torch.Tensor:
     """``[N, H * W]``: per image placeholder of one image, the canvas cells it reads, each with an
     equal share (newlines: none). Tile patch features are one-hot vectors of their canvas cell, the
-    base view's patch ``(i, j)`` the ``a x b`` block of cells it covers, and the model's own
+    base view's patch ``(i, j)`` the cells of its share of the content box (:func:`base_cells`;
+    the base view is a resize of the content box, not of the whole canvas), and the model's own
     ``pack_image_features`` (unpadding, OneVision's bilinear pooling, newlines) packs them."""
     (h, w), (a, b) = grid, tiles
     g, n = h // a, h * w
     cells = torch.arange(n).reshape(a, g, b, g).permute(0, 2, 1, 3).reshape(a * b, g * g)
     tile_features = F.one_hot(cells, n).double()
-    base = torch.zeros(g, g, h, w, dtype=torch.float64)
-    for i in range(g):
-        for j in range(g):
-            base[i, j, i * a : (i + 1) * a, j * b : (j + 1) * b] = 1.0
+    base = base_cells(size, grid)
     features = [torch.cat([base.reshape(1, g * g, n), tile_features])]
     sizes = torch.tensor([size])
     newline = torch.zeros(n, dtype=torch.float64)
@@ -193,9 +235,8 @@ def test_processor_inputs_are_the_tile_canvas_exactly(model, processor, which):
     n = kwargs["pixel_values"].shape[1]
     assert torch.equal(kwargs["pixel_values"][:, 1:], raw["pixel_values"][:, 1:n])
     assert torch.equal(kwargs["image_sizes"], raw["image_sizes"])
-    # the base view is the canvas resized (bicubic, antialiased), not the processor's own resize
-    want = F.interpolate(pixels, size=(16, 16), mode="bicubic", antialias=True, align_corners=False)
-    torch.testing.assert_close(kwargs["pixel_values"][:, 0], want, rtol=0, atol=0)
+    # the base view is the content box resized (bicubic, antialiased), not the processor's own resize
+    torch.testing.assert_close(kwargs["pixel_values"][:, 0], base_view(pixels, SIZES[which]), rtol=0, atol=0)
     with torch.no_grad():
         ours, theirs = model(**kwargs).logits, model(**raw).logits
         raw_base = {**raw, "pixel_values": raw["pixel_values"].clone()}
@@ -217,6 +258,73 @@ def test_base_view_of_a_filled_canvas_is_close_to_the_processors():
             assert torch.equal(model.generate(**kwargs, max_new_tokens=4, do_sample=False),
                                model.generate(**raw, max_new_tokens=4, do_sample=False))
         assert (ours - theirs).abs().max() < 0.01 * (theirs.max() - theirs.min())
+
+
+@pytest.mark.parametrize("size", [(30, 64), (12, 10)])
+def test_base_view_is_the_content_box_and_close_to_the_processors(size):
+    """On a padded canvas the base view is the content box (placed by image_sizes by transformers'
+    own resize size and the even padding rule) resized with torch, exactly (the same bicubic
+    antialiased call on the hand-cut box: tolerance 0); it is within 10% of the pixels' range of
+    the processor's own base view (a PIL resize of the original image; the two resamplings differ);
+    and the logits' difference to the processor's inputs, relative to their range, is under 5% and
+    under a fifth of what the whole padded canvas as base view gives."""
+    for kind in CLASSES:
+        model, processor = MODELS[kind](), make_processor(kind)
+        adapter = get_adapter(model)
+        raw, inputs, (ids, mask, sizes) = adapted(model, processor, scene(*size))
+        pixels = inputs["pixel_values"]
+        top, bottom, left, right = content_box(size)
+        assert (bottom - top, right - left) != tuple(pixels.shape[-2:])  # padded
+        kwargs = forward_kwargs(model, pixels, ids, mask, sizes)
+        torch.testing.assert_close(kwargs["pixel_values"][:, 0], base_view(pixels, size), rtol=0, atol=0)
+        theirs_base = raw["pixel_values"][:, 0]
+        spread = theirs_base.max() - theirs_base.min()
+        assert (kwargs["pixel_values"][:, 0] - theirs_base).abs().max() < 0.1 * spread
+        whole = {**kwargs, "pixel_values": adapter.tiles(pixels)}  # the base view from the whole canvas
+        whole_base = F.interpolate(pixels, size=(16, 16), mode="bicubic", antialias=True, align_corners=False)
+        torch.testing.assert_close(whole["pixel_values"][:, 0], whole_base, rtol=0, atol=0)
+        with torch.no_grad():
+            theirs = model(**raw).logits
+            scale = theirs.max() - theirs.min()
+            now = float((model(**kwargs).logits - theirs).abs().max() / scale)
+            before = float((model(**whole).logits - theirs).abs().max() / scale)
+        assert now < 0.05 and now < before / 5, (kind, now, before)
+
+
+@pytest.mark.parametrize("cell", [(0, 0), (1, 3), (0, 1), (1, 2)])
+def test_a_cell_outside_the_content_box_changes_no_base_token(model, processor, cell):
+    """12 x 10 px on a 16 x 32 canvas: cell columns 0 and 3 hold padding only. With the vision
+    attention silenced, changing such a cell's pixels changes no base-view token, and no base box
+    of the layout covers it; a cell inside changes every base token whose box holds it."""
+    size = (12, 10)
+    _, inputs, (ids, mask, sizes) = adapted(model, processor, noise(*size))
+    adapter = get_adapter(model)
+    pixels = inputs["pixel_values"]
+    assert pixels.shape[-2:] == (16, 32) and content_box(size) == (0, 16, 9, 23)
+    silence = [a.register_forward_hook(lambda m, args, out: (torch.zeros_like(out[0]), *out[1:]))
+               for a in [block.self_attn for block in adapter.vision_blocks()]]
+    try:
+        before = _language_input(model, pixels, ids, mask, sizes)
+        changed = pixels.clone()
+        r, c = cell
+        changed[:, :, r * 8 : (r + 1) * 8, c * 8 : (c + 1) * 8] += 1.0
+        after = _language_input(model, changed, ids, mask, sizes)
+    finally:
+        for handle in silence:
+            handle.remove()
+    marked = (after - before).abs().amax(-1) > 1e-6
+    with adapter.image_layout(pixels, ids, image_sizes=sizes) as layout:
+        pass
+    h, w = layout().grid
+    cells, columns = layout().cells[0], layout().columns[0]
+    g2 = adapter.geometry_of_size(size).side ** 2
+    flat = r * w + c
+    covering = [k for k in range(g2) if flat in set(cells[k][cells[k] >= 0].tolist())]
+    base_marked = [k for k in range(g2) if bool(marked[columns[k]])]
+    if c in (0, 3):
+        assert covering == [] and base_marked == []
+    else:
+        assert covering and set(covering) <= set(base_marked)
 
 
 def test_processor_inputs_refuse_what_is_not_one_image_per_example(model, processor):
@@ -246,6 +354,8 @@ def test_bad_inputs_are_named(model, processor):
     fewer = torch.cat([ids[:, :1], ids[:, 2:]], 1)  # one placeholder less
     with pytest.raises(ValueError, match="input_ids: .* image tokens, no unpadding of the 4x6 canvas grid"):
         adapter.model_inputs(pixels, fewer)
+    with pytest.raises(ValueError, match=r"image_sizes: an image of size \(40, 28\) goes on a canvas of \(3, 2\)"):
+        adapter.model_inputs(pixels, ids, None, (torch.tensor([[40, 28]]),))
 
 
 @pytest.mark.parametrize("size", [(40, 28), (30, 64), (20, 44), (12, 40), (45, 20), (16, 16), (64, 64)])
@@ -258,7 +368,10 @@ def test_geometry_read_from_the_placeholders_is_the_models(size):
         _, inputs, (ids, _, _) = adapted(model, processor, noise(*size))
         geometry = adapter.geometry_of_size(size)
         assert int((ids == IMG).sum()) == geometry.num_tokens
-        assert adapter._text_geometry(inputs["pixel_values"], ids) == geometry
+        read = adapter._text_geometry(inputs["pixel_values"], ids)  # (the text alone cannot place the content box)
+        assert (read.grid, read.tiles, read.kept, read.pooled) == (geometry.grid, geometry.tiles, geometry.kept,
+                                                                   geometry.pooled)
+        assert geometry.content == content_box(size)
 
 
 # ----- the layout -------------------------------------------------------------------------------
@@ -269,7 +382,7 @@ def test_layout_is_the_models_own_packing(model, processor, which):
     cells their bilinear weights read, newlines and unpadded cells on nothing."""
     _, inputs, (ids, _, sizes) = adapted(model, processor, noise(*SIZES[which]))
     adapter = get_adapter(model)
-    with adapter.image_layout(inputs["pixel_values"], ids) as layout:
+    with adapter.image_layout(inputs["pixel_values"], ids, image_sizes=sizes) as layout:
         pass
     got = torch.zeros(int(np.prod(layout().grid)), ids.shape[1], dtype=torch.float64)
     got[:, layout().columns[0]] = layout().matrix()[0]
@@ -277,7 +390,7 @@ def test_layout_is_the_models_own_packing(model, processor, which):
     torch.testing.assert_close(got, want, rtol=0, atol=1e-6)  # the layout keeps float32 shares
     geometry = adapter.geometry_of_size(SIZES[which])
     if which == "unpadded":
-        assert want[:6].abs().sum(1).gt(0).all()  # the base view sees the padding rows ...
+        assert want[:6].abs().sum(1).gt(0).all()  # the base view sees content pixels 4..7 of row 0 ...
         assert geometry.kept == (1, 3, 0, 6)  # ... no tile token does
     if type(model).__name__.startswith("LlavaOnevision") and which == "filled":
         assert geometry.pooled == (4, 3)
@@ -317,7 +430,7 @@ def test_layout_finds_a_planted_cell(model, processor, which, cell):
         for handle in silence:
             handle.remove()
     marked = (after - before).abs().amax(-1) > 1e-6
-    with adapter.image_layout(pixels, ids) as layout:
+    with adapter.image_layout(pixels, ids, image_sizes=sizes) as layout:
         pass
     h, w = layout().grid
     cells = layout().cells[0]  # [N, M]
@@ -394,15 +507,17 @@ def _summed_log_p(model, kwargs: dict, ids: torch.Tensor) -> torch.Tensor:
     return (log_probs(logits, ids) * scored).sum(1)
 
 
-def _cells_of_patches(per_patch: torch.Tensor, grid, tiles) -> torch.Tensor:
+def _cells_of_patches(per_patch: torch.Tensor, grid, tiles, size) -> torch.Tensor:
     """Per-patch scores ``[1 + a*b, g, g]`` (base view, then tiles) on the canvas grid: a tile
-    patch in its cell, a base-view patch shared evenly by its a x b block (loops, by hand)."""
+    patch in its cell, a base-view patch shared evenly by the cells of its share of the content
+    box (loops, by hand)."""
     (h, w), (a, b) = grid, tiles
     g = h // a
     out = torch.zeros(h, w, dtype=per_patch.dtype)
+    base = base_cells(size, grid)
     for i in range(g):
         for j in range(g):
-            out[i * a : (i + 1) * a, j * b : (j + 1) * b] += per_patch[0, i, j] / (a * b)
+            out += per_patch[0, i, j] * base[i, j].to(out) / base[i, j].sum()
             for ta in range(a):
                 for tb in range(b):
                     out[ta * g + i, tb * g + j] += per_patch[1 + ta * b + tb, i, j]
@@ -435,7 +550,7 @@ def test_integrated_gradients_equal_a_hand_made_path_integral(kind, processor):
             handle.remove()
         total += step * torch.autograd.grad(score, point)[0]
     per_patch = (total * (full - base)).sum(1)  # [1 + a*b, g, g]
-    want = _cells_of_patches(per_patch, (4, 6), (2, 3))
+    want = _cells_of_patches(per_patch, (4, 6), (2, 3), SIZES["unpadded"])
     assert_close_scaled(got[0], want)
     with torch.no_grad():
         change = _summed_log_p(model, kwargs, ids)
@@ -485,10 +600,9 @@ def test_occlusion_drop_and_paint_equal_references(kind, processor, which):
                                   return_grid=True)[0]
     grey = pixels.clone()
     grey[:, :, 8:16, 24:32] = 0.0  # cell (1, 3)
-    s = tm.ANYRES_TILE
     tiles = forward_kwargs(model, pixels, ids, mask, sizes)["pixel_values"].clone()
     tiles[:, 1 + 1, :, 8:16, 8:16] = 0.0  # tile (0, 1) holds the cell at its rows 8..16, columns 8..16
-    tiles[:, 0] = F.interpolate(grey, size=(s, s), mode="bicubic", antialias=True, align_corners=False)
+    tiles[:, 0] = base_view(grey, SIZES[which])  # (a painted cell outside the content box leaves it)
     with torch.no_grad():
         want = intact - _summed_log_p(model, {**forward_kwargs(model, pixels, ids, mask, sizes),
                                               "pixel_values": tiles}, ids)[0]
@@ -503,7 +617,7 @@ def test_drop_image_tokens_is_scoped(model, processor):
     keep[0, 1, 2] = 0
     matrix = reference_matrix(model, ids[0], sizes[0].tolist(), inputs["pixel_values"])
     with adapter.drop_image_tokens(keep) as stays:
-        stay = stays(ids)
+        stay = stays(ids, (sizes,))
         assert torch.equal(~stay[0], matrix[1 * 6 + 2] > 0)
     assert_unchanged(model, before)
     with pytest.raises(RuntimeError, match="boom"), adapter.drop_image_tokens(keep):

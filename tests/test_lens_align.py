@@ -355,9 +355,9 @@ def test_report_is_self_contained_and_its_hover_labels_are_inert(scenes, tmp_pat
 def test_unsupported_models_get_a_type_error_listing_supported_classes():
     processor = None
     for model in (tm.blip_caption(), tm.llava(), torch.nn.Linear(2, 2)):
-        with pytest.raises(TypeError, match="BlipForImageTextRetrieval, CLIPModel, SiglipModel"):
+        with pytest.raises(TypeError, match="BlipForImageTextRetrieval, CLIPModel, Siglip2Model, SiglipModel"):
             lens.embed(model, processor, texts=["a"])
-    assert lens.joint_embedding_classes() == ["BlipForImageTextRetrieval", "CLIPModel", "SiglipModel"]
+    assert lens.joint_embedding_classes() == ["BlipForImageTextRetrieval", "CLIPModel", "Siglip2Model", "SiglipModel"]
     assert get_adapter(tm.blip_itm()).has_joint_embeddings and not get_adapter(tm.blip_vqa()).has_joint_embeddings
 
 

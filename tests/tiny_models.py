@@ -359,6 +359,56 @@ FACTORIES["Blip2ForConditionalGeneration"] = blip2
 FACTORIES["InstructBlipForConditionalGeneration"] = instructblip
 
 
+# ----- SigLIP 2 (NaFlex) ---------------------------------------------------------------------------
+def siglip2(seed: int = 0) -> torch.nn.Module:
+    """SigLIP 2 whose learned position embeddings form a 4x4 grid (``num_patches=16``), resized to
+    every image's own patch grid."""
+    from transformers import Siglip2Config, Siglip2Model
+
+    torch.manual_seed(seed)
+    vision = {k: v for k, v in _vision(num_patches=16).items() if k != "image_size"}
+    config = Siglip2Config(text_config=_text(projection_size=HIDDEN), vision_config=vision)
+    return _finish(Siglip2Model(config), seed)
+
+
+FACTORIES["Siglip2Model"] = siglip2
+
+
+# ----- Idefics3 / SmolVLM (tiles, global view, pixel shuffle) -------------------------------------
+#: the Idefics3 text tokens, where the zoo tokenizer puts them once added (tests/test_family_idefics3.py)
+IDEFICS_FAKE, IDEFICS_IMAGE_TOKEN, IDEFICS_END, IDEFICS_GLOBAL = 46, 47, 48, 49
+IDEFICS_PATCH, IDEFICS_SCALE = PATCH // 2, 2  # one image token covers PATCH x PATCH pixels, as the others' patch
+
+
+def _idefics3_config(config_class, seed: int):
+    torch.manual_seed(seed)
+    text = dict(model_type="llama", vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=HEADS, num_key_value_heads=HEADS, max_position_embeddings=256, pad_token_id=PAD,
+                bos_token_id=BOS, eos_token_id=EOS, initializer_range=0.02)
+    vision = dict(hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=2, num_attention_heads=HEADS,
+                  image_size=IMAGE_SIZE, patch_size=IDEFICS_PATCH, initializer_range=0.02)
+    return config_class(text_config=text, vision_config=vision, scale_factor=IDEFICS_SCALE,
+                        image_token_id=IDEFICS_IMAGE_TOKEN)
+
+
+def idefics3(seed: int = 0) -> torch.nn.Module:
+    """Idefics3 with 32-px tiles of 4-px patches, pixel shuffle 2: 4 x 4 image tokens per tile."""
+    from transformers import Idefics3Config, Idefics3ForConditionalGeneration
+
+    return _finish(Idefics3ForConditionalGeneration(_idefics3_config(Idefics3Config, seed)), seed)
+
+
+def smolvlm(seed: int = 0) -> torch.nn.Module:
+    """SmolVLM, the same sizes as :func:`idefics3`."""
+    from transformers import SmolVLMConfig, SmolVLMForConditionalGeneration
+
+    return _finish(SmolVLMForConditionalGeneration(_idefics3_config(SmolVLMConfig, seed)), seed)
+
+
+FACTORIES["Idefics3ForConditionalGeneration"] = idefics3
+FACTORIES["SmolVLMForConditionalGeneration"] = smolvlm
+
+
 #: LLaVA-NeXT / OneVision: 16 px tiles (2x2 patches of 8 px) on canvases of up to 3x3 tiles
 ANYRES_TILE = 16
 ANYRES_PINPOINTS = [[16, 32], [32, 16], [32, 32], [32, 48], [48, 32], [48, 48], [16, 48], [48, 16]]

@@ -11,12 +11,14 @@ from captum_vlm.adapters.blip import BlipAdapter
 from captum_vlm.adapters.blip2 import Blip2Adapter
 from captum_vlm.adapters.clip import CLIPAdapter
 from captum_vlm.adapters.gemma3 import Gemma3Adapter
+from captum_vlm.adapters.idefics3 import Idefics3Adapter
 from captum_vlm.adapters.instructblip import InstructBlipAdapter
 from captum_vlm.adapters.llava import LlavaAdapter
 from captum_vlm.adapters.llava_next import LlavaNextAdapter
 from captum_vlm.adapters.paligemma import PaliGemmaAdapter
 from captum_vlm.adapters.qwen_vl import QwenVLAdapter
 from captum_vlm.adapters.siglip import SiglipAdapter
+from captum_vlm.adapters.siglip2 import Siglip2Adapter
 from captum_vlm.adapters.vilt import ViltAdapter
 
 __all__ = [
@@ -27,6 +29,7 @@ __all__ = [
     "supported_model_classes",
     "CLIPAdapter",
     "SiglipAdapter",
+    "Siglip2Adapter",
     "BlipAdapter",
     "Blip2Adapter",
     "InstructBlipAdapter",
@@ -36,4 +39,5 @@ __all__ = [
     "QwenVLAdapter",
     "PaliGemmaAdapter",
     "Gemma3Adapter",
+    "Idefics3Adapter",
 ]

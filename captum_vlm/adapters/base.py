@@ -205,6 +205,12 @@ class VLMAdapter:
         """The vision transformer (embeddings + encoder)."""
         raise NotImplementedError(f"{self.family}: no separate vision model")
 
+    def vision_outputs(self, pixel_values: torch.Tensor, **kwargs):
+        """The vision model's outputs for one image tensor ``[B, 3, H, W]`` (``kwargs`` such as
+        ``interpolate_pos_encoding`` passed on); families whose tower takes its image otherwise
+        (NaFlex patches) convert here."""
+        return self.vision_model()(pixel_values=pixel_values, **kwargs)
+
     def vision_blocks(self) -> list[nn.Module]:
         """The vision transformer blocks, first to last."""
         return list(self.vision_model().encoder.layers)
@@ -281,10 +287,12 @@ class VLMAdapter:
 
     def model_inputs(
         self, pixel_values: torch.Tensor, input_ids: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None, extra: Sequence[torch.Tensor | None] = (),
     ) -> dict:
         """The keyword arguments of the model's forward (and ``generate``) for one image tensor
-        ``[B, 3, H, W]`` and the text. Default: the three as they are.
+        ``[B, 3, H, W]`` and the text. Default: the three as they are. ``extra``: the
+        :attr:`extra_text_inputs` (the model's own come from :meth:`language_kwargs`; a family
+        whose image inputs depend on them reads them here, default: ignored).
 
         Example:
             >>> logits = model(**adapter.model_inputs(pixel_values, input_ids, attention_mask)).logits  # doctest: +SKIP
@@ -296,10 +304,13 @@ class VLMAdapter:
             kwargs["attention_mask"] = attention_mask
         return kwargs
 
-    def patch_embedding_grid(self, layer_attr: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
+    def patch_embedding_grid(
+        self, layer_attr: torch.Tensor, pixel_values: torch.Tensor, extra: Sequence[torch.Tensor | None] = ()
+    ) -> torch.Tensor:
         """Attributions at :meth:`patch_embedding`'s output (``[B, D, h * kh, w * kw]`` or
         ``[B, N, D]``) summed per map-grid cell ``[B, h, w]``, a cell holding
-        :attr:`patches_per_cell` ``= (kh, kw)`` patches (pooled image tokens)."""
+        :attr:`patches_per_cell` ``= (kh, kw)`` patches (pooled image tokens). ``extra``: the
+        :attr:`extra_text_inputs` (default: ignored)."""
         (h, w), (kh, kw) = self.patch_grid(pixel_values), self.patches_per_cell
         per_patch = layer_attr.sum(1) if layer_attr.dim() == 4 else layer_attr.sum(-1)
         return per_patch.reshape(layer_attr.shape[0], h, kh, w, kw).sum(dim=(2, 4))
@@ -447,8 +458,9 @@ class VLMAdapter:
         is False (every row must drop equally many). Restored on exit, also on error.
 
         Yields:
-            ``stays(input_ids) -> [B, T]`` bool: which ``input_ids`` positions stay in the text
-            (all of them, unless image placeholders must go with their dropped features).
+            ``stays(input_ids, extra=()) -> [B, T]`` bool: which ``input_ids`` positions stay in
+            the text (all of them, unless image placeholders must go with their dropped
+            features); ``extra``: the :attr:`extra_text_inputs`.
         """
         keep_flat = keep.reshape(keep.shape[0], -1) > 0.5
         module, prefix = self._token_drop_site()
@@ -468,7 +480,7 @@ class VLMAdapter:
         ``input_ids``, the placeholders of dropped patches go too (a prefix feature stays); query
         image tokens all stay (the queries attend to the patches that are left)."""
 
-        def stays(input_ids: torch.Tensor) -> torch.Tensor:
+        def stays(input_ids: torch.Tensor, extra: Sequence[torch.Tensor | None] = ()) -> torch.Tensor:
             if not self.image_tokens_in_input_ids or self.image_tokens == "queries":
                 return torch.ones_like(input_ids, dtype=torch.bool)
             image = self.image_token_positions(input_ids)

@@ -83,9 +83,9 @@ class LlavaAdapter(VLMAdapter):
     def greedy_answer(self, pixel_values, input_ids, attention_mask, max_new_tokens, extra=()):
         return self._greedy(pixel_values, input_ids, attention_mask, max_new_tokens)
 
-    def _greedy(self, pixel_values, input_ids, attention_mask, max_new_tokens, **model_kwargs):
+    def _greedy(self, pixel_values, input_ids, attention_mask, max_new_tokens, extra=(), **model_kwargs):
         """``generate`` greedily (``model_kwargs`` passed on), the new tokens up to the end token."""
-        generated = self.model.generate(**self.model_inputs(pixel_values, input_ids, attention_mask),
+        generated = self.model.generate(**self.model_inputs(pixel_values, input_ids, attention_mask, extra),
                                         max_new_tokens=max_new_tokens, do_sample=False, **model_kwargs)
         new = generated[:, input_ids.shape[1]:]
         eos = self.model.generation_config.eos_token_id

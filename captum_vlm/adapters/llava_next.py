@@ -7,10 +7,10 @@ padded to it), cuts that **canvas** into ``S x S`` tiles (``S`` the vision tower
 adds a **base view**, the whole image resized to ``S x S``. Every method here takes, and every
 map is drawn over, that canvas ``[B, 3, H, W]``: :meth:`LlavaNextAdapter.processor_inputs`
 reassembles it exactly from the processor's tiles, and :meth:`LlavaNextAdapter.model_inputs` cuts
-the tiles again and computes the base view from the canvas with torch (bicubic, antialiased, the
-processor's resample), so everything the model sees is a function of the one image tensor
-(gradients, IG paths and occlusion reach the tiles and the base view; a painted region is hidden
-in both).
+the tiles again and computes the base view from the canvas's content box (the pixels the resized
+image fills, placed by ``image_sizes``) with torch (bicubic, antialiased, the processor's
+resample), so everything the model sees is a function of the one image tensor (gradients, IG paths
+and occlusion reach the tiles and the base view; a painted region is hidden in both).
 """
 
 from __future__ import annotations
@@ -45,6 +45,10 @@ class AnyresGeometry:
         side: patches per tile side (and the base view's grid side).
         kept: the cells left after unpadding, ``(top, bottom, left, right)`` (bottom, right excluded).
         pooled: OneVision's pooled grid of the kept cells ``(rows, cols)`` (``None``: not pooled).
+        content: the canvas pixels the resized image fills, ``(top, bottom, left, right)``
+            (bottom, right excluded), the base view's source (``None``: the whole canvas, as when
+            only the text is known).
+        patch: pixels per cell side.
     """
 
     grid: tuple[int, int]
@@ -52,6 +56,8 @@ class AnyresGeometry:
     side: int
     kept: tuple[int, int, int, int]
     pooled: tuple[int, int] | None = None
+    content: tuple[int, int, int, int] | None = None
+    patch: int = 1
 
     @property
     def token_grid(self) -> tuple[int, int]:
@@ -71,13 +77,20 @@ class AnyresGeometry:
         """Per image placeholder, in sequence order: whether it is an image token (not a newline)
         ``[N]`` and its cell box ``(top, left, bottom, right)`` on :attr:`grid` ``[N, 4]``
         (newlines: an empty box). Base-view token ``(i, j)`` covers the block of canvas cells its
-        share of the canvas spans; a tile token its cell; a pooled token the cells its bilinear
-        weights read."""
-        (h, w), g = self.grid, self.side
+        share of the content box (:attr:`content`) touches; a tile token its cell; a pooled token
+        the cells its bilinear weights read."""
+        (h, w), g, p = self.grid, self.side, self.patch
+        top, bottom, left, right = self.content or (0, h * p, 0, w * p)
+
+        def share(start: int, size: int, i: int) -> tuple[int, int]:  # cells of pixels [start + i*size/g, ...)
+            return (start * g + i * size) // (g * p), -(-(start * g + (i + 1) * size) // (g * p))
+
         found = []
         for i in range(g):
+            r0, r1 = share(top, bottom - top, i)
             for j in range(g):
-                found.append((i * h // g, j * w // g, -(-(i + 1) * h // g), -(-(j + 1) * w // g)))
+                c0, c1 = share(left, right - left, j)
+                found.append((r0, c0, r1, c1))
         top, bottom, left, right = self.kept
         rows, cols = self.token_grid
         row_support = _bilinear_support(bottom - top, rows)
@@ -125,34 +138,37 @@ class LlavaNextAdapter(LlavaAdapter):
     padding are removed; they map to nothing). LLaVA-OneVision bilinearly **pools** the unpadded
     tile features to a smaller grid when there are more than ``anyres_max_N`` tiles' worth
     (``config.vision_aspect_ratio``); a pooled token covers the cells its bilinear weights read.
-    A tile token covers its cell, a base-view token the ``a x b`` block of cells its share of the
-    canvas spans (:class:`AnyresGeometry`); newline tokens are no image tokens. The layout spreads
+    A tile token covers its cell, a base-view token the cells its ``1/g x 1/g`` share of the content
+    box touches (:class:`AnyresGeometry`); newline tokens are no image tokens. The layout spreads
     a token's score evenly over its cells (mass-conserving,
     :meth:`~captum_vlm.adapters.layout.ImageTokenLayout.boxes`).
 
-    **The base view is computed from the canvas** (the whole canvas, padding included, resized to
-    ``S x S`` bicubic with antialiasing), so a change to the canvas reaches both the tiles and the
-    base view. The processor's own base view is a separate resize of the original image (no
-    padding, its aspect stretched to a square). Measured on the tiny random models of the tests
-    (``benchmarks/anyres_base_view.py``, 3 seeds, 2026-12-02): for a picture that fills its
-    pinpoint the largest logit difference is 0.1-0.2% of the logits' range and the greedy answer
-    never changed; with padding on the canvas (2 to 9 of 16-32 pixel rows) it is 14-71% of the
-    range over all positions (2-16% at the last prompt position) and the greedy answer changed in
-    up to 2 of 3 models. So the maps explain the model on the canvas-derived base view; for a
-    padded image that is not exactly what the processor's inputs give.
+    **The base view is computed from the canvas's content box**: the pixels where the processor
+    pasted the resized image (from ``image_sizes``: the pinpoint, the resize size and the even
+    padding, :meth:`geometry_of_size`), resized to ``S x S`` bicubic with antialiasing. So a change
+    to the canvas reaches both the tiles and the base view, and padding reaches neither the base
+    view nor any map through it. The processor's own base view is one resize of the original
+    image; ours resamples twice. Measured on the tiny random models of the tests
+    (``benchmarks/anyres_base_view.py``, 3 seeds, 2026-12-02): the largest logit difference is
+    0.1-0.2% of the logits' range for a picture that fills its pinpoint and 0.4-2.7% with padding
+    on the canvas (the whole padded canvas as base view gave 14-71% and changed greedy answers);
+    no greedy answer changed.
 
     The processor's ``image_sizes`` (the original ``(height, width)``, which fixes the unpadding)
     travel after ``attention_mask``: ``additional_forward_args=(input_ids, attention_mask,
-    image_sizes)``; :meth:`processor_inputs` keeps them. The unpadding a text's placeholders
-    imply is read back from their number (:meth:`geometry`), so the layout needs only
-    ``input_ids``. One image per example, all of one batch on the same canvas.
+    image_sizes)``; :meth:`processor_inputs` keeps them. :meth:`model_inputs`,
+    :meth:`patch_embedding_grid` and occlusion's ``stays`` read them from their ``extra``
+    argument, :meth:`image_layout` from the model's forward inside its block (or its
+    ``image_sizes`` argument). The unpadding a text's placeholders imply is read back from their
+    number (:meth:`geometry`) and checked. One image per example, all of one batch on the same
+    canvas.
 
     Occlusion (``"drop"``) removes, with their placeholders, the tile tokens of the dropped cells
     and every base-view (or pooled) token whose box holds a dropped cell; newlines stay. Windows
     at different places can then drop different numbers of tokens, which one batched forward
     cannot hold: such a batch asks for ``perturbations_per_eval=1`` (ValueError).
     Image-side IG sums the patch embeddings' attributions per cell: a tile patch's in its cell, a
-    base-view patch's spread evenly over its block.
+    base-view patch's spread evenly over its box of content-box cells.
 
     Example:
         >>> adapter = get_adapter(model)                                              # doctest: +SKIP
@@ -204,7 +220,7 @@ class LlavaNextAdapter(LlavaAdapter):
             )
         return super().patch_grid(pixel_values)
 
-    def _with_pooling(self, grid, tiles, kept) -> AnyresGeometry:
+    def _with_pooling(self, grid, tiles, kept, content=None) -> AnyresGeometry:
         """The geometry, with OneVision's pooling applied as its ``pack_image_features`` does."""
         top, bottom, left, right = kept
         rows, cols, side = bottom - top, right - left, self._side
@@ -213,11 +229,14 @@ class LlavaNextAdapter(LlavaAdapter):
             ratio = math.sqrt(rows * cols / (self._max_tiles * side ** 2))
             if ratio > 1.1:
                 pooled = (int(rows // ratio), int(cols // ratio))
-        return AnyresGeometry(grid, tiles, side, kept, pooled)
+        patch = self.tile_size // side
+        return AnyresGeometry(grid, tiles, side, kept, pooled, content, patch)
 
     def geometry_of_size(self, image_size: Sequence[int]) -> AnyresGeometry:
         """The geometry of an original image of ``(height, width)`` pixels, as the model computes it
-        from ``image_sizes`` (best pinpoint, unpadding, pooling)."""
+        from ``image_sizes`` (best pinpoint, unpadding, pooling), with its content box: where the
+        processor pastes the resized image on the pinpoint canvas (aspect kept, the longer side
+        scaled to fit and the other rounded up; padded evenly, the odd pixel after it)."""
         from transformers.image_processing_utils import select_best_resolution
 
         height, width = (int(s) for s in image_size)
@@ -233,7 +252,14 @@ class LlavaNextAdapter(LlavaAdapter):
             new = int(round(width * (h / height), 7))
             pad = (w - new) // 2
             kept = (0, h, pad, w - pad)
-        return self._with_pooling((h, w), tiles, kept)
+        big_h, big_w = best
+        scale_h, scale_w = big_h / height, big_w / width  # (the processor's float steps, for its rounding)
+        if scale_w < scale_h:
+            new_h, new_w = min(math.ceil(height * scale_w), big_h), big_w
+        else:
+            new_h, new_w = big_h, min(math.ceil(width * scale_h), big_w)
+        top, left = (big_h - new_h) // 2, (big_w - new_w) // 2
+        return self._with_pooling((h, w), tiles, kept, (top, top + new_h, left, left + new_w))
 
     def geometry(self, grid: tuple[int, int], n_tokens: int) -> AnyresGeometry:
         """The geometry of an image on a canvas of patch grid ``grid`` whose text holds
@@ -317,24 +343,50 @@ class LlavaNextAdapter(LlavaAdapter):
         found["pixel_values"] = grid.permute(0, 3, 1, 4, 2, 5).reshape(tiles.shape[0], 3, a * s, b * s)
         return found
 
-    def tiles(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def content_boxes(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None) -> list[tuple[int, int, int, int]]:
+        """Per example, the canvas pixels ``(top, bottom, left, right)`` its resized image fills
+        (from ``image_sizes`` ``[B, 2]``; ``None``: the whole canvas).
+
+        Raises:
+            ValueError: an image size whose pinpoint is not this canvas.
+        """
+        grid = self.patch_grid(pixel_values)
+        height, width = pixel_values.shape[-2:]
+        if image_sizes is None:
+            return [(0, height, 0, width)] * pixel_values.shape[0]
+        found = []
+        for size in image_sizes.tolist():
+            geometry = self.geometry_of_size(size)
+            if geometry.grid != grid:
+                raise ValueError(f"image_sizes: an image of size {tuple(size)} goes on a canvas of {geometry.tiles} "
+                                 f"tiles, pixel_values holds a {tuple(pixel_values.shape[-2:])} canvas")
+            found.append(geometry.content)
+        return found
+
+    def tiles(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None = None) -> torch.Tensor:
         """The canvas ``[B, 3, a*S, b*S]`` as the model's input ``[B, 1 + a*b, 3, S, S]``: the base
-        view (the canvas resized, bicubic with antialiasing), then the tiles row by row
-        (differentiable)."""
+        view, then the tiles row by row (differentiable). The base view is each example's content
+        box (:meth:`content_boxes`, from ``image_sizes``; ``None``: the whole canvas) resized to
+        ``S x S``, bicubic with antialiasing (the processor's resample), so it reads no padding."""
         self.patch_grid(pixel_values)
         s = self.tile_size
         batch, channels, height, width = pixel_values.shape
         a, b = height // s, width // s
         cut = pixel_values.reshape(batch, channels, a, s, b, s).permute(0, 2, 4, 1, 3, 5).reshape(batch, a * b, channels, s, s)
-        base = F.interpolate(pixel_values, size=(s, s), mode="bicubic", align_corners=False,
-                             antialias=True) if (a, b) != (1, 1) else pixel_values
-        return torch.cat([base[:, None], cut], 1)
+        bases = []
+        for k, (top, bottom, left, right) in enumerate(self.content_boxes(pixel_values, image_sizes)):
+            box = pixel_values[k : k + 1, :, top:bottom, left:right]
+            bases.append(box if box.shape[-2:] == (s, s) else
+                         F.interpolate(box, size=(s, s), mode="bicubic", align_corners=False, antialias=True))
+        return torch.cat([torch.cat(bases)[:, None], cut], 1)
 
-    def model_inputs(self, pixel_values, input_ids=None, attention_mask=None) -> dict:
-        """The tiles and base view of the canvas (``image_sizes`` comes from
+    def model_inputs(self, pixel_values, input_ids=None, attention_mask=None, extra=()) -> dict:
+        """The tiles and base view of the canvas; ``extra`` holds ``image_sizes``, which places the
+        base view's content box (the model's own ``image_sizes`` comes from
         :meth:`language_kwargs`)."""
         check_pixel_values(pixel_values)
-        kwargs = {"pixel_values": self.tiles(pixel_values)}
+        sizes = tuple(extra)[0] if len(tuple(extra)) else None
+        kwargs = {"pixel_values": self.tiles(pixel_values, sizes if isinstance(sizes, torch.Tensor) else None)}
         if input_ids is not None:
             if id(self.model) not in _DROPPING:  # (an occlusion's drop removes placeholders)
                 self._text_geometry(pixel_values, input_ids)  # a clear error before the model's own
@@ -375,32 +427,66 @@ class LlavaNextAdapter(LlavaAdapter):
                     )
         return {"image_sizes": sizes.to(input_ids.device)}
 
-    def patch_embedding_grid(self, layer_attr: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
+    def patch_embedding_grid(self, layer_attr: torch.Tensor, pixel_values: torch.Tensor, extra=()) -> torch.Tensor:
         """Patch-embedding attributions ``[B * (1 + a*b), D, g, g]`` on the canvas grid
-        ``[B, H, W]``: a tile patch's in its cell, a base-view patch's spread evenly over its
-        ``a x b`` block."""
+        ``[B, H, W]``: a tile patch's in its cell, a base-view patch's spread evenly over its box
+        of content-box cells (``extra``: ``(image_sizes,)``; without it the whole canvas)."""
         (h, w), g = self.patch_grid(pixel_values), self._side
         batch = pixel_values.shape[0]
         a, b = h // g, w // g
         per_patch = layer_attr.sum(1) if layer_attr.dim() == 4 else layer_attr.sum(-1)
         per_patch = per_patch.reshape(batch, 1 + a * b, g, g)
-        base = per_patch[:, 0].repeat_interleave(a, 1).repeat_interleave(b, 2) / (a * b)
         tiles = per_patch[:, 1:].reshape(batch, a, b, g, g).permute(0, 1, 3, 2, 4).reshape(batch, h, w)
+        sizes = tuple(extra)[0] if len(tuple(extra)) else None
+        boxes = self.content_boxes(pixel_values, sizes if isinstance(sizes, torch.Tensor) else None)
+        spread = torch.stack([self._base_spread((h, w), box).to(per_patch) for box in boxes])  # [B, g*g, H*W]
+        base = torch.einsum("bk,bkn->bn", per_patch[:, 0].reshape(batch, -1), spread).reshape(batch, h, w)
         return tiles + base
+
+    def _base_spread(self, grid: tuple[int, int], content: tuple[int, int, int, int]) -> torch.Tensor:
+        """``[g*g, H*W]``: each base-view token's equal share over the cells of its box."""
+        side = self._side
+        geometry = AnyresGeometry(grid, (grid[0] // side, grid[1] // side), side, (0, grid[0], 0, grid[1]),
+                                  content=content, patch=self.tile_size // side)
+        _, boxes = geometry.boxes()
+        spread = torch.zeros(side * side, grid[0], grid[1], dtype=torch.float64)
+        for k, (top, left, bottom, right) in enumerate(boxes[: side * side].tolist()):
+            spread[k, top:bottom, left:right] = 1.0 / ((bottom - top) * (right - left))
+        return spread.reshape(side * side, -1)
 
     # ----- where the image tokens sit -----------------------------------------------------------
     @contextmanager
-    def image_layout(self, pixel_values, input_ids=None) -> Iterator[Callable[[], ImageTokenLayout]]:
-        """The base-view and tile tokens on the canvas grid (newlines and unpadded cells left out)."""
+    def image_layout(self, pixel_values, input_ids=None, image_sizes=None) -> Iterator[Callable[[], ImageTokenLayout]]:
+        """The base-view and tile tokens on the canvas grid (newlines and unpadded cells left out).
+        The base-view tokens' boxes lie on the content box, which ``image_sizes`` places: given
+        here, or read from the last forward of the model inside the block."""
         if input_ids is None:
             raise ValueError("input_ids: needed to find the image tokens of this model")
-        geometry = self._text_geometry(pixel_values, input_ids)
-        image, boxes = geometry.boxes()
-        positions = self.image_token_positions(input_ids)
-        index = torch.arange(input_ids.shape[1], device=input_ids.device)
-        columns = torch.stack([index[row][image.to(row.device)] for row in positions])
-        found = ImageTokenLayout.boxes(columns, geometry.grid, boxes[image], input_ids.shape[1])
-        yield lambda: found
+        self._text_geometry(pixel_values, input_ids)
+        seen = [] if image_sizes is None else [image_sizes]
+
+        def record(module, args, kwargs):
+            if kwargs.get("image_sizes") is not None:
+                seen.append(kwargs["image_sizes"])
+
+        def layout() -> ImageTokenLayout:
+            if not seen:
+                raise RuntimeError("image_layout: no forward ran inside the block; pass image_sizes")
+            positions = self.image_token_positions(input_ids)
+            index = torch.arange(input_ids.shape[1], device=input_ids.device)
+            columns, boxes_of = [], []
+            for row, size in zip(positions, seen[-1].tolist()):
+                image, boxes = self.geometry_of_size(size).boxes()
+                columns.append(index[row][image.to(row.device)])
+                boxes_of.append(boxes[image])
+            return ImageTokenLayout.boxes(torch.stack(columns), self.patch_grid(pixel_values), torch.stack(boxes_of),
+                                          input_ids.shape[1])
+
+        handle = self._inner().register_forward_pre_hook(record, with_kwargs=True)
+        try:
+            yield layout
+        finally:
+            handle.remove()
 
     # ----- occlusion without some image tokens ------------------------------------------------
     @staticmethod
@@ -445,12 +531,14 @@ class LlavaNextAdapter(LlavaAdapter):
             handle.remove()
 
     def _stays(self, keep: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-        def stays(input_ids: torch.Tensor) -> torch.Tensor:
+        def stays(input_ids: torch.Tensor, extra=()) -> torch.Tensor:
             positions = self.image_token_positions(input_ids)
             found = torch.ones_like(input_ids, dtype=torch.bool)
             grid = tuple(int(s) for s in keep.shape[-2:])
+            sizes = tuple(extra)[0] if len(tuple(extra)) else None
             for b in range(input_ids.shape[0]):
-                geometry = self.geometry(grid, int(positions[b].sum()))
+                geometry = (self.geometry_of_size(sizes[b].tolist()) if isinstance(sizes, torch.Tensor)
+                            else self.geometry(grid, int(positions[b].sum())))
                 columns = positions[b].nonzero()[:, 0]
                 found[b, columns[self._dropped(geometry, keep[b]).to(columns.device)]] = False
             counts = (~found).sum(1)
@@ -470,7 +558,7 @@ class LlavaNextAdapter(LlavaAdapter):
         return (tokens, mask, *[e for e in extra[:1] if e is not None]), start
 
     def greedy_answer(self, pixel_values, input_ids, attention_mask, max_new_tokens, extra=()):
-        return self._greedy(pixel_values, input_ids, attention_mask, max_new_tokens,
+        return self._greedy(pixel_values, input_ids, attention_mask, max_new_tokens, extra,
                             **self.language_kwargs(input_ids, extra))
 
     def vision_attentions(self) -> list[nn.Module]:

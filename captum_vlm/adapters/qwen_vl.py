@@ -139,7 +139,7 @@ class QwenVLAdapter(LlavaAdapter):
         grid = torch.tensor([[1, h * m, w * m]] * b, dtype=torch.long, device=pixel_values.device)
         return flat, grid
 
-    def model_inputs(self, pixel_values, input_ids=None, attention_mask=None) -> dict:
+    def model_inputs(self, pixel_values, input_ids=None, attention_mask=None, extra=()) -> dict:
         """Flattened patches, ``image_grid_thw`` and the ``mm_token_type_ids`` M-RoPE needs.
 
         Raises:
@@ -163,7 +163,7 @@ class QwenVLAdapter(LlavaAdapter):
             kwargs["attention_mask"] = attention_mask
         return kwargs
 
-    def patch_embedding_grid(self, layer_attr: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
+    def patch_embedding_grid(self, layer_attr: torch.Tensor, pixel_values: torch.Tensor, extra=()) -> torch.Tensor:
         """Patch-embedding attributions ``[B * patches, D]`` summed per merged cell ``[B, h, w]``."""
         h, w = self.patch_grid(pixel_values)
         return layer_attr.sum(-1).reshape(pixel_values.shape[0], h, w, self.merge ** 2).sum(-1)

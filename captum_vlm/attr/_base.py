@@ -325,6 +325,8 @@ class ImageAttribution(ImageAttributionBase, Attribution):
         pixel_values, grid = self.image_inputs(inputs, upsample)
         ids, mask, _ = split_text_args(self.adapter, additional_forward_args, most=2,
                                        wanted="(input_ids, attention_mask)")
+        if self.adapter.any_image_size:  # every grid is native (dynamic resolution)
+            return pixel_values, ids, mask, grid
         config = self.model.config.vision_config
         trained = (config.image_size // config.patch_size,) * 2
         if grid != trained and not self.interpolate_pos_encoding:

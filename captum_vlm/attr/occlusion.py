@@ -379,7 +379,7 @@ class CausalOcclusion(TargetAttributionBase, PerturbationAttribution):
                 parts.append(self._call(pixel_values[row], *text, keep[row]))
             return torch.cat(parts)
         with self.adapter.drop_image_tokens(keep) as stays:
-            stay = stays(ids)
+            stay = stays(ids, extra)
             if bool(stay.all()):
                 return self.target_fn(pixel_values, ids, mask, *extra)
             return self._shortened(pixel_values, ids, mask, extra, stay)

@@ -43,7 +43,7 @@ class PatchWordSimilarity(ImageAttribution):
     def patch_embeds(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Patch tokens in the joint embedding space ``[B, n_patches, E]``."""
         vision = self.model.vision_model
-        hidden = vision(pixel_values=pixel_values, interpolate_pos_encoding=self.interpolate_pos_encoding)
+        hidden = self.adapter.vision_outputs(pixel_values, interpolate_pos_encoding=self.interpolate_pos_encoding)
         hidden = hidden.last_hidden_state[:, self.adapter.num_prefix_tokens :]
         if not self.pools_with_head:
             return self.model.visual_projection(vision.post_layernorm(hidden))

@@ -239,7 +239,7 @@ class TokenIntegratedGradients(TargetAttributionBase, GradientAttribution):
             inps, bases, rest = (pixels, ids), (pixel_base, text_base), (mask, *extra)
             forward = call
         attrs, delta = self._integrate(forward, layers, inps, bases, rest, target, n_steps, method, ibs, progress)
-        image = adapter.patch_embedding_grid(attrs[0], pixels) if modality != "text" else None
+        image = adapter.patch_embedding_grid(attrs[0], pixels, extra) if modality != "text" else None
         text = attrs[-1].sum(-1) if modality != "image" else None
         return image, text, delta
 

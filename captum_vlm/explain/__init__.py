@@ -16,7 +16,7 @@ Example:
 from captum_vlm.explain import runners  # noqa: F401  (registers the built-in methods)
 from captum_vlm.explain.answering import Answers, answer_questions
 from captum_vlm.explain.explanation import Explanation
-from captum_vlm.explain.pipeline import explain, processor_crop_box
+from captum_vlm.explain.pipeline import explain, explain_context, processor_crop_box
 from captum_vlm.explain.registry import (
     METHODS,
     ExplainContext,
@@ -28,5 +28,5 @@ from captum_vlm.explain.registry import (
 
 __all__ = [
     "Answers", "ExplainContext", "Explanation", "MapRecord", "MethodSpec", "METHODS", "answer_questions", "explain",
-    "method_names", "processor_crop_box", "register_method",
+    "explain_context", "method_names", "processor_crop_box", "register_method",
 ]

@@ -164,16 +164,10 @@ def explain(
             raise ValueError(f"target: {bad or targets} out of range for {len(texts)} texts (0..{len(texts) - 1})")
         if len(set(targets)) != len(targets):
             raise ValueError(f"target: {targets} names a text more than once; give each index once")
-    images = adapter.processor_images(picture, len(texts))  # fusion models: each text with the image
-    inputs = adapter.processor_inputs(  # pixel_values as one image tensor [B, 3, H, W]
-        processor(images=images, text=list(texts), return_tensors="pt", padding=adapter.text_padding))
-    tokenizer = getattr(processor, "tokenizer", processor)
-    tokens = [tokenizer.convert_ids_to_tokens(row.tolist()) for row in inputs["input_ids"]]
     check_count(max_new_tokens, "max_new_tokens")
-    answers = None
-    if adapter.answers_questions:
-        answers = answer_questions(model, tokenizer, dict(inputs), max_new_tokens=max_new_tokens)
-    context = ExplainContext(model, adapter, dict(inputs), list(texts), targets, tokens, show_progress, answers)
+    context = explain_context(model, processor, picture, texts, targets, max_new_tokens=max_new_tokens,
+                              show_progress=show_progress)
+    inputs, answers, tokenizer = context.inputs, context.answers, getattr(processor, "tokenizer", processor)
     scores, kind = _model_scores(model, adapter, inputs, texts, answers)
     records: list[MapRecord] = []
     shared: dict = {}  # score functions and random-order curves, shared by the methods
@@ -197,6 +191,48 @@ def explain(
         notes={m: METHODS[m].limits for m in methods},
         lenses=lenses,
     )
+
+
+def explain_context(
+    model: nn.Module,
+    processor: Any,
+    picture: Image.Image,
+    texts: Sequence[str],
+    targets: Sequence[int],
+    *,
+    max_new_tokens: int = 10,
+    show_progress: bool = False,
+) -> ExplainContext:
+    """What :func:`explain` hands each registered method: the processed image and texts and,
+    for VQA and generative models, the model's own answers (no argument checks: ``explain``
+    makes them).
+
+    Args:
+        model, processor: as in :func:`explain`.
+        picture: the image (PIL).
+        texts: the prompts, captions or questions.
+        targets: indices of the texts to explain.
+        max_new_tokens: longest generated answer.
+        show_progress: passed on to the methods.
+
+    Returns:
+        An :class:`~captum_vlm.explain.registry.ExplainContext`; ``METHODS[name].run(context)``
+        gives the method's records, as inside :func:`explain`.
+
+    Example:
+        >>> context = explain_context(model, processor, image, ["a red circle"], [0])  # doctest: +SKIP
+        >>> records = METHODS["grad-eclip"].run(context)                               # doctest: +SKIP
+    """
+    adapter = get_adapter(model)
+    images = adapter.processor_images(picture, len(texts))  # fusion models: each text with the image
+    inputs = adapter.processor_inputs(  # pixel_values as one image tensor [B, 3, H, W]
+        processor(images=images, text=list(texts), return_tensors="pt", padding=adapter.text_padding))
+    tokenizer = getattr(processor, "tokenizer", processor)
+    tokens = [tokenizer.convert_ids_to_tokens(row.tolist()) for row in inputs["input_ids"]]
+    answers = None
+    if adapter.answers_questions:
+        answers = answer_questions(model, tokenizer, dict(inputs), max_new_tokens=max_new_tokens)
+    return ExplainContext(model, adapter, dict(inputs), list(texts), list(targets), tokens, show_progress, answers)
 
 
 def _explained_lenses(model, adapter, inputs, targets, texts, tokenizer, answers: Answers | None) -> list:

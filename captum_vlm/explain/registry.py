@@ -29,6 +29,8 @@ class MapRecord:
         evidence: display lines: faithfulness, randomisation check, the model's confidence
             (see :mod:`captum_vlm.explain.evidence`).
         evidence_values: the same as numbers.
+        token: per-token maps: ``(text index, token position)`` of the token the map explains
+            (``None`` for whole-text maps).
     """
 
     method: str
@@ -40,6 +42,7 @@ class MapRecord:
     text_index: int | None = None
     evidence: dict[str, str] = field(default_factory=dict)
     evidence_values: dict[str, Any] = field(default_factory=dict)
+    token: tuple[int, int] | None = None
 
 
 @dataclass

@@ -139,7 +139,7 @@ def _fusion_runner(class_name: str, base_details: dict[str, str]) -> Callable[[E
             for j in shown:
                 if per_token[j].abs().sum() > 0:
                     records.append(MapRecord(class_name, f"{title} · {tokens[j]}", per_token[j].numpy(),
-                                             {**details, "target": f"token {j} of {what}"}))
+                                             {**details, "target": f"token {j} of {what}"}, token=(k, j)))
         return records
 
     return run

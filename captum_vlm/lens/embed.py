@@ -234,8 +234,11 @@ def embed(
         model.eval()
         for start, chunk in _batches(items, batch_size):
             pil = [to_pil(item, start + j) for j, item in enumerate(chunk)]
-            pixel_values = processor(images=pil, return_tensors="pt")["pixel_values"]
-            image_rows.append(adapter.image_embeddings(pixel_values).float())
+            # images of any size each keep their own grid (one tensor per image), others share one
+            groups = [[p] for p in pil] if adapter.any_image_size else [pil]
+            for group in groups:
+                inputs = adapter.processor_inputs(processor(images=group, return_tensors="pt"))
+                image_rows.append(adapter.image_embeddings(inputs["pixel_values"]).float())
             if thumbnail_size is not None:
                 thumbnails += [_thumbnail(p, thumbnail_size) for p in pil]
             bar.update()

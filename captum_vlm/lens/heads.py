@@ -173,7 +173,8 @@ def _image_and_model_inputs(adapter, inputs: Mapping) -> tuple[dict, dict]:
     inputs = dict(inputs)
     if not (isinstance(inputs["pixel_values"], torch.Tensor) and inputs["pixel_values"].dim() == 4):
         inputs = adapter.processor_inputs(inputs)
-    built = adapter.model_inputs(inputs["pixel_values"], inputs.get("input_ids"), inputs.get("attention_mask"))
+    extra = tuple(inputs.get(name) for name in adapter.extra_text_inputs)
+    built = adapter.model_inputs(inputs["pixel_values"], inputs.get("input_ids"), inputs.get("attention_mask"), extra)
     rest = {k: v for k, v in inputs.items() if k not in ("pixel_values", "input_ids", "attention_mask")}
     return inputs, {**rest, **built}
 
@@ -224,7 +225,7 @@ def head_statistics(
     if forward is None:
         if stream == "vision" and not _uses_image_layout(adapter, stream):
             def forward():
-                return adapter.vision_model()(pixel_values=inputs["pixel_values"])
+                return adapter.vision_outputs(inputs["pixel_values"])
         else:
             def forward():
                 return model(**model_kwargs)

@@ -146,7 +146,7 @@ def layer_features(
     with preserved_model_state(model), torch.no_grad():
         for start in range(0, pixel_values.shape[0], batch_size):
             with capture(model, blocks=adapter.vision_blocks(), grads=False) as rec:
-                adapter.vision_model()(pixel_values=pixel_values[start : start + batch_size])
+                adapter.vision_outputs(pixel_values[start : start + batch_size])
             hidden = [rec.block_inputs[0], *rec.block_outputs]
             for layer in layers:
                 h = hidden[layer]
