@@ -6,6 +6,8 @@ what is expected, so a user never meets a shape error from deep inside torch.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 
@@ -171,3 +173,23 @@ def text_vocab_size(adapter: object) -> int | None:
         return vocab_size_of(adapter.text_embedding())
     except (NotImplementedError, AttributeError):
         return None
+
+
+def check_one_tower_run(adapter: Any, name: str, why: str) -> None:
+    """ValueError unless one run of the adapter's vision tower on ``pixel_values`` is what the
+    model computes (its :attr:`~captum_vlm.adapters.VLMAdapter.vision_tower_per_view` is False).
+
+    Args:
+        adapter: the model's adapter.
+        name: the argument the refusal names.
+        why: what needs the single run, for the message.
+
+    Example:
+        >>> check_one_tower_run(get_adapter(model), "stream", "stream='vision' reads the tower")  # doctest: +SKIP
+    """
+    if getattr(adapter, "vision_tower_per_view", False):
+        raise ValueError(
+            f"{name}: {type(adapter.model).__name__}'s vision tower runs once per view of the image (tiles and "
+            f"a global view, each its own sequence), not on the whole pixel_values, and {why}; this view is not "
+            "defined for it (the text stream and the model's answer are)"
+        )

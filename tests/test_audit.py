@@ -241,6 +241,20 @@ def test_ray_missing_names_the_extra(monkeypatch):
 
 
 # ----- inputs --------------------------------------------------------------------------------------
+def test_a_column_of_nans_in_a_ray_batch_reads_as_missing():
+    """Ray's numpy batch of rows that have no mask or label holds NaN in those columns (float32,
+    seen with Ray 2.60's ``from_items`` of rows without them)."""
+    from captum_vlm.audit.worker import _rows
+
+    batch = {"id": np.array(["a", "b"], dtype=object), "path": np.array(["a.png", "b.png"], dtype=object),
+             "mask_path": np.array([math.nan, math.nan], dtype=np.float32), "label": np.array([math.nan, math.nan]),
+             "box": np.array([np.array([1.0, 2.0, 3.0, 4.0]), None], dtype=object)}
+    rows = _rows(batch)
+    assert [(r["id"], r["path"], r["mask_path"], r["label"]) for r in rows] == [("a", "a.png", None, None),
+                                                                                 ("b", "b.png", None, None)]
+    assert rows[0]["box"].tolist() == [1.0, 2.0, 3.0, 4.0] and rows[1]["box"] is None
+
+
 def test_rows_from_lists_folders_and_boxes(tmp_path):
     a, b = write_image(tmp_path / "a.png"), write_image(tmp_path / "b.png", 1)
     rows = rows_from([a, b], labels=["x", "y"], boxes=[(0, 0, 4, 4), None])

@@ -189,3 +189,45 @@ def test_a_killed_actor_loses_no_batch_and_ray_resumes_a_cut_run(ray_cluster, cl
     assert ids == names  # every image once: nothing lost, nothing twice
     want = local.filter(np.isin(local.column("id").to_numpy(zero_copy_only=False), names))
     assert same_records(table.drop_columns(["path"]), want.drop_columns(["path"]))
+
+
+def test_records_reach_the_disk_while_actors_hold_every_cpu(ray_cluster, clip, local_run, tmp_path):
+    """2 actors on the 2 CPUs. The first image is a named pipe, so the batch holding it waits
+    until the test writes the image into it; the test does so only once Ray has written a shard
+    of the other batches to the staging folder. Write tasks that need a CPU of their own would
+    wait for that last batch: no shard appears, and the run is let go after the wait."""
+    model, processor = clip
+    folder, local = local_run
+    names = [f"img-{i:03d}.png" for i in range(16)]
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in names[1:]:
+        (data / name).write_bytes((folder / name).read_bytes())
+    os.mkfifo(data / names[0])
+    out = tmp_path / "out"
+    outcome = {}
+
+    def run():
+        try:
+            outcome["result"] = cv.audit(model, processor, [str(data / n) for n in names], PROMPTS, batch_size=1,
+                                         engine="ray", concurrency=2, output=out, **KWARGS)
+        except BaseException as err:  # noqa: BLE001 - reported by the assertion below
+            outcome["error"] = err
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    staged = []
+    try:
+        deadline = time.monotonic() + 240
+        while not staged and thread.is_alive() and time.monotonic() < deadline:
+            staged = list((out / "staging").rglob("*.parquet")) if (out / "staging").is_dir() else []
+            time.sleep(0.2)
+    finally:  # let the waiting batch go, whatever was seen
+        with open(data / names[0], "wb") as pipe:
+            pipe.write((folder / names[0]).read_bytes())
+        thread.join(600)
+    assert "error" not in outcome, outcome.get("error")
+    assert staged, "no shard was written while a batch was still running"
+    table = outcome["result"].table()
+    assert table.column("id").to_pylist() == sorted(str(data / n) for n in names)
+    assert table.column("error").null_count == len(names)

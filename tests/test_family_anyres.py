@@ -685,3 +685,65 @@ def test_batched_windows_that_drop_unequally_ask_for_one_at_a_time():
     with pytest.raises(ValueError, match="perturbations_per_eval: the occlusion windows of one forward drop"):
         occlusion.attribute(inputs["pixel_values"], additional_forward_args=args, window=1, perturbations_per_eval=4)
     assert_unchanged(model, before)
+
+
+def test_lens_views_of_the_per_view_tower_refuse_before_any_work(model, processor):
+    """The tower runs once per tile and once on the base view, so a lens view of one tower run
+    on the canvas would be wrong: each refuses (naming the argument) before any forward, and the
+    model is left as found."""
+    from captum_vlm.lens import head_statistics, layer_features, probe
+
+    raw = dict(raw_inputs(processor, noise(*SIZES["filled"])))
+    canvas = get_adapter(model).processor_inputs(raw)["pixel_values"]
+    before, runs = snapshot(model), []
+    handle = model.register_forward_pre_hook(lambda *_: runs.append("model"))
+    tower = get_adapter(model).vision_model().register_forward_pre_hook(lambda *_: runs.append("tower"))
+    try:
+        with pytest.raises(ValueError, match=r"stream: .*vision tower runs once per view"):
+            head_statistics(model, raw, stream="vision")
+        with pytest.raises(ValueError, match=r"model: .*vision tower runs once per view"):
+            probe(model, None, canvas, [0, 1], cv=2)
+        with pytest.raises(ValueError, match=r"model: .*vision tower runs once per view"):
+            layer_features(model, canvas, [0])
+    finally:
+        handle.remove()
+        tower.remove()
+    assert runs == []
+    assert_unchanged(model, before)
+
+
+def test_logit_lens_last_layer_is_the_models_probability_of_its_answer(model, processor):
+    """The logit lens passes ``image_sizes`` on: its last layer is the model's own next-token
+    softmax (on the adapter's inputs), the produced probabilities multiply to the explained
+    answer's probability, and the image-token rows are the model's softmax at the image tokens."""
+    import captum_vlm as cv
+
+    image, prompts = scene(48, 32), [PROMPT, "<image> how many"]
+    before = snapshot(model)
+    result = explain(model, processor, image, prompts, methods=["bimodal-relevancy"], max_new_tokens=3,
+                     evidence=False, logit_lens=True)
+    lenses = cv.lens.logit_lens(model, processor, image, prompts, max_new_tokens=3)
+    assert_unchanged(model, before)
+    assert len(result.lenses) == len(lenses) == 2
+    for lens, direct, (title, probability) in zip(result.lenses, lenses, result.scores.items()):
+        assert title.startswith(lens.prompt)
+        assert float(lens.produced_probs[-1].double().prod()) == pytest.approx(probability, rel=1e-4)
+        assert (lens.produced_ranks[-1] == 1).all()  # greedy: the answer is top at the last layer
+        assert torch.equal(direct.produced_ids, lens.produced_ids)
+        assert_close_scaled(direct.produced_probs, lens.produced_probs)
+    _, inputs, (ids, mask, sizes) = adapted(model, processor, image, [PROMPT])
+    pixels = inputs["pixel_values"]
+    sequence = torch.cat([ids, lenses[0].produced_ids[None]], 1)
+    with torch.no_grad():  # reference: the model's own forward over prompt + answer
+        logits = model(**forward_kwargs(model, pixels, sequence, torch.ones_like(sequence), sizes)).logits
+    start = ids.shape[1]
+    own = F.softmax(logits[0].double(), -1)
+    assert_close_scaled(lenses[0].produced_probs[-1].double(), own[start - 1 : -1].gather(-1, sequence[0, start:, None])[:, 0])
+    positions = lenses[0].image_positions
+    assert (sequence[0, positions] == IMG).all() and len(set(positions.tolist())) == len(positions)  # newlines left out
+    assert_close_scaled(lenses[0].image_top_probs[-1].double(), own[positions].topk(5, -1).values)
+    from_inputs = cv.lens.logit_lens_from_inputs(model, pixels, ids, mask, max_new_tokens=3, extra_text_inputs=(sizes,))
+    assert torch.equal(from_inputs.top_ids, lenses[0].top_ids)
+    with pytest.raises(ValueError, match="image_sizes"):  # said by name, before any work
+        cv.lens.logit_lens_from_inputs(model, pixels, ids, mask)
+    assert_unchanged(model, before)

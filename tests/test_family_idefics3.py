@@ -5,14 +5,16 @@ the model's own outputs (eager attentions, autograd, inputs_embeds), and ``expla
 the model's own generated answer.
 
 The processor is the real ``Idefics3Processor`` (PIL image processor: longest edge 96 px, 32-px
-tiles) with the zoo's word tokenizer plus the Idefics3 tokens. ``SmolVLMProcessor`` needs the
-``num2words`` package (not installed here); its image prompt is the same string, so SmolVLM is fed
-the Idefics3 processor's outputs.
+tiles) with the zoo's word tokenizer plus the Idefics3 tokens; both models take its outputs. The
+tiny SmolVLM is also run with its own real ``SmolVLMProcessor`` (``SmolVLMImageProcessorPil``, the
+same tiles; it needs the ``num2words`` package, in the ``test`` extra; its video processor, which
+needs torchvision, is left out): the canvas exact, ``explain`` and the CLI on its generated answer.
 """
 
 from __future__ import annotations
 
 import copy
+import html as html_lib
 
 import numpy as np
 import pytest
@@ -23,8 +25,9 @@ from captum.attr._utils.approximation_methods import approximation_parameters
 from model_state import assert_unchanged, snapshot
 from numerics import assert_close_scaled
 from PIL import Image
-from transformers import Idefics3Processor
+from transformers import Idefics3Processor, SmolVLMProcessor
 from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
+from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
 
 from captum_vlm.adapters import get_adapter
 from captum_vlm.attr import (
@@ -457,3 +460,138 @@ def test_cli_explains_an_idefics3_checkpoint(processor, image, tmp_path, capsys)
     html = out.read_text()
     assert html.startswith("<!DOCTYPE html>") and list(reference.scores)[0].split(" → ")[1] in html
     assert len(list((tmp_path / "png").glob("*.png"))) >= 1
+
+
+def test_lens_views_of_the_per_view_tower_refuse_before_any_work(model, processor, image):
+    """The tower runs once per tile and once on the global view, so a lens view of one tower run
+    on the canvas would be wrong: each refuses (naming the argument) before any forward, and the
+    model is left as found."""
+    from captum_vlm.lens import head_statistics, layer_features, probe
+
+    raw = dict(raw_inputs(processor, image))
+    canvas = get_adapter(model).processor_inputs(raw)["pixel_values"]
+    before, runs = snapshot(model), []
+    handle = model.register_forward_pre_hook(lambda *_: runs.append("model"))
+    tower = get_adapter(model).vision_model().register_forward_pre_hook(lambda *_: runs.append("tower"))
+    try:
+        with pytest.raises(ValueError, match=r"stream: .*vision tower runs once per view"):
+            head_statistics(model, raw, stream="vision")
+        with pytest.raises(ValueError, match=r"model: .*vision tower runs once per view"):
+            probe(model, None, canvas, [0, 1], cv=2)
+        with pytest.raises(ValueError, match=r"model: .*vision tower runs once per view"):
+            layer_features(model, canvas, [0])
+    finally:
+        handle.remove()
+        tower.remove()
+    assert runs == []
+    assert_unchanged(model, before)
+
+
+def test_logit_lens_last_layer_is_the_models_probability_of_its_answer(model, processor, image):
+    """The logit lens on the tiles + global view: its last layer is the model's own next-token
+    softmax (on the adapter's inputs), the produced probabilities multiply to the explained
+    answer's probability, and the image-token rows are the model's softmax at the image tokens."""
+    import captum_vlm as cv
+
+    before = snapshot(model)
+    result = explain(model, processor, image, PROMPTS, methods=["bimodal-relevancy"], max_new_tokens=3,
+                     evidence=False, logit_lens=True)
+    lenses = cv.lens.logit_lens(model, processor, image, PROMPTS, max_new_tokens=3)
+    assert_unchanged(model, before)
+    assert len(result.lenses) == len(lenses) == 2
+    for lens, direct, (title, probability) in zip(result.lenses, lenses, result.scores.items()):
+        assert title.startswith(lens.prompt)
+        assert float(lens.produced_probs[-1].double().prod()) == pytest.approx(probability, rel=1e-4)
+        assert (lens.produced_ranks[-1] == 1).all()  # greedy: the answer is top at the last layer
+        assert torch.equal(direct.produced_ids, lens.produced_ids)
+        assert_close_scaled(direct.produced_probs, lens.produced_probs)
+    adapter = get_adapter(model)
+    raw = raw_inputs(processor, image, [PROMPTS[0]])
+    canvas, ids = adapter.processor_inputs(raw)["pixel_values"], raw["input_ids"]
+    sequence = torch.cat([ids, lenses[0].produced_ids[None]], 1)
+    with torch.no_grad():  # reference: the model's own forward over prompt + answer
+        logits = model(**adapter.model_inputs(canvas, sequence, torch.ones_like(sequence))).logits
+    start = ids.shape[1]
+    own = F.softmax(logits[0].double(), -1)
+    assert_close_scaled(lenses[0].produced_probs[-1].double(), own[start - 1 : -1].gather(-1, sequence[0, start:, None])[:, 0])
+    positions = lenses[0].image_positions
+    assert torch.equal(positions, (sequence[0] == IMAGE).nonzero()[:, 0])  # every tile token, then the global view's
+    assert lenses[0].image_grid == GRID
+    assert_close_scaled(lenses[0].image_top_probs[-1].double(), own[positions].topk(5, -1).values)
+    from_inputs = cv.lens.logit_lens_from_inputs(model, canvas, ids, raw["attention_mask"], max_new_tokens=3)
+    assert torch.equal(from_inputs.top_ids, lenses[0].top_ids)
+    assert_unchanged(model, before)
+
+
+# ----- SmolVLM with its own processor (needs num2words) ----------------------------------------
+class ImageOnlySmolVLMProcessor(SmolVLMProcessor):
+    """The real ``SmolVLMProcessor`` without its video processor (which needs torchvision)."""
+
+    @classmethod
+    def get_attributes(cls):
+        return ["image_processor", "tokenizer"]
+
+    def __init__(self, image_processor=None, tokenizer=None, **kwargs):
+        super().__init__(image_processor, tokenizer, None, **kwargs)
+
+
+def smolvlm_processor() -> SmolVLMProcessor:
+    """The SmolVLM processor as the Idefics3 one above: 96-px longest edge, 32-px tiles."""
+    tokenizer = tiny_processor().tokenizer
+    image_processor = SmolVLMImageProcessorPil(size={"longest_edge": 96}, max_image_size={"longest_edge": tm.IMAGE_SIZE},
+                                               do_image_splitting=True)
+    return ImageOnlySmolVLMProcessor(image_processor=image_processor, tokenizer=tokenizer, image_seq_len=K * K)
+
+
+@pytest.fixture(scope="module")
+def smol():
+    return tm.smolvlm(), smolvlm_processor()
+
+
+def test_smolvlm_processor_inputs_are_the_tile_canvas_exactly(smol, image):
+    model, processor = smol
+    raw = raw_inputs(processor, image)
+    assert raw["pixel_values"].shape == (2, ROWS * COLS + 1, 3, tm.IMAGE_SIZE, tm.IMAGE_SIZE)
+    adapter = get_adapter(model)
+    inputs = adapter.processor_inputs(raw)
+    canvas = inputs["pixel_values"]
+    assert canvas.shape == (2, 3, 64, 96) and adapter.patch_grid(canvas) == GRID
+    for t in range(ROWS * COLS):  # every tile in its place, bit for bit
+        r, c = divmod(t, COLS)
+        assert torch.equal(canvas[:, :, r * 32 : (r + 1) * 32, c * 32 : (c + 1) * 32], raw["pixel_values"][:, t])
+    kwargs = adapter.model_inputs(canvas, inputs["input_ids"], inputs["attention_mask"])
+    assert torch.equal(kwargs["pixel_values"][:, :-1], raw["pixel_values"][:, :-1])
+    assert torch.equal(kwargs["pixel_values"], reference_views(raw, canvas)["pixel_values"])
+    assert int((raw["input_ids"][0] == IMAGE).sum()) == adapter.num_image_tokens(canvas) == N_TILE + K * K
+
+
+def test_smolvlm_explain_and_cli_on_its_generated_answer(smol, image, tmp_path, monkeypatch, capsys):
+    """``explain`` with SmolVLM's own processor scores the model's greedy answer (its probability
+    from the model's own forward on the adapter's inputs); the CLI end to end (the loader replaced:
+    the tiny processor is built here, offline)."""
+    from captum_vlm import cli
+
+    model, processor = smol
+    before = snapshot(model)
+    result = explain(model, processor, image, [PROMPTS[0]], methods=["cross-attention-gradcam"], evidence=False)
+    assert_unchanged(model, before)
+    adapter = get_adapter(model)
+    raw = raw_inputs(processor, image, [PROMPTS[0]])
+    canvas = adapter.processor_inputs(raw)["pixel_values"]
+    with torch.no_grad():
+        sequence = model.generate(**adapter.model_inputs(canvas, raw["input_ids"], raw["attention_mask"]),
+                                  max_new_tokens=10, do_sample=False)  # explain's and the CLI's default
+        logits = model(**adapter.model_inputs(canvas, sequence, torch.ones_like(sequence))).logits
+    start = raw["input_ids"].shape[1]
+    answer = processor.tokenizer.decode(sequence[0, start:], skip_special_tokens=True).strip()
+    title = f"{PROMPTS[0]} → {answer}"
+    assert result.scores[title] == pytest.approx(float(log_probs(logits, sequence)[0, start - 1 :].sum().exp()), rel=1e-4)
+    monkeypatch.setattr(cli, "load_model", lambda spec: (model, processor))
+    picture, out = tmp_path / "scene.png", tmp_path / "report.html"
+    image.save(picture)
+    code = cli.main(["explain", str(picture), "--text", PROMPTS[0], "--model", "tiny-smolvlm", "--method",
+                     "cross-attention-gradcam", "--out", str(out), "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    html = out.read_text()
+    assert html.startswith("<!DOCTYPE html>") and html_lib.escape(title) in html
+    assert_unchanged(model, before)

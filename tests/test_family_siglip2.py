@@ -391,3 +391,26 @@ def test_lens_embed_gives_the_models_logits_for_images_of_different_grids(model,
         want = torch.cat([model(**processor(images=im, text=PROMPTS, return_tensors="pt")).logits_per_image
                           for im in images])
     assert_close_scaled(torch.as_tensor(emb.similarity("logits")), want)
+
+
+def test_vision_head_statistics_equal_the_models_own_attentions(model, raw):
+    """Head statistics of the vision stream against the model's own eager attentions on the
+    processor's padded patches, restricted to the 15 real patches and worked out here: entropy
+    per query, and the mean grid distance (in patches) of each query's attention over the patches."""
+    from captum_vlm.lens import head_statistics
+
+    before = snapshot(model)
+    stats = head_statistics(model, raw, stream="vision")
+    assert_unchanged(model, before)
+    with torch.no_grad():
+        attentions = eager_copy(model).vision_model(**image_kwargs(raw), output_attentions=True).attentions
+    rows, cols = np.divmod(np.arange(REAL), GRID[1])
+    offsets = torch.as_tensor(np.hypot(rows[:, None] - rows[None], cols[:, None] - cols[None]))
+    for layer, attn in enumerate(attentions):
+        real = attn[0, :, :REAL, :REAL].double()  # [heads, queries, keys]: padding keys get no weight
+        assert torch.allclose(real.sum(-1), torch.ones_like(real.sum(-1)), atol=1e-5)
+        entropy = -(real * real.clamp_min(1e-300).log()).sum(-1).mean(-1)
+        distance = ((real / real.sum(-1, keepdim=True)) * offsets).sum(-1).mean(-1)
+        assert_close_scaled(torch.as_tensor(stats.entropy[layer]), entropy)
+        assert_close_scaled(torch.as_tensor(stats.distance[layer]), distance)
+    assert np.isnan(stats.sink_mass).all()  # no prefix token: no sink to measure

@@ -97,6 +97,10 @@ class VLMAdapter:
     #: the model's forward passes ``interpolate_pos_encoding`` on to its vision tower, so it
     #: takes other image sizes than the trained one
     interpolates_positions: bool = True
+    #: the vision tower runs once per view of the image (tiles and a global or base view, each
+    #: its own sequence), so one run of it on the whole ``pixel_values`` is not what the model
+    #: computes and its tokens are no single patch grid: lens views of the tower refuse it
+    vision_tower_per_view: bool = False
 
     def __init__(self, model: nn.Module):
         self.model = model

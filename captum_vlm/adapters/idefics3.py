@@ -75,6 +75,8 @@ class Idefics3Adapter(LlavaAdapter):
     interpolates_positions = False
     #: how the global view is resized from the canvas (``torch.nn.functional.interpolate``)
     global_view_mode: str = "bicubic"
+    #: the tower runs on each tile and the global view apart
+    vision_tower_per_view = True
 
     # ----- modules -----------------------------------------------------------------------------
     def vision_model(self) -> nn.Module:

@@ -187,6 +187,8 @@ class LlavaNextAdapter(LlavaAdapter):
     extra_text_inputs = ("image_sizes",)
     #: the canvas must be one of the grid pinpoints; tiles run at the tower's trained size
     interpolates_positions = False
+    #: the tower runs on the base view and each tile apart
+    vision_tower_per_view = True
 
     # ----- geometry ---------------------------------------------------------------------------
     @property

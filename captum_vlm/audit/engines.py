@@ -17,6 +17,8 @@ from captum_vlm.audit.worker import AuditWorker
 
 __all__ = ["import_ray", "run_local", "run_ray", "start_local_ray"]
 
+WRITE_CPUS = 0  # CPUs a Ray write task asks for (writing a shard of records is light)
+
 
 def import_ray():
     """``ray`` with Ray Data, or an ImportError naming the extra."""
@@ -125,8 +127,9 @@ def _start_ray(ray, address: str | None) -> None:
 def run_ray(model, processor, config, data: Any, store: RunStore, batch_size: int, concurrency: int,
             num_cpus: float, num_gpus: float, address: str | None, show_progress: bool) -> int:
     """Audit with Ray Data: ``map_batches(AuditWorker)`` over ``concurrency`` actors (each holds
-    the model once), records written by Ray's Parquet writer into a staging folder and moved
-    into ``records/`` once whole. Ray Data restarts a dead actor and retries its batch
+    the model once), records written by Ray's Parquet writer into a staging folder as the batches
+    finish (its write tasks ask for no CPU, so they run beside actors that hold every CPU) and
+    moved into ``records/`` once whole (at the end, or by the next run after an interruption). Ray Data restarts a dead actor and retries its batch
     (its actor pools default to ``max_restarts=-1``, ``max_task_retries=-1``).
 
     Args:
@@ -164,7 +167,9 @@ def run_ray(model, processor, config, data: Any, store: RunStore, batch_size: in
     level = data_logger.level
     data_logger.setLevel(logging.INFO if show_progress else logging.WARNING)
     try:
-        records.write_parquet(str(store.new_staging()))
+        # the write tasks ask for no CPU: with as many actors as CPUs, write tasks of 1 CPU (Ray's
+        # default) wait for the last batch, so nothing would reach the disk until the end
+        records.write_parquet(str(store.new_staging()), ray_remote_args={"num_cpus": WRITE_CPUS})
     finally:
         data_logger.setLevel(level)
     del model_ref, processor_ref

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import zlib
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -175,10 +176,14 @@ def _resolve(value: Any) -> Any:
 
 
 def _rows(batch: Any) -> list[dict[str, Any]]:
-    """A batch (list of rows, or Ray's dict of columns) as a list of rows."""
+    """A batch (list of rows, or Ray's dict of columns) as a list of rows.
+
+    In Ray's numpy batches a column that is empty in every row of the batch (no mask, no label)
+    holds NaN (``float32``); no field of a row is a float, so NaN is read as missing (``None``)."""
     if isinstance(batch, list):
         return batch
-    columns = {k: list(v) for k, v in batch.items()}
+    columns = {k: [None if isinstance(x, (float, np.floating)) and math.isnan(x) else x for x in v]
+               for k, v in batch.items()}
     n = len(next(iter(columns.values()))) if columns else 0
     return [{k: v[i] for k, v in columns.items()} for i in range(n)]
 

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from captum_vlm._checks import check_choice
+from captum_vlm._checks import check_choice, check_one_tower_run
 from captum_vlm.adapters import get_adapter
 from captum_vlm.hooks import capture, preserved_model_state
 from captum_vlm.metrics.localization import pointing_game
@@ -212,6 +212,8 @@ def head_statistics(
         :class:`HeadStatistics` (``.plot()`` draws the layer x head maps).
     """
     adapter = get_adapter(model)
+    if stream == "vision" and not _uses_image_layout(adapter, stream):
+        check_one_tower_run(adapter, "stream", "stream='vision' reads the tower's patch grid")
     modules = _stream_modules(adapter, stream)
     if not isinstance(inputs, Mapping) or "pixel_values" not in inputs:
         raise TypeError("inputs: expected the processor's output, a dict with pixel_values")

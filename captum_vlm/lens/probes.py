@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from captum_vlm._checks import check_choice, check_count, check_pixel_values
+from captum_vlm._checks import check_choice, check_count, check_one_tower_run, check_pixel_values
 from captum_vlm.adapters import get_adapter
 from captum_vlm.hooks import capture, preserved_model_state
 
@@ -140,6 +140,7 @@ def layer_features(
     check_pixel_values(pixel_values)
     check_count(batch_size, "batch_size")
     adapter = get_adapter(model)
+    check_one_tower_run(adapter, "model", "probe features are the tower's patch tokens")
     layers = _check_layers(layers, _num_layers(adapter))
     prefix = adapter.num_prefix_tokens
     chunks: dict[int, list[np.ndarray]] = {layer: [] for layer in layers}
@@ -234,6 +235,7 @@ def probe(
     check_choice(where, ("image", "patches"), "where")
     check_count(cv, "cv", minimum=2)
     adapter = get_adapter(model)
+    check_one_tower_run(adapter, "model", "probe features are the tower's patch tokens")
     n_layers = _num_layers(adapter)
     layers = _check_layers(layers, n_layers)
     if isinstance(images, torch.Tensor):
