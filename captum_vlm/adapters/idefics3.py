@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from captum_vlm._checks import check_pixel_values
+from captum_vlm.adapters._canvas import canvas_to_tiles, tiles_to_canvas
 from captum_vlm.adapters.base import register_adapter
 from captum_vlm.adapters.layout import ImageTokenLayout
 from captum_vlm.adapters.llava import LlavaAdapter
@@ -163,9 +164,8 @@ class Idefics3Adapter(LlavaAdapter):
         global view (none for a single-tile canvas). The model takes a view that is exactly zero
         everywhere for batch padding and leaves it out; such a view (an IG baseline, a tile painted
         over whole) gets ``1e-30`` in one value, which changes no output in float32 or float64."""
-        (rows, cols), t = self.tiles(pixel_values), self.tile
-        b, c = pixel_values.shape[:2]
-        tiles = pixel_values.reshape(b, c, rows, t, cols, t).permute(0, 2, 4, 1, 3, 5).reshape(b, rows * cols, c, t, t)
+        rows, cols = self.tiles(pixel_values)
+        tiles = canvas_to_tiles(pixel_values, rows, cols)
         views = tiles if rows * cols == 1 else torch.cat([tiles, self.global_view(pixel_values)[:, None]], 1)
         return _not_padding(views)
 
@@ -201,9 +201,7 @@ class Idefics3Adapter(LlavaAdapter):
             found["pixel_values"] = views[:, 0]
         else:
             rows, cols = self._tile_layout(found, views)
-            b, c = views.shape[:2][0], views.shape[2]
-            tiles = views[:, : n - 1].reshape(b, rows, cols, c, t, t)
-            found["pixel_values"] = tiles.permute(0, 3, 1, 4, 2, 5).reshape(b, c, rows * t, cols * t)
+            found["pixel_values"] = tiles_to_canvas(views[:, : n - 1], rows, cols)
         found.pop("rows", None)
         found.pop("cols", None)
         ids = found.get("input_ids")
@@ -223,11 +221,10 @@ class Idefics3Adapter(LlavaAdapter):
             if not (bool((rows == rows[0]).all()) and bool((cols == cols[0]).all())):
                 raise ValueError(f"inputs: rows {rows.tolist()}, cols {cols.tolist()}: one tile layout per batch")
             return int(rows[0]), int(cols[0])
-        t, best, best_error = self.tile, None, None
+        best, best_error = None, None
         for r in (d for d in range(1, tiles + 1) if tiles % d == 0):
             c = tiles // r
-            b, ch = views.shape[0], views.shape[2]
-            canvas = views[:, :tiles].reshape(b, r, c, ch, t, t).permute(0, 3, 1, 4, 2, 5).reshape(b, ch, r * t, c * t)
+            canvas = tiles_to_canvas(views[:, :tiles], r, c)
             error = float((self.global_view(canvas) - views[:, -1]).abs().mean())
             if best_error is None or error < best_error:
                 best, best_error = (r, c), error

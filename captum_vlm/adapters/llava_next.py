@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from captum_vlm._checks import check_pixel_values
+from captum_vlm.adapters._canvas import canvas_to_tiles, tiles_to_canvas
 from captum_vlm.adapters.base import register_adapter
 from captum_vlm.adapters.layout import ImageTokenLayout
 from captum_vlm.adapters.llava import LlavaAdapter
@@ -340,9 +341,8 @@ class LlavaNextAdapter(LlavaAdapter):
                 f"inputs: image_sizes {sizes.tolist()} give canvases of {[g.tiles for g in geometries]} tiles; the "
                 "images of one batch must share one canvas; explain them one at a time"
             )
-        (a, b), s = geometries[0].tiles, self.tile_size
-        grid = tiles[:, 1 : 1 + a * b].reshape(tiles.shape[0], a, b, 3, s, s)
-        found["pixel_values"] = grid.permute(0, 3, 1, 4, 2, 5).reshape(tiles.shape[0], 3, a * s, b * s)
+        a, b = geometries[0].tiles
+        found["pixel_values"] = tiles_to_canvas(tiles[:, 1 : 1 + a * b], a, b)
         return found
 
     def content_boxes(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None) -> list[tuple[int, int, int, int]]:
@@ -372,9 +372,7 @@ class LlavaNextAdapter(LlavaAdapter):
         ``S x S``, bicubic with antialiasing (the processor's resample), so it reads no padding."""
         self.patch_grid(pixel_values)
         s = self.tile_size
-        batch, channels, height, width = pixel_values.shape
-        a, b = height // s, width // s
-        cut = pixel_values.reshape(batch, channels, a, s, b, s).permute(0, 2, 4, 1, 3, 5).reshape(batch, a * b, channels, s, s)
+        cut = canvas_to_tiles(pixel_values, pixel_values.shape[-2] // s, pixel_values.shape[-1] // s)
         bases = []
         for k, (top, bottom, left, right) in enumerate(self.content_boxes(pixel_values, image_sizes)):
             box = pixel_values[k : k + 1, :, top:bottom, left:right]
