@@ -45,7 +45,7 @@ from captum_vlm.hooks import preserved_model_state
 
 __all__ = ["ImageAttributionBase", "TargetAttributionBase", "UPSAMPLE_MODES", "check_output_target",
            "forward_args", "int_targets", "item_targets", "pixel_baseline", "prompt_targets",
-           "replacement_token", "select_target", "split_text_args", "stack_items", "upsample_grid"]
+           "replacement_token", "select_target", "split_text_args", "upsample_grid"]
 
 UPSAMPLE_MODES = ("nearest", "bilinear")
 
@@ -162,8 +162,8 @@ class TargetAttributionBase(ImageAttributionBase):
         results = [self.attribute(inputs, target=c, additional_forward_args=additional_forward_args,
                                   return_grid=return_grid, upsample=upsample, **options) for c in columns]
         if isinstance(results[0], tuple):
-            return tuple(stack_items(list(parts)) for parts in zip(*results))
-        return stack_items(results)
+            return tuple(torch.stack(parts, dim=1) for parts in zip(*results))
+        return torch.stack(results, dim=1)
 
     def item_columns(self, inputs: torch.Tensor, target: object, additional_forward_args: object) -> list:
         """The output columns :meth:`attribute_items` explains: ``target``'s (:func:`item_targets`)
@@ -259,11 +259,6 @@ def item_targets(target: object, what: str = "an item index or a list of them") 
     if not values:
         raise TypeError(f"target: expected {what}, got {target!r}")
     return values
-
-
-def stack_items(maps: list[torch.Tensor]) -> torch.Tensor:
-    """Per-item results ``[B, ...]`` as one ``[B, K, ...]`` tensor (items at dimension 1)."""
-    return torch.stack(maps, dim=1)
 
 
 def prompt_targets(target: object, batch: int, n_prompts: int) -> torch.Tensor:
