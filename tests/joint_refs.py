@@ -37,3 +37,57 @@ def relevancy(attentions, score: torch.Tensor, row: int = 0) -> torch.Tensor:
     for a, g in zip(attentions, grads):
         r = r + (a * g).clamp(min=0).mean(1)[row] @ r
     return r
+
+
+def explained_lenses(model, processor, image, prompts: list[str]) -> list:
+    """``cv.lens.logit_lens`` of ``prompts``, checked against ``explain(..., logit_lens=True)``:
+    the last layer's produced probabilities multiply to the explained answer's probability, the
+    answer ranks first there, and both calls lens the same tokens with the same probabilities.
+    The model is left as found."""
+    import pytest
+    from model_state import assert_unchanged, snapshot
+    from numerics import assert_close_scaled
+
+    import captum_vlm as cv
+
+    before = snapshot(model)
+    result = cv.explain(model, processor, image, prompts, methods=["bimodal-relevancy"], max_new_tokens=3,
+                        evidence=False, logit_lens=True)
+    lenses = cv.lens.logit_lens(model, processor, image, prompts, max_new_tokens=3)
+    assert_unchanged(model, before)
+    assert len(result.lenses) == len(lenses) == len(prompts)
+    for lens, direct, (title, probability) in zip(result.lenses, lenses, result.scores.items()):
+        assert title.startswith(lens.prompt)
+        # the last layer's probabilities of the produced tokens multiply to the explained answer's
+        assert float(lens.produced_probs[-1].double().prod()) == pytest.approx(probability, rel=1e-4)
+        assert (lens.produced_ranks[-1] == 1).all()  # greedy: the answer is top at the last layer
+        assert torch.equal(direct.produced_ids, lens.produced_ids)
+        assert_close_scaled(direct.produced_probs, lens.produced_probs)
+    return lenses
+
+
+def assert_tower_views_refused(model, raw: dict, canvas: torch.Tensor) -> None:
+    """A model whose vision tower runs once per view: head statistics of the vision stream,
+    probes and layer features each refuse (naming the argument) before any forward, and the model
+    is left as found. ``raw``: the processor's output; ``canvas``: the adapter's image tensor."""
+    import pytest
+    from model_state import assert_unchanged, snapshot
+
+    from captum_vlm.adapters import get_adapter
+    from captum_vlm.lens import head_statistics, layer_features, probe
+
+    before, runs = snapshot(model), []
+    handle = model.register_forward_pre_hook(lambda *_: runs.append("model"))
+    tower = get_adapter(model).vision_model().register_forward_pre_hook(lambda *_: runs.append("tower"))
+    try:
+        with pytest.raises(ValueError, match=r"stream: .*vision tower runs once per view"):
+            head_statistics(model, raw, stream="vision")
+        with pytest.raises(ValueError, match=r"model: .*vision tower runs once per view"):
+            probe(model, None, canvas, [0, 1], cv=2)
+        with pytest.raises(ValueError, match=r"model: .*vision tower runs once per view"):
+            layer_features(model, canvas, [0])
+    finally:
+        handle.remove()
+        tower.remove()
+    assert runs == []
+    assert_unchanged(model, before)

@@ -14,6 +14,7 @@ import pytest
 import tiny_models as tm
 import torch
 import torch.nn.functional as F
+from joint_refs import explained_lenses
 from model_state import assert_unchanged, snapshot
 from numerics import assert_close_scaled
 from PIL import Image
@@ -489,19 +490,8 @@ def test_cli_explains_the_generated_answer(blip2_and_processor, image, tmp_path,
 # ----- the logit lens (InstructBLIP: the instruction reaches the Q-Former) -------------------------------
 def test_logit_lens_last_layer_is_the_models_probability_of_its_answer(blip2_and_processor, image):
     model, processor = blip2_and_processor
-    before = snapshot(model)
     prompts = ["what color is the circle", "how many"]
-    result = cv.explain(model, processor, image, prompts, methods=["bimodal-relevancy"], max_new_tokens=3,
-                        evidence=False, logit_lens=True)
-    lenses = cv.lens.logit_lens(model, processor, image, prompts, max_new_tokens=3)
-    assert_unchanged(model, before)
-    for lens, direct, (title, probability) in zip(result.lenses, lenses, result.scores.items()):
-        assert title.startswith(lens.prompt)
-        # the last layer's probabilities of the produced tokens multiply to the explained answer's
-        assert float(lens.produced_probs[-1].double().prod()) == pytest.approx(probability, rel=1e-4)
-        assert (lens.produced_ranks[-1] == 1).all()  # greedy: the answer is top at the last layer
-        assert torch.equal(direct.produced_ids, lens.produced_ids)
-        assert_close_scaled(direct.produced_probs, lens.produced_probs)
+    lenses = explained_lenses(model, processor, image, prompts)
     inputs = processor(images=image, text=prompts[0], return_tensors="pt")
     extra = {name: inputs[name] for name in get_adapter(model).extra_text_inputs}
     with torch.no_grad():  # reference: the model's own forward over prompt + answer, with the instruction

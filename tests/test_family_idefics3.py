@@ -22,6 +22,7 @@ import tiny_models as tm
 import torch
 import torch.nn.functional as F
 from captum.attr._utils.approximation_methods import approximation_parameters
+from joint_refs import assert_tower_views_refused, explained_lenses
 from model_state import assert_unchanged, snapshot
 from numerics import assert_close_scaled
 from PIL import Image
@@ -466,25 +467,8 @@ def test_lens_views_of_the_per_view_tower_refuse_before_any_work(model, processo
     """The tower runs once per tile and once on the global view, so a lens view of one tower run
     on the canvas would be wrong: each refuses (naming the argument) before any forward, and the
     model is left as found."""
-    from captum_vlm.lens import head_statistics, layer_features, probe
-
     raw = dict(raw_inputs(processor, image))
-    canvas = get_adapter(model).processor_inputs(raw)["pixel_values"]
-    before, runs = snapshot(model), []
-    handle = model.register_forward_pre_hook(lambda *_: runs.append("model"))
-    tower = get_adapter(model).vision_model().register_forward_pre_hook(lambda *_: runs.append("tower"))
-    try:
-        with pytest.raises(ValueError, match=r"stream: .*vision tower runs once per view"):
-            head_statistics(model, raw, stream="vision")
-        with pytest.raises(ValueError, match=r"model: .*vision tower runs once per view"):
-            probe(model, None, canvas, [0, 1], cv=2)
-        with pytest.raises(ValueError, match=r"model: .*vision tower runs once per view"):
-            layer_features(model, canvas, [0])
-    finally:
-        handle.remove()
-        tower.remove()
-    assert runs == []
-    assert_unchanged(model, before)
+    assert_tower_views_refused(model, raw, get_adapter(model).processor_inputs(raw)["pixel_values"])
 
 
 def test_logit_lens_last_layer_is_the_models_probability_of_its_answer(model, processor, image):
@@ -494,17 +478,7 @@ def test_logit_lens_last_layer_is_the_models_probability_of_its_answer(model, pr
     import captum_vlm as cv
 
     before = snapshot(model)
-    result = explain(model, processor, image, PROMPTS, methods=["bimodal-relevancy"], max_new_tokens=3,
-                     evidence=False, logit_lens=True)
-    lenses = cv.lens.logit_lens(model, processor, image, PROMPTS, max_new_tokens=3)
-    assert_unchanged(model, before)
-    assert len(result.lenses) == len(lenses) == 2
-    for lens, direct, (title, probability) in zip(result.lenses, lenses, result.scores.items()):
-        assert title.startswith(lens.prompt)
-        assert float(lens.produced_probs[-1].double().prod()) == pytest.approx(probability, rel=1e-4)
-        assert (lens.produced_ranks[-1] == 1).all()  # greedy: the answer is top at the last layer
-        assert torch.equal(direct.produced_ids, lens.produced_ids)
-        assert_close_scaled(direct.produced_probs, lens.produced_probs)
+    lenses = explained_lenses(model, processor, image, PROMPTS)
     adapter = get_adapter(model)
     raw = raw_inputs(processor, image, [PROMPTS[0]])
     canvas, ids = adapter.processor_inputs(raw)["pixel_values"], raw["input_ids"]
