@@ -20,7 +20,7 @@ import pytest
 import tiny_models as tm
 import torch
 import torch.nn.functional as F
-from captum.attr._utils.approximation_methods import approximation_parameters
+from ig_refs import embedding_path_integral
 from joint_refs import (
     assert_tower_views_refused,
     eager_copy,
@@ -543,20 +543,9 @@ def test_integrated_gradients_equal_a_hand_made_path_integral(kind, processor):
     embed = adapter.patch_embedding()
     kwargs = forward_kwargs(model, pixels, ids, mask, sizes)
     tiles5 = kwargs["pixel_values"]
-    with torch.no_grad():
-        full = embed(tiles5.flatten(0, 1))
-        base = embed(torch.zeros_like(tiles5.flatten(0, 1)))
-    step_sizes, alphas = approximation_parameters("riemann_trapezoid")
-    total = torch.zeros_like(full)
-    for step, alpha in zip(step_sizes(n_steps), alphas(n_steps)):
-        point = (base + alpha * (full - base)).requires_grad_(True)
-        handle = embed.register_forward_hook(lambda m, a, out, point=point: point)
-        try:
-            score = _summed_log_p(model, kwargs, ids).sum()
-        finally:
-            handle.remove()
-        total += step * torch.autograd.grad(score, point)[0]
-    per_patch = (total * (full - base)).sum(1)  # [1 + a*b, g, g]
+    attributions, base = embedding_path_integral(
+        embed, tiles5.flatten(0, 1), lambda: _summed_log_p(model, kwargs, ids).sum(), n_steps)
+    per_patch = attributions.sum(1)  # [1 + a*b, g, g]
     want = _cells_of_patches(per_patch, (4, 6), (2, 3), SIZES["unpadded"])
     assert_close_scaled(got[0], want)
     with torch.no_grad():

@@ -21,7 +21,7 @@ import pytest
 import tiny_models as tm
 import torch
 import torch.nn.functional as F
-from captum.attr._utils.approximation_methods import approximation_parameters
+from ig_refs import embedding_path_integral
 from joint_refs import assert_tower_views_refused, explained_lenses
 from model_state import assert_unchanged, snapshot
 from numerics import assert_close_scaled
@@ -312,19 +312,9 @@ def test_integrated_gradients_equal_a_hand_made_path_integral(factory, processor
         method="riemann_trapezoid", return_grid=True, return_convergence_delta=True)
     embed = model.model.vision_model.embeddings.patch_embedding
     views = ref["pixel_values"].flatten(0, 1)
-    with torch.no_grad():
-        full, base = embed(views), embed(torch.zeros_like(views))
-    step_sizes, alphas = approximation_parameters("riemann_trapezoid")
-    total = torch.zeros_like(full)
-    for step, alpha in zip(step_sizes(n_steps), alphas(n_steps)):
-        point = (base + alpha * (full - base)).requires_grad_(True)
-        handle = embed.register_forward_hook(lambda m, a, out, point=point: point)
-        try:
-            score = _summed_log_p(model, ref, ref["input_ids"]).sum()
-        finally:
-            handle.remove()
-        total += step * torch.autograd.grad(score, point)[0]
-    per_patch = (total * (full - base)).sum(1)  # [views, 8, 8]
+    attributions, base = embedding_path_integral(
+        embed, views, lambda: _summed_log_p(model, ref, ref["input_ids"]).sum(), n_steps)
+    per_patch = attributions.sum(1)  # [views, 8, 8]
     per_token = per_patch.reshape(-1, K, 2, K, 2).sum(dim=(2, 4)).flatten()  # each token's 2x2 patches
     want = token_grid(per_token)
     assert_close_scaled(got[0], want)

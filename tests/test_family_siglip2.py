@@ -18,7 +18,7 @@ import pytest
 import tiny_models as tm
 import torch
 import torch.nn.functional as F
-from captum.attr._utils.approximation_methods import approximation_parameters
+from ig_refs import embedding_path_integral
 from model_state import assert_unchanged, snapshot
 from numerics import assert_close_scaled
 from PIL import Image
@@ -270,19 +270,9 @@ def test_integrated_gradients_equal_a_hand_made_path_integral(raw):
         pixels_of(model, raw), target=target, additional_forward_args=args_of(raw), n_steps=n_steps,
         method="riemann_trapezoid", return_grid=True, return_convergence_delta=True)
     embed = model.vision_model.embeddings.patch_embedding
-    with torch.no_grad():
-        full, base = embed(raw["pixel_values"]), embed(torch.zeros_like(raw["pixel_values"]))
-    step_sizes, alphas = approximation_parameters("riemann_trapezoid")
-    total = torch.zeros_like(full)
-    for step, alpha in zip(step_sizes(n_steps), alphas(n_steps)):
-        point = (base + alpha * (full - base)).requires_grad_(True)
-        handle = embed.register_forward_hook(lambda m, a, out, point=point: point)
-        try:
-            score = _logits(model, raw)[0, target]
-        finally:
-            handle.remove()
-        total += step * torch.autograd.grad(score, point)[0]
-    want = (total * (full - base)).sum(-1)[0]
+    attributions, base = embedding_path_integral(
+        embed, raw["pixel_values"], lambda: _logits(model, raw)[0, target], n_steps)
+    want = attributions.sum(-1)[0]
     assert float(want[REAL:].abs().max()) == 0.0  # the padding patch
     assert_close_scaled(got[0], want[:REAL].reshape(GRID))
     # completeness: the map's sum against the logit's change from the all-baseline embeddings

@@ -17,7 +17,7 @@ import pytest
 import tiny_models as tm
 import torch
 import torch.nn.functional as F
-from captum.attr._utils.approximation_methods import approximation_parameters
+from ig_refs import embedding_path_integral
 from model_state import assert_unchanged, snapshot
 from numerics import assert_close_scaled
 from PIL import Image
@@ -250,20 +250,9 @@ def test_integrated_gradients_equal_a_hand_made_path_integral(processor, image):
         n_steps=n_steps, method="riemann_trapezoid", return_grid=True, return_convergence_delta=True)
     # by hand: the patch embeddings scaled from 0 (the embedding of zero pixels) to their value
     embed = model.model.visual.patch_embed
-    with torch.no_grad():
-        full = embed(raw["pixel_values"])
-        base = embed(torch.zeros_like(raw["pixel_values"]))
-    step_sizes, alphas = approximation_parameters("riemann_trapezoid")
-    total = torch.zeros_like(full)
-    for step, alpha in zip(step_sizes(n_steps), alphas(n_steps)):
-        point = (base + alpha * (full - base)).requires_grad_(True)
-        handle = embed.register_forward_hook(lambda m, a, out, point=point: point)
-        try:
-            score = _summed_log_p(model, raw, raw["input_ids"]).sum()
-        finally:
-            handle.remove()
-        total += step * torch.autograd.grad(score, point)[0]
-    per_patch = (total * (full - base)).sum(-1)  # processor order: 2x2 blocks of the 4 x 7 merged grid
+    attributions, base = embedding_path_integral(
+        embed, raw["pixel_values"], lambda: _summed_log_p(model, raw, raw["input_ids"]).sum(), n_steps)
+    per_patch = attributions.sum(-1)  # processor order: 2x2 blocks of the 4 x 7 merged grid
     want = per_patch.reshape(4, 7, 4).sum(-1)
     assert_close_scaled(got[0], want)
     with torch.no_grad():
