@@ -308,18 +308,8 @@ def test_a_cell_outside_the_content_box_changes_no_base_token(model, processor, 
     adapter = get_adapter(model)
     pixels = inputs["pixel_values"]
     assert pixels.shape[-2:] == (16, 32) and content_box(size) == (0, 16, 9, 23)
-    silence = [a.register_forward_hook(lambda m, args, out: (torch.zeros_like(out[0]), *out[1:]))
-               for a in [block.self_attn for block in adapter.vision_blocks()]]
-    try:
-        before = _language_input(model, pixels, ids, mask, sizes)
-        changed = pixels.clone()
-        r, c = cell
-        changed[:, :, r * 8 : (r + 1) * 8, c * 8 : (c + 1) * 8] += 1.0
-        after = _language_input(model, changed, ids, mask, sizes)
-    finally:
-        for handle in silence:
-            handle.remove()
-    marked = (after - before).abs().amax(-1) > 1e-6
+    marked = _changed_language_inputs(model, pixels, ids, mask, sizes, cell)
+    r, c = cell
     with adapter.image_layout(pixels, ids, image_sizes=sizes) as layout:
         pass
     h, w = layout().grid
@@ -403,6 +393,23 @@ def test_layout_is_the_models_own_packing(model, processor, which):
         assert geometry.pooled == (4, 3)
 
 
+def _changed_language_inputs(model, pixels, ids, mask, sizes, cell) -> torch.Tensor:
+    """Which language-model input positions change when one 8-px canvas cell is brightened, with
+    the vision tower's attention silenced (so a patch reaches only its own tokens): ``[T]`` bool."""
+    silence = [a.register_forward_hook(lambda m, args, out: (torch.zeros_like(out[0]), *out[1:]))
+               for a in [block.self_attn for block in get_adapter(model).vision_blocks()]]
+    try:
+        before = _language_input(model, pixels, ids, mask, sizes)
+        changed = pixels.clone()
+        r, c = cell
+        changed[:, :, r * 8 : (r + 1) * 8, c * 8 : (c + 1) * 8] += 1.0
+        after = _language_input(model, changed, ids, mask, sizes)
+    finally:
+        for handle in silence:
+            handle.remove()
+    return (after - before).abs().amax(-1) > 1e-6
+
+
 def _language_input(model, pixels, ids, mask, sizes):
     seen = {}
     handle = model.model.language_model.register_forward_pre_hook(
@@ -425,18 +432,8 @@ def test_layout_finds_a_planted_cell(model, processor, which, cell):
     _, inputs, (ids, mask, sizes) = adapted(model, processor, noise(*SIZES[which]))
     adapter = get_adapter(model)
     pixels = inputs["pixel_values"]
-    silence = [a.register_forward_hook(lambda m, args, out: (torch.zeros_like(out[0]), *out[1:]))
-               for a in [block.self_attn for block in adapter.vision_blocks()]]
-    try:
-        before = _language_input(model, pixels, ids, mask, sizes)
-        changed = pixels.clone()
-        r, c = cell
-        changed[:, :, r * 8 : (r + 1) * 8, c * 8 : (c + 1) * 8] += 1.0
-        after = _language_input(model, changed, ids, mask, sizes)
-    finally:
-        for handle in silence:
-            handle.remove()
-    marked = (after - before).abs().amax(-1) > 1e-6
+    marked = _changed_language_inputs(model, pixels, ids, mask, sizes, cell)
+    r, c = cell
     with adapter.image_layout(pixels, ids, image_sizes=sizes) as layout:
         pass
     h, w = layout().grid
