@@ -59,17 +59,6 @@ SIZES = {"filled": (40, 28), "unpadded": (30, 64)}
 CLASSES = ["next", "onevision"]
 
 
-class ImageOnlyOnevisionProcessor(LlavaOnevisionProcessor):
-    """``LlavaOnevisionProcessor`` without its video processor (which needs torchvision)."""
-
-    @classmethod
-    def get_attributes(cls):
-        return ["image_processor", "tokenizer"]
-
-    def __init__(self, image_processor=None, tokenizer=None, **kwargs):
-        super().__init__(image_processor, tokenizer, **kwargs)
-
-
 def make_processor(kind: str):
     tokenizer = build_tokenizer(256)
     tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
@@ -82,7 +71,7 @@ def make_processor(kind: str):
                                   vision_feature_select_strategy="default", num_additional_image_tokens=1)
     image_processor = LlavaOnevisionImageProcessorPil(size={"height": s, "width": s},
                                                       image_grid_pinpoints=tm.ANYRES_PINPOINTS)
-    return ImageOnlyOnevisionProcessor(image_processor=image_processor, tokenizer=tokenizer,
+    return tm.image_only(LlavaOnevisionProcessor)(image_processor=image_processor, tokenizer=tokenizer,
                                        num_image_tokens=(s // tm.PATCH) ** 2, vision_feature_select_strategy="full",
                                        vision_aspect_ratio="anyres_max_4")
 

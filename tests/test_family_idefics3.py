@@ -488,23 +488,12 @@ def test_logit_lens_last_layer_is_the_models_probability_of_its_answer(model, pr
 
 
 # ----- SmolVLM with its own processor (needs num2words) ----------------------------------------
-class ImageOnlySmolVLMProcessor(SmolVLMProcessor):
-    """The real ``SmolVLMProcessor`` without its video processor (which needs torchvision)."""
-
-    @classmethod
-    def get_attributes(cls):
-        return ["image_processor", "tokenizer"]
-
-    def __init__(self, image_processor=None, tokenizer=None, **kwargs):
-        super().__init__(image_processor, tokenizer, None, **kwargs)
-
-
 def smolvlm_processor() -> SmolVLMProcessor:
     """The SmolVLM processor as the Idefics3 one above: 96-px longest edge, 32-px tiles."""
     tokenizer = tiny_processor().tokenizer
     image_processor = SmolVLMImageProcessorPil(size={"longest_edge": 96}, max_image_size={"longest_edge": tm.IMAGE_SIZE},
                                                do_image_splitting=True)
-    return ImageOnlySmolVLMProcessor(image_processor=image_processor, tokenizer=tokenizer, image_seq_len=K * K)
+    return tm.image_only(SmolVLMProcessor)(image_processor=image_processor, tokenizer=tokenizer, image_seq_len=K * K)
 
 
 @pytest.fixture(scope="module")

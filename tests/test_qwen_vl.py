@@ -38,17 +38,6 @@ FACTORIES = [tm.qwen2_5_vl, tm.qwen2_vl]
 PROMPT = "<|vision_start|><|image_pad|><|vision_end|> what color is the circle"
 
 
-class ImageOnlyQwenProcessor(Qwen2_5_VLProcessor):
-    """``Qwen2_5_VLProcessor`` without its video processor (which needs torchvision)."""
-
-    @classmethod
-    def get_attributes(cls):
-        return ["image_processor", "tokenizer"]
-
-    def __init__(self, image_processor=None, tokenizer=None, **kwargs):
-        super().__init__(image_processor, tokenizer, **kwargs)
-
-
 @pytest.fixture(scope="module")
 def processor():
     tokenizer = build_tokenizer(128)
@@ -60,7 +49,7 @@ def processor():
     image_processor = Qwen2VLImageProcessorPil(patch_size=tm.QWEN_PATCH, merge_size=tm.QWEN_MERGE,
                                                temporal_patch_size=2,
                                                size={"shortest_edge": 16 * 16, "longest_edge": 48 * 48})
-    return ImageOnlyQwenProcessor(image_processor=image_processor, tokenizer=tokenizer)
+    return tm.image_only(Qwen2_5_VLProcessor)(image_processor=image_processor, tokenizer=tokenizer)
 
 
 @pytest.fixture(scope="module")

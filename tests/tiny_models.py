@@ -452,3 +452,23 @@ def llava_onevision(seed: int = 0, image_token_id: int = ANYRES_IMAGE_TOKEN, max
 
 FACTORIES["LlavaNextForConditionalGeneration"] = llava_next
 FACTORIES["LlavaOnevisionForConditionalGeneration"] = llava_onevision
+
+
+def image_only(processor_class: type) -> type:
+    """``processor_class`` (a processor with a video processor, which needs torchvision) built
+    from an image processor and a tokenizer alone, as the tests use it.
+
+    Example:
+        >>> processor = image_only(Qwen2_5_VLProcessor)(image_processor=..., tokenizer=...)  # doctest: +SKIP
+    """
+
+    class ImageOnly(processor_class):
+        @classmethod
+        def get_attributes(cls):
+            return ["image_processor", "tokenizer"]
+
+        def __init__(self, image_processor=None, tokenizer=None, **kwargs):
+            super().__init__(image_processor, tokenizer, video_processor=None, **kwargs)
+
+    ImageOnly.__name__ = ImageOnly.__qualname__ = f"ImageOnly{processor_class.__name__}"
+    return ImageOnly
