@@ -31,9 +31,13 @@ browser:
 		(apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null)) || \
 		echo "warning: could not install chromium; the report browser test will be skipped"
 
+# Ray's local-cluster tests run in a pytest process of their own: three full runs of 2026-12-02
+# ended with exit code 1 and no summary minutes after them (inside test_conventions), which a Ray
+# client left in the process would explain (cause not found); run apart, every run passed.
 test: setup browser
 	$(PY) -m ruff check captum_vlm tests tests_insights benchmarks tutorials
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --ignore=tests/test_audit_ray.py
+	$(PY) -m pytest -q tests/test_audit_ray.py
 	$(MAKE) test-insights
 
 # Re-execute the tutorial notebooks in place (outputs and the hash of their code cells).
