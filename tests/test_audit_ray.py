@@ -4,10 +4,11 @@ run resumes a run that was cut short."""
 
 from __future__ import annotations
 
+import io
 import os
-import signal
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -136,10 +137,30 @@ def _actor_pids() -> list[int]:
     return pids
 
 
+def _feed_pipe(pipe: Path, payload: bytes, deadline: float) -> bool:
+    """Write ``payload`` into the named pipe once a reader has opened it; False if none did by
+    ``deadline``. Opening for writing without blocking fails (ENXIO) while nobody reads."""
+    while time.monotonic() < deadline:
+        try:
+            fd = os.open(pipe, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError:
+            time.sleep(0.1)
+            continue
+        try:
+            os.set_blocking(fd, True)
+            os.write(fd, payload)
+        finally:
+            os.close(fd)
+        return True
+    return False
+
+
 def test_a_killed_actor_loses_no_batch_and_ray_resumes_a_cut_run(ray_cluster, clip, local_run, tmp_path,
                                                                  monkeypatch):
     """A ray.data.Dataset of 24 images; a local run cut after 4 of them, then Ray finishes the
-    rest while the test kills its actor's process."""
+    rest. The mask of image 13 is a named pipe: the actor that reaches it waits there, the test
+    kills that actor's process while it waits, and only then lets the pipe's mask through, to the
+    actor Ray starts again. Image 13's batch must come out once, with its mask."""
     model, processor = clip
     folder, local = local_run
     names = [f"img-{i:03d}.png" for i in range(24)]
@@ -160,6 +181,11 @@ def test_a_killed_actor_loses_no_batch_and_ray_resumes_a_cut_run(ray_cluster, cl
         cv.audit(model, processor, items, PROMPTS, batch_size=4, output=out, **KWARGS)
     monkeypatch.setattr(RunStore, "write_shard", real_write)
 
+    pipe = tmp_path / "mask-013.png"
+    os.mkfifo(pipe)
+    mask_png = io.BytesIO()
+    Image.fromarray(np.load(folder / "mask-013.npy").astype(np.uint8) * 255, mode="L").save(mask_png, "PNG")
+    items[13] = {**items[13], "mask_path": str(pipe)}
     dataset = ray.data.from_items(items, override_num_blocks=10)
     outcome = {}
 
@@ -172,21 +198,36 @@ def test_a_killed_actor_loses_no_batch_and_ray_resumes_a_cut_run(ray_cluster, cl
 
     thread = threading.Thread(target=run)
     thread.start()
-    killed = None
-    deadline = time.monotonic() + 300
-    while killed is None and thread.is_alive() and time.monotonic() < deadline:
-        pids = _actor_pids()
-        if pids:
-            time.sleep(2.0)  # let it take a batch
-            os.kill(pids[0], signal.SIGKILL)
-            killed = pids[0]
-        time.sleep(0.2)
-    thread.join(600)
-    assert killed is not None, "the actor was never seen, so nothing was killed"
+    killed, fed = [], False
+    try:
+        deadline = time.monotonic() + 300
+        waiting = None
+        while waiting is None and thread.is_alive() and time.monotonic() < deadline:
+            try:  # succeeds once an actor has the pipe open and waits for its bytes
+                waiting = os.open(pipe, os.O_WRONLY | os.O_NONBLOCK)
+            except OSError:
+                time.sleep(0.1)
+        if waiting is not None:
+            try:
+                actors = [psutil.Process(pid) for pid in _actor_pids()]
+                for actor in actors:
+                    actor.kill()
+                killed = [a.pid for a in actors]
+                psutil.wait_procs(actors, timeout=30)
+            finally:  # the killed reader is gone: closing gives no one an empty mask
+                os.close(waiting)
+            fed = _feed_pipe(pipe, mask_png.getvalue(), time.monotonic() + 300)
+    finally:  # never leave the run waiting on the pipe
+        while thread.is_alive() and _feed_pipe(pipe, mask_png.getvalue(), time.monotonic() + 5):
+            pass
+        thread.join(600)
+    assert killed, "no actor waited on the pipe, so nothing was killed"
+    assert fed, "the actor Ray started again never read image 13's mask: its batch was lost"
     assert "error" not in outcome, outcome.get("error")
     table = outcome["result"].table()
     ids = table.column("id").to_pylist()
     assert ids == names  # every image once: nothing lost, nothing twice
+    assert table.column("error").null_count == len(names)
     want = local.filter(np.isin(local.column("id").to_numpy(zero_copy_only=False), names))
     assert same_records(table.drop_columns(["path"]), want.drop_columns(["path"]))
 
@@ -223,8 +264,9 @@ def test_records_reach_the_disk_while_actors_hold_every_cpu(ray_cluster, clip, l
             staged = list((out / "staging").rglob("*.parquet")) if (out / "staging").is_dir() else []
             time.sleep(0.2)
     finally:  # let the waiting batch go, whatever was seen
-        with open(data / names[0], "wb") as pipe:
-            pipe.write((folder / names[0]).read_bytes())
+        payload = (folder / names[0]).read_bytes()
+        while thread.is_alive() and _feed_pipe(data / names[0], payload, time.monotonic() + 5):
+            pass
         thread.join(600)
     assert "error" not in outcome, outcome.get("error")
     assert staged, "no shard was written while a batch was still running"
