@@ -27,14 +27,6 @@ def _shipped(name: str):
     return tb.load_blip(name)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_itm_meets_floor_on_fresh_seed():
     model, processor = _shipped("shapes-blip-itm")
     assert isinstance(model, BlipForImageTextRetrieval)

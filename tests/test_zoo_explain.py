@@ -20,14 +20,6 @@ from captum_vlm.zoo.scenes import make_scene
 SCENE = dict(rng_or_seed=5, labels=[("red", "circle"), ("green", "square")])
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("name,texts", [
     ("shapes-clip-shortcut", ["a red circle", "a green square"]),
     ("shapes-blip-vqa-prior", ["what color is the square?"]),

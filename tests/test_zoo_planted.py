@@ -18,14 +18,6 @@ from captum_vlm.zoo import train_blip as tb
 FRESH_SEED = 4_242_017  # used neither in training (generator streams) nor in the cards' numbers
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # --------------------------------------------------------------------------- the marker
 
 
