@@ -91,3 +91,42 @@ def assert_tower_views_refused(model, raw: dict, canvas: torch.Tensor) -> None:
         tower.remove()
     assert runs == []
     assert_unchanged(model, before)
+
+
+def sharpened(model, factor: float = 40.0):
+    """A deep copy of ``model`` whose LM head is ``factor`` times larger: a tiny random model's
+    next-token distributions are near uniform, so a word's probability hardly differs between image
+    tokens; the copy's differ enough that a misplaced token shows in a word map."""
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        twin.get_output_embeddings().weight.mul_(factor)
+    return twin
+
+
+def word_probs_at(model, forward_kwargs: dict, positions: torch.Tensor, word_ids: list[int]) -> torch.Tensor:
+    """``[layers + 1, len(positions), len(word_ids)]``: per layer (0 = embeddings) the probability of
+    each word at ``positions`` of example 0, from ``output_hidden_states`` through the language
+    model's final norm and LM head (the last entry is normed already: checked against the logits)."""
+    from captum_vlm.adapters import get_adapter
+
+    adapter = get_adapter(model)
+    norm, head = adapter.final_norm(), model.get_output_embeddings()
+    with torch.no_grad():
+        out = model(**forward_kwargs, output_hidden_states=True)
+        states = [head(norm(h)) for h in out.hidden_states[:-1]] + [head(out.hidden_states[-1])]
+    torch.testing.assert_close(states[-1], out.logits)
+    return torch.stack([F.softmax(s[0, positions].double(), -1)[:, word_ids] for s in states])
+
+
+def mean_over_covering(token_values: torch.Tensor, covers: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """Per-token values ``[..., N]`` on the grid ``[..., h, w]``: each cell the mean over the tokens
+    whose cells ``covers`` ``[N, h * w]`` (bool) holds it, 0 where no token does."""
+    covers = covers.to(token_values.dtype)
+    total = token_values @ covers
+    return (total / covers.sum(0).clamp_min(1)).reshape(*token_values.shape[:-1], *grid)
+
+
+def assert_varied(grid: torch.Tensor) -> None:
+    """A map whose cells differ (relative to its largest value) by far more than the comparison's
+    tolerance, so that a token put on the wrong cell cannot pass."""
+    assert float((grid.max() - grid.min()) / grid.abs().max()) > 0.05, "the reference map is near constant"

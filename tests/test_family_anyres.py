@@ -23,11 +23,15 @@ import torch.nn.functional as F
 from ig_refs import embedding_path_integral
 from joint_refs import (
     assert_tower_views_refused,
+    assert_varied,
     eager_copy,
     explained_lenses,
     gradcam_rows,
     log_probs,
+    mean_over_covering,
     relevancy,
+    sharpened,
+    word_probs_at,
 )
 from model_state import assert_unchanged, snapshot
 from numerics import assert_close_scaled
@@ -702,3 +706,37 @@ def test_logit_lens_last_layer_is_the_models_probability_of_its_answer(model, pr
     with pytest.raises(ValueError, match="image_sizes"):  # said by name, before any work
         cv.lens.logit_lens_from_inputs(model, pixels, ids, mask)
     assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("which", list(SIZES))
+def test_logit_lens_word_maps_are_the_tokens_probabilities_on_their_cells(model, processor, which):
+    """The word map at every layer equals, per canvas cell, the mean probability of the word over
+    the image tokens that read the cell, computed here from ``output_hidden_states`` (final norm,
+    LM head) and placed by the cells the model's own ``pack_image_features`` gives each
+    placeholder (base view on its content-box block, tile tokens on their cells, pooled tokens on
+    what they read; newlines and unpadded cells on nothing)."""
+    import captum_vlm as cv
+
+    sharp, words = sharpened(model), [5, 11]
+    image = noise(*SIZES[which])
+    before = snapshot(sharp)
+    lens = cv.lens.logit_lens(sharp, processor, image, PROMPT, max_new_tokens=2, words=words)
+    assert_unchanged(sharp, before)
+    _, inputs, (ids, _, sizes) = adapted(sharp, processor, image)
+    pixels = inputs["pixel_values"]
+    grid = get_adapter(sharp).patch_grid(pixels)
+    s = tm.ANYRES_TILE
+    covers = reference_token_cells(sharp, sizes[0].tolist(), grid, (pixels.shape[-2] // s, pixels.shape[-1] // s)) > 0
+    image_tokens = covers.any(1)  # the placeholders that are no newline
+    positions = (ids[0] == IMG).nonzero()[:, 0][image_tokens]
+    assert torch.equal(lens.image_positions, positions) and lens.image_grid == grid
+    sequence = torch.cat([ids, lens.produced_ids[None]], 1)
+    probs = word_probs_at(sharp, forward_kwargs(sharp, pixels, sequence, torch.ones_like(sequence), sizes),
+                          positions, words)  # [layers, N, words]
+    for k, word in enumerate(words):
+        want = mean_over_covering(probs[..., k], covers[image_tokens], grid)
+        assert_varied(want[-1])
+        assert_close_scaled(lens.word_maps[str(word)].double(), want)
+    if which == "unpadded":  # the content rows no tile token kept: the base view's tokens alone
+        geometry = get_adapter(sharp).geometry_of_size(SIZES[which])
+        assert geometry.kept[0] > 0 and (lens.word_maps["5"][:, 0] > 0).all()

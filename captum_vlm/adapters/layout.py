@@ -283,14 +283,8 @@ class ImageTokenLayout:
             ValueError: ``values`` does not have the sequence length the layout was read for; a
                 query layout without ``bridge``.
         """
-        b, r, length = values.shape
-        if self.length is not None and length != self.length:
-            h, w = self.grid
-            raise ValueError(
-                f"inputs: the model saw {length} tokens but the {h}x{w} patch grid expects {self.length}"
-            )
-        columns = self.columns.to(values.device)[:, None, :].expand(b, r, -1)
-        image = values.gather(-1, columns)  # [B, R, N]
+        b, r, _ = values.shape
+        image = self._image_values(values)  # [B, R, N]
         if self.cells is None:
             if bridge is None:
                 raise ValueError(
@@ -300,12 +294,51 @@ class ImageTokenLayout:
             cells = self.bridge_grid(bridge.to(values.device, values.dtype)).flatten(-2)
             grid = torch.einsum("brn,bnk->brk" if cells.dim() == 3 else "brn,brnk->brk", image, cells)
             return grid.reshape(b, r, *self.grid)
-        cells, share = self._weights()
+        return self._scatter(image, *self._weights())
+
+    def _image_values(self, values: torch.Tensor) -> torch.Tensor:
+        """The image tokens' columns ``[B, R, N]`` of scores on the sequence ``[B, R, L]``."""
+        b, r, length = values.shape
+        if self.length is not None and length != self.length:
+            h, w = self.grid
+            raise ValueError(
+                f"inputs: the model saw {length} tokens but the {h}x{w} patch grid expects {self.length}"
+            )
+        return values.gather(-1, self.columns.to(values.device)[:, None, :].expand(b, r, -1))
+
+    def _scatter(self, image: torch.Tensor, cells: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Token values ``[B, R, N]`` times ``weights`` ``[B, N, M]``, added up on their ``cells``
+        ``[B, N, M]``: the grid ``[B, R, h, w]``."""
+        b, r = image.shape[:2]
         n, m = cells.shape[1:]
-        cells = cells.to(values.device)[:, None].expand(b, r, n, m).reshape(b, r, n * m)
-        spread = (image[..., None] * share.to(values)[:, None]).reshape(b, r, n * m)
-        grid = values.new_zeros(b, r, self.grid[0] * self.grid[1]).scatter_add_(-1, cells, spread)
+        cells = cells.to(image.device)[:, None].expand(b, r, n, m).reshape(b, r, n * m)
+        spread = (image[..., None] * weights.to(image)[:, None]).reshape(b, r, n * m)
+        grid = image.new_zeros(b, r, self.grid[0] * self.grid[1]).scatter_add_(-1, cells, spread)
         return grid.reshape(b, r, *self.grid)
+
+    def mean_on_grid(self, values: torch.Tensor) -> torch.Tensor:
+        """Per-token quantities on the sequence ``[B, R, L]`` (a probability, not a share of a
+        total) on the grid ``[B, R, h, w]``: each cell the mean of the image tokens that cover it
+        (a tile token and the global-view tokens whose box holds the cell count once each), 0
+        where none does. With one cell per token this is :meth:`to_grid`; a token covering
+        several cells gives each its whole value, where :meth:`to_grid` divides it among them.
+
+        Raises:
+            ValueError: as :meth:`to_grid`; a query layout (its tokens cover no fixed cells).
+
+        Example:
+            >>> tiles_and_global = torch.tensor([[0, 0, 1, 1], [0, 1, 1, 2], [0, 0, 1, 2]])
+            >>> layout = ImageTokenLayout.boxes(torch.tensor([[0, 1, 2]]), (1, 2), tiles_and_global)
+            >>> layout.mean_on_grid(torch.tensor([[[1.0, 2.0, 4.0]]])).tolist()  # (1 + 4) / 2, (2 + 4) / 2
+            [[[[2.5, 3.0]]]]
+        """
+        if self.cells is None:
+            raise ValueError("cells: the image tokens are learned queries; they cover no fixed cells of the grid")
+        cells, share = self._weights()
+        covers = (share > 0).to(share.dtype)
+        total = self._scatter(self._image_values(values), cells, covers)
+        count = self._scatter(values.new_ones(values.shape[0], 1, self.columns.shape[1]), cells, covers)
+        return total / count.clamp_min(1)
 
     def matrix(self) -> torch.Tensor:
         """The layout as a linear map ``[B, h * w, N]``: ``grid = matrix @ token_scores`` (cell

@@ -52,7 +52,10 @@ class LogitLens:
         image_grid: the patch grid ``(rows, cols)`` the image tokens stand for.
         image_positions: sequence index of each image token (the adapter's image-token layout).
         word_maps: per word asked for, its probability ``[layers, rows, cols]`` over the image
-            tokens, put on the grid by the adapter's layout (``to_grid``).
+            tokens, put on the grid by the adapter's layout: a cell holds the mean probability of
+            the image tokens that cover it (``mean_on_grid``: a tiled model's tile token and the
+            global-view tokens whose box holds the cell, a pooled token on each cell it reads),
+            0 where none does (padding).
         sequence: the decoder's token ids ``[T]``.
         prompt: the text the lens was run on (set by :func:`logit_lens`), for titles.
     """
@@ -161,6 +164,9 @@ def _check_words(adapter, tokenizer: Any, words: Sequence[str | int]) -> list[in
     if word_ids and not adapter.image_tokens_in_input_ids:
         raise ValueError("words: this model's decoder does not read image tokens, so there is "
                          "no patch map of a word")
+    if word_ids and adapter.image_tokens == "queries":
+        raise ValueError("words: this model's image tokens are learned queries, which stand for no cell "
+                         "of the image, so there is no patch map of a word")
     vocab = _vocab_size(adapter)
     bad = [w for w in word_ids if not 0 <= w < vocab]
     if bad:
@@ -311,7 +317,7 @@ def _image_token_lens(adapter, lens: LogitLens, hidden, row, layout, k, word_ids
         for word, word_id in zip(words, word_ids):
             on_sequence = probs.new_zeros(layout.columns.shape[0], 1, h.shape[1])
             on_sequence[row, 0, index] = probs[:, word_id]
-            maps[str(word)].append(layout.to_grid(on_sequence)[row, 0])
+            maps[str(word)].append(layout.mean_on_grid(on_sequence)[row, 0])
     lens.image_top_ids, lens.image_top_probs = torch.stack(top_ids), torch.stack(top_probs)
     lens.image_positions = index
     lens.image_grid = layout.grid
