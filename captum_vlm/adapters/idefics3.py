@@ -46,13 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from captum_vlm._checks import check_pixel_values
-from captum_vlm.adapters._canvas import (
-    canvas_to_tiles,
-    closest_layout,
-    tile_token_boxes,
-    tiles_to_canvas,
-    whole_view_token_boxes,
-)
+from captum_vlm.adapters._canvas import canvas_to_tiles, tiles_to_canvas
 from captum_vlm.adapters.base import register_adapter
 from captum_vlm.adapters.layout import ImageTokenLayout
 from captum_vlm.adapters.llava import LlavaAdapter
@@ -227,8 +221,14 @@ class Idefics3Adapter(LlavaAdapter):
             if not (bool((rows == rows[0]).all()) and bool((cols == cols[0]).all())):
                 raise ValueError(f"inputs: rows {rows.tolist()}, cols {cols.tolist()}: one tile layout per batch")
             return int(rows[0]), int(cols[0])
-        layouts = [(r, tiles // r) for r in range(1, tiles + 1) if tiles % r == 0]
-        return closest_layout(views[:, :tiles], views[:, -1], layouts, self.global_view)
+        best, best_error = None, None
+        for r in (d for d in range(1, tiles + 1) if tiles % d == 0):
+            c = tiles // r
+            canvas = tiles_to_canvas(views[:, :tiles], r, c)
+            error = float((self.global_view(canvas) - views[:, -1]).abs().mean())
+            if best_error is None or error < best_error:
+                best, best_error = (r, c), error
+        return best
 
     _dropping: torch.Tensor | None = None
 
@@ -264,16 +264,26 @@ class Idefics3Adapter(LlavaAdapter):
         order the model fills the placeholders: tile tokens (one cell each), then global tokens
         (the ``rows x cols`` cells their part of the global view comes from)."""
         (rows, cols), k = self.tiles(pixel_values), self.tokens_per_side
-        boxes = tile_token_boxes(rows, cols, k)
-        return boxes if rows * cols == 1 else torch.cat([boxes, whole_view_token_boxes(rows, cols, k)])
+        boxes = [(r * k + i, c * k + j, r * k + i + 1, c * k + j + 1)
+                 for r in range(rows) for c in range(cols) for i in range(k) for j in range(k)]
+        if rows * cols > 1:
+            boxes += [(i * rows, j * cols, (i + 1) * rows, (j + 1) * cols) for i in range(k) for j in range(k)]
+        return torch.tensor(boxes, dtype=torch.long)
 
     @contextmanager
     def image_layout(self, pixel_values, input_ids=None) -> Iterator[Callable[[], ImageTokenLayout]]:
         """Tile and global-view tokens where ``input_ids`` hold the placeholders, on the canvas grid."""
         if input_ids is None:
             raise ValueError("input_ids: needed to find the image tokens of this model")
-        found = ImageTokenLayout.boxes_at_positions(self.image_token_positions(input_ids),
-                                                    self.patch_grid(pixel_values), self.token_boxes(pixel_values))
+        positions = self.image_token_positions(input_ids)
+        boxes = self.token_boxes(pixel_values)
+        counts = positions.sum(1)
+        if not bool((counts == boxes.shape[0]).all()):
+            raise ValueError(f"input_ids: the texts hold {counts.tolist()} image tokens but the canvas of "
+                             f"pixel_values gives {boxes.shape[0]}")
+        index = torch.arange(positions.shape[1], device=positions.device).expand_as(positions)
+        columns = torch.stack([index[b][positions[b]] for b in range(positions.shape[0])])
+        found = ImageTokenLayout.boxes(columns.cpu(), self.patch_grid(pixel_values), boxes, positions.shape[1])
         yield lambda: found
 
     def patch_embedding_grid(self, layer_attr: torch.Tensor, pixel_values: torch.Tensor, extra=()) -> torch.Tensor:

@@ -175,24 +175,6 @@ class ImageTokenLayout:
         return cls(grid, columns, cells, length)
 
     @classmethod
-    def boxes_at_positions(
-        cls, positions: torch.Tensor, grid: tuple[int, int], boxes: torch.Tensor
-    ) -> ImageTokenLayout:
-        """:meth:`boxes` for the image tokens where ``positions`` ``[B, L]`` is True, in order
-        (``boxes`` ``[N, 4]``: one box per image token of a row).
-
-        Raises:
-            ValueError: a row does not hold ``N`` image positions.
-        """
-        counts = positions.sum(1)
-        if not bool((counts == boxes.shape[0]).all()):
-            raise ValueError(f"input_ids: the texts hold {counts.tolist()} image tokens but the canvas of "
-                             f"pixel_values gives {boxes.shape[0]}")
-        index = torch.arange(positions.shape[1], device=positions.device).expand_as(positions)
-        columns = torch.stack([index[b][positions[b]] for b in range(positions.shape[0])])
-        return cls.boxes(columns.cpu(), grid, boxes, positions.shape[1])
-
-    @classmethod
     def queries(
         cls, positions: torch.Tensor, grid: tuple[int, int], n_queries: int, bridge_prefix: int = 0
     ) -> ImageTokenLayout:
@@ -245,22 +227,6 @@ class ImageTokenLayout:
         if not bool((covered == 1).all()):
             return None
         return self.cells.max(-1).values
-
-    def all_cells_kept(self, keep: torch.Tensor) -> torch.Tensor:
-        """Which tokens keep every cell they cover ``[B, N]`` (bool) for a keep mask on the grid
-        ``[B, h, w]`` (True or above 0.5: kept): a token goes as soon as one of its cells goes
-        (a token covering no cell stays).
-
-        Raises:
-            ValueError: ``keep`` is not ``[B, h, w]`` on this layout's grid and batch.
-        """
-        if self.cells is None or tuple(keep.shape) != (self.columns.shape[0], *self.grid):
-            raise ValueError(f"keep: expected [{self.columns.shape[0]}, {self.grid[0]}, {self.grid[1]}] on a cell "
-                             f"layout, got {tuple(keep.shape)}")
-        cells = self.cells if self.cells.dim() == 3 else self.cells[..., None]
-        kept = (keep.reshape(keep.shape[0], -1) > 0.5).cpu()
-        found = kept.gather(1, cells.clamp_min(0).flatten(1)).view(cells.shape)
-        return (found | (cells < 0)).all(-1)
 
     def _weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Cells ``[B, N, M]`` (padding clamped to 0) and each one's share of its token ``[B, N, M]``."""
