@@ -22,7 +22,14 @@ import tiny_models as tm
 import torch
 import torch.nn.functional as F
 from ig_refs import embedding_path_integral
-from joint_refs import assert_tower_views_refused, explained_lenses
+from joint_refs import (
+    assert_tower_views_refused,
+    assert_varied,
+    explained_lenses,
+    mean_over_covering,
+    sharpened,
+    word_probs_at,
+)
 from model_state import assert_unchanged, snapshot
 from numerics import assert_close_scaled
 from PIL import Image
@@ -485,6 +492,47 @@ def test_logit_lens_last_layer_is_the_models_probability_of_its_answer(model, pr
     from_inputs = cv.lens.logit_lens_from_inputs(model, canvas, ids, raw["attention_mask"], max_new_tokens=3)
     assert torch.equal(from_inputs.top_ids, lenses[0].top_ids)
     assert_unchanged(model, before)
+
+
+
+def own_covers() -> torch.Tensor:
+    """``[N_TILE + K*K, GRID cells]`` (bool), by hand: tile ``t`` (row by row) token ``(i, j)`` on
+    its cell, global token ``(i, j)`` on the ``ROWS x COLS`` block its part of the global view was
+    resized from."""
+    covers = torch.zeros(N_TILE + K * K, *GRID, dtype=torch.bool)
+    for t in range(ROWS * COLS):
+        r, c = divmod(t, COLS)
+        for i in range(K):
+            for j in range(K):
+                covers[t * K * K + i * K + j, r * K + i, c * K + j] = True
+    for g in range(K * K):
+        i, j = divmod(g, K)
+        covers[N_TILE + g, i * ROWS : (i + 1) * ROWS, j * COLS : (j + 1) * COLS] = True
+    return covers.flatten(1)
+
+
+def test_logit_lens_word_maps_are_the_tokens_probabilities_on_their_cells(model, processor, image):
+    """The word map at every layer equals, per canvas cell, the mean probability of the word over
+    the tile token and the global-view tokens that read the cell, computed here from
+    ``output_hidden_states`` (final norm, LM head) of the processor's tiles (global view resized
+    with torch, as the adapter does) and placed by hand (:func:`own_covers`)."""
+    import captum_vlm as cv
+
+    sharp, words = sharpened(model), [5, 11]
+    before = snapshot(sharp)
+    lens = cv.lens.logit_lens(sharp, processor, image, PROMPTS[0], max_new_tokens=2, words=words)
+    assert_unchanged(sharp, before)
+    raw = raw_inputs(processor, image, [PROMPTS[0]])
+    canvas = get_adapter(sharp).processor_inputs(raw)["pixel_values"]
+    sequence = torch.cat([raw["input_ids"], lens.produced_ids[None]], 1)
+    positions = (sequence[0] == IMAGE).nonzero()[:, 0]
+    assert torch.equal(lens.image_positions, positions) and lens.image_grid == GRID
+    kwargs = {**reference_views(raw, canvas), "input_ids": sequence, "attention_mask": torch.ones_like(sequence)}
+    probs = word_probs_at(sharp, kwargs, positions, words)  # [layers, N, words]
+    for k, word in enumerate(words):
+        want = mean_over_covering(probs[..., k], own_covers(), GRID)
+        assert_varied(want[-1])
+        assert_close_scaled(lens.word_maps[str(word)].double(), want)
 
 
 # ----- SmolVLM with its own processor (needs num2words) ----------------------------------------
