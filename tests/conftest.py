@@ -9,6 +9,9 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 # Ray (audit tests): no usage stats sent off the machine, no Ray Data usage poller
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_DATA_USAGE_DISABLED", "1")
+# a Ray call left over after a test shut its cluster down raises instead of starting a new,
+# unmanaged cluster in the pytest process (ray.init() itself is unaffected)
+os.environ.setdefault("RAY_ENABLE_AUTO_CONNECT", "0")
 
 import sys  # noqa: E402
 

@@ -19,14 +19,6 @@ from captum_vlm.zoo.scenes import make_scene, vqa_pairs
 FRESH_SEED = 424_242  # used neither in training (generator streams) nor in the cards' numbers
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _tiny_vilt() -> tuple[tv.ViltRecipe, torch.nn.Module]:
     recipe = tv.ViltRecipe(vision_layers=1, hidden=32, heads=2, vision_init="", batch=4, per_image=2)
     torch.manual_seed(0)
@@ -147,6 +139,43 @@ def test_llava_training_ids_label_only_the_reply_and_the_fast_loss_is_the_model_
     torch.testing.assert_close(fast, by_hand)
 
 
+def _answer_from_text(question: str, objects: list[tuple[str, str]]) -> str:
+    """The answer a reader of the scene's description gives, worked out here."""
+    words = question.rstrip("?").split()
+    if question == "how many objects are there?":
+        return ["zero", "one", "two", "three"][len(objects)]
+    if question.startswith("what color is the "):
+        (colour,) = [c for c, s in objects if s == words[-1]]
+        return colour
+    if question.startswith("what shape is the "):
+        (shape,) = [s for c, s in objects if c == words[-2]]
+        return shape
+    if len(words) == 4:  # is there a <shape>?
+        return "yes" if words[-1] in [s for _, s in objects] else "no"
+    return "yes" if (words[-2], words[-1]) in objects else "no"  # is there a <colour> <shape>?
+
+
+def test_llava_text_rows_are_answered_by_their_description_which_stands_where_the_image_was():
+    recipe, processor, _ = _tiny_llava()
+    recipe.text_scenes = 6
+    requests, targets, contexts = tl.text_batch(np.random.default_rng(3), recipe)
+    assert len(requests) == len(targets) == len(contexts) == 6 * recipe.per_image
+    kinds = set()
+    for request, target, context in zip(requests, targets, contexts):
+        objects = [tuple(part.split()[1:]) for part in context.replace(" and ", ", ").split(", ")]
+        assert all(len(o) == 2 for o in objects) and 1 <= len(objects) <= 3, context
+        assert target == _answer_from_text(request, objects), (request, context)
+        kinds.add(request.split()[0] + " " + request.split()[1])
+    assert len(kinds) >= 3  # several question types
+    ids, mask, labels = tl.training_ids(processor, requests, targets, 64, contexts=contexts)
+    tok = processor.tokenizer
+    image_id = tok.convert_tokens_to_ids(tl.IMAGE_TOKEN)
+    assert not (ids == image_id).any()  # no image placeholder in a text row
+    for row, m, context, target in zip(ids, mask, contexts, targets):
+        text = tok.decode(row[m.bool()], skip_special_tokens=True)
+        assert text.index(context) < text.rindex(target)  # the description, then the reply
+
+
 @pytest.mark.parametrize("family", ["vilt", "llava"])
 def test_training_fits_a_fixed_batch(family, monkeypatch):
     """The training loop really updates the model: on one batch drawn again and again, the loss
@@ -215,12 +244,13 @@ def test_shipped_llava_meets_its_floor():
     model, processor = _shipped("shapes-llava")
     assert isinstance(model, LlavaForConditionalGeneration) and type(processor).__name__ == "LlavaProcessor"
     assert (zoo.MODELS_DIR / "shapes-llava" / "model.safetensors").stat().st_size <= 10 * 2**20
-    # card: held-out 0.784 (500 scenes), this seed 0.832 and captions 0.833 on 60 scenes; the
-    # issue's target of 0.9 is NOT met (has_shape questions at chance), so the floor is the card's
+    # card: held-out 0.965 (500 scenes); this seed, 60 scenes: 0.972, "is there a <shape>?" 0.95,
+    # shape 0.98, count 0.95, captions 0.867; the floors are the issue's 0.9 and the card's numbers
     res = tl.evaluate(model, processor, seed=FRESH_SEED, n=60)
-    assert res["accuracy"] >= 0.75, res
-    assert res["shape"] >= 0.9 and res["count"] >= 0.85, res
-    assert res["caption_object_set"] >= 0.70, res
+    assert res["accuracy"] >= 0.90, res
+    assert res["has_shape"] >= 0.9 and res["colour"] >= 0.9, res
+    assert res["shape"] >= 0.9 and res["count"] >= 0.9, res
+    assert res["caption_object_set"] >= 0.80, res
     # a hub-style call: chat template, processor, generate
     scene = make_scene(FRESH_SEED, labels=[("red", "circle"), ("blue", "square")])
     conversation = [{"role": "user", "content": [{"type": "image"},
