@@ -137,22 +137,30 @@ def _actor_pids() -> list[int]:
     return pids
 
 
-def _feed_pipe(pipe: Path, payload: bytes, deadline: float) -> bool:
-    """Write ``payload`` into the named pipe once a reader has opened it; False if none did by
-    ``deadline``. Opening for writing without blocking fails (ENXIO) while nobody reads."""
-    while time.monotonic() < deadline:
+def _writer_end(pipe: Path, deadline: float, running=lambda: True) -> int | None:
+    """A write end of the named pipe once a reader has it open, or None if none did by
+    ``deadline`` (or once ``running()`` is False). Opening for writing without blocking fails
+    (ENXIO) while nobody reads."""
+    while time.monotonic() < deadline and running():
         try:
-            fd = os.open(pipe, os.O_WRONLY | os.O_NONBLOCK)
+            return os.open(pipe, os.O_WRONLY | os.O_NONBLOCK)
         except OSError:
             time.sleep(0.1)
-            continue
-        try:
-            os.set_blocking(fd, True)
-            os.write(fd, payload)
-        finally:
-            os.close(fd)
-        return True
-    return False
+    return None
+
+
+def _feed_pipe(pipe: Path, payload: bytes, deadline: float) -> bool:
+    """Write ``payload`` into the named pipe once a reader has opened it; False if none did by
+    ``deadline``."""
+    fd = _writer_end(pipe, deadline)
+    if fd is None:
+        return False
+    try:
+        os.set_blocking(fd, True)
+        os.write(fd, payload)
+    finally:
+        os.close(fd)
+    return True
 
 
 def test_a_killed_actor_loses_no_batch_and_ray_resumes_a_cut_run(ray_cluster, clip, local_run, tmp_path,
@@ -200,13 +208,8 @@ def test_a_killed_actor_loses_no_batch_and_ray_resumes_a_cut_run(ray_cluster, cl
     thread.start()
     killed, fed = [], False
     try:
-        deadline = time.monotonic() + 300
-        waiting = None
-        while waiting is None and thread.is_alive() and time.monotonic() < deadline:
-            try:  # succeeds once an actor has the pipe open and waits for its bytes
-                waiting = os.open(pipe, os.O_WRONLY | os.O_NONBLOCK)
-            except OSError:
-                time.sleep(0.1)
+        # an actor has the pipe open and waits for its bytes
+        waiting = _writer_end(pipe, time.monotonic() + 300, thread.is_alive)
         if waiting is not None:
             try:
                 actors = [psutil.Process(pid) for pid in _actor_pids()]

@@ -241,14 +241,10 @@ def llava_batch(rng: np.random.Generator, recipe: LlavaRecipe):
             requests.append(CAPTION_REQUEST)
             targets.append(caption_for([obj[j] for j in rng.permutation(len(obj))]))
             owner.append(i)
-        asked = 0
-        while asked < recipe.per_image:
-            qa = tb.sample_question(rng, obj, str(rng.choice(tb.QUESTION_TYPES)))
-            if qa is not None:
-                requests.append(qa[0])
-                targets.append(qa[1])
-                owner.append(i)
-                asked += 1
+        for question, answer in _questions(rng, obj, recipe.per_image):
+            requests.append(question)
+            targets.append(answer)
+            owner.append(i)
     images = [tb._draw(rng, obj, recipe.image_size) for obj in objects]
     return tb.images_to_pixel_values(images), requests, targets, torch.tensor(owner)
 
@@ -267,15 +263,22 @@ def text_batch(rng: np.random.Generator, recipe: LlavaRecipe) -> tuple[list[str]
     for _ in range(recipe.text_scenes):
         obj = tb._random_objects(rng, int(rng.choice([1, 2, 3])))
         described = caption_for([obj[j] for j in rng.permutation(len(obj))])
-        asked = 0
-        while asked < recipe.per_image:
-            qa = tb.sample_question(rng, obj, str(rng.choice(tb.QUESTION_TYPES)))
-            if qa is not None:
-                requests.append(qa[0])
-                targets.append(qa[1])
-                contexts.append(described)
-                asked += 1
+        for question, answer in _questions(rng, obj, recipe.per_image):
+            requests.append(question)
+            targets.append(answer)
+            contexts.append(described)
     return requests, targets, contexts
+
+
+def _questions(rng: np.random.Generator, objects, count: int) -> list[tuple[str, str]]:
+    """``count`` ``(question, answer)`` pairs about ``objects``, each of a random type of
+    :data:`train_blip.QUESTION_TYPES` (a type the scene has no question of is drawn again)."""
+    pairs = []
+    while len(pairs) < count:
+        qa = tb.sample_question(rng, objects, str(rng.choice(tb.QUESTION_TYPES)))
+        if qa is not None:
+            pairs.append(qa)
+    return pairs
 
 
 def training_ids(
