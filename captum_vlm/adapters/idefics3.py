@@ -46,7 +46,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from captum_vlm._checks import check_pixel_values
-from captum_vlm.adapters._canvas import canvas_to_tiles, tiles_to_canvas
+from captum_vlm.adapters._canvas import (
+    canvas_to_tiles,
+    closest_tile_layout,
+    tile_token_boxes,
+    tile_token_keep,
+    tiles_to_canvas,
+)
 from captum_vlm.adapters.base import register_adapter
 from captum_vlm.adapters.layout import ImageTokenLayout
 from captum_vlm.adapters.llava import LlavaAdapter
@@ -214,21 +220,13 @@ class Idefics3Adapter(LlavaAdapter):
         return found
 
     def _tile_layout(self, found: Mapping, views: torch.Tensor) -> tuple[int, int]:
-        tiles = views.shape[1] - 1
         rows, cols = found.get("rows"), found.get("cols")
         if rows is not None and cols is not None:
             rows, cols = torch.as_tensor(rows).flatten(), torch.as_tensor(cols).flatten()
             if not (bool((rows == rows[0]).all()) and bool((cols == cols[0]).all())):
                 raise ValueError(f"inputs: rows {rows.tolist()}, cols {cols.tolist()}: one tile layout per batch")
             return int(rows[0]), int(cols[0])
-        best, best_error = None, None
-        for r in (d for d in range(1, tiles + 1) if tiles % d == 0):
-            c = tiles // r
-            canvas = tiles_to_canvas(views[:, :tiles], r, c)
-            error = float((self.global_view(canvas) - views[:, -1]).abs().mean())
-            if best_error is None or error < best_error:
-                best, best_error = (r, c), error
-        return best
+        return closest_tile_layout(views[:, :-1], views[:, -1], self.global_view)
 
     _dropping: torch.Tensor | None = None
 
@@ -263,12 +261,8 @@ class Idefics3Adapter(LlavaAdapter):
         """``[N, 4]`` the cell box ``(top, left, bottom, right)`` of each image token, in the
         order the model fills the placeholders: tile tokens (one cell each), then global tokens
         (the ``rows x cols`` cells their part of the global view comes from)."""
-        (rows, cols), k = self.tiles(pixel_values), self.tokens_per_side
-        boxes = [(r * k + i, c * k + j, r * k + i + 1, c * k + j + 1)
-                 for r in range(rows) for c in range(cols) for i in range(k) for j in range(k)]
-        if rows * cols > 1:
-            boxes += [(i * rows, j * cols, (i + 1) * rows, (j + 1) * cols) for i in range(k) for j in range(k)]
-        return torch.tensor(boxes, dtype=torch.long)
+        rows, cols = self.tiles(pixel_values)
+        return tile_token_boxes(rows, cols, self.tokens_per_side, "last" if rows * cols > 1 else None)
 
     @contextmanager
     def image_layout(self, pixel_values, input_ids=None) -> Iterator[Callable[[], ImageTokenLayout]]:
@@ -302,15 +296,9 @@ class Idefics3Adapter(LlavaAdapter):
         """Which image tokens stay ``[B, N]`` for a keep mask on the canvas grid ``[B, h, w]``: a
         tile token with its cell, a global token while every cell of its box stays (a dropped
         region leaves both streams)."""
-        b, h, w = keep.shape
         k = self.tokens_per_side
-        rows, cols = h // k, w // k
-        kept = keep > 0.5
-        tiles = kept.reshape(b, rows, k, cols, k).permute(0, 1, 3, 2, 4).reshape(b, -1)
-        if rows * cols == 1:
-            return tiles
-        blocks = kept.reshape(b, k, rows, k, cols).all(4).all(2).reshape(b, -1)
-        return torch.cat([tiles, blocks], 1)
+        one_tile = keep.shape[1] == k and keep.shape[2] == k
+        return tile_token_keep(keep, k, None if one_tile else "last")
 
     @contextmanager
     def drop_image_tokens(self, keep: torch.Tensor) -> Iterator[Callable[[torch.Tensor], torch.Tensor]]:
