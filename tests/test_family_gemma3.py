@@ -648,6 +648,38 @@ def test_pan_and_scan_explain_explains_the_generated_answer(model_and_processor,
     assert_close_scaled(record.grid, whole[0])
 
 
+def test_pan_and_scan_logit_lens_word_maps_are_the_tokens_probabilities_on_their_cells(model):
+    """The logit lens on a 1 x 2 canvas: each word map equals, per cell, the mean probability of
+    the word over the crop token on the cell and the global token whose box holds it, from
+    ``output_hidden_states`` of hand-made views (final norm, LM head), placed by hand."""
+    from joint_refs import assert_varied, mean_over_covering, sharpened, word_probs_at
+
+    import captum_vlm as cv
+
+    sharp, words = sharpened(model), [5, 11]
+    canvas = tm.pixels(1, 32, 64)
+    ids, mask = panned_ids(crops=2)
+    before = snapshot(sharp)
+    lens = cv.lens.logit_lens_from_inputs(sharp, canvas, ids, mask, max_new_tokens=2, words=words)
+    assert_unchanged(sharp, before)
+    sequence = torch.cat([ids, lens.produced_ids[None]], 1)
+    positions = (sequence[0] == IMG).nonzero()[:, 0]
+    assert torch.equal(lens.image_positions, positions) and lens.image_grid == (2, 4)
+    kwargs = {"pixel_values": hand_views(canvas, 1, 2), "input_ids": sequence,
+              "attention_mask": torch.ones_like(sequence), "token_type_ids": token_type_ids(sequence)}
+    probs = word_probs_at(sharp, kwargs, positions, words)  # [layers, 12 tokens, words]
+    covers = torch.zeros(12, 2, 4, dtype=torch.bool)
+    for g in range(4):  # global token (i, j): cells (i, 2j), (i, 2j + 1)
+        covers[g, g // 2, 2 * (g % 2) : 2 * (g % 2) + 2] = True
+    for crop in range(2):
+        for token in range(4):
+            covers[4 * (crop + 1) + token, token // 2, 2 * crop + token % 2] = True
+    for k, word in enumerate(words):
+        want = mean_over_covering(probs[..., k], covers.flatten(1), (2, 4))
+        assert_varied(want[-1])
+        assert_close_scaled(lens.word_maps[str(word)].double(), want)
+
+
 def test_tower_views_refuse_a_pan_and_scan_canvas(model):
     from captum_vlm.lens import head_statistics
     from captum_vlm.lens.probes import layer_features
