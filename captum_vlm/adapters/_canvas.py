@@ -21,7 +21,8 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["canvas_to_tiles", "closest_tile_layout", "tile_token_boxes", "tile_token_keep", "tiles_to_canvas"]
+__all__ = ["canvas_to_tiles", "closest_tile_layout", "tile_token_boxes", "tile_token_keep", "tiles_to_canvas",
+           "views_patch_grid"]
 
 #: where the global view's tokens sit among a tiled image's tokens
 GLOBAL_VIEW_PLACES = ("first", "last", None)
@@ -93,3 +94,19 @@ def closest_tile_layout(
     shapes = shapes or [(r, n // r) for r in range(1, n + 1) if n % r == 0]
     errors = [float((resize(tiles_to_canvas(tiles, r, c)) - global_view).abs().mean()) for r, c in shapes]
     return shapes[errors.index(min(errors))]
+
+
+def views_patch_grid(
+    layer_attr: torch.Tensor, batch: int, tokens_per_side: int, patches_per_token: tuple[int, int],
+    grid: tuple[int, int], boxes: torch.Tensor,
+) -> torch.Tensor:
+    """Patch-embedding attributions of every view ``[B * V, D, t * kh, t * kw]`` summed per image
+    token (its ``kh x kw`` patches, views in token order) and put on the canvas ``grid`` by the
+    tokens' ``boxes`` (:func:`tile_token_boxes`; a global token spread evenly over its box):
+    ``[B, h, w]``."""
+    from captum_vlm.adapters.layout import ImageTokenLayout
+
+    (kh, kw), t = patches_per_token, tokens_per_side
+    per_token = layer_attr.sum(1).reshape(batch, -1, t, kh, t, kw).sum(dim=(3, 5)).reshape(batch, 1, -1)
+    columns = torch.arange(per_token.shape[-1]).expand(batch, -1)
+    return ImageTokenLayout.boxes(columns, grid, boxes).to_grid(per_token)[:, 0]

@@ -33,6 +33,7 @@ from captum_vlm.adapters._canvas import (
     tile_token_boxes,
     tile_token_keep,
     tiles_to_canvas,
+    views_patch_grid,
 )
 from captum_vlm.adapters.base import _token_dropper, register_adapter
 from captum_vlm.adapters.layout import ImageTokenLayout
@@ -236,15 +237,8 @@ class Gemma3Adapter(LlavaAdapter):
             return
         if input_ids is None:
             raise ValueError("input_ids: needed to find the image tokens of this model")
-        positions = self.image_token_positions(input_ids)
-        boxes = self.token_boxes(pixel_values)
-        counts = positions.sum(1)
-        if not bool((counts == boxes.shape[0]).all()):
-            raise ValueError(f"input_ids: the texts hold {counts.tolist()} image tokens but the pan-and-scan canvas "
-                             f"of pixel_values gives {boxes.shape[0]}")
-        index = torch.arange(positions.shape[1], device=positions.device).expand_as(positions)
-        columns = torch.stack([index[b][positions[b]] for b in range(positions.shape[0])])
-        found = ImageTokenLayout.boxes(columns.cpu(), self.patch_grid(pixel_values), boxes, positions.shape[1])
+        found = ImageTokenLayout.boxes_at_positions(self.image_token_positions(input_ids), self.patch_grid(pixel_values),
+                                                    self.token_boxes(pixel_values), "pan-and-scan canvas")
         yield lambda: found
 
     def patch_embedding_grid(self, layer_attr: torch.Tensor, pixel_values: torch.Tensor, extra=()) -> torch.Tensor:
@@ -252,11 +246,8 @@ class Gemma3Adapter(LlavaAdapter):
         put on its grid by the layout's rule (global tokens spread over their boxes)."""
         if not self.panned(pixel_values):
             return super().patch_embedding_grid(layer_attr, pixel_values, extra)
-        b, (kh, kw), t = pixel_values.shape[0], self.patches_per_cell, self.tokens_per_side
-        per_token = layer_attr.sum(1).reshape(b, -1, t, kh, t, kw).sum(dim=(3, 5)).reshape(b, 1, -1)
-        columns = torch.arange(per_token.shape[-1]).expand(b, -1)
-        layout = ImageTokenLayout.boxes(columns, self.patch_grid(pixel_values), self.token_boxes(pixel_values))
-        return layout.to_grid(per_token)[:, 0]
+        return views_patch_grid(layer_attr, pixel_values.shape[0], self.tokens_per_side, self.patches_per_cell,
+                                self.patch_grid(pixel_values), self.token_boxes(pixel_values))
 
     # ----- occlusion without some image tokens -------------------------------------------------
     @contextmanager

@@ -52,6 +52,7 @@ from captum_vlm.adapters._canvas import (
     tile_token_boxes,
     tile_token_keep,
     tiles_to_canvas,
+    views_patch_grid,
 )
 from captum_vlm.adapters.base import register_adapter
 from captum_vlm.adapters.layout import ImageTokenLayout
@@ -269,27 +270,16 @@ class Idefics3Adapter(LlavaAdapter):
         """Tile and global-view tokens where ``input_ids`` hold the placeholders, on the canvas grid."""
         if input_ids is None:
             raise ValueError("input_ids: needed to find the image tokens of this model")
-        positions = self.image_token_positions(input_ids)
-        boxes = self.token_boxes(pixel_values)
-        counts = positions.sum(1)
-        if not bool((counts == boxes.shape[0]).all()):
-            raise ValueError(f"input_ids: the texts hold {counts.tolist()} image tokens but the canvas of "
-                             f"pixel_values gives {boxes.shape[0]}")
-        index = torch.arange(positions.shape[1], device=positions.device).expand_as(positions)
-        columns = torch.stack([index[b][positions[b]] for b in range(positions.shape[0])])
-        found = ImageTokenLayout.boxes(columns.cpu(), self.patch_grid(pixel_values), boxes, positions.shape[1])
+        found = ImageTokenLayout.boxes_at_positions(self.image_token_positions(input_ids), self.patch_grid(pixel_values),
+                                                    self.token_boxes(pixel_values), "canvas")
         yield lambda: found
 
     def patch_embedding_grid(self, layer_attr: torch.Tensor, pixel_values: torch.Tensor, extra=()) -> torch.Tensor:
         """Patch-embedding attributions ``[B * views, D, T/P, T/P]`` summed per image token (its
         ``s x s`` patches) and put on the canvas grid by the layout's rule (global tokens spread
         over their boxes)."""
-        b, s, k = pixel_values.shape[0], self.scale, self.tokens_per_side
-        per_patch = layer_attr.sum(1).reshape(b, -1, k, s, k, s)
-        per_token = per_patch.sum(dim=(3, 5)).reshape(b, 1, -1)
-        columns = torch.arange(per_token.shape[-1]).expand(b, -1)
-        layout = ImageTokenLayout.boxes(columns, self.patch_grid(pixel_values), self.token_boxes(pixel_values))
-        return layout.to_grid(per_token)[:, 0]
+        return views_patch_grid(layer_attr, pixel_values.shape[0], self.tokens_per_side, self.patches_per_cell,
+                                self.patch_grid(pixel_values), self.token_boxes(pixel_values))
 
     # ----- occlusion without some image tokens -------------------------------------------------
     def token_keep(self, keep: torch.Tensor) -> torch.Tensor:
@@ -323,20 +313,10 @@ class Idefics3Adapter(LlavaAdapter):
         handle = self._inner().register_forward_pre_hook(prepare, with_kwargs=True)
         self._dropping = token_keep
         try:
-            yield self._token_stays(token_keep)
+            yield self._staying_positions(token_keep)
         finally:
             self._dropping = None
             handle.remove()
-
-    def _token_stays(self, token_keep: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-        def stays(input_ids: torch.Tensor, extra=()) -> torch.Tensor:
-            image = self.image_token_positions(input_ids)
-            n = token_keep.shape[1]
-            index = (image.long().cumsum(1) - 1).clamp(0, n - 1)
-            kept = token_keep.to(input_ids.device).gather(1, index)
-            return ~image | kept
-
-        return stays
 
     # ----- the processor -----------------------------------------------------------------------
     def processor_images(self, image, n_texts: int):

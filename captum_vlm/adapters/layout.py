@@ -175,6 +175,30 @@ class ImageTokenLayout:
         return cls(grid, columns, cells, length)
 
     @classmethod
+    def boxes_at_positions(
+        cls, positions: torch.Tensor, grid: tuple[int, int], boxes: torch.Tensor, what: str = "image"
+    ) -> ImageTokenLayout:
+        """Image tokens where ``positions`` ``[B, L]`` is True, in order, token ``n`` covering
+        ``boxes[n]`` (:meth:`boxes`): tiles and global views read from a text's placeholders.
+
+        Raises:
+            ValueError: a row does not hold one image position per box (``what`` names the image).
+
+        Example:
+            >>> positions = torch.tensor([[False, True, True, True]])
+            >>> boxes = torch.tensor([[0, 0, 1, 1], [0, 1, 1, 2], [0, 0, 1, 2]])
+            >>> ImageTokenLayout.boxes_at_positions(positions, (1, 2), boxes).columns.tolist()
+            [[1, 2, 3]]
+        """
+        counts = positions.sum(1)
+        if not bool((counts == boxes.shape[0]).all()):
+            raise ValueError(f"input_ids: the texts hold {counts.tolist()} image tokens but the {what} of "
+                             f"pixel_values gives {boxes.shape[0]}")
+        index = torch.arange(positions.shape[1], device=positions.device).expand_as(positions)
+        columns = torch.stack([index[b][positions[b]] for b in range(positions.shape[0])])
+        return cls.boxes(columns.cpu(), grid, boxes, positions.shape[1])
+
+    @classmethod
     def queries(
         cls, positions: torch.Tensor, grid: tuple[int, int], n_queries: int, bridge_prefix: int = 0
     ) -> ImageTokenLayout:
