@@ -106,7 +106,7 @@ def test_processor_inputs_refuse_what_is_not_one_image_per_example(processor, im
         adapter.processor_inputs(two)
     small = image.resize((24, 24))
     mixed = processor(images=[image, small], text=[PROMPT, PROMPT], return_tensors="pt", padding=True)
-    with pytest.raises(ValueError, match="must share one size"):
+    with pytest.raises(ValueError, match=r"canvases \[\(32, 56\), \(24, 24\)\]; .* must share one canvas size"):
         adapter.processor_inputs(mixed)
     with pytest.raises(ValueError, match="flattened pixel_values"):
         adapter.processor_inputs({"pixel_values": torch.zeros(1, 3, 32, 32)})

@@ -45,7 +45,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from captum_vlm._checks import check_pixel_values
+from captum_vlm._checks import (
+    check_image_token_counts,
+    check_one_canvas,
+    check_one_image_per_text,
+    check_pixel_values,
+    image_run_starts,
+)
 from captum_vlm.adapters._canvas import canvas_to_tiles, tiles_to_canvas
 from captum_vlm.adapters.base import register_adapter
 from captum_vlm.adapters.layout import ImageTokenLayout
@@ -172,12 +178,14 @@ class Idefics3Adapter(LlavaAdapter):
     def processor_inputs(self, outputs: Mapping) -> dict:
         """The processor's outputs with ``pixel_values`` as the tile canvas ``[B, 3, rows * T,
         cols * T]`` (``pixel_attention_mask`` dropped: :meth:`model_inputs` rebuilds it). The tile
-        layout is read from ``rows`` / ``cols`` where given, else it is the one whose canvas gives
-        back the processor's global view best (the factorisations of the tile count are few).
+        layout is read from ``rows`` / ``cols`` where given, else per image it is the one whose
+        canvas gives back the processor's global view best (the factorisations of the tile count
+        are few).
 
         Raises:
-            ValueError: not these processor outputs, padded (several images per example) or
-                images of different tile layouts in one batch.
+            ValueError: not these processor outputs; a text with other than one image
+                (:meth:`images_per_text`) or placeholders that do not match its canvas; images of
+                different canvas sizes in one batch (padded views, or different tile layouts).
         """
         found = dict(outputs)
         views = found.get("pixel_values")
@@ -187,14 +195,18 @@ class Idefics3Adapter(LlavaAdapter):
                 f"inputs: expected the {type(self.model).__name__} processor's pixel_values [B, views, 3, {t}, {t}], "
                 f"got {type(views).__name__} {tuple(getattr(views, 'shape', ()))}"
             )
+        ids = found.get("input_ids")
+        if ids is not None:
+            check_one_image_per_text(self.images_per_text(ids))
         mask = found.pop("pixel_attention_mask", None)
         padded = (views.flatten(2) == 0).all(-1)
         if mask is not None:
             padded |= ~mask.flatten(2).bool().any(-1)
         if bool(padded.any()):
             raise ValueError(
-                "inputs: the processor padded some examples with empty images (a different number of tiles, or "
-                "several images per example); captum-vlm explains one image per example, one canvas size per batch"
+                f"inputs: the processor padded examples {padded.any(1).nonzero()[:, 0].tolist()} with empty views "
+                f"(their images have fewer tiles than the {views.shape[1]} views of the largest); the images of one "
+                "batch must share one canvas size; explain them one at a time"
             )
         n = views.shape[1]
         if n == 1:
@@ -204,31 +216,48 @@ class Idefics3Adapter(LlavaAdapter):
             found["pixel_values"] = tiles_to_canvas(views[:, : n - 1], rows, cols)
         found.pop("rows", None)
         found.pop("cols", None)
-        ids = found.get("input_ids")
         if ids is not None:
-            counts = self.image_token_positions(ids).sum(1)
-            want = self.num_image_tokens(found["pixel_values"])
-            if not bool((counts == want).all()):
-                raise ValueError(f"inputs: the texts hold {counts.tolist()} image tokens but the image gives {want} "
-                                 "(one image per example)")
+            self._check_image_tokens(found["pixel_values"], ids, name="inputs")
+        return found
+
+    def images_per_text(self, input_ids: torch.Tensor) -> list[int]:
+        """The images each text holds, read from the tokens that open its runs of ``<image>``
+        placeholders: one run per view, opened by the view's own marker (``<row_i_col_j>`` for a
+        tile, ``<global-img>`` for the global view or an unsplit image). Every image ends with a
+        run opened by ``<global-img>``, so a text's images are the runs opened by the marker of its
+        last run."""
+        found = []
+        for row, start in zip(input_ids, image_run_starts(self.image_token_positions(input_ids))):
+            columns = start.nonzero()[:, 0]
+            markers = row[(columns - 1).clamp(min=0)]
+            found.append(int((markers == markers[-1]).sum()) if len(markers) else 0)
         return found
 
     def _tile_layout(self, found: Mapping, views: torch.Tensor) -> tuple[int, int]:
+        """The one tile layout of the batch: from ``rows`` / ``cols`` where given, else per
+        example the one whose canvas gives back the processor's global view best.
+
+        Raises:
+            ValueError: the examples have different layouts.
+        """
         tiles = views.shape[1] - 1
         rows, cols = found.get("rows"), found.get("cols")
         if rows is not None and cols is not None:
-            rows, cols = torch.as_tensor(rows).flatten(), torch.as_tensor(cols).flatten()
-            if not (bool((rows == rows[0]).all()) and bool((cols == cols[0]).all())):
-                raise ValueError(f"inputs: rows {rows.tolist()}, cols {cols.tolist()}: one tile layout per batch")
-            return int(rows[0]), int(cols[0])
-        best, best_error = None, None
-        for r in (d for d in range(1, tiles + 1) if tiles % d == 0):
-            c = tiles // r
-            canvas = tiles_to_canvas(views[:, :tiles], r, c)
-            error = float((self.global_view(canvas) - views[:, -1]).abs().mean())
-            if best_error is None or error < best_error:
-                best, best_error = (r, c), error
-        return best
+            layouts = list(zip(torch.as_tensor(rows).flatten().tolist(), torch.as_tensor(cols).flatten().tolist()))
+            check_one_canvas(layouts, f"rows {torch.as_tensor(rows).flatten().tolist()}, cols "
+                                      f"{torch.as_tensor(cols).flatten().tolist()} (tiles)")
+            return layouts[0]
+        layouts = []
+        for b in range(views.shape[0]):
+            best, best_error = None, None
+            for r in (d for d in range(1, tiles + 1) if tiles % d == 0):
+                canvas = tiles_to_canvas(views[b : b + 1, :tiles], r, tiles // r)
+                error = float((self.global_view(canvas) - views[b : b + 1, -1]).abs().mean())
+                if best_error is None or error < best_error:
+                    best, best_error = (r, tiles // r), error
+            layouts.append(best)
+        check_one_canvas(layouts, "the processor's tiles and global views (rows, cols of tiles per image)")
+        return layouts[0]
 
     _dropping: torch.Tensor | None = None
 
@@ -246,17 +275,17 @@ class Idefics3Adapter(LlavaAdapter):
         if input_ids is not None:
             kwargs["input_ids"] = input_ids
             if self._dropping is None:
-                counts = self.image_token_positions(input_ids).sum(1)
-                want = self.num_image_tokens(pixel_values)
-                if not bool((counts == want).all()):
-                    rows, cols = self.tiles(pixel_values)
-                    raise ValueError(
-                        f"input_ids: the texts hold {counts.tolist()} image tokens but the {rows}x{cols}-tile canvas of "
-                        f"pixel_values needs {want} (tiles and global view; one image per example)"
-                    )
+                self._check_image_tokens(pixel_values, input_ids)
         if attention_mask is not None:
             kwargs["attention_mask"] = attention_mask
         return kwargs
+
+    def _check_image_tokens(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, name: str = "input_ids") -> None:
+        """ValueError (naming ``name``) unless every text holds one placeholder per image token of the canvas."""
+        rows, cols = self.tiles(pixel_values)
+        views = " (tiles and global view)" if rows * cols > 1 else ""
+        check_image_token_counts(self.image_token_positions(input_ids).sum(1), self.num_image_tokens(pixel_values),
+                                 f"the {rows}x{cols}-tile canvas of pixel_values{views}", name)
 
     # ----- the layout --------------------------------------------------------------------------
     def token_boxes(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -275,12 +304,9 @@ class Idefics3Adapter(LlavaAdapter):
         """Tile and global-view tokens where ``input_ids`` hold the placeholders, on the canvas grid."""
         if input_ids is None:
             raise ValueError("input_ids: needed to find the image tokens of this model")
+        self._check_image_tokens(pixel_values, input_ids)
         positions = self.image_token_positions(input_ids)
         boxes = self.token_boxes(pixel_values)
-        counts = positions.sum(1)
-        if not bool((counts == boxes.shape[0]).all()):
-            raise ValueError(f"input_ids: the texts hold {counts.tolist()} image tokens but the canvas of "
-                             f"pixel_values gives {boxes.shape[0]}")
         index = torch.arange(positions.shape[1], device=positions.device).expand_as(positions)
         columns = torch.stack([index[b][positions[b]] for b in range(positions.shape[0])])
         found = ImageTokenLayout.boxes(columns.cpu(), self.patch_grid(pixel_values), boxes, positions.shape[1])
