@@ -38,8 +38,8 @@ FACTORIES = [tm.qwen2_5_vl, tm.qwen2_vl]
 PROMPT = "<|vision_start|><|image_pad|><|vision_end|> what color is the circle"
 
 
-@pytest.fixture(scope="module")
-def processor():
+def make_processor() -> Qwen2_5_VLProcessor:
+    """The real Qwen2.5-VL processor at the tiny models' sizes (without its video processor)."""
     tokenizer = build_tokenizer(128)
     tokenizer.add_special_tokens({"additional_special_tokens": [
         "<|image_pad|>", "<|vision_start|>", "<|vision_end|>", "<|video_pad|>"]})
@@ -50,6 +50,11 @@ def processor():
                                                temporal_patch_size=2,
                                                size={"shortest_edge": 16 * 16, "longest_edge": 48 * 48})
     return tm.image_only(Qwen2_5_VLProcessor)(image_processor=image_processor, tokenizer=tokenizer)
+
+
+@pytest.fixture(scope="module")
+def processor():
+    return make_processor()
 
 
 @pytest.fixture(scope="module")

@@ -256,7 +256,8 @@ class Idefics3Adapter(LlavaAdapter):
                 if best_error is None or error < best_error:
                     best, best_error = (r, tiles // r), error
             layouts.append(best)
-        check_one_canvas(layouts, "the processor's tiles and global views (rows, cols of tiles per image)")
+        t = self.tile
+        check_one_canvas([(r * t, c * t) for r, c in layouts], "the processor's tiles and global views")
         return layouts[0]
 
     _dropping: torch.Tensor | None = None

@@ -335,10 +335,10 @@ class LlavaNextAdapter(LlavaAdapter):
             )
         ids = found.get("input_ids")
         batch_images = found.pop("batch_num_images", None)  # OneVision: the images of each text
-        if batch_images is not None:
-            check_one_image_per_text(torch.as_tensor(batch_images).flatten().tolist(), n_images=tiles.shape[0])
         if ids is not None:  # an image is one run of <image> placeholders
             check_one_image_per_text(image_runs(self.image_token_positions(ids)), n_images=tiles.shape[0])
+        if batch_images is not None:
+            check_one_image_per_text(torch.as_tensor(batch_images).flatten().tolist(), n_images=tiles.shape[0])
         geometries = [self.geometry_of_size(size.tolist()) for size in sizes]
         s = self.tile_size
         check_one_canvas([(a * s, b * s) for a, b in (g.tiles for g in geometries)], f"image_sizes {sizes.tolist()}")
