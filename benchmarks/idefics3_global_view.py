@@ -18,11 +18,11 @@ import torch
 from PIL import Image, ImageDraw
 
 
-def pictures(seed: int) -> dict[str, Image.Image]:
-    """A smooth picture (a disc and a square on a gradient) and random noise, 40 x 64 and 64 x 40."""
+def pictures(seed: int, sizes=((40, 64), (64, 40))) -> dict[str, Image.Image]:
+    """A smooth picture (a disc and a square on a gradient) and random noise of each ``(h, w)``."""
     rng = np.random.default_rng(seed)
     found = {}
-    for h, w in ((40, 64), (64, 40)):
+    for h, w in sizes:
         smooth = Image.new("RGB", (w, h))
         draw = ImageDraw.Draw(smooth)
         for x in range(w):

@@ -19,6 +19,7 @@ Bad input (image path, unreadable image, unknown method or model) prints one lin
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -67,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--png", metavar="DIR", help="also save one PNG per map and explanation.json here")
     explain.add_argument("--logit-lens", action="store_true", help="models with a language decoder: add the logit "
                          "lens of each explained caption or answer to the report")
+    explain.add_argument("--processor-option", action="append", default=[], metavar="NAME=VALUE",
+                         help="an option of the processor call, VALUE read as JSON where it parses (e.g. "
+                              "do_pan_and_scan=true for Gemma 3); repeat for several")
     explain.add_argument("--quiet", action="store_true", help="no progress bar")
 
     zoo = sub.add_parser("zoo", help="the bundled models")
@@ -243,9 +247,24 @@ def check_request(texts: list[str], targets: list[int] | None) -> None:
         raise UsageError(f"--target {bad} out of range for {len(texts)} texts (0..{len(texts) - 1})")
 
 
+def processor_options(items: list[str]) -> dict:
+    """``["do_pan_and_scan=true", "size=..."]`` as ``{"do_pan_and_scan": True, ...}``: each
+    value read as JSON where it parses, else kept as the string."""
+    found = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            raise UsageError(f"--processor-option {item!r}: expected NAME=VALUE, such as do_pan_and_scan=true")
+        try:
+            found[name.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            found[name.strip()] = value
+    return found
+
+
 def run_explain(image_path: str, texts: list[str], model_spec: str, methods: list[str] | None,
                 targets: list[int] | None, out: str, png_dir: str | None, quiet: bool,
-                logit_lens: bool = False) -> Path:
+                logit_lens: bool = False, options: list[str] = ()) -> Path:
     from captum_vlm.adapters import get_adapter
     from captum_vlm.explain import METHODS, explain
 
@@ -254,6 +273,7 @@ def run_explain(image_path: str, texts: list[str], model_spec: str, methods: lis
         raise UsageError(f"unknown method {', '.join(unknown)}; choose from {', '.join(METHODS)}")
     check_outputs(out, png_dir)
     check_request(texts, targets)
+    processor_kwargs = processor_options(list(options))
     image = open_image(image_path)
     model, processor = load_model(model_spec)
     try:
@@ -263,7 +283,7 @@ def run_explain(image_path: str, texts: list[str], model_spec: str, methods: lis
     try:
         explanation = explain(model, processor, image, texts, methods=methods or None, target=targets,
                               model_name=model_spec.removeprefix("zoo:"), show_progress=not quiet,
-                              logit_lens=logit_lens)
+                              logit_lens=logit_lens, processor_kwargs=processor_kwargs)
     except (ValueError, TypeError) as err:
         raise UsageError(str(err)) from err
     out_path = Path(out)
@@ -296,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {out}")
             return 0
         out, _ = run_explain(args.image, args.text, args.model, args.method, args.target, args.out, args.png,
-                             args.quiet, args.logit_lens)
+                             args.quiet, args.logit_lens, args.processor_option)
         print(f"wrote {out}" + (f" and PNGs in {args.png}" if args.png else ""))
         return 0
     except UsageError as err:

@@ -1,16 +1,41 @@
 """Adapter for Gemma 3 (``Gemma3ForConditionalGeneration``): a SigLIP vision tower whose patch
 features are average-pooled (``k x k`` patches -> one token, ``config.mm_tokens_per_image`` tokens)
 and projected into the placeholders of a Gemma 3 language model, between begin- and end-of-image
-tokens, with bidirectional attention among the image tokens."""
+tokens, with bidirectional attention among the image tokens.
+
+**Pan and scan** (the processor's ``do_pan_and_scan=True``): an image of a wide or tall aspect
+ratio is also cut into ``n >= 2`` crops side by side (one row, or one column), each resized to
+the tower's ``S x S``; the model reads the whole image resized to ``S x S`` (the *global view*)
+first, then the crops, each view its own block of image tokens. Every method then takes one
+image tensor, the **canvas** of the crops ``[B, 3, S, n * S]`` (or ``[B, 3, n * S, S]``):
+:meth:`Gemma3Adapter.processor_inputs` puts the processor's crops side by side exactly, and
+:meth:`Gemma3Adapter.model_inputs` cuts them from it again and resizes it to ``S x S`` for the
+global view with torch (bilinear with antialias, as the processor's resample), so gradients, IG
+paths and occlusion reach every view. This global view is the canvas resized, not the original
+image resized (the processor's): the two differ where the crops' aspect ratio is not the
+canvas' (the last crop is cut to what is left of the image) and by the resize kernel; measured
+in ``tests/test_family_gemma3.py``.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from captum_vlm.adapters.base import register_adapter
+from captum_vlm._checks import check_pixel_values
+from captum_vlm.adapters._canvas import (
+    canvas_to_tiles,
+    closest_tile_layout,
+    tile_token_boxes,
+    tile_token_keep,
+    tiles_to_canvas,
+)
+from captum_vlm.adapters.base import _token_dropper, register_adapter
+from captum_vlm.adapters.layout import ImageTokenLayout
 from captum_vlm.adapters.llava import LlavaAdapter
 
 
@@ -26,10 +51,20 @@ class Gemma3Adapter(LlavaAdapter):
     patch-embedding attributions over each cell's patches; occlusion drops whole tokens after the
     pooling (:meth:`drop_image_tokens`), with their placeholders.
 
+    A pan-and-scan canvas of ``rows x cols`` crops has ``(rows * t) x (cols * t)`` cells (``t``
+    tokens a side per view): a crop's token covers its cell, a global-view token the ``rows x
+    cols`` cells its part of the global view was resized from (its score spread evenly over
+    them); occlusion drops a cell's crop token and every global token whose box holds it.
+
     The processor's ``token_type_ids`` (1 on image tokens) are read from ``input_ids`` here, so
     ``additional_forward_args`` is ``(input_ids, attention_mask)`` and the image tokens attend to
     each other both ways, as in the processor's forward. The begin/end-of-image tokens are text.
     The tower runs at its trained size only (the projector pools a fixed patch grid).
+
+    Example:
+        >>> raw = processor(images=[[wide]], text=[prompt], return_tensors="pt", do_pan_and_scan=True)  # doctest: +SKIP
+        >>> get_adapter(model).processor_inputs(raw)["pixel_values"].shape  # 2 crops  # doctest: +SKIP
+        torch.Size([1, 3, 896, 1792])
     """
 
     family = "gemma3"
@@ -37,6 +72,8 @@ class Gemma3Adapter(LlavaAdapter):
     tasks = {"Gemma3ForConditionalGeneration": "generate"}
     #: the projector pools a fixed patch grid
     interpolates_positions = False
+    #: how the global view of a pan-and-scan canvas is resized (``torch.nn.functional.interpolate``)
+    global_view_mode: str = "bilinear"
 
     def _projector(self) -> nn.Module:
         return self._inner().multi_modal_projector
@@ -46,18 +83,204 @@ class Gemma3Adapter(LlavaAdapter):
         k = int(self._projector().kernel_size)
         return k, k
 
-    def patch_grid(self, pixel_values: torch.Tensor) -> tuple[int, int]:
-        """The pooled token grid; ValueError unless ``pixel_values`` have the tower's trained size."""
-        grid = super().patch_grid(pixel_values)
-        config = self.model.config.vision_config
-        side = int(config.image_size)
-        if tuple(pixel_values.shape[-2:]) != (side, side):
+    # ----- views ----------------------------------------------------------------------------------
+    @property
+    def tile(self) -> int:
+        """The side ``S`` in pixels of every view the tower reads (its ``image_size``)."""
+        return int(self.model.config.vision_config.image_size)
+
+    @property
+    def tokens_per_side(self) -> int:
+        """Image tokens along each side of one view."""
+        return int(round(int(self.model.config.mm_tokens_per_image) ** 0.5))
+
+    def tiles(self, pixel_values: torch.Tensor) -> tuple[int, int]:
+        """The canvas' crops ``(rows, cols)``: ``(1, 1)`` for one ``S x S`` image.
+
+        Raises:
+            ValueError: ``pixel_values`` are not whole ``S x S`` crops.
+        """
+        check_pixel_values(pixel_values)
+        h, w = pixel_values.shape[-2:]
+        s = self.tile
+        if h % s or w % s:
             raise ValueError(
-                f"pixel_values: Gemma 3 pools a fixed {side}x{side} input into "
-                f"{self.model.config.mm_tokens_per_image} tokens, got {tuple(pixel_values.shape[-2:])}; "
+                f"pixel_values: Gemma 3 pools fixed {s}x{s} views into {self.model.config.mm_tokens_per_image} "
+                f"tokens each; expected {s}x{s} (or a pan-and-scan canvas of whole {s}x{s} crops), got {(h, w)}; "
                 "use the model's processor"
             )
-        return grid
+        return h // s, w // s
+
+    def panned(self, pixel_values: torch.Tensor) -> bool:
+        """``pixel_values`` are a pan-and-scan canvas of several crops (with a global view)."""
+        rows, cols = self.tiles(pixel_values)
+        return rows * cols > 1
+
+    def patch_grid(self, pixel_values: torch.Tensor) -> tuple[int, int]:
+        """The canvas' grid of image tokens ``(rows * t, cols * t)`` (``t x t`` for one image)."""
+        (rows, cols), t = self.tiles(pixel_values), self.tokens_per_side
+        return rows * t, cols * t
+
+    def num_image_tokens(self, pixel_values: torch.Tensor) -> int:
+        rows, cols = self.tiles(pixel_values)
+        views = rows * cols + 1 if rows * cols > 1 else 1
+        return views * self.tokens_per_side ** 2
+
+    def global_view(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The canvas resized to one view, differentiably (:attr:`global_view_mode`, antialias)."""
+        s = self.tile
+        smooth = self.global_view_mode in ("bilinear", "bicubic")
+        kwargs = {"align_corners": False, "antialias": True} if smooth else {}
+        return F.interpolate(pixel_values, size=(s, s), mode=self.global_view_mode, **kwargs)
+
+    def views(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The views the tower reads ``[B, V, 3, S, S]``: the image itself, or the global view
+        and then the crops row by row."""
+        rows, cols = self.tiles(pixel_values)
+        crops = canvas_to_tiles(pixel_values, rows, cols)
+        return crops if rows * cols == 1 else torch.cat([self.global_view(pixel_values)[:, None], crops], 1)
+
+    def vision_grid(self, pixel_values: torch.Tensor) -> tuple[int, int]:
+        """The tower's patch grid of one image; ValueError for a pan-and-scan canvas (the tower
+        runs once per view there, not on the canvas)."""
+        self._one_view(pixel_values)
+        return super().vision_grid(pixel_values)
+
+    def vision_outputs(self, pixel_values: torch.Tensor, **kwargs):
+        self._one_view(pixel_values)
+        return super().vision_outputs(pixel_values, **kwargs)
+
+    def _one_view(self, pixel_values: torch.Tensor) -> None:
+        if self.panned(pixel_values):
+            rows, cols = self.tiles(pixel_values)
+            raise ValueError(
+                f"pixel_values: a pan-and-scan canvas of {rows}x{cols} crops; Gemma 3's vision tower runs once per "
+                f"view (the global view and each crop), not on the canvas, so views of the tower itself take one "
+                f"{self.tile}x{self.tile} image (the text stream and the model's answer take the canvas)"
+            )
+
+    # ----- the model's image inputs -------------------------------------------------------------
+    def processor_inputs(self, outputs: Mapping) -> dict:
+        """The processor's outputs, with a pan-and-scan image's views ``[B * (1 + n), 3, S, S]``
+        as the canvas of its ``n`` crops ``[B, 3, S, n * S]`` (or ``n * S`` tall: the side whose
+        resize gives back the processor's global view best).
+
+        Raises:
+            ValueError: several images per text, or texts whose images are cut into different
+                numbers of crops.
+        """
+        found = dict(outputs)
+        views, ids = found.get("pixel_values"), found.get("input_ids")
+        s = self.tile
+        if not isinstance(views, torch.Tensor) or views.dim() != 4 or tuple(views.shape[-2:]) != (s, s):
+            raise ValueError(
+                f"inputs: expected the Gemma 3 processor's pixel_values [images, 3, {s}, {s}], got "
+                f"{type(views).__name__} {tuple(getattr(views, 'shape', ()))}"
+            )
+        if ids is None or views.shape[0] == ids.shape[0]:
+            return found
+        batch, per_view = ids.shape[0], self.tokens_per_side ** 2
+        counts = self.image_token_positions(ids).sum(1)
+        n_views = views.shape[0] // batch
+        if views.shape[0] % batch or n_views < 3 or not bool((counts == n_views * per_view).all()):
+            raise ValueError(
+                f"inputs: {views.shape[0]} views for {batch} texts holding {counts.tolist()} image tokens; captum-vlm "
+                "explains one image per example (pan and scan: the image and its 2 or more crops, as many for "
+                "every text)"
+            )
+        views = views.reshape(batch, n_views, *views.shape[1:])
+        n = n_views - 1
+        rows, cols = closest_tile_layout(views[:, 1:], views[:, 0], self.global_view, [(1, n), (n, 1)])
+        found["pixel_values"] = tiles_to_canvas(views[:, 1:], rows, cols)
+        return found
+
+    _dropping: torch.Tensor | None = None
+
+    def model_inputs(self, pixel_values, input_ids=None, attention_mask=None, extra=()) -> dict:
+        """The image (or a canvas' global view and crops, flattened ``[B * V, 3, S, S]``) and the text.
+
+        Raises:
+            ValueError: ``pixel_values`` are not whole views; a text does not hold one
+                placeholder per image token.
+        """
+        views = self.views(pixel_values)
+        kwargs = {"pixel_values": views.flatten(0, 1)}
+        if input_ids is not None:
+            kwargs["input_ids"] = input_ids
+            if self._dropping is None:
+                counts = self.image_token_positions(input_ids).sum(1)
+                want = self.num_image_tokens(pixel_values)
+                if not bool((counts == want).all()):
+                    raise ValueError(
+                        f"input_ids: the texts hold {counts.tolist()} image tokens but the {views.shape[1]} view(s) "
+                        f"of pixel_values need {want} (one image per example)"
+                    )
+        if attention_mask is not None:
+            kwargs["attention_mask"] = attention_mask
+        return kwargs
+
+    # ----- the layout --------------------------------------------------------------------------
+    def token_boxes(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """``[N, 4]`` the cell box ``(top, left, bottom, right)`` of each image token in the order
+        the model reads them: the global view's (their ``rows x cols`` blocks), then each crop's."""
+        rows, cols = self.tiles(pixel_values)
+        return tile_token_boxes(rows, cols, self.tokens_per_side, "first" if rows * cols > 1 else None)
+
+    @contextmanager
+    def image_layout(self, pixel_values, input_ids=None) -> Iterator[Callable[[], ImageTokenLayout]]:
+        """One image: its tokens row by row; a pan-and-scan canvas: the global view's and the
+        crops' tokens on the canvas grid (:meth:`token_boxes`)."""
+        if not self.panned(pixel_values):
+            with super().image_layout(pixel_values, input_ids) as layout:
+                yield layout
+            return
+        if input_ids is None:
+            raise ValueError("input_ids: needed to find the image tokens of this model")
+        positions = self.image_token_positions(input_ids)
+        boxes = self.token_boxes(pixel_values)
+        counts = positions.sum(1)
+        if not bool((counts == boxes.shape[0]).all()):
+            raise ValueError(f"input_ids: the texts hold {counts.tolist()} image tokens but the pan-and-scan canvas "
+                             f"of pixel_values gives {boxes.shape[0]}")
+        index = torch.arange(positions.shape[1], device=positions.device).expand_as(positions)
+        columns = torch.stack([index[b][positions[b]] for b in range(positions.shape[0])])
+        found = ImageTokenLayout.boxes(columns.cpu(), self.patch_grid(pixel_values), boxes, positions.shape[1])
+        yield lambda: found
+
+    def patch_embedding_grid(self, layer_attr: torch.Tensor, pixel_values: torch.Tensor, extra=()) -> torch.Tensor:
+        """Patch-embedding attributions summed per image token; a canvas' ``[B * V, D, ., .]``
+        put on its grid by the layout's rule (global tokens spread over their boxes)."""
+        if not self.panned(pixel_values):
+            return super().patch_embedding_grid(layer_attr, pixel_values, extra)
+        b, (kh, kw), t = pixel_values.shape[0], self.patches_per_cell, self.tokens_per_side
+        per_token = layer_attr.sum(1).reshape(b, -1, t, kh, t, kw).sum(dim=(3, 5)).reshape(b, 1, -1)
+        columns = torch.arange(per_token.shape[-1]).expand(b, -1)
+        layout = ImageTokenLayout.boxes(columns, self.patch_grid(pixel_values), self.token_boxes(pixel_values))
+        return layout.to_grid(per_token)[:, 0]
+
+    # ----- occlusion without some image tokens -------------------------------------------------
+    @contextmanager
+    def drop_image_tokens(self, keep: torch.Tensor) -> Iterator[Callable[[torch.Tensor], torch.Tensor]]:
+        """Inside the block the image tokens where ``keep`` ``[B, h, w]`` is False leave the
+        language model's input with their placeholders (after the pooling); on a pan-and-scan
+        canvas also every global token whose box holds a dropped cell (the tower still reads
+        every view)."""
+        t = self.tokens_per_side
+        one_view = keep.shape[1] == t and keep.shape[2] == t
+        token_keep = tile_token_keep(keep, t, None if one_view else "first")
+        drop = _token_dropper(token_keep, 0)
+        batch = token_keep.shape[0]
+
+        def per_example(module, args, output):  # [B * V, t * t, D] -> the kept [B, kept, D]
+            return drop(module, args, output.reshape(batch, -1, output.shape[-1]))
+
+        handle = self._projector().register_forward_hook(per_example)
+        self._dropping = token_keep
+        try:
+            yield self._staying_positions(token_keep)
+        finally:
+            self._dropping = None
+            handle.remove()
 
     def language_kwargs(self, input_ids: torch.Tensor, extra: Sequence[torch.Tensor | None] = ()) -> dict:
         """``token_type_ids``: 1 on the image tokens (their bidirectional block), from ``input_ids``."""
@@ -68,10 +291,6 @@ class Gemma3Adapter(LlavaAdapter):
     def processor_images(self, image, n_texts: int):
         """One list of images per text (Gemma 3's processor reads a flat list as one text's images)."""
         return [[image] for _ in range(n_texts)]
-
-    def _token_drop_site(self) -> tuple[nn.Module, int]:
-        """The projector's output: one row per pooled image token."""
-        return self._projector(), 0
 
     def greedy_answer(self, pixel_values, input_ids, attention_mask, max_new_tokens, extra=()):
         return self._greedy(pixel_values, input_ids, attention_mask, max_new_tokens,

@@ -52,7 +52,13 @@ from captum_vlm._checks import (
     check_pixel_values,
     image_run_starts,
 )
-from captum_vlm.adapters._canvas import canvas_to_tiles, tiles_to_canvas
+from captum_vlm.adapters._canvas import (
+    canvas_to_tiles,
+    closest_tile_layout,
+    tile_token_boxes,
+    tile_token_keep,
+    tiles_to_canvas,
+)
 from captum_vlm.adapters.base import register_adapter
 from captum_vlm.adapters.layout import ImageTokenLayout
 from captum_vlm.adapters.llava import LlavaAdapter
@@ -235,28 +241,19 @@ class Idefics3Adapter(LlavaAdapter):
 
     def _tile_layout(self, found: Mapping, views: torch.Tensor) -> tuple[int, int]:
         """The one tile layout of the batch: from ``rows`` / ``cols`` where given, else per
-        example the one whose canvas gives back the processor's global view best.
+        example the one whose canvas gives back the processor's global view best
+        (:func:`~captum_vlm.adapters._canvas.closest_tile_layout`).
 
         Raises:
             ValueError: the examples have different layouts.
         """
-        tiles = views.shape[1] - 1
-        rows, cols = found.get("rows"), found.get("cols")
+        rows, cols, t = found.get("rows"), found.get("cols"), self.tile
         if rows is not None and cols is not None:
-            layouts = list(zip(torch.as_tensor(rows).flatten().tolist(), torch.as_tensor(cols).flatten().tolist()))
-            check_one_canvas(layouts, f"rows {torch.as_tensor(rows).flatten().tolist()}, cols "
-                                      f"{torch.as_tensor(cols).flatten().tolist()} (tiles)")
-            return layouts[0]
-        layouts = []
-        for b in range(views.shape[0]):
-            best, best_error = None, None
-            for r in (d for d in range(1, tiles + 1) if tiles % d == 0):
-                canvas = tiles_to_canvas(views[b : b + 1, :tiles], r, tiles // r)
-                error = float((self.global_view(canvas) - views[b : b + 1, -1]).abs().mean())
-                if best_error is None or error < best_error:
-                    best, best_error = (r, tiles // r), error
-            layouts.append(best)
-        t = self.tile
+            rows, cols = torch.as_tensor(rows).flatten().tolist(), torch.as_tensor(cols).flatten().tolist()
+            check_one_canvas([(r * t, c * t) for r, c in zip(rows, cols)], f"rows {rows}, cols {cols}")
+            return rows[0], cols[0]
+        layouts = [closest_tile_layout(views[b : b + 1, :-1], views[b : b + 1, -1], self.global_view)
+                   for b in range(views.shape[0])]
         check_one_canvas([(r * t, c * t) for r, c in layouts], "the processor's tiles and global views")
         return layouts[0]
 
@@ -293,12 +290,8 @@ class Idefics3Adapter(LlavaAdapter):
         """``[N, 4]`` the cell box ``(top, left, bottom, right)`` of each image token, in the
         order the model fills the placeholders: tile tokens (one cell each), then global tokens
         (the ``rows x cols`` cells their part of the global view comes from)."""
-        (rows, cols), k = self.tiles(pixel_values), self.tokens_per_side
-        boxes = [(r * k + i, c * k + j, r * k + i + 1, c * k + j + 1)
-                 for r in range(rows) for c in range(cols) for i in range(k) for j in range(k)]
-        if rows * cols > 1:
-            boxes += [(i * rows, j * cols, (i + 1) * rows, (j + 1) * cols) for i in range(k) for j in range(k)]
-        return torch.tensor(boxes, dtype=torch.long)
+        rows, cols = self.tiles(pixel_values)
+        return tile_token_boxes(rows, cols, self.tokens_per_side, "last" if rows * cols > 1 else None)
 
     @contextmanager
     def image_layout(self, pixel_values, input_ids=None) -> Iterator[Callable[[], ImageTokenLayout]]:
@@ -329,15 +322,9 @@ class Idefics3Adapter(LlavaAdapter):
         """Which image tokens stay ``[B, N]`` for a keep mask on the canvas grid ``[B, h, w]``: a
         tile token with its cell, a global token while every cell of its box stays (a dropped
         region leaves both streams)."""
-        b, h, w = keep.shape
         k = self.tokens_per_side
-        rows, cols = h // k, w // k
-        kept = keep > 0.5
-        tiles = kept.reshape(b, rows, k, cols, k).permute(0, 1, 3, 2, 4).reshape(b, -1)
-        if rows * cols == 1:
-            return tiles
-        blocks = kept.reshape(b, k, rows, k, cols).all(4).all(2).reshape(b, -1)
-        return torch.cat([tiles, blocks], 1)
+        one_tile = keep.shape[1] == k and keep.shape[2] == k
+        return tile_token_keep(keep, k, None if one_tile else "last")
 
     @contextmanager
     def drop_image_tokens(self, keep: torch.Tensor) -> Iterator[Callable[[torch.Tensor], torch.Tensor]]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -98,6 +98,7 @@ def explain(
     max_new_tokens: int = 10,
     evidence: bool = True,
     logit_lens: bool = False,
+    processor_kwargs: Mapping[str, Any] | None = None,
 ) -> Explanation:
     """Explain how ``model`` relates ``image`` to ``texts`` with one or more methods.
 
@@ -124,6 +125,8 @@ def explain(
             generative): also lens the explained tokens of every explained text (the caption, or
             the model's own answer) at every decoder layer (:func:`captum_vlm.lens.logit_lens_scored`);
             they are ``Explanation.lenses`` and a section of the report.
+        processor_kwargs: more keyword arguments for the processor call, such as Gemma 3's
+            ``{"do_pan_and_scan": True}`` (the maps are then drawn on the canvas of its crops).
 
     Returns:
         An :class:`Explanation`.
@@ -135,6 +138,7 @@ def explain(
         raise TypeError(f"logit_lens: the logit lens needs a language decoder with an LM head; "
                         f"{type(model).__name__} has none. Classes with a decoder: {', '.join(classes_with_decoder())}")
     check_processor(processor)
+    _check_processor_kwargs(processor_kwargs)
     picture = _as_image(image)
     texts = check_texts(texts)
     if isinstance(target, str) or isinstance(target, bool):
@@ -166,7 +170,7 @@ def explain(
             raise ValueError(f"target: {targets} names a text more than once; give each index once")
     check_count(max_new_tokens, "max_new_tokens")
     context = explain_context(model, processor, picture, texts, targets, max_new_tokens=max_new_tokens,
-                              show_progress=show_progress)
+                              show_progress=show_progress, processor_kwargs=processor_kwargs)
     inputs, answers, tokenizer = context.inputs, context.answers, getattr(processor, "tokenizer", processor)
     scores, kind = _model_scores(model, adapter, inputs, texts, answers)
     records: list[MapRecord] = []
@@ -193,6 +197,18 @@ def explain(
     )
 
 
+def _check_processor_kwargs(processor_kwargs: Any) -> None:
+    """TypeError unless a mapping of option names; ValueError for the arguments explain sets itself."""
+    if processor_kwargs is None:
+        return
+    if not isinstance(processor_kwargs, Mapping) or not all(isinstance(k, str) for k in processor_kwargs):
+        raise TypeError(f"processor_kwargs: expected a dict of processor options, got {type(processor_kwargs).__name__}")
+    taken = sorted({"images", "text", "return_tensors", "padding"} & set(processor_kwargs))
+    if taken:
+        raise ValueError(f"processor_kwargs: {taken} are set by explain itself (the image, the texts, tensors "
+                         "and the family's padding); pass other processor options only")
+
+
 def explain_context(
     model: nn.Module,
     processor: Any,
@@ -202,6 +218,7 @@ def explain_context(
     *,
     max_new_tokens: int = 10,
     show_progress: bool = False,
+    processor_kwargs: Mapping[str, Any] | None = None,
 ) -> ExplainContext:
     """What :func:`explain` hands each registered method: the processed image and texts and,
     for VQA and generative models, the model's own answers (no argument checks: ``explain``
@@ -214,6 +231,7 @@ def explain_context(
         targets: indices of the texts to explain.
         max_new_tokens: longest generated answer.
         show_progress: passed on to the methods.
+        processor_kwargs: more keyword arguments for the processor call.
 
     Returns:
         An :class:`~captum_vlm.explain.registry.ExplainContext`; ``METHODS[name].run(context)``
@@ -226,7 +244,8 @@ def explain_context(
     adapter = get_adapter(model)
     images = adapter.processor_images(picture, len(texts))  # fusion models: each text with the image
     inputs = adapter.processor_inputs(  # pixel_values as one image tensor [B, 3, H, W]
-        processor(images=images, text=list(texts), return_tensors="pt", padding=adapter.text_padding))
+        processor(images=images, text=list(texts), return_tensors="pt", padding=adapter.text_padding,
+                  **dict(processor_kwargs or {})))
     tokenizer = getattr(processor, "tokenizer", processor)
     tokens = [tokenizer.convert_ids_to_tokens(row.tolist()) for row in inputs["input_ids"]]
     answers = None
