@@ -6,6 +6,7 @@ what is expected, so a user never meets a shape error from deep inside torch.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -192,4 +193,87 @@ def check_one_tower_run(adapter: Any, name: str, why: str) -> None:
             f"{name}: {type(adapter.model).__name__}'s vision tower runs once per view of the image (tiles and "
             f"a global view, each its own sequence), not on the whole pixel_values, and {why}; this view is not "
             "defined for it (the text stream and the model's answer are)"
+        )
+
+
+# ----- one image per example (the tiled and dynamic-resolution families) ---------------------------
+def image_run_starts(positions: torch.Tensor) -> torch.Tensor:
+    """Where each run of consecutive image positions begins, ``[B, L]`` (bool), for image
+    positions ``positions`` ``[B, L]`` (bool)."""
+    starts = positions.clone()
+    starts[:, 1:] &= ~positions[:, :-1]
+    return starts
+
+
+def image_runs(positions: torch.Tensor) -> list[int]:
+    """Runs of consecutive image positions in each row of ``positions`` ``[B, L]`` (bool): the
+    images of each text where the processor writes an image as one run of placeholders.
+
+    Example:
+        >>> image_runs(torch.tensor([[0, 1, 1, 0, 1], [1, 1, 1, 0, 0]]).bool())
+        [2, 1]
+    """
+    return [int(n) for n in image_run_starts(positions).sum(1)]
+
+
+def check_one_image_per_text(images_per_text: Sequence[int], n_images: int | None = None,
+                             name: str = "inputs") -> None:
+    """ValueError unless every text holds one image and the images are one per text.
+
+    Args:
+        images_per_text: the images each text holds (from its placeholders).
+        n_images: the images the processor gave (default: their sum).
+        name: the argument the refusal names.
+
+    Example:
+        >>> check_one_image_per_text([2], n_images=2)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ValueError: inputs: 2 images for 1 texts; captum-vlm explains one image per example, the texts hold [2] ...
+    """
+    per_text = [int(n) for n in images_per_text]
+    n_images = sum(per_text) if n_images is None else int(n_images)
+    if n_images != len(per_text) or any(n != 1 for n in per_text):
+        raise ValueError(
+            f"{name}: {n_images} images for {len(per_text)} texts; captum-vlm explains one image per example, "
+            f"the texts hold {per_text} images (expected 1 each); explain several images one at a time"
+        )
+
+
+def check_image_token_counts(counts: Sequence[int] | torch.Tensor, expected: int | Sequence[int], source: str,
+                             name: str = "input_ids") -> None:
+    """ValueError unless each text holds as many image placeholders as its image makes.
+
+    Args:
+        counts: the image placeholders of each text.
+        expected: what the image makes: one number for every text, or one per text.
+        source: what makes them, for the message (``"the 4x7 grid of merged patches of pixel_values"``).
+        name: the argument the refusal names.
+
+    Example:
+        >>> check_image_token_counts([27], 28, "the 4x7 grid of pixel_values")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ValueError: input_ids: the texts hold [27] image tokens but the 4x7 grid of pixel_values needs 28 ...
+    """
+    counts = [int(c) for c in counts]
+    want = [int(expected)] * len(counts) if isinstance(expected, int) else [int(e) for e in expected]
+    if counts != want:
+        shown = want[0] if len(set(want)) == 1 else want
+        raise ValueError(
+            f"{name}: the texts hold {counts} image tokens but {source} needs {shown} per text (one image per "
+            "example); tokenise each image with its text by the model's processor"
+        )
+
+
+def check_one_canvas(canvases: Sequence, given: str, name: str = "inputs") -> None:
+    """ValueError unless the images of a batch share one canvas (one size, one tile layout).
+
+    Args:
+        canvases: each image's canvas (a size, a tile layout: anything comparable).
+        given: what they were read from, for the message (``"image_sizes [[40, 28], [30, 64]]"``).
+        name: the argument the refusal names.
+    """
+    if len(set(canvases)) > 1:
+        raise ValueError(
+            f"{name}: {given} give canvases {list(canvases)}; the images of one batch must share one canvas "
+            "size; explain them one at a time"
         )

@@ -6,6 +6,8 @@ refused with a message that names it.
 
 The matrix is built from ``captum_vlm.attr.__all__`` and the tiny models, so a new method or a
 new class is checked without touching this file (give a costly method small settings in SETTINGS).
+A class whose inputs change shape with the canvas (tiles and a global view) has a row per canvas
+in CANVASES, named ``Class[rows x cols]``.
 """
 
 from __future__ import annotations
@@ -31,13 +33,32 @@ SETTINGS = {  # attribute() settings that keep it quick
     "TokenIntegratedGradients": dict(n_steps=4),
     "CausalOcclusion": dict(window=2, perturbations_per_eval=4),
 }
-CLASSES = tm.FACTORIES
+#: rows of a class on another canvas than the one-tile default: ``row -> (class, (height, width))``
+#: (Idefics3 / SmolVLM: 2 x 3 tiles of 32 px and the global view)
+CANVASES = {f"{name}[2x3]": (name, (2 * tm.IMAGE_SIZE, 3 * tm.IMAGE_SIZE))
+            for name in ("Idefics3ForConditionalGeneration", "SmolVLMForConditionalGeneration")}
+CLASSES = [*tm.FACTORIES, *CANVASES]
+
+
+def class_of(row: str) -> str:
+    """The model class of a matrix row."""
+    return CANVASES[row][0] if row in CANVASES else row
+
+
+def size_of(row: str) -> tuple[int, int]:
+    """The image size of a matrix row."""
+    return CANVASES[row][1] if row in CANVASES else (tm.IMAGE_SIZE, tm.IMAGE_SIZE)
+
+
+def model_of(row: str):
+    """The row's tiny model (one per class, shared by its canvases)."""
+    return _model(class_of(row))
 
 
 @functools.cache
-def model_of(name: str):
+def _model(name: str):
     """float64: a tiny random model's occlusion drops are near float32's noise on its logits."""
-    return CLASSES[name]().double()
+    return tm.FACTORIES[name]().double()
 
 
 def _make(method_name: str, model, odd_size: bool = False):
@@ -71,13 +92,14 @@ def _supported(method_name: str, class_name: str) -> bool:
 
 
 PAIRS = [(m, c) for m in METHODS for c in CLASSES if _supported(m, c)]
-REFUSED = [(m, c) for m in METHODS for c in CLASSES if (m, c) not in PAIRS]
+REFUSED = [(m, c) for m in METHODS for c in tm.FACTORIES if (m, c) not in PAIRS]  # (by class: one row each)
 
 
-def inputs_for(class_name: str, batch: int = 2, size: tuple[int, int] = (tm.IMAGE_SIZE, tm.IMAGE_SIZE)):
-    """``(pixel_values, additional_forward_args, target)`` for ``batch`` examples of a class."""
+def inputs_for(class_name: str, batch: int = 2, size: tuple[int, int] | None = None):
+    """``(pixel_values, additional_forward_args, target)`` for ``batch`` examples of a matrix row
+    (at its size, or ``size``)."""
     adapter = get_adapter(model_of(class_name))
-    pixels = tm.pixels(batch, *size, seed=3).double()
+    pixels = tm.pixels(batch, *(size or size_of(class_name)), seed=3).double()
     if adapter.two_tower:
         ids, mask = tm.text_ids(3, 6)
         return pixels, (ids, mask), [2, 0, 1][:batch]

@@ -339,7 +339,7 @@ def test_bad_inputs_are_named(model, processor):
         CrossAttentionGradCAM(model).attribute(pixels, target=[ids.shape[1] - 1], additional_forward_args=(ids, mask))
     with pytest.raises(ValueError, match=r"image_sizes: expected \[1, 2\]"):
         adapter.language_kwargs(ids, (sizes[0],))
-    with pytest.raises(ValueError, match=r"input_ids: row 0 holds .* image tokens but its image of size \(40, 28\)"):
+    with pytest.raises(ValueError, match=r"input_ids: the texts hold \[\d+\] image tokens but image_sizes \[\[40, 28\]\] .* needs \d+"):
         adapter.language_kwargs(ids, (torch.tensor([[40, 28]]),))
     fewer = torch.cat([ids[:, :1], ids[:, 2:]], 1)  # one placeholder less
     with pytest.raises(ValueError, match="input_ids: .* image tokens, no unpadding of the 4x6 canvas grid"):

@@ -465,19 +465,28 @@ def test_pan_and_scan_refuses_several_images_and_mixed_crops(model, model_and_pr
     named, plain = model_and_processor  # its image tokens are the tokenizer's
     adapter = get_adapter(named)
     before = snapshot(named)
+    share = "the images of one batch must share one canvas size"
     mixed = pan_processor(images=[[picture(40, 90)], [picture(40, 40)]], text=["<start_of_image> a"] * 2,
                           return_tensors="pt", padding=True, **PAN)
-    with pytest.raises(ValueError, match=r"inputs: 4 views for 2 texts holding \[12, 4\] image tokens.*one image"):
+    with pytest.raises(ValueError, match=rf"views per text \[3, 1\] give canvases \[\(32, 64\), \(32, 32\)\]; {share}"):
         adapter.processor_inputs(mixed)
+    turned = pan_processor(images=[[picture(40, 90)], [picture(90, 40)]], text=["<start_of_image> a"] * 2,
+                           return_tensors="pt", padding=True, **PAN)  # as many views, crops side by side / stacked
+    with pytest.raises(ValueError, match=rf"give canvases \[\(32, 64\), \(64, 32\)\]; {share}"):
+        adapter.processor_inputs(turned)
     two = plain(images=[[picture(40, 40), picture(40, 40, 1)]], text=["<start_of_image> <start_of_image> a"],
                 return_tensors="pt")
-    with pytest.raises(ValueError, match=r"inputs: 2 views for 1 texts holding \[8\] image tokens"):
+    with pytest.raises(ValueError, match=r"inputs: 2 images for 1 texts; .* hold \[2\] images"):
         adapter.processor_inputs(two)
+    three = plain(images=[[picture(40, 40, k) for k in range(3)]], text=["<start_of_image> " * 3 + "a"],
+                  return_tensors="pt")  # three runs of views, but not one image and its crops
+    with pytest.raises(ValueError, match=r"differ from its first view by .* not one image's pan-and-scan crops"):
+        adapter.processor_inputs(three)
     assert_unchanged(named, before)
     adapter, before = get_adapter(model), snapshot(model)
     canvas = tm.pixels(1, 32, 64)
     ids, mask = panned_ids(crops=1)  # a 2-crop canvas needs 12 placeholders, the text has 8
-    with pytest.raises(ValueError, match=r"input_ids: the texts hold \[8\] image tokens but the 3 view\(s\)"):
+    with pytest.raises(ValueError, match=r"input_ids: the texts hold \[8\] image tokens but the 1x2-crop canvas"):
         TokenLogProbs(model)(canvas, ids, mask)
     with pytest.raises(ValueError, match="pixel_values: Gemma 3 pools fixed 32x32 views"):
         adapter.patch_grid(tm.pixels(1, 32, 80))

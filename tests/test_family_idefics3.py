@@ -177,9 +177,9 @@ def test_torch_global_view_is_close_to_the_processors(model, processor, image):
 
 def test_processor_inputs_refuse_padding_and_other_layouts(model, processor, image):
     adapter = get_adapter(model)
-    small = image.resize((20, 20))  # one tile: a different number of views than the 2 x 3 canvas
+    small = image.resize((20, 20))  # resized to 96 x 96, 3 x 3 tiles: more views than the 2 x 3 canvas
     mixed = processor(images=[[image], [small]], text=PROMPTS, return_tensors="pt", padding=True)
-    with pytest.raises(ValueError, match="padded some examples"):
+    with pytest.raises(ValueError, match=r"padded examples \[0\] with empty views"):
         adapter.processor_inputs(mixed)
     with pytest.raises(ValueError, match="pixel_values"):
         adapter.processor_inputs({"pixel_values": torch.zeros(1, 3, 32, 32)})

@@ -38,8 +38,8 @@ FACTORIES = [tm.qwen2_5_vl, tm.qwen2_vl]
 PROMPT = "<|vision_start|><|image_pad|><|vision_end|> what color is the circle"
 
 
-@pytest.fixture(scope="module")
-def processor():
+def make_processor() -> Qwen2_5_VLProcessor:
+    """The real Qwen2.5-VL processor at the tiny models' sizes (without its video processor)."""
     tokenizer = build_tokenizer(128)
     tokenizer.add_special_tokens({"additional_special_tokens": [
         "<|image_pad|>", "<|vision_start|>", "<|vision_end|>", "<|video_pad|>"]})
@@ -50,6 +50,11 @@ def processor():
                                                temporal_patch_size=2,
                                                size={"shortest_edge": 16 * 16, "longest_edge": 48 * 48})
     return tm.image_only(Qwen2_5_VLProcessor)(image_processor=image_processor, tokenizer=tokenizer)
+
+
+@pytest.fixture(scope="module")
+def processor():
+    return make_processor()
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +111,7 @@ def test_processor_inputs_refuse_what_is_not_one_image_per_example(processor, im
         adapter.processor_inputs(two)
     small = image.resize((24, 24))
     mixed = processor(images=[image, small], text=[PROMPT, PROMPT], return_tensors="pt", padding=True)
-    with pytest.raises(ValueError, match="must share one size"):
+    with pytest.raises(ValueError, match=r"canvases \[\(32, 56\), \(24, 24\)\]; .* must share one canvas size"):
         adapter.processor_inputs(mixed)
     with pytest.raises(ValueError, match="flattened pixel_values"):
         adapter.processor_inputs({"pixel_values": torch.zeros(1, 3, 32, 32)})

@@ -22,7 +22,7 @@ from collections.abc import Callable
 import torch
 
 __all__ = ["canvas_to_tiles", "closest_tile_layout", "tile_token_boxes", "tile_token_keep", "tiles_to_canvas",
-           "views_patch_grid"]
+           "views_patch_grid", "whole_view"]
 
 #: where the global view's tokens sit among a tiled image's tokens
 GLOBAL_VIEW_PLACES = ("first", "last", None)
@@ -39,6 +39,16 @@ def tiles_to_canvas(tiles: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     """Tiles ``[B, rows * cols, C, T, T]`` (row by row) put back as the canvas ``[B, C, rows * T, cols * T]``."""
     b, _, c, t, _ = tiles.shape
     return tiles.reshape(b, rows, cols, c, t, t).permute(0, 3, 1, 4, 2, 5).reshape(b, c, rows * t, cols * t)
+
+
+def whole_view(canvas: torch.Tensor, side: int, mode: str) -> torch.Tensor:
+    """The canvas ``[B, C, H, W]`` resized to one ``side x side`` view (a global view),
+    differentiably: ``torch.nn.functional.interpolate`` in ``mode``, antialiased where it smooths."""
+    import torch.nn.functional as F
+
+    smooth = mode in ("bilinear", "bicubic")
+    kwargs = {"align_corners": False, "antialias": True} if smooth else {}
+    return F.interpolate(canvas, size=(side, side), mode=mode, **kwargs)
 
 
 def tile_token_boxes(rows: int, cols: int, k: int, global_view: str | None) -> torch.Tensor:

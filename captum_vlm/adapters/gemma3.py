@@ -23,10 +23,15 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from captum_vlm._checks import check_pixel_values
+from captum_vlm._checks import (
+    check_image_token_counts,
+    check_one_canvas,
+    check_one_image_per_text,
+    check_pixel_values,
+    image_runs,
+)
 from captum_vlm.adapters._canvas import (
     canvas_to_tiles,
     closest_tile_layout,
@@ -34,6 +39,7 @@ from captum_vlm.adapters._canvas import (
     tile_token_keep,
     tiles_to_canvas,
     views_patch_grid,
+    whole_view,
 )
 from captum_vlm.adapters.base import _token_dropper, register_adapter
 from captum_vlm.adapters.layout import ImageTokenLayout
@@ -129,10 +135,7 @@ class Gemma3Adapter(LlavaAdapter):
 
     def global_view(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """The canvas resized to one view, differentiably (:attr:`global_view_mode`, antialias)."""
-        s = self.tile
-        smooth = self.global_view_mode in ("bilinear", "bicubic")
-        kwargs = {"align_corners": False, "antialias": True} if smooth else {}
-        return F.interpolate(pixel_values, size=(s, s), mode=self.global_view_mode, **kwargs)
+        return whole_view(pixel_values, self.tile, self.global_view_mode)
 
     def views(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """The views the tower reads ``[B, V, 3, S, S]``: the image itself, or the global view
@@ -161,14 +164,22 @@ class Gemma3Adapter(LlavaAdapter):
             )
 
     # ----- the model's image inputs -------------------------------------------------------------
+    #: the largest mean |difference| (normalised units) between a canvas' global view and the
+    #: processor's for its views to be read as one image's crops (measured gaps: at most 0.061,
+    #: ``benchmarks/RESULTS.md``; unrelated pictures differ by far more)
+    crops_tolerance: float = 0.2
+
     def processor_inputs(self, outputs: Mapping) -> dict:
         """The processor's outputs, with a pan-and-scan image's views ``[B * (1 + n), 3, S, S]``
         as the canvas of its ``n`` crops ``[B, 3, S, n * S]`` (or ``n * S`` tall: the side whose
         resize gives back the processor's global view best).
 
+        A text's views are its runs of image placeholders: one run is one image, ``1 + n >= 3``
+        runs one image with ``n`` crops (pan and scan makes 2 or more), if its crops resized
+        together give back its first view (within :attr:`crops_tolerance`).
+
         Raises:
-            ValueError: several images per text, or texts whose images are cut into different
-                numbers of crops.
+            ValueError: several images per text, texts whose images make different canvases.
         """
         found = dict(outputs)
         views, ids = found.get("pixel_values"), found.get("input_ids")
@@ -178,21 +189,29 @@ class Gemma3Adapter(LlavaAdapter):
                 f"inputs: expected the Gemma 3 processor's pixel_values [images, 3, {s}, {s}], got "
                 f"{type(views).__name__} {tuple(getattr(views, 'shape', ()))}"
             )
-        if ids is None or views.shape[0] == ids.shape[0]:
+        if ids is None:
             return found
-        batch, per_view = ids.shape[0], self.tokens_per_side ** 2
-        counts = self.image_token_positions(ids).sum(1)
-        n_views = views.shape[0] // batch
-        if views.shape[0] % batch or n_views < 3 or not bool((counts == n_views * per_view).all()):
+        runs = image_runs(self.image_token_positions(ids))
+        check_one_image_per_text([1 if r == 1 or r >= 3 else r for r in runs], name="inputs")
+        if views.shape[0] != sum(runs):
+            raise ValueError(f"inputs: {views.shape[0]} views of images for texts holding {runs} runs of image "
+                             "tokens; process each image with its text")
+        if all(r == 1 for r in runs):
+            return found
+        per_text = views.split(runs)
+        layouts = [(1, 1) if r == 1 else closest_tile_layout(v[None, 1:], v[None, 0], self.global_view,
+                                                             [(1, r - 1), (r - 1, 1)])
+                   for v, r in zip(per_text, runs)]
+        check_one_canvas([(rows * s, cols * s) for rows, cols in layouts], f"pan and scan's views per text {runs}")
+        canvas = tiles_to_canvas(torch.stack(per_text)[:, 1:], *layouts[0])
+        gaps = (self.global_view(canvas) - torch.stack(per_text)[:, 0]).abs().flatten(1).mean(1)
+        if float(gaps.max()) > self.crops_tolerance:
             raise ValueError(
-                f"inputs: {views.shape[0]} views for {batch} texts holding {counts.tolist()} image tokens; captum-vlm "
-                "explains one image per example (pan and scan: the image and its 2 or more crops, as many for "
-                "every text)"
+                f"inputs: the views of a text resized together differ from its first view by {float(gaps.max()):.3f} "
+                f"(mean, more than crops_tolerance {self.crops_tolerance}): they are not one image's pan-and-scan "
+                "crops; captum-vlm explains one image per example"
             )
-        views = views.reshape(batch, n_views, *views.shape[1:])
-        n = n_views - 1
-        rows, cols = closest_tile_layout(views[:, 1:], views[:, 0], self.global_view, [(1, n), (n, 1)])
-        found["pixel_values"] = tiles_to_canvas(views[:, 1:], rows, cols)
+        found["pixel_values"] = canvas
         return found
 
     _dropping: torch.Tensor | None = None
@@ -211,11 +230,10 @@ class Gemma3Adapter(LlavaAdapter):
             if self._dropping is None:
                 counts = self.image_token_positions(input_ids).sum(1)
                 want = self.num_image_tokens(pixel_values)
-                if not bool((counts == want).all()):
-                    raise ValueError(
-                        f"input_ids: the texts hold {counts.tolist()} image tokens but the {views.shape[1]} view(s) "
-                        f"of pixel_values need {want} (one image per example)"
-                    )
+                rows, cols = self.tiles(pixel_values)
+                source = f"the {rows}x{cols}-crop canvas of pixel_values (and its global view)" if rows * cols > 1 \
+                    else "the image of pixel_values"
+                check_image_token_counts(counts, want, source)
         if attention_mask is not None:
             kwargs["attention_mask"] = attention_mask
         return kwargs

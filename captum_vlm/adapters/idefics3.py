@@ -42,10 +42,15 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from captum_vlm._checks import check_pixel_values
+from captum_vlm._checks import (
+    check_image_token_counts,
+    check_one_canvas,
+    check_one_image_per_text,
+    check_pixel_values,
+    image_run_starts,
+)
 from captum_vlm.adapters._canvas import (
     canvas_to_tiles,
     closest_tile_layout,
@@ -53,6 +58,7 @@ from captum_vlm.adapters._canvas import (
     tile_token_keep,
     tiles_to_canvas,
     views_patch_grid,
+    whole_view,
 )
 from captum_vlm.adapters.base import register_adapter
 from captum_vlm.adapters.layout import ImageTokenLayout
@@ -161,10 +167,7 @@ class Idefics3Adapter(LlavaAdapter):
     # ----- the model's image inputs -------------------------------------------------------------
     def global_view(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """The canvas resized to one tile, differentiably (:attr:`global_view_mode`, antialias)."""
-        t = self.tile
-        antialias = self.global_view_mode in ("bilinear", "bicubic")
-        kwargs = {"align_corners": False, "antialias": True} if antialias else {}
-        return F.interpolate(pixel_values, size=(t, t), mode=self.global_view_mode, **kwargs)
+        return whole_view(pixel_values, self.tile, self.global_view_mode)
 
     def views(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """The model's ``pixel_values`` ``[B, views, 3, T, T]``: the tiles row by row, then the
@@ -179,12 +182,14 @@ class Idefics3Adapter(LlavaAdapter):
     def processor_inputs(self, outputs: Mapping) -> dict:
         """The processor's outputs with ``pixel_values`` as the tile canvas ``[B, 3, rows * T,
         cols * T]`` (``pixel_attention_mask`` dropped: :meth:`model_inputs` rebuilds it). The tile
-        layout is read from ``rows`` / ``cols`` where given, else it is the one whose canvas gives
-        back the processor's global view best (the factorisations of the tile count are few).
+        layout is read from ``rows`` / ``cols`` where given, else per image it is the one whose
+        canvas gives back the processor's global view best (the factorisations of the tile count
+        are few).
 
         Raises:
-            ValueError: not these processor outputs, padded (several images per example) or
-                images of different tile layouts in one batch.
+            ValueError: not these processor outputs; a text with other than one image
+                (:meth:`images_per_text`) or placeholders that do not match its canvas; images of
+                different canvas sizes in one batch (padded views, or different tile layouts).
         """
         found = dict(outputs)
         views = found.get("pixel_values")
@@ -194,14 +199,18 @@ class Idefics3Adapter(LlavaAdapter):
                 f"inputs: expected the {type(self.model).__name__} processor's pixel_values [B, views, 3, {t}, {t}], "
                 f"got {type(views).__name__} {tuple(getattr(views, 'shape', ()))}"
             )
+        ids = found.get("input_ids")
+        if ids is not None:
+            check_one_image_per_text(self.images_per_text(ids))
         mask = found.pop("pixel_attention_mask", None)
         padded = (views.flatten(2) == 0).all(-1)
         if mask is not None:
             padded |= ~mask.flatten(2).bool().any(-1)
         if bool(padded.any()):
             raise ValueError(
-                "inputs: the processor padded some examples with empty images (a different number of tiles, or "
-                "several images per example); captum-vlm explains one image per example, one canvas size per batch"
+                f"inputs: the processor padded examples {padded.any(1).nonzero()[:, 0].tolist()} with empty views "
+                f"(their images have fewer tiles than the {views.shape[1]} views of the largest); the images of one "
+                "batch must share one canvas size; explain them one at a time"
             )
         n = views.shape[1]
         if n == 1:
@@ -211,23 +220,40 @@ class Idefics3Adapter(LlavaAdapter):
             found["pixel_values"] = tiles_to_canvas(views[:, : n - 1], rows, cols)
         found.pop("rows", None)
         found.pop("cols", None)
-        ids = found.get("input_ids")
         if ids is not None:
-            counts = self.image_token_positions(ids).sum(1)
-            want = self.num_image_tokens(found["pixel_values"])
-            if not bool((counts == want).all()):
-                raise ValueError(f"inputs: the texts hold {counts.tolist()} image tokens but the image gives {want} "
-                                 "(one image per example)")
+            self._check_image_tokens(found["pixel_values"], ids, name="inputs")
+        return found
+
+    def images_per_text(self, input_ids: torch.Tensor) -> list[int]:
+        """The images each text holds, read from the tokens that open its runs of ``<image>``
+        placeholders: one run per view, opened by the view's own marker (``<row_i_col_j>`` for a
+        tile, ``<global-img>`` for the global view or an unsplit image). Every image ends with a
+        run opened by ``<global-img>``, so a text's images are the runs opened by the marker of its
+        last run."""
+        found = []
+        for row, start in zip(input_ids, image_run_starts(self.image_token_positions(input_ids))):
+            columns = start.nonzero()[:, 0]
+            markers = row[(columns - 1).clamp(min=0)]
+            found.append(int((markers == markers[-1]).sum()) if len(markers) else 0)
         return found
 
     def _tile_layout(self, found: Mapping, views: torch.Tensor) -> tuple[int, int]:
-        rows, cols = found.get("rows"), found.get("cols")
+        """The one tile layout of the batch: from ``rows`` / ``cols`` where given, else per
+        example the one whose canvas gives back the processor's global view best
+        (:func:`~captum_vlm.adapters._canvas.closest_tile_layout`).
+
+        Raises:
+            ValueError: the examples have different layouts.
+        """
+        rows, cols, t = found.get("rows"), found.get("cols"), self.tile
         if rows is not None and cols is not None:
-            rows, cols = torch.as_tensor(rows).flatten(), torch.as_tensor(cols).flatten()
-            if not (bool((rows == rows[0]).all()) and bool((cols == cols[0]).all())):
-                raise ValueError(f"inputs: rows {rows.tolist()}, cols {cols.tolist()}: one tile layout per batch")
-            return int(rows[0]), int(cols[0])
-        return closest_tile_layout(views[:, :-1], views[:, -1], self.global_view)
+            rows, cols = torch.as_tensor(rows).flatten().tolist(), torch.as_tensor(cols).flatten().tolist()
+            check_one_canvas([(r * t, c * t) for r, c in zip(rows, cols)], f"rows {rows}, cols {cols}")
+            return rows[0], cols[0]
+        layouts = [closest_tile_layout(views[b : b + 1, :-1], views[b : b + 1, -1], self.global_view)
+                   for b in range(views.shape[0])]
+        check_one_canvas([(r * t, c * t) for r, c in layouts], "the processor's tiles and global views")
+        return layouts[0]
 
     _dropping: torch.Tensor | None = None
 
@@ -245,17 +271,17 @@ class Idefics3Adapter(LlavaAdapter):
         if input_ids is not None:
             kwargs["input_ids"] = input_ids
             if self._dropping is None:
-                counts = self.image_token_positions(input_ids).sum(1)
-                want = self.num_image_tokens(pixel_values)
-                if not bool((counts == want).all()):
-                    rows, cols = self.tiles(pixel_values)
-                    raise ValueError(
-                        f"input_ids: the texts hold {counts.tolist()} image tokens but the {rows}x{cols}-tile canvas of "
-                        f"pixel_values needs {want} (tiles and global view; one image per example)"
-                    )
+                self._check_image_tokens(pixel_values, input_ids)
         if attention_mask is not None:
             kwargs["attention_mask"] = attention_mask
         return kwargs
+
+    def _check_image_tokens(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, name: str = "input_ids") -> None:
+        """ValueError (naming ``name``) unless every text holds one placeholder per image token of the canvas."""
+        rows, cols = self.tiles(pixel_values)
+        views = " (tiles and global view)" if rows * cols > 1 else ""
+        check_image_token_counts(self.image_token_positions(input_ids).sum(1), self.num_image_tokens(pixel_values),
+                                 f"the {rows}x{cols}-tile canvas of pixel_values{views}", name)
 
     # ----- the layout --------------------------------------------------------------------------
     def token_boxes(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -270,6 +296,7 @@ class Idefics3Adapter(LlavaAdapter):
         """Tile and global-view tokens where ``input_ids`` hold the placeholders, on the canvas grid."""
         if input_ids is None:
             raise ValueError("input_ids: needed to find the image tokens of this model")
+        self._check_image_tokens(pixel_values, input_ids)
         found = ImageTokenLayout.boxes_at_positions(self.image_token_positions(input_ids), self.patch_grid(pixel_values),
                                                     self.token_boxes(pixel_values), "canvas")
         yield lambda: found

@@ -25,7 +25,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from captum_vlm._checks import check_pixel_values
+from captum_vlm._checks import (
+    check_image_token_counts,
+    check_one_canvas,
+    check_one_image_per_text,
+    check_pixel_values,
+    image_runs,
+)
 from captum_vlm.adapters._canvas import canvas_to_tiles, tiles_to_canvas
 from captum_vlm.adapters.base import register_adapter
 from captum_vlm.adapters.layout import ImageTokenLayout
@@ -328,19 +334,14 @@ class LlavaNextAdapter(LlavaAdapter):
                 f"got {type(tiles).__name__} {tuple(getattr(tiles, 'shape', ()))}"
             )
         ids = found.get("input_ids")
-        batch_images = found.pop("batch_num_images", None)
-        if (ids is not None and tiles.shape[0] != ids.shape[0]) or (
-                batch_images is not None and bool((torch.as_tensor(batch_images) != 1).any())):
-            raise ValueError(
-                f"inputs: {tiles.shape[0]} images for {0 if ids is None else ids.shape[0]} texts; captum-vlm explains "
-                "one image per example (one <image> in each text)"
-            )
+        batch_images = found.pop("batch_num_images", None)  # OneVision: the images of each text
+        if ids is not None:  # an image is one run of <image> placeholders
+            check_one_image_per_text(image_runs(self.image_token_positions(ids)), n_images=tiles.shape[0])
+        if batch_images is not None:
+            check_one_image_per_text(torch.as_tensor(batch_images).flatten().tolist(), n_images=tiles.shape[0])
         geometries = [self.geometry_of_size(size.tolist()) for size in sizes]
-        if len({g.tiles for g in geometries}) != 1:
-            raise ValueError(
-                f"inputs: image_sizes {sizes.tolist()} give canvases of {[g.tiles for g in geometries]} tiles; the "
-                "images of one batch must share one canvas; explain them one at a time"
-            )
+        s = self.tile_size
+        check_one_canvas([(a * s, b * s) for a, b in (g.tiles for g in geometries)], f"image_sizes {sizes.tolist()}")
         a, b = geometries[0].tiles
         found["pixel_values"] = tiles_to_canvas(tiles[:, 1 : 1 + a * b], a, b)
         return found
@@ -417,14 +418,9 @@ class LlavaNextAdapter(LlavaAdapter):
             shape = tuple(sizes.shape) if isinstance(sizes, torch.Tensor) else type(sizes).__name__
             raise ValueError(f"image_sizes: expected [{input_ids.shape[0]}, 2] (height, width per example), got {shape}")
         if id(self.model) not in _DROPPING:
-            counts = self.image_token_positions(input_ids).sum(1)
-            for row, (size, count) in enumerate(zip(sizes.tolist(), counts.tolist())):
-                want = self.geometry_of_size(size).num_tokens
-                if count != want:
-                    raise ValueError(
-                        f"input_ids: row {row} holds {count} image tokens but its image of size {tuple(size)} "
-                        f"makes {want}; tokenise with the model's processor"
-                    )
+            check_image_token_counts(self.image_token_positions(input_ids).sum(1),
+                                     [self.geometry_of_size(size).num_tokens for size in sizes.tolist()],
+                                     f"image_sizes {sizes.tolist()} (each image's tiles, unpadding and base view)")
         return {"image_sizes": sizes.to(input_ids.device)}
 
     def patch_embedding_grid(self, layer_attr: torch.Tensor, pixel_values: torch.Tensor, extra=()) -> torch.Tensor:

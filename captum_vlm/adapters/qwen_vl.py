@@ -18,7 +18,13 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from captum_vlm._checks import check_pixel_values
+from captum_vlm._checks import (
+    check_image_token_counts,
+    check_one_canvas,
+    check_one_image_per_text,
+    check_pixel_values,
+    image_runs,
+)
 from captum_vlm.adapters.base import register_adapter
 from captum_vlm.adapters.llava import LlavaAdapter
 
@@ -103,16 +109,13 @@ class QwenVLAdapter(LlavaAdapter):
                 f"image_grid_thw, got {type(flat).__name__} {tuple(getattr(flat, 'shape', ()))}"
             )
         ids = found.get("input_ids")
-        if ids is not None and grid.shape[0] != ids.shape[0]:
-            raise ValueError(
-                f"inputs: {grid.shape[0]} images for {ids.shape[0]} texts; captum-vlm explains one image per "
-                "example (one image placeholder in each text)"
-            )
-        if not bool((grid == grid[0]).all()) or int(grid[0, 0]) != 1:
-            raise ValueError(
-                f"inputs: image_grid_thw {grid.tolist()}: the images of one batch must share one size "
-                "(one temporal patch each); explain them one at a time"
-            )
+        if ids is not None:  # an image is one run of <|image_pad|> placeholders
+            check_one_image_per_text(image_runs(self.image_token_positions(ids)), n_images=grid.shape[0])
+        patch = int(self._vision_config.patch_size)
+        check_one_canvas([(h * patch, w * patch) for _, h, w in grid.tolist()], f"image_grid_thw {grid.tolist()}")
+        if bool((grid[:, 0] != 1).any()):
+            raise ValueError(f"inputs: image_grid_thw {grid.tolist()}: expected one temporal patch per image "
+                             "(an image, not a video)")
         found["pixel_values"] = self.unpatchify(flat, int(grid[0, 1]), int(grid[0, 2]), grid.shape[0])
         found.pop("image_grid_thw")
         found.pop("mm_token_type_ids", None)
@@ -153,12 +156,7 @@ class QwenVLAdapter(LlavaAdapter):
             kwargs.update(input_ids=input_ids, mm_token_type_ids=image.long())
             if self._dropping is None:
                 h, w = self.patch_grid(pixel_values)
-                counts = image.sum(1)
-                if not bool((counts == h * w).all()):
-                    raise ValueError(
-                        f"input_ids: the texts hold {counts.tolist()} image tokens but the {h}x{w} grid of merged "
-                        f"patches of pixel_values needs {h * w} (one image per example)"
-                    )
+                check_image_token_counts(image.sum(1), h * w, f"the {h}x{w} grid of merged patches of pixel_values")
         if attention_mask is not None:
             kwargs["attention_mask"] = attention_mask
         return kwargs
