@@ -37,6 +37,7 @@ SETTINGS = {  # attribute() settings that keep it quick
 #: (Idefics3 / SmolVLM: 2 x 3 tiles of 32 px and the global view)
 CANVASES = {f"{name}[2x3]": (name, (2 * tm.IMAGE_SIZE, 3 * tm.IMAGE_SIZE))
             for name in ("Idefics3ForConditionalGeneration", "SmolVLMForConditionalGeneration")}
+CANVASES["Gemma3ForConditionalGeneration[1x2]"] = ("Gemma3ForConditionalGeneration", (tm.IMAGE_SIZE, 2 * tm.IMAGE_SIZE))
 CLASSES = [*tm.FACTORIES, *CANVASES]
 
 
