@@ -6,7 +6,7 @@ what is expected, so a user never meets a shape error from deep inside torch.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -174,6 +174,25 @@ def text_vocab_size(adapter: object) -> int | None:
         return vocab_size_of(adapter.text_embedding())
     except (NotImplementedError, AttributeError):
         return None
+
+
+def check_processor_kwargs(processor_kwargs: Any, reserved: Sequence[str]) -> None:
+    """TypeError unless ``processor_kwargs`` is ``None`` or a dict of option names; ValueError
+    where it sets one of the ``reserved`` arguments the caller passes the processor itself.
+
+    Example:
+        >>> check_processor_kwargs({"padding": True}, ("images", "text", "padding"))  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ValueError: processor_kwargs: ['padding'] are set by the caller itself ...
+    """
+    if processor_kwargs is None:
+        return
+    if not isinstance(processor_kwargs, Mapping) or not all(isinstance(k, str) for k in processor_kwargs):
+        raise TypeError(f"processor_kwargs: expected a dict of processor options, got {type(processor_kwargs).__name__}")
+    taken = sorted(set(reserved) & set(processor_kwargs))
+    if taken:
+        raise ValueError(f"processor_kwargs: {taken} are set by the caller itself (the image, the texts, tensors, "
+                         "padding); pass other processor options only")
 
 
 def check_one_tower_run(adapter: Any, name: str, why: str) -> None:

@@ -733,5 +733,27 @@ def test_cli_and_explain_take_processor_options(model_and_processor, pan_process
     assert err.count("\n") == 1 and "--processor-option 'pan': expected NAME=VALUE" in err
     with pytest.raises(TypeError, match="processor_kwargs: expected a dict"):
         explain(model, processor, picture(40, 90), [prompt], processor_kwargs=["do_pan_and_scan"])
-    with pytest.raises(ValueError, match=r"processor_kwargs: \['padding'\] are set by explain"):
+    with pytest.raises(ValueError, match=r"processor_kwargs: \['padding'\] are set by the caller"):
         explain(model, processor, picture(40, 90), [prompt], processor_kwargs={"padding": False})
+
+
+def test_logit_lens_takes_processor_options(model_and_processor):
+    """cv.lens.logit_lens(..., processor_kwargs=PAN) lenses the pan-and-scan input: the canvas'
+    image grid, and its last layer is the model's own next-token softmax on that input."""
+    import captum_vlm as cv
+
+    model, processor = model_and_processor
+    wide, prompt = picture(40, 90), "<start_of_image> what color is the circle"
+    lens = cv.lens.logit_lens(model, processor, wide, prompt, max_new_tokens=2, processor_kwargs=PAN)
+    assert lens.image_grid == (2, 4)
+    adapter = get_adapter(model)
+    inputs = adapter.processor_inputs(processor(images=[[wide]], text=[prompt], return_tensors="pt", **PAN))
+    sequence = torch.cat([inputs["input_ids"], lens.produced_ids[None]], 1)
+    with torch.no_grad():
+        logits = model(**adapter.model_inputs(inputs["pixel_values"], sequence, torch.ones_like(sequence)),
+                       token_type_ids=token_type_ids(sequence, IMG_ID(model))).logits
+    start = inputs["input_ids"].shape[1]
+    own = F.softmax(logits[0].double(), -1)[start - 1 : -1].gather(-1, sequence[0, start:, None])[:, 0]
+    assert_close_scaled(lens.produced_probs[-1].double(), own)
+    with pytest.raises(ValueError, match=r"processor_kwargs: \['text'\] are set by the caller"):
+        cv.lens.logit_lens(model, processor, wide, prompt, processor_kwargs={"text": "x"})

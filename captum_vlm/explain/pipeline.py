@@ -12,7 +12,7 @@ from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 
-from captum_vlm._checks import check_count, check_processor, check_texts
+from captum_vlm._checks import check_count, check_processor, check_processor_kwargs, check_texts
 from captum_vlm.adapters import get_adapter
 from captum_vlm.explain.answering import Answers, answer_questions
 from captum_vlm.explain.evidence import (
@@ -138,7 +138,7 @@ def explain(
         raise TypeError(f"logit_lens: the logit lens needs a language decoder with an LM head; "
                         f"{type(model).__name__} has none. Classes with a decoder: {', '.join(classes_with_decoder())}")
     check_processor(processor)
-    _check_processor_kwargs(processor_kwargs)
+    check_processor_kwargs(processor_kwargs, ("images", "text", "return_tensors", "padding"))
     picture = _as_image(image)
     texts = check_texts(texts)
     if isinstance(target, str) or isinstance(target, bool):
@@ -195,18 +195,6 @@ def explain(
         notes={m: METHODS[m].limits for m in methods},
         lenses=lenses,
     )
-
-
-def _check_processor_kwargs(processor_kwargs: Any) -> None:
-    """TypeError unless a mapping of option names; ValueError for the arguments explain sets itself."""
-    if processor_kwargs is None:
-        return
-    if not isinstance(processor_kwargs, Mapping) or not all(isinstance(k, str) for k in processor_kwargs):
-        raise TypeError(f"processor_kwargs: expected a dict of processor options, got {type(processor_kwargs).__name__}")
-    taken = sorted({"images", "text", "return_tensors", "padding"} & set(processor_kwargs))
-    if taken:
-        raise ValueError(f"processor_kwargs: {taken} are set by explain itself (the image, the texts, tensors "
-                         "and the family's padding); pass other processor options only")
 
 
 def explain_context(

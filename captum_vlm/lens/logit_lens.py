@@ -14,7 +14,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +24,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from captum_vlm._checks import check_count, check_input_ids, check_pixel_values
+from captum_vlm._checks import (
+    check_count,
+    check_input_ids,
+    check_pixel_values,
+    check_processor_kwargs,
+)
 from captum_vlm.adapters import get_adapter
 from captum_vlm.adapters.base import classes_with_decoder
 from captum_vlm.hooks import capture, preserved_model_state
@@ -442,6 +447,7 @@ def logit_lens(
     words: Sequence[str] = (),
     batch_size: int = 8,
     show_progress: bool = False,
+    processor_kwargs: Mapping[str, Any] | None = None,
 ) -> LogitLens | list[LogitLens]:
     """The logit lens on an image and a text (a caption prompt, a question, a LLaVA prompt
     holding the image token), or on a batch: a list of images and/or a list of texts.
@@ -458,6 +464,8 @@ def logit_lens(
         words: single-token words whose probability to map over the image tokens (LLaVA).
         batch_size: rows per forward; batched equals one by one.
         show_progress: a tqdm bar over the rows.
+        processor_kwargs: more keyword arguments for the processor call, such as Gemma 3's
+            ``{"do_pan_and_scan": True}``.
 
     Returns:
         :class:`LogitLens`; a list of them (one per row) when ``image`` or ``text`` is a list.
@@ -471,6 +479,7 @@ def logit_lens(
     """
     _require_decoder(model)
     check_count(batch_size, "batch_size")
+    check_processor_kwargs(processor_kwargs, ("images", "text", "return_tensors"))
     images, texts = _as_list(image), _as_list(text)
     batched = images is not None or texts is not None
     texts = texts if texts is not None else [text]
@@ -513,7 +522,8 @@ def logit_lens(
         pixels, prompts, extras = [], [], []
         adapter = get_adapter(model)
         for img, txt in zip(images[part], texts[part]):  # each row on its own: no padding side matters
-            inputs = adapter.processor_inputs(processor(images=img, text=txt, return_tensors="pt"))
+            inputs = adapter.processor_inputs(processor(images=img, text=txt, return_tensors="pt",
+                                                        **dict(processor_kwargs or {})))
             pixels.append(inputs["pixel_values"])
             ids = inputs["input_ids"]
             mask = inputs.get("attention_mask")
