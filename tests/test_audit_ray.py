@@ -151,13 +151,15 @@ def _writer_end(pipe: Path, deadline: float, running=lambda: True) -> int | None
 
 def _feed_pipe(pipe: Path, payload: bytes, deadline: float) -> bool:
     """Write ``payload`` into the named pipe once a reader has opened it; False if none did by
-    ``deadline``."""
+    ``deadline``, or if the reader went away before the bytes were written."""
     fd = _writer_end(pipe, deadline)
     if fd is None:
         return False
     try:
         os.set_blocking(fd, True)
         os.write(fd, payload)
+    except BrokenPipeError:
+        return False
     finally:
         os.close(fd)
     return True
@@ -217,9 +219,11 @@ def test_a_killed_actor_loses_no_batch_and_ray_resumes_a_cut_run(ray_cluster, cl
                     actor.kill()
                 killed = [a.pid for a in actors]
                 psutil.wait_procs(actors, timeout=30)
-            finally:  # the killed reader is gone: closing gives no one an empty mask
+                # the actor Ray starts again opens the pipe; the write end held open until then, so
+                # that it never reads an end of file before the mask
+                fed = _feed_pipe(pipe, mask_png.getvalue(), time.monotonic() + 300)
+            finally:
                 os.close(waiting)
-            fed = _feed_pipe(pipe, mask_png.getvalue(), time.monotonic() + 300)
     finally:  # never leave the run waiting on the pipe
         while thread.is_alive() and _feed_pipe(pipe, mask_png.getvalue(), time.monotonic() + 5):
             pass
