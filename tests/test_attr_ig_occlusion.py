@@ -209,7 +209,8 @@ def test_paint_occlusion_equals_captum_occlusion(factory):
         pixels, sliding_window_shapes=(3, 16, 16), strides=(3, 8, 8), baselines=0.5, target=target,
         additional_forward_args=(ids, mask),
     )
-    assert_close_scaled(ours, expected)
+    assert ours.dtype == torch.float64 and expected.dtype == torch.float32  # Captum's last division
+    assert_close_scaled(ours, expected.double())
 
 
 def _two_tower_without_patch(model, pixels, ids, mask, patch):
@@ -301,6 +302,38 @@ def test_llava_token_drop_removes_matching_placeholders():
     finally:
         handle.remove()
     torch.testing.assert_close(grid[0, 1, 0], (answer(pixels, ids, mask) - fewer)[0].detach(), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("intervention", ["drop", "paint"])
+def test_float64_occlusion_maps_are_float64_and_equal_the_drop_by_hand(intervention):
+    """A float64 model's maps keep its dtype (Captum divides by its window counts in float32) and
+    equal the float64 difference worked by hand to float64 precision relative to the map."""
+    model = tm.llava().double()
+    pixels, (ids, mask) = tm.pixels(1).double(), llava_ids(1)
+    grid = CausalOcclusion(model).attribute(pixels, additional_forward_args=(ids, mask), window=1,
+                                            intervention=intervention, return_grid=True)
+    heat = CausalOcclusion(model).attribute(pixels, additional_forward_args=(ids, mask), window=1,
+                                            intervention=intervention)
+    assert grid.dtype == heat.dtype == torch.float64
+    target = TokenLogProbs(model, "sum")
+    with torch.no_grad():
+        full = target(pixels, ids, mask)[0]
+        if intervention == "paint":
+            blank = pixels.clone()
+            blank[:, :, 8:16, 0:8] = 0.0  # cell (1, 0)
+            want = full - target(blank, ids, mask)[0]
+        else:
+            vision = get_adapter(model).vision_model()
+            keep = torch.ones(1, 17, dtype=torch.bool)
+            keep[0, 1 + 4] = False
+            stay = torch.ones_like(ids, dtype=torch.bool)
+            stay[0, 2 + 4] = False
+            handle = vision.embeddings.register_forward_hook(lambda m, a, o: o[keep].view(1, 16, -1))
+            try:
+                want = full - target(pixels, ids[stay][None], mask[stay][None])[0]
+            finally:
+                handle.remove()
+    torch.testing.assert_close(grid[0, 1, 0], want, rtol=1e-6, atol=1e-6 * float(grid.abs().max()))
 
 
 @pytest.mark.parametrize("factory, target", [(tm.clip, [2, 0]), (tm.blip_itm, None), (tm.vilt_vqa, [1, 3])])

@@ -221,6 +221,7 @@ class CausalOcclusion(TargetAttributionBase, PerturbationAttribution):
                     show_progress=show_progress,
                 )
                 maps = pixels_map[:, 0, : grid[0] * ph : ph, : grid[1] * pw : pw]
+        maps = maps.to(pixel_values.dtype)  # Captum divides by its window counts in float32
         if n_outputs is not None:  # Captum gives output (b, c) of the sweep as row b * C + c
             maps = maps.reshape(pixel_values.shape[0], n_outputs, *grid)
         return self.finish(maps, pixel_values, return_grid, upsample)
