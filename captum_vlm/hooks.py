@@ -61,8 +61,9 @@ def attention_implementations(model: nn.Module) -> dict[int, str | None]:
 
 @contextmanager
 def preserved_model_state(model: nn.Module, *, freeze_parameters: bool = False) -> Iterator[nn.Module]:
-    """Restore hooks, ``requires_grad``, ``.grad``, train/eval mode and attention
-    implementation of ``model`` when the block ends, however it ends.
+    """Restore hooks, ``requires_grad``, ``.grad``, train/eval mode, attention implementation
+    and the tensors a forward caches on a module (:func:`tensor_attributes`, such as Qwen-VL's
+    ``rope_deltas``) of ``model`` when the block ends, however it ends.
 
     Hooks added inside the block are removed, transformers' lazily installed output-recording
     hooks included (with the flag that marks them, so transformers installs them again when
@@ -85,6 +86,7 @@ def preserved_model_state(model: nn.Module, *, freeze_parameters: bool = False) 
     grads = [p.grad for p in params]
     configs = _configs(model)
     implementations = [getattr(c, "_attn_implementation_internal", None) for c in configs]
+    cached = [tensor_attributes(m) for m in modules]
     try:
         if freeze_parameters:
             for p in params:
@@ -110,6 +112,17 @@ def preserved_model_state(model: nn.Module, *, freeze_parameters: bool = False) 
             p.grad = grad
         for c, impl in zip(configs, implementations):
             c._attn_implementation_internal = impl
+        for m, saved in zip(modules, cached):
+            for name, value in saved.items():
+                if vars(m).get(name) is not value:
+                    setattr(m, name, value)
+
+
+def tensor_attributes(module: nn.Module) -> dict:
+    """A module's own attributes that hold a tensor or ``None`` (not its parameters, buffers or
+    submodules): where a forward caches a value for the next one."""
+    return {name: value for name, value in vars(module).items()
+            if not name.startswith("_") and (value is None or isinstance(value, torch.Tensor))}
 
 
 @contextmanager

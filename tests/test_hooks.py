@@ -206,3 +206,32 @@ def test_transformers_output_recording_hooks_come_back_usable():
         expected = reference(input_ids=ids, pixel_values=pixels, output_hidden_states=True)
     torch.testing.assert_close(after.logits, expected.logits)
     assert len(after.hidden_states) == len(expected.hidden_states) == 3
+
+
+
+def test_preserved_model_state_restores_the_tensors_a_forward_caches():
+    """A forward that caches a tensor on a module (as Qwen-VL's rope_deltas) is undone: the very
+    object found before is put back, a None stays None; other attributes are left alone."""
+    import torch
+    from torch import nn
+
+    from captum_vlm.hooks import preserved_model_state
+
+    class Caching(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(2, 2)
+            self.deltas = None
+            self.seen = torch.zeros(1)
+            self.calls = 0
+
+        def forward(self, x):
+            self.deltas, self.seen, self.calls = x.sum(), x.mean(), self.calls + 1
+            return self.linear(x)
+
+    model = Caching()
+    seen = model.seen
+    with preserved_model_state(model):
+        model(torch.ones(1, 2))
+        assert model.deltas is not None
+    assert model.deltas is None and model.seen is seen and model.calls == 1
