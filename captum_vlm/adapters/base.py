@@ -469,9 +469,24 @@ class VLMAdapter:
         keep_flat = keep.reshape(keep.shape[0], -1) > 0.5
         module, prefix = self._token_drop_site()
         handle = module.register_forward_hook(_token_dropper(keep_flat, prefix))
+        with self._dropping_scope(handle, keep_flat) as stays:
+            yield stays
+
+    #: the image tokens that stay ``[B, N]`` while :meth:`drop_image_tokens` runs, else ``None``:
+    #: :meth:`model_inputs` then skips its placeholder count check (the dropped tokens' are gone)
+    _dropping: torch.Tensor | None = None
+
+    @contextmanager
+    def _dropping_scope(self, handle, token_keep: torch.Tensor) -> Iterator[Callable[[torch.Tensor], torch.Tensor]]:
+        """The body of every :meth:`drop_image_tokens`: :attr:`_dropping` set to ``token_keep``
+        (the image tokens in the order their placeholders stand) and :meth:`_staying_positions`
+        yielded; on exit, also on error, :attr:`_dropping` cleared and the drop's hook ``handle``
+        removed."""
+        self._dropping = token_keep
         try:
-            yield self._staying_positions(keep_flat)
+            yield self._staying_positions(token_keep)
         finally:
+            self._dropping = None
             handle.remove()
 
     def _token_drop_site(self) -> tuple[nn.Module, int]:

@@ -203,8 +203,9 @@ class Gemma3Adapter(LlavaAdapter):
                                                              [(1, r - 1), (r - 1, 1)])
                    for v, r in zip(per_text, runs)]
         check_one_canvas([(rows * s, cols * s) for rows, cols in layouts], f"pan and scan's views per text {runs}")
-        canvas = tiles_to_canvas(torch.stack(per_text)[:, 1:], *layouts[0])
-        gaps = (self.global_view(canvas) - torch.stack(per_text)[:, 0]).abs().flatten(1).mean(1)
+        views = torch.stack(per_text)  # [B, 1 + n, 3, S, S]: one canvas, so as many views per text
+        canvas = tiles_to_canvas(views[:, 1:], *layouts[0])
+        gaps = (self.global_view(canvas) - views[:, 0]).abs().flatten(1).mean(1)
         if float(gaps.max()) > self.crops_tolerance:
             raise ValueError(
                 f"inputs: the views of a text resized together differ from its first view by {float(gaps.max()):.3f} "
@@ -213,8 +214,6 @@ class Gemma3Adapter(LlavaAdapter):
             )
         found["pixel_values"] = canvas
         return found
-
-    _dropping: torch.Tensor | None = None
 
     def model_inputs(self, pixel_values, input_ids=None, attention_mask=None, extra=()) -> dict:
         """The image (or a canvas' global view and crops, flattened ``[B * V, 3, S, S]``) and the text.
@@ -228,15 +227,18 @@ class Gemma3Adapter(LlavaAdapter):
         if input_ids is not None:
             kwargs["input_ids"] = input_ids
             if self._dropping is None:
-                counts = self.image_token_positions(input_ids).sum(1)
-                want = self.num_image_tokens(pixel_values)
-                rows, cols = self.tiles(pixel_values)
-                source = f"the {rows}x{cols}-crop canvas of pixel_values (and its global view)" if rows * cols > 1 \
-                    else "the image of pixel_values"
-                check_image_token_counts(counts, want, source)
+                check_image_token_counts(self.image_token_positions(input_ids).sum(1),
+                                         self.num_image_tokens(pixel_values), self._views_source(pixel_values))
         if attention_mask is not None:
             kwargs["attention_mask"] = attention_mask
         return kwargs
+
+    def _views_source(self, pixel_values: torch.Tensor) -> str:
+        """What makes the image tokens, for the refusals: the image, or the canvas and its views."""
+        rows, cols = self.tiles(pixel_values)
+        if rows * cols == 1:
+            return "the image of pixel_values"
+        return f"the {rows}x{cols}-crop canvas of pixel_values (and its global view)"
 
     # ----- the layout --------------------------------------------------------------------------
     def token_boxes(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -256,7 +258,7 @@ class Gemma3Adapter(LlavaAdapter):
         if input_ids is None:
             raise ValueError("input_ids: needed to find the image tokens of this model")
         found = ImageTokenLayout.boxes_at_positions(self.image_token_positions(input_ids), self.patch_grid(pixel_values),
-                                                    self.token_boxes(pixel_values), "pan-and-scan canvas")
+                                                    self.token_boxes(pixel_values), self._views_source(pixel_values))
         yield lambda: found
 
     def patch_embedding_grid(self, layer_attr: torch.Tensor, pixel_values: torch.Tensor, extra=()) -> torch.Tensor:
@@ -284,12 +286,8 @@ class Gemma3Adapter(LlavaAdapter):
             return drop(module, args, output.reshape(batch, -1, output.shape[-1]))
 
         handle = self._projector().register_forward_hook(per_example)
-        self._dropping = token_keep
-        try:
-            yield self._staying_positions(token_keep)
-        finally:
-            self._dropping = None
-            handle.remove()
+        with self._dropping_scope(handle, token_keep) as stays:
+            yield stays
 
     def language_kwargs(self, input_ids: torch.Tensor, extra: Sequence[torch.Tensor | None] = ()) -> dict:
         """``token_type_ids``: 1 on the image tokens (their bidirectional block), from ``input_ids``."""

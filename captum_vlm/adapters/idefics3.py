@@ -255,8 +255,6 @@ class Idefics3Adapter(LlavaAdapter):
         check_one_canvas([(r * t, c * t) for r, c in layouts], "the processor's tiles and global views")
         return layouts[0]
 
-    _dropping: torch.Tensor | None = None
-
     def model_inputs(self, pixel_values, input_ids=None, attention_mask=None, extra=()) -> dict:
         """The tiles and the global view cut and resized from the canvas, their (all-ones)
         ``pixel_attention_mask``, and the text.
@@ -278,10 +276,14 @@ class Idefics3Adapter(LlavaAdapter):
 
     def _check_image_tokens(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, name: str = "input_ids") -> None:
         """ValueError (naming ``name``) unless every text holds one placeholder per image token of the canvas."""
+        check_image_token_counts(self.image_token_positions(input_ids).sum(1), self.num_image_tokens(pixel_values),
+                                 self._views_source(pixel_values), name)
+
+    def _views_source(self, pixel_values: torch.Tensor) -> str:
+        """What makes the image tokens, for the refusals: the canvas and its views."""
         rows, cols = self.tiles(pixel_values)
         views = " (tiles and global view)" if rows * cols > 1 else ""
-        check_image_token_counts(self.image_token_positions(input_ids).sum(1), self.num_image_tokens(pixel_values),
-                                 f"the {rows}x{cols}-tile canvas of pixel_values{views}", name)
+        return f"the {rows}x{cols}-tile canvas of pixel_values{views}"
 
     # ----- the layout --------------------------------------------------------------------------
     def token_boxes(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -296,9 +298,8 @@ class Idefics3Adapter(LlavaAdapter):
         """Tile and global-view tokens where ``input_ids`` hold the placeholders, on the canvas grid."""
         if input_ids is None:
             raise ValueError("input_ids: needed to find the image tokens of this model")
-        self._check_image_tokens(pixel_values, input_ids)
         found = ImageTokenLayout.boxes_at_positions(self.image_token_positions(input_ids), self.patch_grid(pixel_values),
-                                                    self.token_boxes(pixel_values), "canvas")
+                                                    self.token_boxes(pixel_values), self._views_source(pixel_values))
         yield lambda: found
 
     def patch_embedding_grid(self, layer_attr: torch.Tensor, pixel_values: torch.Tensor, extra=()) -> torch.Tensor:
@@ -338,12 +339,8 @@ class Idefics3Adapter(LlavaAdapter):
             return args, kwargs
 
         handle = self._inner().register_forward_pre_hook(prepare, with_kwargs=True)
-        self._dropping = token_keep
-        try:
-            yield self._staying_positions(token_keep)
-        finally:
-            self._dropping = None
-            handle.remove()
+        with self._dropping_scope(handle, token_keep) as stays:
+            yield stays
 
     # ----- the processor -----------------------------------------------------------------------
     def processor_images(self, image, n_texts: int):

@@ -176,13 +176,15 @@ class ImageTokenLayout:
 
     @classmethod
     def boxes_at_positions(
-        cls, positions: torch.Tensor, grid: tuple[int, int], boxes: torch.Tensor, what: str = "image"
+        cls, positions: torch.Tensor, grid: tuple[int, int], boxes: torch.Tensor,
+        source: str = "the image of pixel_values",
     ) -> ImageTokenLayout:
         """Image tokens where ``positions`` ``[B, L]`` is True, in order, token ``n`` covering
         ``boxes[n]`` (:meth:`boxes`): tiles and global views read from a text's placeholders.
 
         Raises:
-            ValueError: a row does not hold one image position per box (``what`` names the image).
+            ValueError: a row does not hold one image position per box (``source`` names what
+                makes the boxes, :func:`~captum_vlm._checks.check_image_token_counts`).
 
         Example:
             >>> positions = torch.tensor([[False, True, True, True]])
@@ -190,10 +192,9 @@ class ImageTokenLayout:
             >>> ImageTokenLayout.boxes_at_positions(positions, (1, 2), boxes).columns.tolist()
             [[1, 2, 3]]
         """
-        counts = positions.sum(1)
-        if not bool((counts == boxes.shape[0]).all()):
-            raise ValueError(f"input_ids: the texts hold {counts.tolist()} image tokens but the {what} of "
-                             f"pixel_values gives {boxes.shape[0]}")
+        from captum_vlm._checks import check_image_token_counts
+
+        check_image_token_counts(positions.sum(1), boxes.shape[0], source)
         index = torch.arange(positions.shape[1], device=positions.device).expand_as(positions)
         columns = torch.stack([index[b][positions[b]] for b in range(positions.shape[0])])
         return cls.boxes(columns.cpu(), grid, boxes, positions.shape[1])

@@ -167,8 +167,6 @@ class QwenVLAdapter(LlavaAdapter):
         return layer_attr.sum(-1).reshape(pixel_values.shape[0], h, w, self.merge ** 2).sum(-1)
 
     # ----- occlusion without some image tokens -------------------------------------------------
-    _dropping: torch.Tensor | None = None
-
     @contextmanager
     def drop_image_tokens(self, keep: torch.Tensor) -> Iterator[Callable[[torch.Tensor], torch.Tensor]]:
         """Inside the block the merged tokens where ``keep`` ``[B, h, w]`` is False leave the
@@ -196,12 +194,8 @@ class QwenVLAdapter(LlavaAdapter):
             return args, kwargs
 
         handle = inner.register_forward_pre_hook(prepare, with_kwargs=True)
-        self._dropping = keep_flat
-        try:
-            yield self._staying_positions(keep_flat)
-        finally:
-            self._dropping = None
-            handle.remove()
+        with self._dropping_scope(handle, keep_flat) as stays:
+            yield stays
 
     def _kept_positions(
         self, ids: torch.Tensor, mask: torch.Tensor | None, keep_flat: torch.Tensor, grid: tuple[int, int]

@@ -14,8 +14,7 @@ is the patch grid ``spatial_shapes`` names.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 
 import torch
 from torch import nn
@@ -121,7 +120,7 @@ class Siglip2Adapter(SiglipAdapter):
         sequence: nothing is padded, so no token is masked either way)."""
         check_pixel_values(pixel_values)
         flat, shapes = self.patchify(pixel_values)
-        mask = None if self._dropping else torch.ones(flat.shape[:2], dtype=torch.long, device=flat.device)
+        mask = None if self._dropping is not None else torch.ones(flat.shape[:2], dtype=torch.long, device=flat.device)
         return {"pixel_values": flat, "pixel_attention_mask": mask, "spatial_shapes": shapes}
 
     def model_inputs(self, pixel_values, input_ids=None, attention_mask=None, extra=()) -> dict:
@@ -143,19 +142,8 @@ class Siglip2Adapter(SiglipAdapter):
         """Pooled image embeddings ``[B, D]``."""
         return self.vision_outputs(pixel_values).pooler_output
 
-    # ----- occlusion without some patch tokens -------------------------------------------------
-    _dropping: bool = False
-
-    @contextmanager
-    def drop_image_tokens(self, keep: torch.Tensor) -> Iterator[Callable[[torch.Tensor], torch.Tensor]]:
-        """SigLIP's token drop after the embeddings (each kept patch keeps the position embedding
-        of its place in the whole grid), run without ``pixel_attention_mask``."""
-        self._dropping = True
-        try:
-            with super().drop_image_tokens(keep) as stays:
-                yield stays
-        finally:
-            self._dropping = False
+    # occlusion: the base drop_image_tokens, after the embeddings (each kept patch keeps the position
+    # embedding of its place in the whole grid), run without pixel_attention_mask (vision_inputs)
 
     def vision_model(self) -> nn.Module:
         return self.model.vision_model
